@@ -1,0 +1,47 @@
+"""`petals generate`: complete a prompt through the swarm."""
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from petals_cli.commands._errors import handle_errors, setup_logging
+from petals_cli.commands._options import InitialPeersOpt, JsonOpt, ModelArg, ModelPrefixOpt, VerboseOpt
+
+
+@handle_errors
+def generate(
+    model: ModelArg,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="How many tokens to generate.")] = 32,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling probability mass.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Random seed (same seed, same output).")] = None,
+    initial_peers: InitialPeersOpt = None,
+    model_prefix: ModelPrefixOpt = None,
+    route_wait: Annotated[
+        float | None, typer.Option(help="Seconds to wait for servers of missing blocks.", show_default="10")
+    ] = None,
+    json_output: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Generate a continuation of --prompt with MODEL's blocks served by the swarm."""
+    from petals_cli.config import ClientConfig
+    from petals_cli.generation import GenerationOptions, generate, open_model
+
+    setup_logging(verbose)
+    config = ClientConfig.from_sources(
+        initial_peers=tuple(initial_peers or ()), model_prefix=model_prefix, route_wait=route_wait
+    )
+    options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    distributed, tokenizer = open_model(model, config)
+    try:
+        stream = None if json_output else (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+        result = generate(distributed, tokenizer, prompt, options, on_text=stream)
+    finally:
+        distributed.close()
+    if json_output:
+        typer.echo(json.dumps(result.to_json()))
+    else:
+        typer.echo("")

@@ -1,0 +1,30 @@
+"""The `petals` Typer app. Sub-commands live one per module and import the core lazily, inside functions."""
+
+import typer
+
+from petals_cli.commands.generate import generate
+from petals_cli.commands.serve import serve
+
+app = typer.Typer(
+    help="petals: run large language models collaboratively.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command()(serve)
+app.command()(generate)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+) -> None:
+    if version:
+        from petals_cli import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+def main() -> None:
+    app()

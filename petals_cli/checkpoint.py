@@ -1,0 +1,123 @@
+"""Finding a model's files and reading only the tensors a caller needs.
+
+A model is a local directory or a hub repository id. Checkpoints are safetensors, single-file or sharded
+(``model.safetensors.index.json``). ``load_tensors`` opens only the shards that hold the requested tensors,
+and reads tensors one at a time, so a server's peak memory follows its span, not the whole model.
+Used by both the client (local modules) and the server (its span); knows nothing about either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from petals_cli.errors import ModelNotFoundError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+METADATA_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files come from: a local directory, or a hub repo fetched file by file."""
+
+    name: str
+    local_dir: Path | None = None
+    revision: str | None = None
+    token: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.local_dir is not None
+
+
+def resolve_model(model: str, *, revision: str | None = None, token: str | None = None) -> ModelSource:
+    """Decide whether MODEL is a local directory or a hub repo id; fail clearly when it is neither."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{model}: directory has no config.json")
+        return ModelSource(name=model, local_dir=path.resolve())
+    if model.startswith((".", "/", "~")) or os.sep + os.sep in model or model.count("/") > 1:
+        raise ModelNotFoundError(f"{model}: no such model directory")
+    return ModelSource(name=model, revision=revision, token=token or os.environ.get("HF_TOKEN"))
+
+
+def fetch_file(source: ModelSource, filename: str) -> Path:
+    """Path to one file of the model, downloading it from the hub into the HF cache when needed."""
+    if source.is_local:
+        path = source.local_dir / filename
+        if not path.is_file():
+            raise ModelNotFoundError(f"{source.name}: missing {filename}")
+        return path
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(source.name, filename, revision=source.revision, token=source.token))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+        raise ModelNotFoundError(f"{source.name}: cannot fetch {filename} ({exc.__class__.__name__})") from exc
+
+
+def metadata_dir(source: ModelSource) -> Path:
+    """A directory with config and tokenizer files (no weights), for AutoConfig/AutoTokenizer."""
+    if source.is_local:
+        return source.local_dir
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                source.name, revision=source.revision, token=source.token, allow_patterns=METADATA_PATTERNS
+            )
+        )
+    except Exception as exc:  # the hub client raises many unrelated types for "unreachable"
+        raise ModelNotFoundError(f"{source.name}: cannot fetch model metadata ({exc.__class__.__name__})") from exc
+
+
+def weight_map(source: ModelSource) -> dict[str, str]:
+    """Tensor name -> file name, from the index of a sharded checkpoint or the header of a single file."""
+    if not source.is_local or (source.local_dir / INDEX_FILE).is_file():
+        try:
+            index_path = fetch_file(source, INDEX_FILE)
+        except ModelNotFoundError:
+            index_path = None
+        if index_path is not None:
+            with open(index_path) as file:
+                return dict(json.load(file)["weight_map"])
+    from safetensors import safe_open
+
+    single = fetch_file(source, SINGLE_FILE)
+    with safe_open(str(single), framework="pt") as file:
+        return {name: SINGLE_FILE for name in file.keys()}
+
+
+def load_tensors(
+    source: ModelSource,
+    names: Iterable[str],
+    *,
+    rename: Callable[[str], str] = lambda name: name,
+    dtype=None,
+    device: str = "cpu",
+    files: dict[str, str] | None = None,
+) -> dict:
+    """Read the named tensors, opening only the shards that hold them. Missing names raise ModelNotFoundError."""
+    from safetensors import safe_open
+
+    files = weight_map(source) if files is None else files
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        if name not in files:
+            raise ModelNotFoundError(f"{source.name}: checkpoint has no tensor {name}")
+        by_file.setdefault(files[name], []).append(name)
+    tensors = {}
+    for filename, file_names in sorted(by_file.items()):
+        with safe_open(str(fetch_file(source, filename)), framework="pt", device=device) as file:
+            for name in file_names:
+                tensor = file.get_tensor(name)
+                tensors[rename(name)] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    return tensors

@@ -1,0 +1,120 @@
+"""Frozen configuration for clients and servers, with one precedence: flag > ``PETALS_*`` variable > default.
+
+The CLI builds these from its options (passing ``None`` for options the user did not give) through
+``from_sources``; library users may construct them directly. Imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from petals_cli.errors import ConfigError
+
+ENV_PREFIX = "PETALS_"
+
+
+def split_peers(text: str | None) -> tuple[str, ...]:
+    """Multiaddrs separated by spaces, commas or newlines."""
+    return tuple(part for part in re.split(r"[\s,]+", text or "") if part)
+
+
+def _env_value(name: str, default: Any) -> Any:
+    raw = os.environ.get(ENV_PREFIX + name.upper())
+    if raw is None:
+        return default
+    if isinstance(default, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, tuple):
+        return split_peers(raw)
+    try:
+        return type(default)(raw) if default is not None else raw
+    except ValueError:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {type(default).__name__}") from None
+
+
+class _FromSources:
+    @classmethod
+    def from_sources(cls, **flags: Any):
+        """Build from CLI flags; a flag given as None falls back to the environment, then the default."""
+        values = {}
+        for field in dataclasses.fields(cls):
+            given = flags.pop(field.name, None)
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            if given is None or given == ():
+                values[field.name] = _env_value(field.name, default)
+            else:
+                values[field.name] = tuple(given) if isinstance(default, tuple) else given
+        if flags:
+            raise TypeError(f"unknown options for {cls.__name__}: {sorted(flags)}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ClientConfig(_FromSources):
+    """How a client reaches the swarm and runs its local modules."""
+
+    initial_peers: tuple[str, ...] = ()
+    model_prefix: str = ""
+    device: str = "cpu"
+    dtype: str = "float32"
+    revision: str = ""
+    token: str = ""
+    connect_timeout: float = 20.0
+    request_timeout: float = 60.0
+    route_wait: float = 10.0  # how long to wait for servers of missing blocks before NoRouteError
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ServerConfig(_FromSources):
+    """What a server hosts and how it joins the swarm."""
+
+    model: str = ""
+    blocks: str = ""
+    new_swarm: bool = False
+    initial_peers: tuple[str, ...] = ()
+    model_prefix: str = ""
+    host: str = "127.0.0.1"
+    port: int = 0
+    announce_host: str = ""
+    device: str = "cpu"
+    dtype: str = "auto"
+    public_name: str = ""
+    address_file: str = ""
+    identity_path: str = ""
+    cache_tokens: int = 16384
+    max_session_length: int = 8192
+    announce_period: float = 30.0
+    revision: str = ""
+    token: str = ""
+
+    def __post_init__(self):
+        if not self.model:
+            raise ConfigError("serve: MODEL is required")
+        if self.new_swarm and self.initial_peers:
+            raise ConfigError("--new-swarm starts a swarm; it cannot be combined with --initial-peers")
+        if not self.new_swarm and not self.initial_peers:
+            raise ConfigError(
+                "serve: pass --new-swarm to start a swarm, or --initial-peers MADDR to join one",
+                hint="e.g. `petals serve MODEL --blocks 0:4 --new-swarm --address-file swarm.addr`",
+            )
+        if self.cache_tokens < 0 or self.max_session_length <= 0:
+            raise ConfigError("--cache-tokens must be >= 0 and --max-session-length > 0")
+        if self.announce_period <= 0:
+            raise ConfigError("announce period must be positive")
+
+
+def parse_blocks(spec: str, num_blocks: int) -> tuple[int, int]:
+    """'START:END' (END exclusive; either side may be omitted) -> a validated (start, end)."""
+    match = re.fullmatch(r"\s*(\d*)\s*:\s*(\d*)\s*", spec or "")
+    if match is None:
+        raise ConfigError(f"--blocks {spec!r}: expected START:END, e.g. 0:8")
+    start = int(match.group(1)) if match.group(1) else 0
+    end = int(match.group(2)) if match.group(2) else num_blocks
+    if not 0 <= start < end <= num_blocks:
+        raise ConfigError(f"--blocks {spec!r}: the model has blocks 0:{num_blocks}")
+    return start, end

@@ -1,0 +1,114 @@
+"""Joining the DHT, announcing servers, and reading the swarm into a ``SwarmSnapshot``.
+
+The DHT node runs inside the caller's event loop on the caller's P2P daemon (no extra process).
+One DHT key per block uid; subkey = the server's peer id; value = its ``ServerInfo``. A model index key
+lists the models served. Records that fail to decode are dropped, never trusted. Pure reading and writing:
+routing decisions live in ``routing.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+from hivemind.utils import get_dht_time
+
+from petals_cli.errors import InvalidRequestError, SwarmUnreachableError
+from petals_cli.wire import MODEL_INDEX_KEY, ModelIndexEntry, ServerInfo, ServerState, block_uid
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SwarmSnapshot:
+    """Every server announcing blocks of one model, as read at ``taken_at`` (DHT time)."""
+
+    prefix: str
+    num_blocks: int
+    servers: dict[str, ServerInfo] = field(default_factory=dict)  # peer id (base58) -> its record
+    taken_at: float = 0.0
+
+    def online(self) -> dict[str, ServerInfo]:
+        return {peer: info for peer, info in self.servers.items() if info.state == ServerState.ONLINE}
+
+    def block_coverage(self) -> list[int]:
+        """How many online servers hold each block."""
+        counts = [0] * self.num_blocks
+        for info in self.online().values():
+            for index in range(max(info.start_block, 0), min(info.end_block, self.num_blocks)):
+                counts[index] += 1
+        return counts
+
+
+async def start_dht(p2p: P2P, initial_peers: Sequence[str], *, client_mode: bool) -> DHTNode:
+    """Start a DHT node on ``p2p``; fail with SwarmUnreachableError when no initial peer answers."""
+    try:
+        return await DHTNode.create(
+            p2p=p2p,
+            initial_peers=list(initial_peers),
+            client_mode=client_mode,
+            ensure_bootstrap_success=bool(initial_peers),
+            num_workers=8,
+            cache_locally=False,
+            cache_nearest=0,
+        )
+    except Exception as exc:  # hivemind raises bare RuntimeErrors and daemon errors here
+        raise SwarmUnreachableError(f"cannot join the swarm through {', '.join(initial_peers)} ({exc})") from exc
+
+
+async def announce_blocks(
+    node: DHTNode, prefix: str, peer_id: str, info: ServerInfo, *, expiration: float
+) -> bool:
+    """Store ``info`` under every block uid of its span; True when every store succeeded."""
+    uids = [block_uid(prefix, index) for index in range(info.start_block, info.end_block)]
+    results = await node.store_many(
+        uids, [info.to_wire()] * len(uids), get_dht_time() + expiration, subkeys=[peer_id] * len(uids)
+    )
+    return all(results.values())
+
+
+async def announce_model(node: DHTNode, prefix: str, entry: ModelIndexEntry, *, expiration: float) -> bool:
+    return await node.store(MODEL_INDEX_KEY, entry.to_wire(), get_dht_time() + expiration, subkey=prefix)
+
+
+async def fetch_model_index(node: DHTNode) -> dict[str, ModelIndexEntry]:
+    """Models served in the swarm: prefix -> entry."""
+    found = await node.get(MODEL_INDEX_KEY, latest=True)
+    models = {}
+    if found is not None and isinstance(found.value, dict):
+        for prefix, item in found.value.items():
+            try:
+                models[str(prefix)] = ModelIndexEntry.from_wire(item.value)
+            except InvalidRequestError:
+                logger.debug("dropping a malformed model index entry for %s", prefix)
+    return models
+
+
+async def fetch_snapshot(node: DHTNode, prefix: str, num_blocks: int) -> SwarmSnapshot:
+    """Read every block's records; a server's newest record wins."""
+    uids = [block_uid(prefix, index) for index in range(num_blocks)]
+    found = await node.get_many(uids, sufficient_expiration_time=float("inf"))
+    servers: dict[str, tuple[float, ServerInfo]] = {}
+    for uid in uids:
+        entry = found.get(uid)
+        if entry is None or not isinstance(entry.value, dict):
+            continue
+        for peer_id, item in entry.value.items():
+            try:
+                info = ServerInfo.from_wire(item.value)
+            except InvalidRequestError:
+                logger.debug("dropping a malformed record of %s for %s", peer_id, uid)
+                continue
+            if not 0 <= info.start_block < info.end_block <= num_blocks:
+                continue
+            if peer_id not in servers or item.expiration_time > servers[peer_id][0]:
+                servers[peer_id] = (item.expiration_time, info)
+    return SwarmSnapshot(
+        prefix=prefix,
+        num_blocks=num_blocks,
+        servers={peer: info for peer, (_, info) in servers.items()},
+        taken_at=get_dht_time(),
+    )

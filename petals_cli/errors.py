@@ -1,0 +1,124 @@
+"""Typed errors shared by the client, the server and the CLI.
+
+Every error carries a one-line ``hint`` telling the user what to do next and a fixed ``exit_code`` the CLI uses.
+Errors that cross the wire are identified by their class name (``code``); see ``error_from_wire``.
+This module imports nothing heavy: the CLI loads it to render errors.
+"""
+
+from __future__ import annotations
+
+
+class PetalsError(Exception):
+    """Base class: a message, a next-step hint and a CLI exit code."""
+
+    hint: str = ""
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+    @property
+    def code(self) -> str:
+        return type(self).__name__
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class ConfigError(PetalsError):
+    """Options that contradict each other or cannot be parsed."""
+
+    hint = "check the command's --help for the accepted values"
+    exit_code = 2
+
+
+class ModelNotFoundError(PetalsError):
+    """The model path or hub repository cannot be found or read."""
+
+    hint = "pass a local directory with config.json and *.safetensors, or a hub repository id"
+    exit_code = 3
+
+
+class UnsupportedModelError(PetalsError):
+    """The checkpoint's architecture has no family adapter."""
+
+    hint = "see README for the supported model families"
+    exit_code = 3
+
+
+class SwarmUnreachableError(PetalsError):
+    """No initial peer answered, so the DHT could not be joined."""
+
+    hint = "check --initial-peers (or PETALS_INITIAL_PEERS); start a swarm with `petals serve MODEL --new-swarm`"
+    exit_code = 4
+
+
+class NoRouteError(PetalsError):
+    """Some blocks of the model are held by no live server."""
+
+    hint = "start a server for them: `petals serve MODEL --blocks START:END --initial-peers ...`"
+    exit_code = 5
+
+    def __init__(self, message: str, *, missing_blocks: tuple[int, ...] = (), hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.missing_blocks = tuple(missing_blocks)
+
+
+class ModelNotServedError(NoRouteError):
+    """No server in the swarm announces any block of this model."""
+
+    hint = "start servers with `petals serve MODEL --blocks START:END`, or check the model name"
+
+
+class InvalidRequestError(PetalsError):
+    """A request that a server refused before computing anything."""
+
+    hint = "this is a client/server mismatch or a bug; set PETALS_DEBUG=1 and report it"
+    exit_code = 6
+
+
+class ProtocolMismatchError(InvalidRequestError):
+    """Client and server speak different protocol versions."""
+
+    hint = "upgrade petals on the older side so both use the same protocol version"
+
+
+class CacheExhaustedError(PetalsError):
+    """A server has no room left in its attention-cache budget for this session."""
+
+    hint = "ask for a shorter max_length, or try again when other sessions end"
+    exit_code = 7
+
+
+class ServerError(PetalsError):
+    """A server failed while computing a request."""
+
+    hint = "the server logs have the details; try again or use another server"
+    exit_code = 8
+
+
+class SessionLengthError(PetalsError):
+    """An inference session was asked to go past its max_length."""
+
+    hint = "open a session with a larger max_length, or start a new one"
+    exit_code = 9
+
+
+WIRE_ERRORS: dict[str, type[PetalsError]] = {
+    cls.__name__: cls
+    for cls in (
+        InvalidRequestError,
+        ProtocolMismatchError,
+        CacheExhaustedError,
+        ServerError,
+        SessionLengthError,
+    )
+}
+
+
+def error_from_wire(code: str, message: str) -> PetalsError:
+    """Rebuild a typed error a server sent back; unknown codes become ``ServerError``."""
+    return WIRE_ERRORS.get(code, ServerError)(message)

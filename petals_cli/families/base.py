@@ -1,0 +1,196 @@
+"""The generic family adapter: where a family's blocks live and which modules the client keeps.
+
+A server's span is transformers' own base model class (``LlamaModel``, ``BloomModel``, ...) built for the
+span's layer count, with the client-side modules (embeddings, embedding norm, final norm) replaced by
+identities. Running it reuses transformers' masks, rotary embeddings, ALiBi and cache handling, so a family
+costs a few names here instead of a re-implementation. Modules are built on the meta device and filled
+with ``assign=True``, so nothing is allocated twice. This module knows nothing about the network.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from petals_cli.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Family:
+    """Names that locate a family's parts in its transformers model and checkpoint."""
+
+    name: str
+    model_types: tuple[str, ...]
+    block_prefix: str  # full-model path of the decoder layers, e.g. "model.layers"
+    embedding_modules: tuple[str, ...]  # applied in order on the client before the first block
+    final_norm: str  # full-model path of the norm after the last block
+    lm_head: str = "lm_head"
+
+    @property
+    def layers_attr(self) -> str:
+        return self.block_prefix.split(".")[-1]
+
+    def block_of(self, tensor_name: str) -> int | None:
+        """The block index of a checkpoint tensor, or None for a client-side tensor."""
+        for prefix in self.checkpoint_prefixes():
+            if tensor_name.startswith(prefix):
+                return int(tensor_name[len(prefix) :].split(".", 1)[0])
+        return None
+
+    def checkpoint_prefixes(self) -> tuple[str, ...]:
+        # Some checkpoints were saved from the base model, without the "model."/"transformer." prefix.
+        short = self.layers_attr
+        return (f"{self.block_prefix}.", f"{short}.") if short != self.block_prefix else (f"{short}.",)
+
+    def local_module_paths(self) -> tuple[str, ...]:
+        return (*self.embedding_modules, self.final_norm, self.lm_head)
+
+
+def text_config(config):
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def span_config(config, num_layers: int, first_layer: int = 0):
+    """A copy of the config for ``num_layers`` blocks starting at ``first_layer`` (per-layer lists sliced)."""
+    config = copy.deepcopy(config)
+    layer_types = getattr(config, "layer_types", None)
+    config.num_hidden_layers = num_layers
+    if layer_types is not None:
+        config.layer_types = list(layer_types)[first_layer : first_layer + num_layers]
+    return config
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
+
+
+def materialize(module: nn.Module, tensors: dict, config, device: str, dtype: torch.dtype) -> None:
+    """Fill a meta-device module with checkpoint tensors; rebuild modules whose buffers are computed at init."""
+    missing, unexpected = module.load_state_dict(tensors, strict=False, assign=True)
+    if unexpected:
+        raise UnsupportedModelError(f"checkpoint tensors with no place in the model: {sorted(unexpected)[:4]}")
+    still_meta = [name for name, param in module.named_parameters() if param.is_meta]
+    if still_meta:
+        raise UnsupportedModelError(f"checkpoint lacks tensors: {still_meta[:4]}")
+    for path, sub in list(module.named_modules()):
+        if any(buffer.is_meta for buffer in sub.buffers(recurse=False)):
+            set_module(module, path, _rebuild_buffers_module(sub, config, device))
+    module.to(device=device, dtype=dtype)
+    module.requires_grad_(False)
+
+
+def _rebuild_buffers_module(module: nn.Module, config, device: str) -> nn.Module:
+    # Rotary embeddings and the like compute their buffers from the config in __init__.
+    for kwargs in ({"config": config, "device": device}, {"config": config}):
+        try:
+            return type(module)(**kwargs)
+        except TypeError:
+            continue
+    raise UnsupportedModelError(f"cannot rebuild {type(module).__name__} outside the meta device")
+
+
+class SpanRunner(nn.Module):
+    """A server's blocks [start, end) of one model, runnable over any sub-range with a transformers cache."""
+
+    def __init__(self, family: Family, base: nn.Module, config, start: int, end: int):
+        super().__init__()
+        self.family, self.base, self.config = family, base, config
+        self.start, self.end = start, end
+        self._views: dict[tuple[int, int], nn.Module] = {}
+        self._bound: tuple[int, int] | None = None
+        self._indexed = [
+            [sub for sub in layer.modules() if hasattr(sub, "layer_idx")] for layer in self.layers
+        ]
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return getattr(self.base, self.family.layers_attr)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.base.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    def make_cache(self, start: int, end: int):
+        """A fresh attention cache for blocks [start, end) (absolute indices)."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self._view(start - self.start, end - self.start).config)
+
+    def forward(self, hidden: torch.Tensor, start: int, end: int, cache=None) -> torch.Tensor:
+        """Run blocks [start, end) (absolute indices) on hidden states; extend ``cache`` when given."""
+        first, last = start - self.start, end - self.start
+        view = self._view(first, last)
+        self._bind_layer_indices(first, last)
+        output = view(inputs_embeds=hidden.to(self.dtype), past_key_values=cache, use_cache=cache is not None)
+        return output[0].to(hidden.dtype)
+
+    def _view(self, first: int, last: int) -> nn.Module:
+        key = (first, last)
+        if key not in self._views:
+            if key == (0, len(self.layers)):
+                self._views[key] = self.base
+            else:
+                view = copy.copy(self.base)
+                view._modules = dict(self.base._modules)
+                view._modules[self.family.layers_attr] = nn.ModuleList(list(self.layers)[first:last])
+                view.config = span_config(self.config, last - first, self.start + first)
+                self._views[key] = view
+        return self._views[key]
+
+    def _bind_layer_indices(self, first: int, last: int) -> None:
+        # Attention modules index the cache by layer_idx; a sub-range's cache starts at 0.
+        if self._bound == (first, last):
+            return
+        for offset, modules in enumerate(self._indexed[first:last]):
+            for sub in modules:
+                sub.layer_idx = offset
+        self._bound = (first, last)
+
+
+def build_span(
+    family: Family,
+    config,
+    start: int,
+    end: int,
+    load: Callable[[list[str], Callable[[str], str]], dict],
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> SpanRunner:
+    """Build blocks [start, end) of a model; ``load(names, rename)`` reads checkpoint tensors."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    config = text_config(config)
+    config_for_span = span_config(config, end - start, start)
+    config_for_span._attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+    with torch.device("meta"):
+        base = MODEL_MAPPING[type(config)](config_for_span)
+    prefix = f"{base.base_model_prefix}."
+    for path in family.local_module_paths():
+        short = path[len(prefix) :] if path.startswith(prefix) else path
+        if short != family.lm_head:
+            set_module(base, short, nn.Identity())
+    wanted = [name for name in base.state_dict() if name.startswith(f"{family.layers_attr}.")]
+    checkpoint_names = {_checkpoint_name(family, name, start): name for name in wanted}
+    tensors = load(list(checkpoint_names), lambda name: checkpoint_names[name])
+    materialize(base, tensors, config_for_span, device, dtype)
+    base.eval()
+    return SpanRunner(family, base, config, start, end)
+
+
+def _checkpoint_name(family: Family, base_name: str, start: int) -> str:
+    _, index, rest = base_name.split(".", 2)
+    return f"{family.block_prefix}.{start + int(index)}.{rest}"

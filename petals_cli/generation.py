@@ -1,0 +1,106 @@
+"""Text in, text out: tokenise a prompt, generate through the swarm, stream decoded text to a callback.
+
+Sampling and decoding are transformers' own ``generate()``; this module chooses its arguments and turns
+token ids into text pieces as they arrive. Knows nothing about the CLI or the terminal.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from petals_cli.config import ClientConfig
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int] = field(default_factory=list)  # new tokens only
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "seconds": round(self.seconds, 4),
+            "tokens_per_second": round(self.new_tokens / self.seconds, 3) if self.seconds > 0 else None,
+        }
+
+
+def open_model(model: str, config: ClientConfig):
+    """The distributed model and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from petals_cli.checkpoint import metadata_dir, resolve_model
+    from petals_cli.remote_model import AutoDistributedModelForCausalLM
+
+    source = resolve_model(model, revision=config.revision or None, token=config.token or None)
+    tokenizer = AutoTokenizer.from_pretrained(metadata_dir(source))
+    return AutoDistributedModelForCausalLM.from_pretrained(model, config=config), tokenizer
+
+
+class _TextStreamer:
+    """Receives token ids from generate() and emits newly decoded text (skipping the prompt)."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.prompt_seen = False
+        self.token_ids: list[int] = []
+        self.emitted = ""
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.token_ids.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return
+        if text.startswith(self.emitted) and len(text) > len(self.emitted):
+            self.on_text(text[len(self.emitted) :])
+        self.emitted = text
+
+    def end(self) -> None:
+        pass
+
+
+def generate(
+    model, tokenizer, prompt: str, options: GenerationOptions, on_text: Callable[[str], None] | None = None
+) -> GenerationResult:
+    """Generate a continuation of ``prompt``; ``on_text`` receives text pieces as tokens arrive."""
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if options.seed is not None:
+        torch.manual_seed(options.seed)
+    kwargs = dict(max_new_tokens=options.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    if options.temperature > 0:
+        kwargs.update(do_sample=True, temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    streamer = _TextStreamer(tokenizer, on_text) if on_text is not None else None
+    started = time.perf_counter()
+    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs)
+    seconds = time.perf_counter() - started
+    new_ids = output[0, input_ids.shape[1] :].tolist()
+    return GenerationResult(
+        text=tokenizer.decode(new_ids, skip_special_tokens=True),
+        token_ids=new_ids,
+        prompt_tokens=input_ids.shape[1],
+        new_tokens=len(new_ids),
+        seconds=seconds,
+    )

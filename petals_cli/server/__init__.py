@@ -1,0 +1,1 @@
+"""The server side: hosting a span of blocks, answering RPCs, announcing itself. Never imports client code."""

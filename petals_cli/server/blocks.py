@@ -1,0 +1,75 @@
+"""Loading a server's span: only its blocks' tensors, from only the shards that hold them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from petals_cli.checkpoint import ModelSource, load_tensors, metadata_dir, weight_map
+from petals_cli.families import Family, family_for
+from petals_cli.families.base import SpanRunner, build_span, text_config
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    config: object
+    family: Family
+    num_blocks: int
+
+
+def read_model_config(source: ModelSource) -> LoadedModel:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(metadata_dir(source))
+    family = family_for(config)
+    return LoadedModel(config=config, family=family, num_blocks=text_config(config).num_hidden_layers)
+
+
+def resolve_dtype(name: str, config) -> torch.dtype:
+    """'auto' takes the checkpoint's dtype (float32 when it names none)."""
+    if name == "auto":
+        name = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+        name = name.replace("torch.", "")
+    if name not in DTYPES:
+        from petals_cli.errors import ConfigError
+
+        raise ConfigError(f"--dtype {name!r}: choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_span(
+    source: ModelSource, model: LoadedModel, start: int, end: int, *, device: str, dtype: torch.dtype
+) -> SpanRunner:
+    files = weight_map(source)
+
+    def load(names: list[str], rename):
+        checkpoint_names = {_find_in_checkpoint(model.family, name, files): name for name in names}
+        return load_tensors(
+            source, checkpoint_names, rename=lambda found: rename(checkpoint_names[found]), dtype=dtype, files=files
+        )
+
+    span = build_span(model.family, model.config, start, end, load, device=device, dtype=dtype)
+    shards = sorted({files[name] for name in files if _in_span(model.family, name, start, end)})
+    logger.info("loaded blocks %d:%d from %s", start, end, ", ".join(shards))
+    return span
+
+
+def _find_in_checkpoint(family: Family, name: str, files: dict[str, str]) -> str:
+    if name in files:
+        return name
+    for prefix in family.checkpoint_prefixes():
+        candidate = prefix + name.split(f"{family.block_prefix}.", 1)[-1]
+        if candidate in files:
+            return candidate
+    return name  # load_tensors reports it as missing
+
+
+def _in_span(family: Family, name: str, start: int, end: int) -> bool:
+    index = family.block_of(name)
+    return index is not None and start <= index < end

@@ -1,0 +1,192 @@
+"""The server's RPC handlers: inference streams with per-session caches, forward, backward and info.
+
+Every request is validated (protocol, model prefix, block range, tensor shapes and dtypes, lengths) before
+any compute; a bad request gets a typed error response and the server carries on. Torch work runs on one
+dedicated thread so the event loop keeps answering (info RPCs, DHT) while a step computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import msgpack
+import torch
+from hivemind.p2p import P2PContext
+from hivemind.proto import runtime_pb2
+
+from petals_cli import transport
+from petals_cli.errors import InvalidRequestError, PetalsError, ServerError, SessionLengthError
+from petals_cli.families.base import SpanRunner
+from petals_cli.server.cache import CacheBudget
+from petals_cli.wire import SpanRequest, StepRequest, StepResponse
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    request: SpanRequest
+    cache: object
+    position: int = 0
+
+
+class BlockHandler:
+    """Answers RPCs for the blocks of one ``SpanRunner``; ``info()`` supplies the rpc_info payload."""
+
+    def __init__(self, span: SpanRunner, prefix: str, budget: CacheBudget, *, max_session_length: int, info):
+        self.span, self.prefix, self.budget = span, prefix, budget
+        self.max_session_length = max_session_length
+        self.hidden_size = span.config.hidden_size
+        self.info = info
+        self.sessions: dict[str, Session] = {}
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="petals-compute")
+
+    def shutdown(self) -> None:
+        self._compute.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._compute, function, *args)
+
+    # --- validation -------------------------------------------------------------------------------------
+
+    def _check_span_request(self, metadata: bytes) -> SpanRequest:
+        request = SpanRequest.from_wire(transport.unpack(metadata))
+        request.check_protocol()
+        if request.prefix != self.prefix:
+            raise InvalidRequestError(f"this server hosts {self.prefix!r}, not {request.prefix!r}")
+        if not self.span.start <= request.start_block < request.end_block <= self.span.end:
+            raise InvalidRequestError(
+                f"blocks {request.start_block}:{request.end_block} are not within this server's "
+                f"{self.span.start}:{self.span.end}"
+            )
+        return request
+
+    def _check_hidden(self, tensor: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        if tensor.ndim != 3 or tensor.shape[-1] != self.hidden_size or 0 in tensor.shape:
+            raise InvalidRequestError(
+                f"hidden states must be [batch, tokens, {self.hidden_size}], got {list(tensor.shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise InvalidRequestError(f"hidden states must be floating point, got {tensor.dtype}")
+        if batch_size is not None and tensor.shape[0] != batch_size:
+            raise InvalidRequestError(f"session batch size is {batch_size}, got {tensor.shape[0]}")
+        return tensor
+
+    # --- inference ----------------------------------------------------------------------------------------
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        session_id = None
+        try:
+            opening = await anext(requests, None)
+            if opening is None:
+                return
+            try:
+                request = self._check_span_request(opening.metadata)
+                session_id = self._open_session(request)
+            except PetalsError as error:
+                yield transport.error_response(error)
+                return
+            yield runtime_pb2.ExpertResponse(metadata=transport.pack(StepResponse(position=0)))
+            async for message in requests:
+                yield await self._inference_step(self.sessions[session_id], message)
+        finally:
+            if session_id is not None:
+                session = self.sessions.pop(session_id, None)
+                self.budget.release(session_id)
+                logger.info(
+                    "session %s closed at %d tokens (peer %s)",
+                    session_id[:8], session.position if session else 0, str(context.remote_id)[-8:],
+                )
+
+    def _open_session(self, request: SpanRequest) -> str:
+        if not 0 < request.max_length <= self.max_session_length:
+            raise InvalidRequestError(f"max_length must be in 1..{self.max_session_length}, got {request.max_length}")
+        if not 0 < request.batch_size <= 1024:
+            raise InvalidRequestError(f"batch_size must be in 1..1024, got {request.batch_size}")
+        session_id = uuid.uuid4().hex
+        self.budget.reserve(session_id, request.batch_size * request.max_length)
+        cache = self.span.make_cache(request.start_block, request.end_block)
+        self.sessions[session_id] = Session(request=request, cache=cache)
+        logger.info(
+            "session %s opened: blocks %d:%d, max_length %d",
+            session_id[:8], request.start_block, request.end_block, request.max_length,
+        )
+        return session_id
+
+    async def _inference_step(self, session: Session, message) -> runtime_pb2.ExpertResponse:
+        try:
+            step = StepRequest.from_wire(transport.unpack(message.metadata))
+            if len(message.tensors) != 1:
+                raise InvalidRequestError(f"an inference step carries one tensor, got {len(message.tensors)}")
+            hidden = self._check_hidden(transport.deserialize(message.tensors[0]), session.request.batch_size)
+            if step.position != session.position:
+                raise InvalidRequestError(f"step at position {step.position}, session is at {session.position}")
+            if session.position + hidden.shape[1] > session.request.max_length:
+                raise SessionLengthError(
+                    f"step would reach {session.position + hidden.shape[1]} tokens, max_length is "
+                    f"{session.request.max_length}"
+                )
+            request = session.request
+            output = await self._run(self._forward, hidden, request.start_block, request.end_block, session.cache)
+            session.position += hidden.shape[1]
+            return transport.response_messages([output], StepResponse(position=session.position))[0]
+        except PetalsError as error:
+            return transport.error_response(error)
+        except Exception as exc:
+            logger.exception("inference step failed")
+            return transport.error_response(ServerError(f"step failed: {exc.__class__.__name__}: {exc}"))
+
+    @torch.inference_mode()
+    def _forward(self, hidden, start, end, cache=None):
+        return self.span(hidden, start, end, cache)
+
+    # --- forward / backward (no cache) --------------------------------------------------------------------
+
+    async def rpc_forward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        for message in await self._unary(requests, 1, self._forward):
+            yield message
+
+    async def rpc_backward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        for message in await self._unary(requests, 2, self._backward):
+            yield message
+
+    async def _unary(self, requests, num_tensors: int, function) -> list[runtime_pb2.ExpertResponse]:
+        try:
+            tensors, metadata = await transport.collect_tensors(requests)
+            request = self._check_span_request(metadata)
+            if len(tensors) != num_tensors:
+                raise InvalidRequestError(f"expected {num_tensors} tensors, got {len(tensors)}")
+            first = self._check_hidden(tensors[0])
+            for other in tensors[1:]:
+                if other.shape != first.shape:
+                    raise InvalidRequestError(f"gradient shape {list(other.shape)} != input {list(first.shape)}")
+            output = await self._run(function, *tensors, request.start_block, request.end_block)
+            return transport.response_messages([output], StepResponse())
+        except PetalsError as error:
+            return [transport.error_response(error)]
+        except Exception as exc:
+            logger.exception("forward/backward failed")
+            return [transport.error_response(ServerError(f"{exc.__class__.__name__}: {exc}"))]
+
+    def _backward(self, hidden, grad_output, start, end):
+        with torch.enable_grad():
+            inputs = hidden.detach().requires_grad_(True)
+            outputs = self.span(inputs, start, end)
+            (grad_input,) = torch.autograd.grad(outputs, inputs, grad_outputs=grad_output.to(outputs.dtype))
+        return grad_input
+
+    # --- info -------------------------------------------------------------------------------------------
+
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        return runtime_pb2.ExpertInfo(serialized_info=msgpack.packb(self.info().to_wire(), use_bin_type=True))

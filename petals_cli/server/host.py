@@ -1,0 +1,125 @@
+"""A server's lifecycle: load the span, join the swarm, serve RPCs, announce, and leave cleanly.
+
+One process plus its libp2p daemon: the DHT node and the RPC handlers share the daemon and this process's
+event loop; torch runs on the handler's compute thread. On SIGINT/SIGTERM the server announces OFFLINE,
+removes its address file and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from petals_cli import __version__, transport
+from petals_cli.checkpoint import resolve_model
+from petals_cli.config import ServerConfig, parse_blocks
+from petals_cli.dht import announce_blocks, announce_model, start_dht
+from petals_cli.server.blocks import load_span, read_model_config, resolve_dtype
+from petals_cli.server.cache import CacheBudget
+from petals_cli.server.handler import BlockHandler
+from petals_cli.wire import ModelIndexEntry, ServerInfo, ServerState, model_prefix_for
+
+logger = logging.getLogger(__name__)
+OFFLINE_GRACE = 2.0  # seconds to spend announcing OFFLINE on exit
+
+
+def run_server(config: ServerConfig) -> None:
+    """Blocking entry point for `petals serve`."""
+    asyncio.run(Server(config).serve())
+
+
+class Server:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.source = resolve_model(config.model, revision=config.revision or None, token=config.token or None)
+        self.model = read_model_config(self.source)
+        self.start, self.end = parse_blocks(config.blocks, self.model.num_blocks)
+        self.prefix = config.model_prefix or model_prefix_for(config.model)
+        self.dtype = resolve_dtype(config.dtype, self.model.config)
+        self.budget = CacheBudget(config.cache_tokens)
+        self.state = ServerState.JOINING
+        self._stop = asyncio.Event()
+
+    def info(self) -> ServerInfo:
+        return ServerInfo(
+            state=self.state,
+            start_block=self.start,
+            end_block=self.end,
+            version=__version__,
+            dtype=str(self.dtype).replace("torch.", ""),
+            cache_tokens_left=self.budget.tokens_left,
+            public_name=self.config.public_name,
+        )
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._stop.set)
+        started = time.perf_counter()
+        span = await asyncio.to_thread(
+            load_span, self.source, self.model, self.start, self.end, device=self.config.device, dtype=self.dtype
+        )
+        logger.info("blocks %d:%d of %s loaded in %.1fs", self.start, self.end, self.prefix, time.perf_counter() - started)
+        p2p = await transport.create_p2p(
+            self.config.host,
+            self.config.port,
+            self.config.initial_peers,
+            announce_host=self.config.announce_host or None,
+            identity_path=self.config.identity_path or None,
+        )
+        handler = BlockHandler(
+            span, self.prefix, self.budget, max_session_length=self.config.max_session_length, info=self.info
+        )
+        try:
+            node = await start_dht(p2p, self.config.initial_peers, client_mode=False)
+            await transport.BlocksService().add_p2p_handlers(p2p, wrapper=handler)
+            self.state = ServerState.ONLINE
+            await self._announce(node, p2p)
+            maddrs = [str(addr) for addr in await p2p.get_visible_maddrs()]
+            self._write_address_file(maddrs)
+            logger.info("serving blocks %d:%d of %s as %s", self.start, self.end, self.prefix, p2p.peer_id)
+            for maddr in maddrs:
+                print(maddr, flush=True)
+            await self._announce_until_stopped(node, p2p)
+            self.state = ServerState.OFFLINE
+            await asyncio.wait_for(self._announce(node, p2p), timeout=OFFLINE_GRACE)
+        except asyncio.TimeoutError:
+            logger.warning("could not announce OFFLINE in time; records will expire by themselves")
+        finally:
+            self._remove_address_file()
+            handler.shutdown()
+            await p2p.shutdown()
+        logger.info("server stopped")
+
+    async def _announce_until_stopped(self, node, p2p) -> None:
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=self.config.announce_period)
+            except asyncio.TimeoutError:
+                await self._announce(node, p2p)
+
+    async def _announce(self, node, p2p) -> None:
+        expiration = max(self.config.announce_period * 2.5, 10.0)
+        peer_id = p2p.peer_id.to_base58()
+        ok = await announce_blocks(node, self.prefix, peer_id, self.info(), expiration=expiration)
+        if self.state == ServerState.ONLINE:
+            entry = ModelIndexEntry(model=self.config.model, num_blocks=self.model.num_blocks, family=self.model.family.name)
+            ok = await announce_model(node, self.prefix, entry, expiration=expiration) and ok
+        if not ok:
+            logger.warning("some DHT records were not stored; will retry at the next announce")
+
+    def _write_address_file(self, maddrs: list[str]) -> None:
+        if not self.config.address_file:
+            return
+        path = Path(self.config.address_file)
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text("".join(f"{maddr}\n" for maddr in maddrs))
+        os.replace(temporary, path)
+
+    def _remove_address_file(self) -> None:
+        if self.config.address_file:
+            Path(self.config.address_file).unlink(missing_ok=True)

@@ -1,0 +1,214 @@
+"""Tiny random-weight causal LMs saved as real Hugging Face checkpoints, for tests, demos and benchmarks.
+
+This module owns building a transformers config and model for each supported family, the seeded
+large-std weight initialisation (so greedy output of a tiny model varies instead of repeating one token),
+and writing the checkpoint itself: safetensors files (single or sharded by consecutive decoder layers,
+with the standard index), config, generation config, a local tokenizer and the ``petals_tiny.json`` marker
+that lets callers reuse a model built with the same arguments. It knows nothing about swarms or servers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from petals_cli.testing.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, save_tokenizer
+
+SUPPORTED_FAMILIES = ("llama", "bloom")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MARKER_FILE = "petals_tiny.json"
+MARKER_VERSION = 1  # bump when the same arguments start producing different files
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_LAYER_INDEX = re.compile(r"\.(?:layers|h)\.(\d+)\.")
+
+
+def make_tiny_model(
+    path: str | Path,
+    family: str = "llama",
+    *,
+    num_layers: int = 6,
+    hidden_size: int = 64,
+    num_heads: int = 4,
+    num_kv_heads: int | None = 2,
+    intermediate_size: int | None = None,
+    vocab_size: int = 512,
+    max_position_embeddings: int = 2048,
+    shards: int = 1,
+    init_std: float = 0.25,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> Path:
+    """Build a seeded random-weight model of ``family`` and save it (weights, config, tokenizer) to ``path``.
+
+    ``num_kv_heads`` < ``num_heads`` gives grouped-query attention (llama; bloom ignores it, as it does
+    ``intermediate_size``, which is always 4 * hidden there). ``None`` means one kv head per attention head.
+    The same arguments always produce the same weights, whatever ``shards`` is.
+    """
+    arguments = _marker_arguments(locals())
+    _validate(family, num_layers, num_heads, num_kv_heads, shards, dtype)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MARKER_FILE).unlink(missing_ok=True)
+    config = _make_config(arguments)
+    model = _make_model(config, init_std=init_std, seed=seed, dtype=DTYPES[dtype])
+    _remove_old_weights(path)
+    _save_weights(path, _state_dict_to_save(model), num_layers=num_layers, shards=shards)
+    config.save_pretrained(path)
+    if model.can_generate() and model.generation_config is not None:
+        model.generation_config.save_pretrained(path)
+    save_tokenizer(path, vocab_size)
+    (path / MARKER_FILE).write_text(json.dumps(arguments, indent=2, sort_keys=True) + "\n")  # last: marks completion
+    return path
+
+
+def ensure_tiny_model(path: str | Path, family: str = "llama", **kwargs) -> Path:
+    """Return ``path``, building the model there only when its marker is missing or records other arguments."""
+    from inspect import signature
+
+    bound = signature(make_tiny_model).bind(path, family, **kwargs)
+    bound.apply_defaults()
+    wanted = _marker_arguments(bound.arguments)
+    marker = Path(path) / MARKER_FILE
+    try:
+        if json.loads(marker.read_text()) == wanted:
+            return Path(path)
+    except (OSError, ValueError):
+        pass
+    return make_tiny_model(path, family, **kwargs)
+
+
+def _marker_arguments(arguments: dict) -> dict:
+    recorded = {name: value for name, value in arguments.items() if name != "path"}
+    return {"marker_version": MARKER_VERSION, **recorded}
+
+
+def _validate(family: str, num_layers: int, num_heads: int, num_kv_heads: int | None, shards: int, dtype: str):
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; supported families: {', '.join(SUPPORTED_FAMILIES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; supported dtypes: {', '.join(DTYPES)}")
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be positive, got {num_layers}")
+    if not 1 <= shards <= num_layers:
+        raise ValueError(f"shards must be between 1 and num_layers ({num_layers}), got {shards}")
+    if family == "llama" and num_kv_heads is not None and (num_kv_heads < 1 or num_heads % num_kv_heads):
+        raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+
+
+def _make_config(arguments: dict):
+    """The transformers config for ``arguments`` (the recorded ``make_tiny_model`` arguments)."""
+    special_ids = dict(bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID)
+    hidden_size, num_heads = arguments["hidden_size"], arguments["num_heads"]
+    if arguments["family"] == "bloom":
+        from transformers import BloomConfig
+
+        return BloomConfig(
+            vocab_size=arguments["vocab_size"],
+            hidden_size=hidden_size,
+            n_layer=arguments["num_layers"],
+            n_head=num_heads,
+            initializer_range=arguments["init_std"],
+            dtype=arguments["dtype"],
+            **special_ids,
+        )
+    from transformers import LlamaConfig
+
+    # llama's own ratio: about 8/3 of the hidden size, rounded up to a multiple of 16
+    intermediate_size = arguments["intermediate_size"] or -(-8 * hidden_size // 3 // 16) * 16
+    return LlamaConfig(
+        vocab_size=arguments["vocab_size"],
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=arguments["num_layers"],
+        num_attention_heads=num_heads,
+        num_key_value_heads=arguments["num_kv_heads"] or num_heads,
+        max_position_embeddings=arguments["max_position_embeddings"],
+        initializer_range=arguments["init_std"],
+        tie_word_embeddings=False,
+        dtype=arguments["dtype"],
+        **special_ids,
+    )
+
+
+def _make_model(config, *, init_std: float, seed: int, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _initialize(model, init_std=init_std, seed=seed)
+    return model.to(dtype).eval()
+
+
+@torch.no_grad()
+def _initialize(model: nn.Module, *, init_std: float, seed: int) -> None:
+    """Overwrite every weight from one seeded generator: Linear/Embedding ~ N(0, init_std), biases 0, norms 1.
+
+    Weights are drawn in float32 in module order, so a checkpoint's values depend only on the arguments.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if id(parameter) in seen:  # tied weights: the first owner (the input embedding) draws them
+                continue
+            seen.add(id(parameter))
+            if name == "weight" and isinstance(module, (nn.Linear, nn.Embedding)):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * init_std)
+            elif name == "weight":  # layer norms and RMS norms
+                parameter.fill_(1.0)
+            else:
+                parameter.zero_()
+
+
+def _state_dict_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors ``save_pretrained`` would write: state dict names, tied copies (bloom's lm_head) left out."""
+    state_dict = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        for tied_name in getattr(model, "_tied_weights_keys", None) or {}:
+            state_dict.pop(tied_name, None)
+    return {name: tensor.detach().contiguous() for name, tensor in state_dict.items()}
+
+
+def _remove_old_weights(path: Path) -> None:
+    for old in [*path.glob("model*.safetensors"), path / INDEX_FILE]:
+        old.unlink(missing_ok=True)
+
+
+def _save_weights(path: Path, state_dict: dict[str, torch.Tensor], *, num_layers: int, shards: int) -> None:
+    metadata = {"format": "pt"}
+    if shards == 1:
+        save_file(state_dict, str(path / SINGLE_FILE), metadata=metadata)
+        return
+    shard_of = assign_shards(list(state_dict), num_layers=num_layers, shards=shards)
+    file_names = [f"model-{index + 1:05d}-of-{shards:05d}.safetensors" for index in range(shards)]
+    for index, file_name in enumerate(file_names):
+        shard = {name: tensor for name, tensor in state_dict.items() if shard_of[name] == index}
+        save_file(shard, str(path / file_name), metadata=metadata)
+    index = {
+        "metadata": {"total_size": sum(tensor.numel() * tensor.element_size() for tensor in state_dict.values())},
+        "weight_map": {name: file_names[shard_of[name]] for name in state_dict},
+    }
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def assign_shards(names: list[str], *, num_layers: int, shards: int) -> dict[str, int]:
+    """Map tensor names (in state dict order) to 0-based shards so consecutive layers share or follow shards.
+
+    Decoder layer ``i`` goes to shard ``i * shards // num_layers``; tensors before the first layer (embeddings)
+    go to the first shard, tensors after it (final norm, LM head) to the last.
+    """
+    shard_of: dict[str, int] = {}
+    seen_layer = False
+    for name in names:
+        match = _LAYER_INDEX.search(name)
+        if match:
+            seen_layer = True
+            shard_of[name] = int(match.group(1)) * shards // num_layers
+        else:
+            shard_of[name] = shards - 1 if seen_layer else 0
+    return shard_of

@@ -1,0 +1,191 @@
+"""RPC names and message packing over hivemind's P2P, shared by client and server.
+
+``BlocksService`` declares the RPCs (``rpc_inference``, ``rpc_forward``, ``rpc_backward``, ``rpc_info``):
+the server registers its handler object under these names, the client calls them through
+``BlocksService.get_stub``. Messages are hivemind's ``ExpertRequest``/``ExpertResponse`` protobufs:
+tensors serialised by hivemind, metadata a msgpack dict of one ``wire`` record. Large tensors travel as
+several stream messages (``split_for_streaming``). Errors come back as typed metadata, never as asserts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Iterable, Sequence
+from typing import AsyncIterator  # hivemind detects streaming RPCs by typing.AsyncIterator hints
+
+import msgpack
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.proto import runtime_pb2
+from hivemind.utils.streaming import split_for_streaming
+
+from petals_cli.errors import InvalidRequestError, PetalsError, error_from_wire
+from petals_cli.wire import StepResponse
+
+STREAM_CHUNK_BYTES = 2**20
+NONE = runtime_pb2.CompressionType.NONE
+
+
+class BlocksService(ServicerBase):
+    """The RPC surface of a petals server; the server passes its handler as ``wrapper``."""
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        raise NotImplementedError
+        yield
+
+    async def rpc_forward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        raise NotImplementedError
+        yield
+
+    async def rpc_backward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        raise NotImplementedError
+        yield
+
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        raise NotImplementedError
+
+
+def pack(record) -> bytes:
+    return msgpack.packb(record.to_wire(), use_bin_type=True)
+
+
+def unpack(data: bytes):
+    """Decode metadata bytes into a plain dict; anything else is an InvalidRequestError."""
+    if not data:
+        return {}
+    try:
+        value = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise InvalidRequestError(f"metadata is not valid msgpack ({exc.__class__.__name__})") from None
+    if not isinstance(value, dict):
+        raise InvalidRequestError("metadata must be a mapping")
+    return value
+
+
+def serialize(tensor: torch.Tensor) -> runtime_pb2.Tensor:
+    return serialize_torch_tensor(tensor.detach(), NONE)
+
+
+def deserialize(proto: runtime_pb2.Tensor) -> torch.Tensor:
+    try:
+        return deserialize_torch_tensor(proto)
+    except Exception as exc:  # bad dtype names, sizes that do not match the buffer, ...
+        raise InvalidRequestError(f"malformed tensor ({exc.__class__.__name__}: {exc})") from None
+
+
+def request_messages(tensors: Sequence[torch.Tensor], metadata: bytes) -> list[runtime_pb2.ExpertRequest]:
+    """One or more stream messages carrying ``tensors``; metadata rides on the first."""
+    parts = []
+    for tensor in tensors:
+        proto = serialize(tensor)
+        parts.extend(split_for_streaming(proto, STREAM_CHUNK_BYTES) if proto.ByteSize() > STREAM_CHUNK_BYTES else [proto])
+    if not parts:
+        return [runtime_pb2.ExpertRequest(metadata=metadata)]
+    return [
+        runtime_pb2.ExpertRequest(tensors=[part], metadata=metadata if index == 0 else b"")
+        for index, part in enumerate(parts)
+    ]
+
+
+async def collect_tensors(messages: AsyncIterator) -> tuple[list[torch.Tensor], bytes]:
+    """Reassemble tensors sent by ``request_messages``; returns (tensors, first message's metadata)."""
+    from hivemind.utils.streaming import combine_from_streaming
+
+    metadata, chunks, tensors = None, [], []
+    async for message in messages:
+        if metadata is None:
+            metadata = message.metadata
+        for part in message.tensors:
+            chunks.append(part)
+            if part.chunks <= 1 or len(chunks) == part.chunks:
+                tensors.append(deserialize(combine_from_streaming(chunks) if len(chunks) > 1 else chunks[0]))
+                chunks = []
+    if chunks:
+        raise InvalidRequestError("stream ended in the middle of a tensor")
+    return tensors, metadata or b""
+
+
+def error_response(error: PetalsError) -> runtime_pb2.ExpertResponse:
+    return runtime_pb2.ExpertResponse(
+        metadata=pack(StepResponse(error_code=error.code, error_message=error.message))
+    )
+
+
+def check_response(response: runtime_pb2.ExpertResponse) -> StepResponse:
+    """Parse a response's metadata; raise the typed error a server sent."""
+    meta = StepResponse.from_wire(unpack(response.metadata))
+    if meta.error_code:
+        raise error_from_wire(meta.error_code, meta.error_message)
+    return meta
+
+
+def response_messages(tensors: Iterable[torch.Tensor], meta: StepResponse) -> list[runtime_pb2.ExpertResponse]:
+    requests = request_messages(list(tensors), pack(meta))
+    return [runtime_pb2.ExpertResponse(tensors=message.tensors, metadata=message.metadata) for message in requests]
+
+
+async def create_p2p(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    initial_peers: Sequence[str] = (),
+    *,
+    announce_host: str | None = None,
+    identity_path: str | None = None,
+    client_mode: bool = False,
+) -> P2P:
+    """Start a libp2p daemon. Loopback hosts never probe the network (no NAT mapping, relays or auto-NAT)."""
+    local = _is_loopback(host)
+    kwargs = dict(
+        initial_peers=list(initial_peers),
+        host_maddrs=[f"/ip{_ip_version(host)}/{host}/tcp/{port}"] if not client_mode else [],
+        announce_maddrs=[f"/ip{_ip_version(announce_host)}/{announce_host}/tcp/{port}"] if announce_host else None,
+        identity_path=identity_path,
+        nat_port_map=not local,
+        auto_nat=not local,
+        use_relay=not local,
+        use_auto_relay=False,
+        dht_mode="client" if client_mode else "server",
+        no_listen=client_mode,
+    )
+    if local:
+        kwargs["force_reachability"] = "public"
+    return await P2P.create(**kwargs)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _ip_version(host: str) -> int:
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return 4
+
+
+def peer_id_from_string(text: str) -> PeerID:
+    return PeerID.from_base58(text)
+
+
+async def wait_first(*awaitables, timeout: float | None = None):
+    """Await the first of several awaitables; cancel the rest."""
+    tasks = [asyncio.ensure_future(item) for item in awaitables]
+    try:
+        done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+    if not done:
+        raise asyncio.TimeoutError
+    return next(iter(done)).result()

@@ -1,0 +1,169 @@
+"""The language client and server share: protocol version, block uids, DHT records and RPC metadata.
+
+Each record is a frozen dataclass with ``to_wire()`` (a msgpack-friendly dict) and ``from_wire()``.
+``from_wire`` tolerates unknown fields (newer peers may add some) but raises ``InvalidRequestError`` on a
+missing required field or a field of the wrong type: nothing that arrives over the network is trusted.
+This module knows nothing about torch, sessions or servers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+import types
+import typing
+from typing import Any, ClassVar
+
+from petals_cli.errors import InvalidRequestError, ProtocolMismatchError
+
+PROTOCOL_VERSION = 1
+MODEL_INDEX_KEY = "_petals.models"
+_PREFIX_PATTERN = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def model_prefix_for(model: str) -> str:
+    """The DHT namespace of a model: the last component of its path or repo id, sanitised."""
+    name = model.rstrip("/").split("/")[-1] or "model"
+    return _PREFIX_PATTERN.sub("-", name)
+
+
+def block_uid(prefix: str, index: int) -> str:
+    return f"{prefix}.{index}"
+
+
+class ServerState(enum.IntEnum):
+    OFFLINE = 0
+    JOINING = 1
+    ONLINE = 2
+
+
+_Record = typing.TypeVar("_Record", bound="WireRecord")
+
+
+class WireRecord:
+    """Mixin for frozen dataclasses: strict decoding, lenient about unknown fields."""
+
+    wire_name: ClassVar[str] = "record"
+
+    def to_wire(self) -> dict[str, Any]:
+        out = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            out[field.name] = value.value if isinstance(value, enum.Enum) else value
+        return out
+
+    @classmethod
+    def from_wire(cls: type[_Record], data: Any) -> _Record:
+        if not isinstance(data, dict):
+            raise InvalidRequestError(f"{cls.wire_name}: expected a mapping, got {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for field in dataclasses.fields(cls):
+            if field.name not in data:
+                if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                    raise InvalidRequestError(f"{cls.wire_name}: missing field {field.name!r}")
+                continue
+            values[field.name] = _decode_value(cls.wire_name, field.name, hints[field.name], data[field.name])
+        return cls(**values)
+
+
+def _decode_value(record: str, name: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [arg for arg in args if arg is not type(None)]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            raise InvalidRequestError(f"{record}: bad value {value!r} for {name!r}") from None
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise InvalidRequestError(f"{record}: field {name!r} must be a list")
+        return tuple(_decode_value(record, name, args[0], item) for item in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise InvalidRequestError(f"{record}: field {name!r} must be a mapping")
+        return dict(value)
+    expected = (int, float) if hint is float else hint
+    if hint is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise InvalidRequestError(f"{record}: field {name!r} must be {hint.__name__}, got {type(value).__name__}")
+    return float(value) if hint is float else value
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerInfo(WireRecord):
+    """What a server announces for each block it holds (DHT value under the block uid, subkey = peer id)."""
+
+    wire_name: ClassVar[str] = "ServerInfo"
+
+    state: ServerState
+    start_block: int
+    end_block: int
+    version: str
+    protocol: int = PROTOCOL_VERSION
+    dtype: str = "float32"
+    quantization: str = "none"
+    cache_tokens_left: int = 0
+    public_name: str = ""
+    throughput: float = 0.0
+    inference_rps: float = 0.0
+    forward_rps: float = 0.0
+    adapters: tuple[str, ...] = ()
+    pings: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelIndexEntry(WireRecord):
+    """One model served in the swarm (DHT value under MODEL_INDEX_KEY, subkey = model prefix)."""
+
+    wire_name: ClassVar[str] = "ModelIndexEntry"
+
+    model: str
+    num_blocks: int
+    family: str
+    protocol: int = PROTOCOL_VERSION
+
+
+@dataclasses.dataclass(frozen=True)
+class SpanRequest(WireRecord):
+    """Metadata of the first message of every RPC: which blocks to run, under which protocol."""
+
+    wire_name: ClassVar[str] = "SpanRequest"
+
+    protocol: int
+    prefix: str
+    start_block: int
+    end_block: int
+    max_length: int = 0
+    batch_size: int = 1
+
+    def check_protocol(self) -> None:
+        if self.protocol != PROTOCOL_VERSION:
+            raise ProtocolMismatchError(
+                f"client speaks protocol {self.protocol}, this server speaks {PROTOCOL_VERSION}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRequest(WireRecord):
+    """Metadata of one inference step: where its tokens start in the session."""
+
+    wire_name: ClassVar[str] = "StepRequest"
+
+    position: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResponse(WireRecord):
+    """Metadata of a server's answer: the session position after the step, or an error."""
+
+    wire_name: ClassVar[str] = "StepResponse"
+
+    position: int = 0
+    error_code: str = ""
+    error_message: str = ""
