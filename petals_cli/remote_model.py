@@ -45,9 +45,10 @@ class DistributedModelForCausalLM:
     petals_prefix: str
     petals_num_blocks: int
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden = input_ids
-        for path in self.petals_family.embedding_modules:
+    def embed(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Word embeddings (as transformers' ``inputs_embeds``) -> the first block's input (e.g. BLOOM's norm)."""
+        hidden = inputs_embeds
+        for path in self.petals_family.embedding_modules[1:]:
             hidden = get_module(self, path)(hidden)
         return hidden
 
@@ -75,7 +76,9 @@ class DistributedModelForCausalLM:
     ) -> CausalLMOutputWithPast:
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ConfigError("padded batches are not supported yet: pass prompts of equal length without padding")
-        hidden = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        hidden = self.embed(inputs_embeds)
         if isinstance(past_key_values, RemoteCache):
             hidden = past_key_values.session.step(hidden).to(hidden.dtype)
         else:

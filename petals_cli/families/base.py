@@ -175,7 +175,6 @@ def build_span(
 
     config = text_config(config)
     config_for_span = span_config(config, end - start, start)
-    config_for_span._attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
     with torch.device("meta"):
         base = MODEL_MAPPING[type(config)](config_for_span)
     prefix = f"{base.base_model_prefix}."

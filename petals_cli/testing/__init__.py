@@ -1,0 +1,14 @@
+"""Locally made test models: tiny random-weight checkpoints with a real tokenizer, no hub access needed.
+
+This package owns everything tests, the demo and benchmarks need to get a model without the network. It is
+never imported by the serving or client code.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from petals_cli.testing.models import SUPPORTED_FAMILIES, ensure_tiny_model, make_tiny_model  # noqa: E402
+from petals_cli.testing.tokenizer import make_tokenizer  # noqa: E402
+
+__all__ = ["SUPPORTED_FAMILIES", "ensure_tiny_model", "make_tiny_model", "make_tokenizer"]

@@ -1,0 +1,41 @@
+"""Every command's --help renders, and the top-level help stays light (no torch, transformers, hivemind)."""
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from petals_cli.commands.main import app
+
+COMMANDS = [[], ["serve"], ["generate"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda command: " ".join(command) or "petals")
+def test_help_renders(command):
+    result = CliRunner().invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_every_registered_command_is_covered():
+    registered = {command.name or command.callback.__name__ for command in app.registered_commands}
+    registered |= {group.name for group in app.registered_groups}
+    assert registered == {command[0] for command in COMMANDS if command}
+
+
+def test_top_level_help_does_not_import_heavy_libraries():
+    code = (
+        "import sys\n"
+        "from petals_cli.commands.main import app\n"
+        "try:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [name for name in ('torch', 'transformers', 'hivemind') if name in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "HEAVY []" in result.stdout
+
+
+def test_version():
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip()

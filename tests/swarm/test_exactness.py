@@ -1,0 +1,68 @@
+"""Generation, logits and gradients through a real 3-server swarm equal local transformers."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from petals_cli import AutoDistributedModelForCausalLM
+from petals_cli.testing import make_tiny_model
+from tests.conftest import Swarm
+
+pytestmark = pytest.mark.slow
+NUM_LAYERS = 6
+PROMPT = "A swarm of small servers runs one large model"
+
+
+@pytest.fixture(scope="module", params=["llama", "bloom"])
+def setup(request, tmp_path_factory):
+    model = make_tiny_model(tmp_path_factory.mktemp("models") / f"tiny-{request.param}", request.param,
+                            num_layers=NUM_LAYERS)
+    swarm = Swarm(model=model, workdir=tmp_path_factory.mktemp("swarm"))
+    try:
+        swarm.start_many("0:1", "1:4", f"4:{NUM_LAYERS}")
+        distributed = AutoDistributedModelForCausalLM.from_pretrained(str(model), initial_peers=swarm.initial_peers)
+        local = AutoModelForCausalLM.from_pretrained(model).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        yield distributed, local, tokenizer
+        distributed.close()
+    finally:
+        swarm.stop()
+
+
+def test_greedy_generation_equals_local(setup):
+    distributed, local, tokenizer = setup
+    input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    remote = distributed.generate(input_ids, max_new_tokens=32, do_sample=False)
+    reference = local.generate(input_ids, max_new_tokens=32, do_sample=False)
+    assert remote.shape[1] == input_ids.shape[1] + 32
+    assert remote.tolist() == reference.tolist()
+    assert len(set(remote[0, input_ids.shape[1] :].tolist())) > 3, "degenerate test model"
+
+
+def test_logits_match_in_forward_and_in_every_generation_step(setup):
+    distributed, local, tokenizer = setup
+    input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(distributed(input_ids).logits, local(input_ids).logits, atol=1e-4, rtol=0)
+    kwargs = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    remote = distributed.generate(input_ids, **kwargs)
+    reference = local.generate(input_ids, **kwargs)
+    for remote_step, reference_step in zip(remote.logits, reference.logits, strict=True):
+        torch.testing.assert_close(remote_step, reference_step, atol=1e-4, rtol=0)
+
+
+def test_gradients_wrt_input_embeddings_match_local_autograd(setup):
+    distributed, local, tokenizer = setup
+    input_ids = tokenizer([PROMPT, PROMPT[::-1]], return_tensors="pt", padding=True, truncation=True,
+                          max_length=8).input_ids
+    embeddings = local.get_input_embeddings()(input_ids).detach()
+    gradients, losses = [], []
+    for model in (distributed, local):
+        leaf = embeddings.clone().requires_grad_(True)
+        loss = model(inputs_embeds=leaf, labels=input_ids).loss
+        loss.backward()
+        gradients.append(leaf.grad)
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+    assert gradients[1].abs().sum() > 0
+    torch.testing.assert_close(gradients[0], gradients[1], atol=1e-5, rtol=1e-4)

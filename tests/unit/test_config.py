@@ -1,0 +1,41 @@
+import pytest
+
+from petals_cli.config import ClientConfig, ServerConfig, parse_blocks
+from petals_cli.errors import ConfigError
+
+
+def test_flag_beats_environment_beats_default(monkeypatch):
+    monkeypatch.setenv("PETALS_INITIAL_PEERS", "/ip4/127.0.0.1/tcp/1/p2p/A /ip4/127.0.0.1/tcp/2/p2p/B")
+    monkeypatch.setenv("PETALS_REQUEST_TIMEOUT", "5")
+    from_env = ClientConfig.from_sources()
+    assert from_env.initial_peers == ("/ip4/127.0.0.1/tcp/1/p2p/A", "/ip4/127.0.0.1/tcp/2/p2p/B")
+    assert from_env.request_timeout == 5.0
+    from_flag = ClientConfig.from_sources(initial_peers=("/ip4/127.0.0.1/tcp/3/p2p/C",), request_timeout=None)
+    assert from_flag.initial_peers == ("/ip4/127.0.0.1/tcp/3/p2p/C",)
+    assert from_flag.request_timeout == 5.0
+    monkeypatch.delenv("PETALS_REQUEST_TIMEOUT")
+    assert ClientConfig.from_sources().request_timeout == ClientConfig().request_timeout
+
+
+def test_bad_environment_value_is_a_config_error(monkeypatch):
+    monkeypatch.setenv("PETALS_PORT", "eighty")
+    with pytest.raises(ConfigError, match="PETALS_PORT"):
+        ServerConfig.from_sources(model="m", new_swarm=True)
+
+
+def test_server_needs_a_swarm_choice():
+    with pytest.raises(ConfigError, match="--new-swarm"):
+        ServerConfig.from_sources(model="m")
+    with pytest.raises(ConfigError):
+        ServerConfig.from_sources(model="m", new_swarm=True, initial_peers=("/ip4/127.0.0.1/tcp/1",))
+
+
+@pytest.mark.parametrize("spec, expected", [("0:4", (0, 4)), (":", (0, 8)), ("3:", (3, 8)), (":2", (0, 2))])
+def test_parse_blocks(spec, expected):
+    assert parse_blocks(spec, 8) == expected
+
+
+@pytest.mark.parametrize("spec", ["4:2", "0:9", "a:b", "3", "-1:2"])
+def test_parse_blocks_rejects_bad_ranges(spec):
+    with pytest.raises(ConfigError):
+        parse_blocks(spec, 8)

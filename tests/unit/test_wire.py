@@ -1,0 +1,47 @@
+import pytest
+
+from petals_cli.errors import InvalidRequestError, ProtocolMismatchError
+from petals_cli.wire import PROTOCOL_VERSION, ServerInfo, ServerState, SpanRequest, model_prefix_for
+
+
+def test_server_info_round_trip_keeps_every_field():
+    info = ServerInfo(
+        state=ServerState.ONLINE, start_block=2, end_block=5, version="0.1.0", cache_tokens_left=100, public_name="x"
+    )
+    assert ServerInfo.from_wire(info.to_wire()) == info
+
+
+def test_unknown_fields_are_tolerated():
+    wire = ServerInfo(state=ServerState.ONLINE, start_block=0, end_block=1, version="v").to_wire()
+    wire["added_by_a_newer_peer"] = [1, 2]
+    assert ServerInfo.from_wire(wire).end_block == 1
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("start_block", "0"), ("start_block", True), ("state", 7), ("version", 3), ("adapters", "lora")],
+)
+def test_wrong_types_raise_a_typed_error(field, value):
+    wire = ServerInfo(state=ServerState.ONLINE, start_block=0, end_block=1, version="v").to_wire()
+    wire[field] = value
+    with pytest.raises(InvalidRequestError):
+        ServerInfo.from_wire(wire)
+
+
+def test_missing_required_field_and_non_mapping_are_rejected():
+    with pytest.raises(InvalidRequestError, match="missing field 'prefix'"):
+        SpanRequest.from_wire({"protocol": 1, "start_block": 0, "end_block": 1})
+    with pytest.raises(InvalidRequestError):
+        SpanRequest.from_wire([1, 2, 3])
+
+
+def test_protocol_mismatch_is_a_clear_error():
+    request = SpanRequest(protocol=PROTOCOL_VERSION + 1, prefix="m", start_block=0, end_block=1)
+    with pytest.raises(ProtocolMismatchError, match="protocol"):
+        request.check_protocol()
+
+
+def test_model_prefix_is_the_sanitised_last_component():
+    assert model_prefix_for("/tmp/models/tiny-llama/") == "tiny-llama"
+    assert model_prefix_for("bigscience/bloom-560m") == "bloom-560m"
+    assert model_prefix_for("org/weird name!") == "weird-name-"
