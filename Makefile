@@ -34,5 +34,12 @@ fix: install
 demo: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
 
+completions: install
+	for shell in bash zsh fish; do _PETALS_COMPLETE=source_$$shell $(VENV)/bin/petals > completions/petals.$$shell; done
+
+bench: install
+	$(PY) benchmarks/swarm_vs_local.py --preset midsize
+	$(PY) benchmarks/swarm_vs_local.py --preset tiny
+
 clean:
 	rm -rf $(VENV) .demo .pytest_cache

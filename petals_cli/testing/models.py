@@ -40,15 +40,17 @@ def make_tiny_model(
     vocab_size: int = 512,
     max_position_embeddings: int = 2048,
     shards: int = 1,
-    init_std: float = 0.25,
+    init_std: float | None = None,
     seed: int = 0,
     dtype: str = "float32",
 ) -> Path:
     """Build a seeded random-weight model of ``family`` and save it (weights, config, tokenizer) to ``path``.
 
     ``num_kv_heads`` < ``num_heads`` gives grouped-query attention (llama; bloom ignores it, as it does
-    ``intermediate_size``, which is always 4 * hidden there). ``None`` means one kv head per attention head.
-    The same arguments always produce the same weights, whatever ``shards`` is.
+    ``intermediate_size``, always 4 * hidden there, and ``max_position_embeddings``, as ALiBi has no position
+    table; the tokenizer's ``model_max_length`` still records it). ``None`` means one kv head per attention head.
+    ``init_std=None`` picks ``default_init_std(hidden_size)``. The same arguments always produce the same
+    weights, whatever ``shards`` is.
     """
     arguments = _marker_arguments(locals())
     _validate(family, num_layers, num_heads, num_kv_heads, shards, dtype)
@@ -56,13 +58,13 @@ def make_tiny_model(
     path.mkdir(parents=True, exist_ok=True)
     (path / MARKER_FILE).unlink(missing_ok=True)
     config = _make_config(arguments)
-    model = _make_model(config, init_std=init_std, seed=seed, dtype=DTYPES[dtype])
+    model = _make_model(config, init_std=config.initializer_range, seed=seed, dtype=DTYPES[dtype])
     _remove_old_weights(path)
     _save_weights(path, _state_dict_to_save(model), num_layers=num_layers, shards=shards)
-    config.save_pretrained(path)
+    model.config.save_pretrained(path)
     if model.can_generate() and model.generation_config is not None:
         model.generation_config.save_pretrained(path)
-    save_tokenizer(path, vocab_size)
+    save_tokenizer(path, vocab_size, model_max_length=max_position_embeddings)
     (path / MARKER_FILE).write_text(json.dumps(arguments, indent=2, sort_keys=True) + "\n")  # last: marks completion
     return path
 
@@ -81,6 +83,15 @@ def ensure_tiny_model(path: str | Path, family: str = "llama", **kwargs) -> Path
     except (OSError, ValueError):
         pass
     return make_tiny_model(path, family, **kwargs)
+
+
+def default_init_std(hidden_size: int) -> float:
+    """0.5 at hidden size 64, scaled by 1/sqrt(width) so wider models keep the same activation statistics.
+
+    Far above the usual 0.02, so that greedy output of a random tiny model varies instead of repeating one
+    token; the width scaling keeps a benchmark-size model's activations well inside float16 range.
+    """
+    return 0.5 * (64 / hidden_size) ** 0.5
 
 
 def _marker_arguments(arguments: dict) -> dict:
@@ -105,6 +116,7 @@ def _make_config(arguments: dict):
     """The transformers config for ``arguments`` (the recorded ``make_tiny_model`` arguments)."""
     special_ids = dict(bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID)
     hidden_size, num_heads = arguments["hidden_size"], arguments["num_heads"]
+    init_std = default_init_std(hidden_size) if arguments["init_std"] is None else arguments["init_std"]
     if arguments["family"] == "bloom":
         from transformers import BloomConfig
 
@@ -113,14 +125,13 @@ def _make_config(arguments: dict):
             hidden_size=hidden_size,
             n_layer=arguments["num_layers"],
             n_head=num_heads,
-            initializer_range=arguments["init_std"],
-            dtype=arguments["dtype"],
+            initializer_range=init_std,
             **special_ids,
         )
     from transformers import LlamaConfig
 
     # llama's own ratio: about 8/3 of the hidden size, rounded up to a multiple of 16
-    intermediate_size = arguments["intermediate_size"] or -(-8 * hidden_size // 3 // 16) * 16
+    intermediate_size = arguments["intermediate_size"] or (8 * hidden_size // 3 + 15) // 16 * 16
     return LlamaConfig(
         vocab_size=arguments["vocab_size"],
         hidden_size=hidden_size,
@@ -129,9 +140,8 @@ def _make_config(arguments: dict):
         num_attention_heads=num_heads,
         num_key_value_heads=arguments["num_kv_heads"] or num_heads,
         max_position_embeddings=arguments["max_position_embeddings"],
-        initializer_range=arguments["init_std"],
+        initializer_range=init_std,
         tie_word_embeddings=False,
-        dtype=arguments["dtype"],
         **special_ids,
     )
 
@@ -141,7 +151,9 @@ def _make_model(config, *, init_std: float, seed: int, dtype: torch.dtype) -> nn
 
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _initialize(model, init_std=init_std, seed=seed)
-    return model.to(dtype).eval()
+    model = model.to(dtype).eval()
+    model.config.dtype = dtype  # from_config recorded the float32 the weights were drawn in
+    return model
 
 
 @torch.no_grad()
@@ -149,8 +161,11 @@ def _initialize(model: nn.Module, *, init_std: float, seed: int) -> None:
     """Overwrite every weight from one seeded generator: Linear/Embedding ~ N(0, init_std), biases 0, norms 1.
 
     Weights are drawn in float32 in module order, so a checkpoint's values depend only on the arguments.
+    Rows of the Linear layers (all but the LM head) are centred: otherwise a positive-mean activation such as
+    bloom's GELU adds the same vector at every position, and a tiny bloom greedily collapses onto one token.
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    output_head = model.get_output_embeddings()
     seen: set[int] = set()
     for module in model.modules():
         for name, parameter in module.named_parameters(recurse=False):
@@ -158,7 +173,10 @@ def _initialize(model: nn.Module, *, init_std: float, seed: int) -> None:
                 continue
             seen.add(id(parameter))
             if name == "weight" and isinstance(module, (nn.Linear, nn.Embedding)):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * init_std)
+                weight = torch.randn(parameter.shape, generator=generator).mul_(init_std)
+                if isinstance(module, nn.Linear) and module is not output_head:
+                    weight.sub_(weight.mean(dim=1, keepdim=True))
+                parameter.copy_(weight)
             elif name == "weight":  # layer norms and RMS norms
                 parameter.fill_(1.0)
             else:

@@ -85,14 +85,14 @@ def _pad_vocab(tokenizer_state: dict, vocab_size: int) -> str:
 def make_tokenizer(vocab_size: int) -> Tokenizer:
     """A byte-level BPE ``tokenizers.Tokenizer`` with exactly ``vocab_size`` ids; prepends ``<s>`` when encoding."""
     if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + special tokens), got {vocab_size}")
+        raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (bytes + special tokens), got {vocab_size}")
     tokenizer = Tokenizer.from_str(_trained_tokenizer_json(vocab_size))
     if tokenizer.get_vocab_size(with_added_tokens=True) != vocab_size:
         raise RuntimeError(f"tokenizer has {tokenizer.get_vocab_size()} ids, expected {vocab_size}")
     return tokenizer
 
 
-def save_tokenizer(path: str | Path, vocab_size: int) -> None:
+def save_tokenizer(path: str | Path, vocab_size: int, *, model_max_length: int | None = None) -> None:
     """Save a transformers fast tokenizer to ``path`` so that ``AutoTokenizer.from_pretrained(path)`` works offline."""
     from transformers import PreTrainedTokenizerFast
 
@@ -103,5 +103,6 @@ def save_tokenizer(path: str | Path, vocab_size: int) -> None:
         unk_token=UNK_TOKEN,
         pad_token=PAD_TOKEN,
         clean_up_tokenization_spaces=False,
+        **({"model_max_length": model_max_length} if model_max_length else {}),
     )
     fast.save_pretrained(str(path))

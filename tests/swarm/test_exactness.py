@@ -1,12 +1,15 @@
 """Generation, logits and gradients through a real 3-server swarm equal local transformers."""
 
+import json
+import subprocess
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from petals_cli import AutoDistributedModelForCausalLM
 from petals_cli.testing import make_tiny_model
-from tests.conftest import Swarm
+from tests.conftest import Swarm, petals_command
 
 pytestmark = pytest.mark.slow
 NUM_LAYERS = 6
@@ -23,14 +26,14 @@ def setup(request, tmp_path_factory):
         distributed = AutoDistributedModelForCausalLM.from_pretrained(str(model), initial_peers=swarm.initial_peers)
         local = AutoModelForCausalLM.from_pretrained(model).eval()
         tokenizer = AutoTokenizer.from_pretrained(model)
-        yield distributed, local, tokenizer
+        yield distributed, local, tokenizer, swarm
         distributed.close()
     finally:
         swarm.stop()
 
 
 def test_greedy_generation_equals_local(setup):
-    distributed, local, tokenizer = setup
+    distributed, local, tokenizer, _ = setup
     input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     remote = distributed.generate(input_ids, max_new_tokens=32, do_sample=False)
     reference = local.generate(input_ids, max_new_tokens=32, do_sample=False)
@@ -40,7 +43,7 @@ def test_greedy_generation_equals_local(setup):
 
 
 def test_logits_match_in_forward_and_in_every_generation_step(setup):
-    distributed, local, tokenizer = setup
+    distributed, local, tokenizer, _ = setup
     input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(distributed(input_ids).logits, local(input_ids).logits, atol=1e-4, rtol=0)
@@ -52,7 +55,7 @@ def test_logits_match_in_forward_and_in_every_generation_step(setup):
 
 
 def test_gradients_wrt_input_embeddings_match_local_autograd(setup):
-    distributed, local, tokenizer = setup
+    distributed, local, tokenizer, _ = setup
     input_ids = tokenizer([PROMPT, PROMPT[::-1]], return_tensors="pt", padding=True, truncation=True,
                           max_length=8).input_ids
     embeddings = local.get_input_embeddings()(input_ids).detach()
@@ -66,3 +69,19 @@ def test_gradients_wrt_input_embeddings_match_local_autograd(setup):
     torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
     assert gradients[1].abs().sum() > 0
     torch.testing.assert_close(gradients[0], gradients[1], atol=1e-5, rtol=1e-4)
+
+
+def test_cli_generate_json_equals_local_greedy(setup):
+    _, local, tokenizer, swarm = setup
+    command = petals_command(
+        "generate", str(swarm.model), "--prompt", PROMPT, "--max-new-tokens", "16", "--json",
+        "--initial-peers", *swarm.initial_peers,
+    )
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    output = json.loads(result.stdout)
+    input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    reference = local.generate(input_ids, max_new_tokens=16, do_sample=False)[0, input_ids.shape[1] :].tolist()
+    assert output["token_ids"] == reference
+    assert output["new_tokens"] == 16 and output["prompt_tokens"] == input_ids.shape[1]
+    assert output["text"] == tokenizer.decode(reference, skip_special_tokens=True)
+    assert output["seconds"] > 0

@@ -1,0 +1,135 @@
+"""Generation speed through a local swarm vs the same model run locally in transformers.
+
+    python benchmarks/swarm_vs_local.py --preset midsize   # 12 layers, hidden 1024, 3 servers, 64+128 tokens
+    python benchmarks/swarm_vs_local.py --preset tiny      # per-step overhead, 2 servers
+
+Starts the servers with `petals serve` on 127.0.0.1, measures, stops them, and prints one JSON object:
+tokens/s both ways, their ratio, per-step latency and overhead, and each server's peak resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.conftest import Swarm  # noqa: E402
+
+PRESETS = {
+    "midsize": dict(
+        model=dict(num_layers=12, hidden_size=1024, num_heads=16, num_kv_heads=16, intermediate_size=2816,
+                   vocab_size=32000),
+        spans=("0:4", "4:8", "8:12"), prompt_tokens=64, new_tokens=128,
+    ),
+    "tiny": dict(model=dict(num_layers=4), spans=("0:2", "2:4"), prompt_tokens=16, new_tokens=64),
+}
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def timed_generate(model, input_ids, new_tokens: int, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        output = model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        times.append(time.perf_counter() - started)
+        assert output.shape[1] == input_ids.shape[1] + new_tokens
+    return times
+
+
+def step_times(model, input_ids, steps: int) -> list[float]:
+    """Seconds per one-token step after the prompt (excludes the prefill)."""
+    with torch.no_grad(), model.inference_session(max_length=input_ids.shape[1] + steps + 1) as session:
+        hidden = model.embed(model.get_input_embeddings()(input_ids))
+        session.step(hidden)
+        token = hidden[:, -1:]
+        times = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            session.step(token)
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def local_step_times(model, input_ids, steps: int) -> list[float]:
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(input_ids, past_key_values=cache, use_cache=True)
+        token = input_ids[:, -1:]
+        times = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            model(token, past_key_values=cache, use_cache=True)
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models-dir", default=".models")
+    args = parser.parse_args()
+    preset = PRESETS[args.preset]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM
+
+    from petals_cli import AutoDistributedModelForCausalLM
+    from petals_cli.testing import ensure_tiny_model
+
+    model_path = ensure_tiny_model(Path(args.models_dir) / f"bench-{args.preset}", "llama", **preset["model"])
+    input_ids = torch.randint(4, 200, (1, preset["prompt_tokens"]), generator=torch.Generator().manual_seed(0))
+    new_tokens = preset["new_tokens"]
+
+    local = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    local_times = timed_generate(local, input_ids, new_tokens, args.repeats)
+    local_steps = local_step_times(local, input_ids, new_tokens)
+    del local
+
+    swarm = Swarm(model=model_path, workdir=Path(tempfile.mkdtemp(prefix="petals-bench-")))
+    try:
+        swarm.start_many(*preset["spans"])
+        distributed = AutoDistributedModelForCausalLM.from_pretrained(str(model_path), initial_peers=swarm.initial_peers)
+        timed_generate(distributed, input_ids, 4, 1)  # warm-up: connections, routes
+        swarm_times = timed_generate(distributed, input_ids, new_tokens, args.repeats)
+        swarm_steps = step_times(distributed, input_ids, new_tokens)
+        distributed.close()
+        peaks = {server.blocks: round(peak_rss_mib(server.process.pid), 1) for server in swarm.servers}
+    finally:
+        swarm.stop()
+
+    local_tps = new_tokens / statistics.median(local_times)
+    swarm_tps = new_tokens / statistics.median(swarm_times)
+    result = {
+        "preset": args.preset,
+        "servers": list(preset["spans"]),
+        "prompt_tokens": preset["prompt_tokens"],
+        "new_tokens": new_tokens,
+        "local_tokens_per_s": round(local_tps, 2),
+        "swarm_tokens_per_s": round(swarm_tps, 2),
+        "swarm_over_local": round(swarm_tps / local_tps, 3),
+        "local_step_ms": round(1000 * statistics.median(local_steps), 2),
+        "swarm_step_ms": round(1000 * statistics.median(swarm_steps), 2),
+        "step_overhead_ms": round(1000 * (statistics.median(swarm_steps) - statistics.median(local_steps)), 2),
+        "server_peak_rss_mib": peaks,
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+complete --command petals --no-files --arguments "(env _PETALS_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) petals)" --condition "env _PETALS_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) petals"
