@@ -53,7 +53,7 @@ def make_tiny_model(
     weights, whatever ``shards`` is.
     """
     arguments = _marker_arguments(locals())
-    _validate(family, num_layers, num_heads, num_kv_heads, shards, dtype)
+    _validate(arguments)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / MARKER_FILE).unlink(missing_ok=True)
@@ -99,7 +99,10 @@ def _marker_arguments(arguments: dict) -> dict:
     return {"marker_version": MARKER_VERSION, **recorded}
 
 
-def _validate(family: str, num_layers: int, num_heads: int, num_kv_heads: int | None, shards: int, dtype: str):
+def _validate(arguments: dict) -> None:
+    """Reject bad ``make_tiny_model`` arguments with a ValueError before any work is done."""
+    family, dtype, shards = arguments["family"], arguments["dtype"], arguments["shards"]
+    num_layers, num_heads, num_kv_heads = arguments["num_layers"], arguments["num_heads"], arguments["num_kv_heads"]
     if family not in SUPPORTED_FAMILIES:
         raise ValueError(f"unknown family {family!r}; supported families: {', '.join(SUPPORTED_FAMILIES)}")
     if dtype not in DTYPES:
@@ -108,6 +111,8 @@ def _validate(family: str, num_layers: int, num_heads: int, num_kv_heads: int | 
         raise ValueError(f"num_layers must be positive, got {num_layers}")
     if not 1 <= shards <= num_layers:
         raise ValueError(f"shards must be between 1 and num_layers ({num_layers}), got {shards}")
+    if num_heads < 1 or arguments["hidden_size"] % num_heads:
+        raise ValueError(f"hidden_size ({arguments['hidden_size']}) must be a multiple of num_heads ({num_heads})")
     if family == "llama" and num_kv_heads is not None and (num_kv_heads < 1 or num_heads % num_kv_heads):
         raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
 
