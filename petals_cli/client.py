@@ -97,6 +97,10 @@ class SwarmClient:
                 await self.node.shutdown()
             if self.p2p is not None:
                 await self.p2p.shutdown()
+            others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         if self._thread.is_alive():
             try:
