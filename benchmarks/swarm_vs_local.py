@@ -25,9 +25,12 @@ from tests.conftest import Swarm  # noqa: E402
 
 PRESETS = {
     "midsize": dict(
-        model=dict(num_layers=12, hidden_size=1024, num_heads=16, num_kv_heads=16, intermediate_size=2816,
-                   vocab_size=32000),
-        spans=("0:4", "4:8", "8:12"), prompt_tokens=64, new_tokens=128,
+        model=dict(
+            num_layers=12, hidden_size=1024, num_heads=16, num_kv_heads=16, intermediate_size=2816, vocab_size=32000
+        ),
+        spans=("0:4", "4:8", "8:12"),
+        prompt_tokens=64,
+        new_tokens=128,
     ),
     "tiny": dict(model=dict(num_layers=4), spans=("0:2", "2:4"), prompt_tokens=16, new_tokens=64),
 }
@@ -104,7 +107,9 @@ def main() -> None:
     swarm = Swarm(model=model_path, workdir=Path(tempfile.mkdtemp(prefix="petals-bench-")))
     try:
         swarm.start_many(*preset["spans"])
-        distributed = AutoDistributedModelForCausalLM.from_pretrained(str(model_path), initial_peers=swarm.initial_peers)
+        distributed = AutoDistributedModelForCausalLM.from_pretrained(
+            str(model_path), initial_peers=swarm.initial_peers
+        )
         timed_generate(distributed, input_ids, 4, 1)  # warm-up: connections, routes
         swarm_times = timed_generate(distributed, input_ids, new_tokens, args.repeats)
         swarm_steps = step_times(distributed, input_ids, new_tokens)

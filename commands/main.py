@@ -1,7 +1,6 @@
 """The `petals` Typer app. Sub-commands live one per module and import the core lazily, inside functions."""
 
 import typer
-
 from petals_cli.commands.generate import generate
 from petals_cli.commands.serve import serve
 

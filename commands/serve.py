@@ -3,7 +3,6 @@
 from typing import Annotated
 
 import typer
-
 from petals_cli.commands._errors import handle_errors, setup_logging
 from petals_cli.commands._options import DeviceOpt, DtypeOpt, InitialPeersOpt, ModelArg, ModelPrefixOpt, VerboseOpt
 
@@ -15,7 +14,9 @@ def serve(
     new_swarm: Annotated[bool, typer.Option("--new-swarm", help="Start a new swarm instead of joining one.")] = False,
     initial_peers: InitialPeersOpt = None,
     host: Annotated[str | None, typer.Option(help="Address to listen on.", show_default="127.0.0.1")] = None,
-    port: Annotated[int | None, typer.Option(help="TCP port to listen on (0 = any free port).", show_default="0")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="TCP port to listen on (0 = any free port).", show_default="0")
+    ] = None,
     announce_host: Annotated[
         str | None, typer.Option(help="Public address others should dial, if not the listen address.")
     ] = None,

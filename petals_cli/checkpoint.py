@@ -93,7 +93,7 @@ def weight_map(source: ModelSource) -> dict[str, str]:
 
     single = fetch_file(source, SINGLE_FILE)
     with safe_open(str(single), framework="pt") as file:
-        return {name: SINGLE_FILE for name in file.keys()}
+        return {name: SINGLE_FILE for name in file.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
 
 
 def load_tensors(
@@ -119,5 +119,7 @@ def load_tensors(
         with safe_open(str(fetch_file(source, filename)), framework="pt", device=device) as file:
             for name in file_names:
                 tensor = file.get_tensor(name)
-                tensors[rename(name)] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+                tensors[rename(name)] = (
+                    tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+                )
     return tensors

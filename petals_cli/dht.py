@@ -59,9 +59,7 @@ async def start_dht(p2p: P2P, initial_peers: Sequence[str], *, client_mode: bool
         raise SwarmUnreachableError(f"cannot join the swarm through {', '.join(initial_peers)} ({exc})") from exc
 
 
-async def announce_blocks(
-    node: DHTNode, prefix: str, peer_id: str, info: ServerInfo, *, expiration: float
-) -> bool:
+async def announce_blocks(node: DHTNode, prefix: str, peer_id: str, info: ServerInfo, *, expiration: float) -> bool:
     """Store ``info`` under every block uid of its span; True when every store succeeded."""
     uids = [block_uid(prefix, index) for index in range(info.start_block, info.end_block)]
     results = await node.store_many(

@@ -59,7 +59,11 @@ class DistributedModelForCausalLM:
     def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:
         """A session whose server-side caches hold up to ``max_length`` tokens; use as a context manager."""
         return InferenceSession(
-            self.petals_client, self.petals_prefix, self.petals_num_blocks, max_length=max_length, batch_size=batch_size
+            self.petals_client,
+            self.petals_prefix,
+            self.petals_num_blocks,
+            max_length=max_length,
+            batch_size=batch_size,
         )
 
     def forward(

@@ -136,9 +136,7 @@ async def _call_unary(client: SwarmClient, prefix: str, span: RouteSpan, method:
 
     try:
         responses = await getattr(client.stub(span.peer_id), method)(requests())
-        outputs, metadata = await asyncio.wait_for(
-            transport.collect_tensors(responses), client.config.request_timeout
-        )
+        outputs, metadata = await asyncio.wait_for(transport.collect_tensors(responses), client.config.request_timeout)
     except PetalsError:
         raise
     except _TRANSPORT_ERRORS as exc:
@@ -170,7 +168,7 @@ class RemoteBlocks(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         async def run():
             grad = grad_output.detach().cpu()
-            for span, inputs in zip(reversed(ctx.route), reversed(ctx.inputs)):
+            for span, inputs in zip(reversed(ctx.route), reversed(ctx.inputs), strict=True):
                 grad = await _call_unary(ctx.client, ctx.prefix, span, "rpc_backward", [inputs, grad])
             return grad
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Iterable, Sequence
-from typing import AsyncIterator  # hivemind detects streaming RPCs by typing.AsyncIterator hints
+from collections.abc import (
+    AsyncIterator,  # hivemind detects streaming RPCs by typing.AsyncIterator hints
+    Iterable,
+    Sequence,
+)
 
 import msgpack
 import torch
@@ -86,7 +89,9 @@ def request_messages(tensors: Sequence[torch.Tensor], metadata: bytes) -> list[r
     parts = []
     for tensor in tensors:
         proto = serialize(tensor)
-        parts.extend(split_for_streaming(proto, STREAM_CHUNK_BYTES) if proto.ByteSize() > STREAM_CHUNK_BYTES else [proto])
+        parts.extend(
+            split_for_streaming(proto, STREAM_CHUNK_BYTES) if proto.ByteSize() > STREAM_CHUNK_BYTES else [proto]
+        )
     if not parts:
         return [runtime_pb2.ExpertRequest(metadata=metadata)]
     return [
@@ -114,9 +119,7 @@ async def collect_tensors(messages: AsyncIterator) -> tuple[list[torch.Tensor], 
 
 
 def error_response(error: PetalsError) -> runtime_pb2.ExpertResponse:
-    return runtime_pb2.ExpertResponse(
-        metadata=pack(StepResponse(error_code=error.code, error_message=error.message))
-    )
+    return runtime_pb2.ExpertResponse(metadata=pack(StepResponse(error_code=error.code, error_message=error.message)))
 
 
 def check_response(response: runtime_pb2.ExpertResponse) -> StepResponse:
@@ -187,5 +190,5 @@ async def wait_first(*awaitables, timeout: float | None = None):
         for task in tasks:
             task.cancel()
     if not done:
-        raise asyncio.TimeoutError
+        raise TimeoutError
     return next(iter(done)).result()

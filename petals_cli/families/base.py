@@ -107,9 +107,7 @@ class SpanRunner(nn.Module):
         self.start, self.end = start, end
         self._views: dict[tuple[int, int], nn.Module] = {}
         self._bound: tuple[int, int] | None = None
-        self._indexed = [
-            [sub for sub in layer.modules() if hasattr(sub, "layer_idx")] for layer in self.layers
-        ]
+        self._indexed = [[sub for sub in layer.modules() if hasattr(sub, "layer_idx")] for layer in self.layers]
 
     @property
     def layers(self) -> nn.ModuleList:

@@ -102,7 +102,9 @@ class BlockHandler:
                 self.budget.release(session_id)
                 logger.info(
                     "session %s closed at %d tokens (peer %s)",
-                    session_id[:8], session.position if session else 0, str(context.remote_id)[-8:],
+                    session_id[:8],
+                    session.position if session else 0,
+                    str(context.remote_id)[-8:],
                 )
 
     def _open_session(self, request: SpanRequest) -> str:
@@ -116,7 +118,10 @@ class BlockHandler:
         self.sessions[session_id] = Session(request=request, cache=cache)
         logger.info(
             "session %s opened: blocks %d:%d, max_length %d",
-            session_id[:8], request.start_block, request.end_block, request.max_length,
+            session_id[:8],
+            request.start_block,
+            request.end_block,
+            request.max_length,
         )
         return session_id
 

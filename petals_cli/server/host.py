@@ -63,7 +63,9 @@ class Server:
         span = await asyncio.to_thread(
             load_span, self.source, self.model, self.start, self.end, device=self.config.device, dtype=self.dtype
         )
-        logger.info("blocks %d:%d of %s loaded in %.1fs", self.start, self.end, self.prefix, time.perf_counter() - started)
+        logger.info(
+            "blocks %d:%d of %s loaded in %.1fs", self.start, self.end, self.prefix, time.perf_counter() - started
+        )
         p2p = await transport.create_p2p(
             self.config.host,
             self.config.port,
@@ -87,7 +89,7 @@ class Server:
             await self._announce_until_stopped(node, p2p)
             self.state = ServerState.OFFLINE
             await asyncio.wait_for(self._announce(node, p2p), timeout=OFFLINE_GRACE)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             logger.warning("could not announce OFFLINE in time; records will expire by themselves")
         finally:
             self._remove_address_file()
@@ -99,7 +101,7 @@ class Server:
         while not self._stop.is_set():
             try:
                 await asyncio.wait_for(self._stop.wait(), timeout=self.config.announce_period)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 await self._announce(node, p2p)
 
     async def _announce(self, node, p2p) -> None:
@@ -107,7 +109,9 @@ class Server:
         peer_id = p2p.peer_id.to_base58()
         ok = await announce_blocks(node, self.prefix, peer_id, self.info(), expiration=expiration)
         if self.state == ServerState.ONLINE:
-            entry = ModelIndexEntry(model=self.config.model, num_blocks=self.model.num_blocks, family=self.model.family.name)
+            entry = ModelIndexEntry(
+                model=self.config.model, num_blocks=self.model.num_blocks, family=self.model.family.name
+            )
             ok = await announce_model(node, self.prefix, entry, expiration=expiration) and ok
         if not ok:
             logger.warning("some DHT records were not stored; will retry at the next announce")

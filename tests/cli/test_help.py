@@ -4,9 +4,8 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
-
 from petals_cli.commands.main import app
+from typer.testing import CliRunner
 
 COMMANDS = [[], ["serve"], ["generate"]]
 

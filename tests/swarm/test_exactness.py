@@ -18,8 +18,9 @@ PROMPT = "A swarm of small servers runs one large model"
 
 @pytest.fixture(scope="module", params=["llama", "bloom"])
 def setup(request, tmp_path_factory):
-    model = make_tiny_model(tmp_path_factory.mktemp("models") / f"tiny-{request.param}", request.param,
-                            num_layers=NUM_LAYERS)
+    model = make_tiny_model(
+        tmp_path_factory.mktemp("models") / f"tiny-{request.param}", request.param, num_layers=NUM_LAYERS
+    )
     swarm = Swarm(model=model, workdir=tmp_path_factory.mktemp("swarm"))
     try:
         swarm.start_many("0:1", "1:4", f"4:{NUM_LAYERS}")
@@ -56,8 +57,9 @@ def test_logits_match_in_forward_and_in_every_generation_step(setup):
 
 def test_gradients_wrt_input_embeddings_match_local_autograd(setup):
     distributed, local, tokenizer, _ = setup
-    input_ids = tokenizer([PROMPT, PROMPT[::-1]], return_tensors="pt", padding=True, truncation=True,
-                          max_length=8).input_ids
+    input_ids = tokenizer(
+        [PROMPT, PROMPT[::-1]], return_tensors="pt", padding=True, truncation=True, max_length=8
+    ).input_ids
     embeddings = local.get_input_embeddings()(input_ids).detach()
     gradients, losses = [], []
     for model in (distributed, local):
@@ -74,8 +76,15 @@ def test_gradients_wrt_input_embeddings_match_local_autograd(setup):
 def test_cli_generate_json_equals_local_greedy(setup):
     _, local, tokenizer, swarm = setup
     command = petals_command(
-        "generate", str(swarm.model), "--prompt", PROMPT, "--max-new-tokens", "16", "--json",
-        "--initial-peers", *swarm.initial_peers,
+        "generate",
+        str(swarm.model),
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        "16",
+        "--json",
+        "--initial-peers",
+        *swarm.initial_peers,
     )
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
     output = json.loads(result.stdout)

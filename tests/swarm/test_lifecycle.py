@@ -16,8 +16,7 @@ import torch
 from hivemind.proto import runtime_pb2
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from petals_cli import AutoDistributedModelForCausalLM
-from petals_cli import transport
+from petals_cli import AutoDistributedModelForCausalLM, transport
 from petals_cli.client import SwarmClient
 from petals_cli.config import ClientConfig
 from petals_cli.errors import InvalidRequestError, ProtocolMismatchError
@@ -36,7 +35,9 @@ def sharded(tmp_path_factory):
     index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
     first_shard = index["model.layers.0.self_attn.q_proj.weight"]
     late_start = min(
-        int(name.split(".")[2]) for name, file in index.items() if name.startswith("model.layers.") and file != first_shard
+        int(name.split(".")[2])
+        for name, file in index.items()
+        if name.startswith("model.layers.") and file != first_shard
     )
     # The late-span server gets a copy of the model WITHOUT the first shard: opening it would fail.
     partial = root / "partial" / "tiny-sharded"

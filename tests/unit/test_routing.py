@@ -30,11 +30,13 @@ def test_overlapping_spans_use_the_fewest_hops_and_sub_spans():
     route = fewest_hops_route(snapshot(8, a=(0, 3), b=(0, 5), c=(2, 8), d=(5, 8)))
     assert len(route) == 2
     assert route[0].start == 0 and route[-1].end == 8
-    assert all(left.end == right.start for left, right in zip(route, route[1:]))
+    assert all(left.end == right.start for left, right in zip(route, route[1:], strict=False))
 
 
 def test_replicas_are_spread_by_the_random_tie_break():
-    chosen = {fewest_hops_route(snapshot(4, a=(0, 4), b=(0, 4)), rng=random.Random(seed))[0].peer_id for seed in range(20)}
+    chosen = {
+        fewest_hops_route(snapshot(4, a=(0, 4), b=(0, 4)), rng=random.Random(seed))[0].peer_id for seed in range(20)
+    }
     assert chosen == {"a", "b"}
 
 
