@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import (
-    AsyncIterator,  # hivemind detects streaming RPCs by typing.AsyncIterator hints
-    Iterable,
-    Sequence,
-)
+from collections.abc import Iterable, Sequence
+from typing import AsyncIterator  # noqa: UP035 (hivemind recognises streaming RPCs only by typing's hint)
 
 import msgpack
 import torch
@@ -104,14 +101,16 @@ async def collect_tensors(messages: AsyncIterator) -> tuple[list[torch.Tensor], 
     """Reassemble tensors sent by ``request_messages``; returns (tensors, first message's metadata)."""
     from hivemind.utils.streaming import combine_from_streaming
 
-    metadata, chunks, tensors = None, [], []
+    metadata, chunks, expected, tensors = None, [], 0, []
     async for message in messages:
         if metadata is None:
             metadata = message.metadata
         for part in message.tensors:
+            if not chunks:
+                expected = max(part.chunks, 1)  # the first chunk of a tensor says how many follow
             chunks.append(part)
-            if part.chunks <= 1 or len(chunks) == part.chunks:
-                tensors.append(deserialize(combine_from_streaming(chunks) if len(chunks) > 1 else chunks[0]))
+            if len(chunks) == expected:
+                tensors.append(deserialize(combine_from_streaming(chunks) if expected > 1 else chunks[0]))
                 chunks = []
     if chunks:
         raise InvalidRequestError("stream ended in the middle of a tensor")

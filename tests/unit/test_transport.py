@@ -1,0 +1,58 @@
+import torch
+
+from petals_cli import transport
+from petals_cli.errors import InvalidRequestError
+from petals_cli.wire import StepResponse
+
+
+def test_rpcs_are_registered_with_the_right_streaming_modes():
+    transport.BlocksService._collect_rpc_handlers()
+    modes = {
+        handler.method_name: (handler.stream_input, handler.stream_output)
+        for handler in transport.BlocksService._rpc_handlers
+    }
+    assert modes == {
+        "rpc_inference": (True, True),
+        "rpc_forward": (True, True),
+        "rpc_backward": (True, True),
+        "rpc_info": (False, False),
+    }
+
+
+async def _as_stream(messages):
+    for message in messages:
+        yield message
+
+
+def test_large_tensors_are_split_and_reassembled_exactly():
+    import asyncio
+
+    tensors = [torch.randn(3, 700, 256), torch.randn(2, 5)]
+    messages = transport.request_messages(tensors, b"meta")
+    assert len(messages) > 2
+    received, metadata = asyncio.run(transport.collect_tensors(_as_stream(messages)))
+    assert metadata == b"meta"
+    assert all(torch.equal(a, b) for a, b in zip(received, tensors, strict=True))
+
+
+def test_garbage_metadata_and_tensors_raise_typed_errors():
+    import pytest
+    from hivemind.proto import runtime_pb2
+
+    with pytest.raises(InvalidRequestError):
+        transport.unpack(b"\xc1\xff garbage")
+    with pytest.raises(InvalidRequestError):
+        transport.unpack(transport.msgpack.packb([1, 2]))
+    with pytest.raises(InvalidRequestError):
+        transport.deserialize(runtime_pb2.Tensor(buffer=b"abc", size=[5, 5], dtype="float32"))
+
+
+def test_error_responses_carry_the_type():
+    import pytest
+
+    from petals_cli.errors import CacheExhaustedError
+
+    response = transport.error_response(CacheExhaustedError("full"))
+    with pytest.raises(CacheExhaustedError, match="full"):
+        transport.check_response(response)
+    assert transport.check_response(transport.response_messages([], StepResponse(position=3))[0]).position == 3
