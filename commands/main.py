@@ -1,5 +1,7 @@
 """The `petals` Typer app. Sub-commands live one per module and import the core lazily, inside functions."""
 
+import os
+
 import typer
 from petals_cli.commands.generate import generate
 from petals_cli.commands.serve import serve
@@ -30,4 +32,7 @@ def _root(
 
 
 def main() -> None:
+    # Peers share cores with their libp2p daemons (and, on one machine, with each other): OpenMP threads that
+    # spin after every op steal the CPU a waiting peer needs. Must be set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()
