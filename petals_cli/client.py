@@ -16,9 +16,10 @@ from typing import Any, TypeVar
 
 from petals_cli import transport
 from petals_cli.config import ClientConfig
-from petals_cli.dht import SwarmSnapshot, fetch_snapshot, start_dht
+from petals_cli.dht import fetch_snapshot, start_dht
 from petals_cli.errors import NoRouteError, SwarmUnreachableError
 from petals_cli.routing import RouteSpan, fewest_hops_route
+from petals_cli.wire import SwarmSnapshot
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

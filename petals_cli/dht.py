@@ -10,37 +10,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
 from petals_cli.errors import InvalidRequestError, SwarmUnreachableError
-from petals_cli.wire import MODEL_INDEX_KEY, ModelIndexEntry, ServerInfo, ServerState, block_uid
+from petals_cli.wire import MODEL_INDEX_KEY, ModelIndexEntry, ServerInfo, SwarmSnapshot, block_uid
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SwarmSnapshot:
-    """Every server announcing blocks of one model, as read at ``taken_at`` (DHT time)."""
-
-    prefix: str
-    num_blocks: int
-    servers: dict[str, ServerInfo] = field(default_factory=dict)  # peer id (base58) -> its record
-    taken_at: float = 0.0
-
-    def online(self) -> dict[str, ServerInfo]:
-        return {peer: info for peer, info in self.servers.items() if info.state == ServerState.ONLINE}
-
-    def block_coverage(self) -> list[int]:
-        """How many online servers hold each block."""
-        counts = [0] * self.num_blocks
-        for info in self.online().values():
-            for index in range(max(info.start_block, 0), min(info.end_block, self.num_blocks)):
-                counts[index] += 1
-        return counts
 
 
 async def start_dht(p2p: P2P, initial_peers: Sequence[str], *, client_mode: bool) -> DHTNode:

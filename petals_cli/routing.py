@@ -11,8 +11,8 @@ import random
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from petals_cli.dht import SwarmSnapshot
 from petals_cli.errors import ModelNotServedError, NoRouteError
+from petals_cli.wire import SwarmSnapshot
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 Each record is a frozen dataclass with ``to_wire()`` (a msgpack-friendly dict) and ``from_wire()``.
 ``from_wire`` tolerates unknown fields (newer peers may add some) but raises ``InvalidRequestError`` on a
 missing required field or a field of the wrong type: nothing that arrives over the network is trusted.
+``SwarmSnapshot`` is what the DHT says about one model, the input of the pure routing functions.
 This module knows nothing about torch, sessions or servers.
 """
 
@@ -167,3 +168,24 @@ class StepResponse(WireRecord):
     position: int = 0
     error_code: str = ""
     error_message: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class SwarmSnapshot:
+    """Every server announcing blocks of one model, as read at ``taken_at`` (DHT time)."""
+
+    prefix: str
+    num_blocks: int
+    servers: dict[str, ServerInfo] = dataclasses.field(default_factory=dict)  # peer id (base58) -> its record
+    taken_at: float = 0.0
+
+    def online(self) -> dict[str, ServerInfo]:
+        return {peer: info for peer, info in self.servers.items() if info.state == ServerState.ONLINE}
+
+    def block_coverage(self) -> list[int]:
+        """How many online servers hold each block."""
+        counts = [0] * self.num_blocks
+        for info in self.online().values():
+            for index in range(max(info.start_block, 0), min(info.end_block, self.num_blocks)):
+                counts[index] += 1
+        return counts

@@ -43,6 +43,16 @@ def test_greedy_generation_equals_local(setup):
     assert len(set(remote[0, input_ids.shape[1] :].tolist())) > 3, "degenerate test model"
 
 
+def test_sampling_with_a_seed_equals_local_sampling_with_that_seed(setup):
+    distributed, local, tokenizer, _ = setup
+    input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    outputs = []
+    for model in (distributed, local, distributed):
+        torch.manual_seed(1234)
+        outputs.append(model.generate(input_ids, max_new_tokens=16, do_sample=True, temperature=0.9, top_p=0.95))
+    assert outputs[0].tolist() == outputs[1].tolist() == outputs[2].tolist()
+
+
 def test_logits_match_in_forward_and_in_every_generation_step(setup):
     distributed, local, tokenizer, _ = setup
     input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids

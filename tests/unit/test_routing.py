@@ -2,10 +2,9 @@ import random
 
 import pytest
 
-from petals_cli.dht import SwarmSnapshot
 from petals_cli.errors import ModelNotServedError, NoRouteError
 from petals_cli.routing import fewest_hops_route, format_blocks
-from petals_cli.wire import ServerInfo, ServerState
+from petals_cli.wire import ServerInfo, ServerState, SwarmSnapshot
 
 
 def snapshot(num_blocks, **spans):

@@ -1,0 +1,55 @@
+"""Bad input to `petals generate` and `petals serve` gives one clear line, a hint and a fixed exit code."""
+
+import subprocess
+
+from petals_cli.testing import make_tiny_model
+from tests.conftest import petals_command
+
+UNREACHABLE = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWSgkAoWJFgBH71fVzHEnTqmJ45a7xqon4oLTzn8oSgPsN"
+
+
+def run(*args, env=None):
+    return subprocess.run(petals_command(*args), capture_output=True, text=True, timeout=120, env=env)
+
+
+def assert_one_error_line(result, exit_code, *fragments):
+    assert result.returncode == exit_code, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "hint:" in errors[0]
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+def test_bad_model_path(tmp_path):
+    result = run("generate", str(tmp_path / "missing"), "--prompt", "x", "--initial-peers", UNREACHABLE)
+    assert_one_error_line(result, 3, "missing")
+
+
+def test_unreachable_initial_peer(tmp_path):
+    model = make_tiny_model(tmp_path / "tiny", num_layers=2)
+    result = run("generate", str(model), "--prompt", "x", "--initial-peers", UNREACHABLE)
+    assert_one_error_line(result, 4, "cannot reach", "--initial-peers")
+
+
+def test_no_initial_peers_explains_how_to_start_a_swarm(tmp_path, monkeypatch):
+    monkeypatch.delenv("PETALS_INITIAL_PEERS", raising=False)
+    model = make_tiny_model(tmp_path / "tiny", num_layers=2)
+    result = run("generate", str(model), "--prompt", "x")
+    assert_one_error_line(result, 4, "no initial peers", "--new-swarm")
+
+
+def test_serve_rejects_bad_block_ranges_and_missing_swarm_choice(tmp_path):
+    model = make_tiny_model(tmp_path / "tiny", num_layers=2)
+    assert_one_error_line(run("serve", str(model), "--blocks", "1:5", "--new-swarm"), 2, "0:2")
+    assert_one_error_line(run("serve", str(model), "--blocks", "0:1"), 2, "--new-swarm")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    import os
+
+    env = {**os.environ, "PETALS_DEBUG": "1"}
+    result = run("generate", str(tmp_path / "missing"), "--prompt", "x", "--initial-peers", UNREACHABLE, env=env)
+    assert result.returncode == 3
+    assert "Traceback" in result.stderr
