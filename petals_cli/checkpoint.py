@@ -96,6 +96,18 @@ def weight_map(source: ModelSource) -> dict[str, str]:
         return {name: SINGLE_FILE for name in file.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
 
 
+def locate(name: str, files: dict[str, str], *, base_prefix: str) -> str:
+    """The checkpoint's name for a model tensor: as is, or without the base model prefix.
+
+    Checkpoints saved from the base model (e.g. BLOOM's ``h.0.…`` instead of ``transformer.h.0.…``) omit it.
+    Returns ``name`` unchanged when neither is present, so ``load_tensors`` reports it as missing.
+    """
+    if name in files:
+        return name
+    stripped = name[len(base_prefix) + 1 :] if name.startswith(f"{base_prefix}.") else name
+    return stripped if stripped in files else name
+
+
 def load_tensors(
     source: ModelSource,
     names: Iterable[str],

@@ -48,7 +48,11 @@ class SwarmClient:
 
     async def _start(self) -> None:
         try:
-            self.p2p = await transport.create_p2p(initial_peers=self.config.initial_peers, client_mode=True)
+            self.p2p = await transport.create_p2p(
+                host=transport.local_host_for(self.config.initial_peers),
+                initial_peers=self.config.initial_peers,
+                client_mode=True,
+            )
         except Exception as exc:  # bad multiaddrs and unreachable peers both surface here
             raise SwarmUnreachableError(
                 f"cannot reach initial peers {' '.join(self.config.initial_peers)} ({exc})"

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from petals_cli.checkpoint import load_tensors, metadata_dir, resolve_model, weight_map
+from petals_cli.checkpoint import load_tensors, locate, metadata_dir, resolve_model, weight_map
 from petals_cli.client import SwarmClient
 from petals_cli.config import ClientConfig
 from petals_cli.errors import ConfigError
@@ -148,30 +148,40 @@ class AutoDistributedModelForCausalLM:
         token: str | None = None,
     ):
         """Load the local modules of ``model`` (a directory or hub repo) and connect to the swarm."""
+        client_config = config or ClientConfig.from_sources(initial_peers=tuple(initial_peers))
+        dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        instance = cls.load_local_modules(
+            model,
+            dtype=dtype or DTYPES.get(client_config.dtype, torch.float32),
+            device=client_config.device,
+            revision=revision or client_config.revision or None,
+            token=token or client_config.token or None,
+        )
+        instance.petals_prefix = client_config.model_prefix or model_prefix_for(model)
+        instance.petals_client = SwarmClient(client_config)
+        return instance
+
+    @classmethod
+    def load_local_modules(cls, model: str, *, dtype: torch.dtype, device: str = "cpu", revision=None, token=None):
+        """The distributed model class with only its local modules loaded (not yet connected to a swarm)."""
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-        client_config = config or ClientConfig.from_sources(initial_peers=tuple(initial_peers))
-        source = resolve_model(model, revision=revision or client_config.revision or None, token=token or None)
+        source = resolve_model(model, revision=revision, token=token)
         hf_config = AutoConfig.from_pretrained(metadata_dir(source))
         family = family_for(hf_config)
-        model_class = cls._distributed_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)])
-        dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-        dtype = dtype or DTYPES.get(client_config.dtype, torch.float32)
-
         local_config = span_config(text_config(hf_config), 0)
         with torch.device("meta"):
-            instance = model_class(local_config)
+            instance = cls._distributed_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)])(local_config)
         instance.config = hf_config
         files = weight_map(source)
-        local_names = [name for name in files if family.block_of(name) is None]
-        tensors = load_tensors(source, local_names, dtype=dtype, files=files)
+        wanted = {locate(name, files, base_prefix=instance.base_model_prefix): name for name in instance.state_dict()}
+        wanted = {found: name for found, name in wanted.items() if found in files}  # a tied head may be absent
+        tensors = load_tensors(source, wanted, rename=wanted.__getitem__, dtype=dtype, files=files)
         _tie_embeddings(instance, tensors, hf_config)
-        materialize(instance, tensors, local_config, client_config.device, dtype)
+        materialize(instance, tensors, local_config, device, dtype)
         instance.eval()
         instance.petals_family = family
-        instance.petals_prefix = client_config.model_prefix or model_prefix_for(model)
         instance.petals_num_blocks = text_config(hf_config).num_hidden_layers
-        instance.petals_client = SwarmClient(client_config)
         return instance
 
     @classmethod

@@ -9,7 +9,6 @@ several stream messages (``split_for_streaming``). Errors come back as typed met
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import AsyncIterator  # noqa: UP035 (hivemind recognises streaming RPCs only by typing's hint)
@@ -162,6 +161,12 @@ async def create_p2p(
     return await P2P.create(**kwargs)
 
 
+def local_host_for(peers: Sequence[str]) -> str:
+    """Loopback when every peer is on this machine (so nothing probes the network), else all interfaces."""
+    loopback = ("/ip4/127.", "/ip6/::1/", "/dns/localhost/", "/dns4/localhost/")
+    return "127.0.0.1" if peers and all(peer.startswith(loopback) for peer in peers) else "0.0.0.0"
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -178,16 +183,3 @@ def _ip_version(host: str) -> int:
 
 def peer_id_from_string(text: str) -> PeerID:
     return PeerID.from_base58(text)
-
-
-async def wait_first(*awaitables, timeout: float | None = None):
-    """Await the first of several awaitables; cancel the rest."""
-    tasks = [asyncio.ensure_future(item) for item in awaitables]
-    try:
-        done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-    if not done:
-        raise TimeoutError
-    return next(iter(done)).result()

@@ -35,16 +35,11 @@ class Family:
         return self.block_prefix.split(".")[-1]
 
     def block_of(self, tensor_name: str) -> int | None:
-        """The block index of a checkpoint tensor, or None for a client-side tensor."""
-        for prefix in self.checkpoint_prefixes():
-            if tensor_name.startswith(prefix):
-                return int(tensor_name[len(prefix) :].split(".", 1)[0])
+        """The block index of a checkpoint tensor (with or without the base prefix), or None."""
+        for prefix in (self.block_prefix, self.layers_attr):
+            if tensor_name.startswith(f"{prefix}."):
+                return int(tensor_name[len(prefix) + 1 :].split(".", 1)[0])
         return None
-
-    def checkpoint_prefixes(self) -> tuple[str, ...]:
-        # Some checkpoints were saved from the base model, without the "model."/"transformer." prefix.
-        short = self.layers_attr
-        return (f"{self.block_prefix}.", f"{short}.") if short != self.block_prefix else (f"{short}.",)
 
     def local_module_paths(self) -> tuple[str, ...]:
         return (*self.embedding_modules, self.final_norm, self.lm_head)
@@ -168,7 +163,10 @@ def build_span(
     device: str = "cpu",
     dtype: torch.dtype | None = None,
 ) -> SpanRunner:
-    """Build blocks [start, end) of a model; ``load(names, rename)`` reads checkpoint tensors."""
+    """Build blocks [start, end) of a model.
+
+    ``load(names, rename)`` reads the tensors of the full model's ``names`` and keys them by ``rename(name)``.
+    """
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     config = text_config(config)
@@ -180,14 +178,17 @@ def build_span(
         short = path[len(prefix) :] if path.startswith(prefix) else path
         if short != family.lm_head:
             set_module(base, short, nn.Identity())
-    wanted = [name for name in base.state_dict() if name.startswith(f"{family.layers_attr}.")]
-    checkpoint_names = {_checkpoint_name(family, name, start): name for name in wanted}
-    tensors = load(list(checkpoint_names), lambda name: checkpoint_names[name])
+    wanted = {
+        _full_block_name(family, name, start): name
+        for name in base.state_dict()
+        if name.startswith(f"{family.layers_attr}.")
+    }
+    tensors = load(list(wanted), lambda name: wanted[name])
     materialize(base, tensors, config_for_span, device, dtype)
     base.eval()
     return SpanRunner(family, base, config, start, end)
 
 
-def _checkpoint_name(family: Family, base_name: str, start: int) -> str:
+def _full_block_name(family: Family, base_name: str, start: int) -> str:
     _, index, rest = base_name.split(".", 2)
     return f"{family.block_prefix}.{start + int(index)}.{rest}"

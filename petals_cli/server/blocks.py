@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from petals_cli.checkpoint import ModelSource, load_tensors, metadata_dir, weight_map
+from petals_cli.checkpoint import ModelSource, load_tensors, locate, metadata_dir, weight_map
 from petals_cli.families import Family, family_for
 from petals_cli.families.base import SpanRunner, build_span, text_config
 
@@ -47,27 +47,16 @@ def load_span(
     source: ModelSource, model: LoadedModel, start: int, end: int, *, device: str, dtype: torch.dtype
 ) -> SpanRunner:
     files = weight_map(source)
+    base_prefix = model.family.block_prefix.split(".")[0]
 
     def load(names: list[str], rename):
-        checkpoint_names = {_find_in_checkpoint(model.family, name, files): name for name in names}
-        return load_tensors(
-            source, checkpoint_names, rename=lambda found: rename(checkpoint_names[found]), dtype=dtype, files=files
-        )
+        found = {locate(name, files, base_prefix=base_prefix): name for name in names}
+        return load_tensors(source, found, rename=lambda name: rename(found[name]), dtype=dtype, files=files)
 
     span = build_span(model.family, model.config, start, end, load, device=device, dtype=dtype)
     shards = sorted({files[name] for name in files if _in_span(model.family, name, start, end)})
     logger.info("loaded blocks %d:%d from %s", start, end, ", ".join(shards))
     return span
-
-
-def _find_in_checkpoint(family: Family, name: str, files: dict[str, str]) -> str:
-    if name in files:
-        return name
-    for prefix in family.checkpoint_prefixes():
-        candidate = prefix + name.split(f"{family.block_prefix}.", 1)[-1]
-        if candidate in files:
-            return candidate
-    return name  # load_tensors reports it as missing
 
 
 def _in_span(family: Family, name: str, start: int, end: int) -> bool:
