@@ -16,6 +16,19 @@ NUM_LAYERS = 6
 PROMPT = "A swarm of small servers runs one large model"
 
 
+class CollectingStreamer:
+    """A transformers streamer: receives the prompt, then every new token as it is generated."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value.reshape(-1).tolist())
+
+    def end(self):
+        pass
+
+
 @pytest.fixture(scope="module", params=["llama", "bloom"])
 def setup(request, tmp_path_factory):
     model = make_tiny_model(
@@ -36,10 +49,13 @@ def setup(request, tmp_path_factory):
 def test_greedy_generation_equals_local(setup):
     distributed, local, tokenizer, _ = setup
     input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    remote = distributed.generate(input_ids, max_new_tokens=32, do_sample=False)
+    streamed = CollectingStreamer()
+    remote = distributed.generate(input_ids, max_new_tokens=32, do_sample=False, streamer=streamed)
     reference = local.generate(input_ids, max_new_tokens=32, do_sample=False)
     assert remote.shape[1] == input_ids.shape[1] + 32
     assert remote.tolist() == reference.tolist()
+    assert streamed.chunks[0] == input_ids[0].tolist() and len(streamed.chunks) == 33
+    assert sum(streamed.chunks[1:], []) == remote[0, input_ids.shape[1] :].tolist()
     assert len(set(remote[0, input_ids.shape[1] :].tolist())) > 3, "degenerate test model"
 
 
