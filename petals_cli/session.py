@@ -95,9 +95,9 @@ class InferenceSession:
         if self._streams is None:
             self._streams = await self._open()
         for stream in self._streams:
-            metadata = transport.pack(StepRequest(position=self.position))
-            for message in transport.request_messages([hidden], metadata):
-                stream.outbox.put_nowait(message)
+            stream.outbox.put_nowait(
+                transport.step_request(hidden, transport.pack(StepRequest(position=self.position)))
+            )
             hidden = await self._receive(stream)
         return hidden
 

@@ -116,6 +116,15 @@ async def collect_tensors(messages: AsyncIterator) -> tuple[list[torch.Tensor], 
     return tensors, metadata or b""
 
 
+def step_request(tensor: torch.Tensor, metadata: bytes) -> runtime_pb2.ExpertRequest:
+    """One inference step is always one stream message, whatever its size (streams have no message cap)."""
+    return runtime_pb2.ExpertRequest(tensors=[serialize(tensor)], metadata=metadata)
+
+
+def step_response(tensor: torch.Tensor, meta: StepResponse) -> runtime_pb2.ExpertResponse:
+    return runtime_pb2.ExpertResponse(tensors=[serialize(tensor)], metadata=pack(meta))
+
+
 def error_response(error: PetalsError) -> runtime_pb2.ExpertResponse:
     return runtime_pb2.ExpertResponse(metadata=pack(StepResponse(error_code=error.code, error_message=error.message)))
 

@@ -141,7 +141,7 @@ class BlockHandler:
             request = session.request
             output = await self._run(self._forward, hidden, request.start_block, request.end_block, session.cache)
             session.position += hidden.shape[1]
-            return transport.response_messages([output], StepResponse(position=session.position))[0]
+            return transport.step_response(output, StepResponse(position=session.position))
         except PetalsError as error:
             return transport.error_response(error)
         except Exception as exc:

@@ -67,6 +67,22 @@ def test_late_span_server_never_opens_the_first_shard_and_output_is_exact(sharde
     assert "model-00001" not in late.log()
 
 
+def test_large_steps_cross_the_wire_whole(sharded):
+    """Tensors over the 1 MiB stream chunk: forward splits them, an inference step sends one message."""
+    model, swarm, late, late_start = sharded
+    distributed = AutoDistributedModelForCausalLM.from_pretrained(str(model), initial_peers=swarm.initial_peers)
+    try:
+        hidden = torch.randn(4, 1100, 64, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            via_forward = distributed.remote_blocks(hidden)
+            with distributed.inference_session(max_length=1100, batch_size=4) as session:
+                via_session = session.step(hidden)
+    finally:
+        distributed.close()
+    assert via_forward.shape == hidden.shape
+    torch.testing.assert_close(via_session, via_forward, atol=1e-4, rtol=0)
+
+
 async def _raw_forward(client, peer_id, request: SpanRequest, tensors):
     async def requests():
         for message in transport.request_messages(tensors, transport.pack(request)):
