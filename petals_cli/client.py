@@ -1,24 +1,26 @@
 """A client's connection to the swarm: its own event loop thread, P2P daemon and DHT node.
 
 The networking core is async; ``SwarmClient.run`` is the one bridge that sync callers (the model,
-``generate()``, the CLI) use. Snapshots are read here and handed to ``routing``; sessions and remote
-forward/backward live in ``session.py``. Never imports server code.
+``generate()``, the CLI) use. The client keeps a snapshot of each model it uses, refreshed in the background
+together with round-trip times to its servers, and a ban list of servers that failed; ``routing`` turns
+them into routes. Sessions and remote forward/backward live in ``session.py``. Never imports server code.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
 import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from petals_cli import transport
+from petals_cli import routing, transport
 from petals_cli.config import ClientConfig
 from petals_cli.dht import fetch_snapshot, start_dht
 from petals_cli.errors import NoRouteError, SwarmUnreachableError
-from petals_cli.routing import RouteSpan, fewest_hops_route
+from petals_cli.routing import BanList, RouteSpan
 from petals_cli.wire import SwarmSnapshot
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,11 @@ class SwarmClient:
         self._thread = threading.Thread(target=self._loop.run_forever, name="petals-client", daemon=True)
         self._thread.start()
         self.p2p = self.node = None
+        self.bans = BanList()
+        self._rng = random.Random()
+        self.rtts: dict[str, float] = {}
+        self._snapshots: dict[str, tuple[float, SwarmSnapshot]] = {}
+        self._refreshers: dict[str, asyncio.Task] = {}
         try:
             self.run(self._start(), timeout=config.connect_timeout)
         except BaseException:
@@ -75,20 +82,79 @@ class SwarmClient:
     def loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
 
-    async def snapshot(self, prefix: str, num_blocks: int) -> SwarmSnapshot:
-        return await fetch_snapshot(self.node, prefix, num_blocks)
+    async def snapshot(self, prefix: str, num_blocks: int, *, max_age: float | None = None) -> SwarmSnapshot:
+        """The swarm as last read (at most ``max_age`` seconds ago); starts background refreshing."""
+        max_age = self.config.snapshot_refresh if max_age is None else max_age
+        read_at, snapshot = self._snapshots.get(prefix, (float("-inf"), None))
+        if snapshot is None or time.monotonic() - read_at > max_age:
+            snapshot = await fetch_snapshot(self.node, prefix, num_blocks)
+            self._snapshots[prefix] = (time.monotonic(), snapshot)
+        if prefix not in self._refreshers:
+            self._refreshers[prefix] = asyncio.create_task(self._refresh_forever(prefix, num_blocks))
+        return snapshot
 
-    async def route(self, prefix: str, num_blocks: int, start: int = 0, end: int | None = None) -> list[RouteSpan]:
-        """A route over [start, end); waits up to ``route_wait`` seconds for missing blocks to appear."""
-        deadline = time.monotonic() + self.config.route_wait
+    async def _refresh_forever(self, prefix: str, num_blocks: int) -> None:
         while True:
-            snapshot = await self.snapshot(prefix, num_blocks)
             try:
-                return fewest_hops_route(snapshot, start, end)
+                _, snapshot = self._snapshots[prefix]
+                await asyncio.gather(*(self._ping(peer) for peer in snapshot.online()))
+                await asyncio.sleep(self.config.snapshot_refresh)
+                self._snapshots[prefix] = (time.monotonic(), await fetch_snapshot(self.node, prefix, num_blocks))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a failed refresh keeps the old snapshot; the next one may work
+                logger.debug("snapshot refresh failed", exc_info=True)
+                await asyncio.sleep(self.config.snapshot_refresh)
+
+    async def _ping(self, peer_id: str) -> None:
+        from hivemind.proto import runtime_pb2
+
+        started = time.perf_counter()
+        try:
+            await self.stub(peer_id).rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=self.config.step_timeout)
+        except Exception:  # an unreachable server: routing will prefer others
+            self.rtts[peer_id] = max(self.rtts.get(peer_id, 0.0), self.config.step_timeout)
+            return
+        rtt = time.perf_counter() - started
+        self.rtts[peer_id] = rtt if peer_id not in self.rtts else 0.7 * self.rtts[peer_id] + 0.3 * rtt
+
+    async def route(
+        self,
+        prefix: str,
+        num_blocks: int,
+        start: int = 0,
+        end: int | None = None,
+        *,
+        inference: bool = True,
+        cache_tokens_needed: int = 0,
+        wait: float | None = None,
+    ) -> list[RouteSpan]:
+        """A route over [start, end); waits up to ``wait`` (default ``route_wait``) seconds for missing blocks
+        or bans to clear, then raises NoRouteError."""
+        deadline = time.monotonic() + (self.config.route_wait if wait is None else wait)
+        max_age = None
+        while True:
+            snapshot = await self.snapshot(prefix, num_blocks, max_age=max_age)
+            banned = self.bans.banned(time.monotonic())
+            try:
+                if inference:
+                    return routing.inference_route(
+                        snapshot, start, end, rtts=self.rtts, banned=banned, cache_tokens_needed=cache_tokens_needed
+                    )
+                return routing.training_route(snapshot, start, end, rtts=self.rtts, banned=banned, rng=self._rng)
             except NoRouteError:
                 if time.monotonic() >= deadline:
                     raise
-                await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            max_age = 0.5  # re-read the DHT: servers may have joined
+            await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    def ban(self, peer_id: str) -> None:
+        seconds = self.bans.ban(peer_id, time.monotonic())
+        logger.info("server %s failed; avoiding it for %.0fs", peer_id[-8:], seconds)
+
+    def succeed(self, peer_id: str) -> None:
+        if peer_id in self.bans.failures:
+            self.bans.succeed(peer_id)
 
     def stub(self, peer_id: str):
         return transport.BlocksService.get_stub(self.p2p, transport.peer_id_from_string(peer_id))
@@ -98,6 +164,8 @@ class SwarmClient:
             return
 
         async def shutdown():
+            for task in self._refreshers.values():
+                task.cancel()
             if self.node is not None:
                 await self.node.shutdown()
             if self.p2p is not None:

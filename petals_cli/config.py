@@ -64,9 +64,11 @@ class ClientConfig(_FromSources):
     revision: str = ""
     token: str = ""
     connect_timeout: float = 20.0
-    request_timeout: float = 60.0
+    request_timeout: float = 60.0  # a whole forward/backward request
+    step_timeout: float = 1.5  # silence (no answer, no keepalive) after which a server counts as hung
     route_wait: float = 10.0  # how long to wait for servers of missing blocks before NoRouteError
-    seed: int = 0
+    snapshot_refresh: float = 5.0  # seconds between background reads of the swarm (and pings)
+    max_retries: int = 8  # failovers per request or step before giving up
 
 
 @dataclass(frozen=True)

@@ -2,17 +2,25 @@
 
 No network, no clock, no randomness that was not passed in. A route is a chain of ``RouteSpan`` that
 covers blocks [start, end) in order; each span is served by one online server that holds it.
+
+- ``inference_route``: the minimum expected step latency. Each hop costs the client's round trip to that
+  server plus its per-block compute time; servers without cache room for the session are skipped.
+- ``training_route``: forward/backward spread over replicas in proportion to their throughput.
+- ``BanList``: peers that failed, excluded with exponential backoff; a success clears a peer.
 """
 
 from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 
 from petals_cli.errors import ModelNotServedError, NoRouteError
-from petals_cli.wire import SwarmSnapshot
+from petals_cli.wire import ServerInfo, SwarmSnapshot
+
+DEFAULT_RTT = 0.05  # seconds, for servers not pinged yet
+DEFAULT_BLOCK_SECONDS = 0.01  # per block and step, for servers that announce no throughput
 
 
 @dataclass(frozen=True)
@@ -46,17 +54,66 @@ def format_blocks(blocks: list[int]) -> str:
     return ", ".join(parts)
 
 
-def fewest_hops_route(
+def block_seconds(info: ServerInfo, *, inference: bool) -> float:
+    """Expected seconds per block for one step (inference) or one request (training) on this server."""
+    rps = info.inference_rps if inference else info.forward_rps
+    rps = rps if rps > 0 else info.throughput
+    return 1.0 / rps if rps > 0 else DEFAULT_BLOCK_SECONDS
+
+
+def inference_route(
     snapshot: SwarmSnapshot,
     start: int = 0,
     end: int | None = None,
     *,
+    rtts: Mapping[str, float] | None = None,
+    banned: Collection[str] = (),
+    cache_tokens_needed: int = 0,
+) -> list[RouteSpan]:
+    """The route with the least expected step latency for an inference session."""
+    rtts = rtts or {}
+
+    def hop_cost(peer: str, info: ServerInfo, blocks: int) -> float:
+        return rtts.get(peer, DEFAULT_RTT) + blocks * block_seconds(info, inference=True)
+
+    def usable(peer: str, info: ServerInfo) -> bool:
+        return info.cache_tokens_left >= cache_tokens_needed
+
+    return _cheapest_route(snapshot, start, end, banned, usable, hop_cost)
+
+
+def training_route(
+    snapshot: SwarmSnapshot,
+    start: int = 0,
+    end: int | None = None,
+    *,
+    rtts: Mapping[str, float] | None = None,
     banned: Collection[str] = (),
     rng: random.Random | None = None,
 ) -> list[RouteSpan]:
-    """The route through the fewest servers; ties are broken by ``rng`` (spreads load across replicas)."""
+    """A forward/backward route spread over replicas in proportion to their speed.
+
+    Each server's cost is scaled by an Exp(1) draw: the cheapest of such scaled costs is server i with
+    probability proportional to 1/cost_i (an exponential race), i.e. to its throughput.
+    """
+    rtts, rng = rtts or {}, rng or random.Random(0)
+    noise = {peer: rng.expovariate(1.0) for peer in sorted(snapshot.servers)}
+
+    def hop_cost(peer: str, info: ServerInfo, blocks: int) -> float:
+        return (rtts.get(peer, DEFAULT_RTT) + blocks * block_seconds(info, inference=False)) * noise[peer]
+
+    return _cheapest_route(snapshot, start, end, banned, lambda peer, info: True, hop_cost)
+
+
+def _cheapest_route(
+    snapshot: SwarmSnapshot,
+    start: int,
+    end: int | None,
+    banned: Collection[str],
+    usable: Callable[[str, ServerInfo], bool],
+    hop_cost: Callable[[str, ServerInfo, int], float],
+) -> list[RouteSpan]:
     end = snapshot.num_blocks if end is None else end
-    servers = {peer: info for peer, info in snapshot.online().items() if peer not in banned}
     if not snapshot.servers:
         raise ModelNotServedError(f"no server announces any block of {snapshot.prefix}")
     missing = missing_blocks(snapshot, start, end, banned)
@@ -64,29 +121,60 @@ def fewest_hops_route(
         raise NoRouteError(
             f"no live server holds blocks {format_blocks(missing)} of {snapshot.prefix}", missing_blocks=missing
         )
-    rng = rng or random.Random(0)
-    tie_break = {peer: rng.random() for peer in servers}
-    # Dijkstra over block positions: an edge jumps from `position` to the end of a span that holds it.
-    best: dict[int, tuple[int, float]] = {start: (0, 0.0)}
+    servers = [(peer, info) for peer, info in sorted(snapshot.online().items()) if peer not in banned]
+    servers = [(peer, info) for peer, info in servers if usable(peer, info)]
+    # Dijkstra over block positions: a server holding `position` may take the route to any later block it holds.
+    best: dict[int, float] = {start: 0.0}
     came_from: dict[int, tuple[int, str]] = {}
-    queue = [(0, 0.0, start)]
+    queue = [(0.0, start)]
     while queue:
-        hops, noise, position = heapq.heappop(queue)
+        cost, position = heapq.heappop(queue)
         if position == end:
             break
-        if best.get(position, (hops, noise)) < (hops, noise):
+        if cost > best.get(position, float("inf")):
             continue
-        for peer, info in servers.items():
-            if info.start_block <= position < info.end_block:
-                target = min(info.end_block, end)
-                cost = (hops + 1, noise + tie_break[peer])
-                if target not in best or cost < best[target]:
-                    best[target] = cost
+        for peer, info in servers:
+            if not info.start_block <= position < info.end_block:
+                continue
+            for target in range(position + 1, min(info.end_block, end) + 1):
+                total = cost + hop_cost(peer, info, target - position)
+                if total < best.get(target, float("inf")):
+                    best[target] = total
                     came_from[target] = (position, peer)
-                    heapq.heappush(queue, (*cost, target))
+                    heapq.heappush(queue, (total, target))
+    if end not in came_from and start != end:
+        raise NoRouteError(
+            f"every server of blocks {start}:{end} of {snapshot.prefix} is full or excluded",
+            missing_blocks=tuple(range(start, end)),
+            hint="wait for sessions to end, or start another server for these blocks",
+        )
     route, position = [], end
     while position != start:
         previous, peer = came_from[position]
         route.append(RouteSpan(peer, previous, position))
         position = previous
     return route[::-1]
+
+
+@dataclass
+class BanList:
+    """Failed peers and when they may be tried again; times are passed in (monotonic seconds)."""
+
+    base_seconds: float = 1.0
+    max_seconds: float = 60.0
+    failures: dict[str, int] = field(default_factory=dict)
+    until: dict[str, float] = field(default_factory=dict)
+
+    def ban(self, peer: str, now: float) -> float:
+        """Ban ``peer`` after a failure; each consecutive failure doubles the ban. Returns its length."""
+        self.failures[peer] = self.failures.get(peer, 0) + 1
+        seconds = min(self.base_seconds * 2 ** (self.failures[peer] - 1), self.max_seconds)
+        self.until[peer] = now + seconds
+        return seconds
+
+    def succeed(self, peer: str) -> None:
+        self.failures.pop(peer, None)
+        self.until.pop(peer, None)
+
+    def banned(self, now: float) -> set[str]:
+        return {peer for peer, until in self.until.items() if until > now}

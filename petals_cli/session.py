@@ -1,14 +1,18 @@
 """Client-side use of remote blocks: inference sessions (server-side caches) and forward/backward.
 
 ``InferenceSession`` opens one streaming RPC per span of its route and pushes each step's hidden states
-through the chain; servers keep the attention caches. ``RemoteBlocks`` runs blocks without caches and is
-differentiable: its backward asks the servers for input gradients. Knows nothing about tokens or heads.
+through the chain; servers keep the attention caches. Every span remembers the inputs it was sent, so when
+a server dies, hangs or refuses, the session bans it, routes a replacement for that span only, replays the
+span's history to rebuild the cache there, and carries on: callers see the same outputs.
+``RemoteBlocks`` runs blocks without caches and is differentiable; its requests fail over the same way.
+Knows nothing about tokens or heads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -18,7 +22,7 @@ from hivemind.proto import runtime_pb2
 
 from petals_cli import transport
 from petals_cli.client import SwarmClient
-from petals_cli.errors import PetalsError, ServerError, SessionLengthError
+from petals_cli.errors import CacheExhaustedError, PetalsError, ServerError, SessionLengthError
 from petals_cli.routing import RouteSpan
 from petals_cli.wire import PROTOCOL_VERSION, SpanRequest, StepRequest
 
@@ -26,14 +30,34 @@ logger = logging.getLogger(__name__)
 _TRANSPORT_ERRORS = (P2PDaemonError, P2PHandlerError, ConnectionError, OSError, asyncio.IncompleteReadError)
 
 
+class ServerFailure(Exception):
+    """A server did not answer properly: the caller bans it and routes around it."""
+
+    def __init__(self, span: RouteSpan, reason: str):
+        super().__init__(f"server {span.peer_id[-8:]} (blocks {span.start}:{span.end}): {reason}")
+        self.span = span
+
+
+async def _guard(span: RouteSpan, awaitable, timeout: float):
+    """Await a server's answer; every way it can fail becomes ServerFailure (typed refusals included)."""
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except TimeoutError:
+        raise ServerFailure(span, f"no answer in {timeout:.1f}s") from None
+    except StopAsyncIteration:
+        raise ServerFailure(span, "closed the stream") from None
+    except (*_TRANSPORT_ERRORS, ServerError, CacheExhaustedError) as exc:
+        raise ServerFailure(span, f"{type(exc).__name__}: {exc}") from exc
+
+
 @dataclass
 class _SpanStream:
-    """One open inference stream to one server."""
+    """One open inference stream to one server, and every input it has been sent."""
 
     span: RouteSpan
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     responses: AsyncIterator | None = None
-    acknowledged: bool = False
+    history: list[torch.Tensor] = field(default_factory=list)
 
     async def requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
         while True:
@@ -41,6 +65,9 @@ class _SpanStream:
             if message is None:
                 return
             yield message
+
+    def close(self) -> None:
+        self.outbox.put_nowait(None)
 
 
 class InferenceSession:
@@ -50,6 +77,7 @@ class InferenceSession:
         self.client, self.prefix, self.num_blocks = client, prefix, num_blocks
         self.max_length, self.batch_size = max_length, batch_size
         self.position = 0
+        self.failovers = 0
         self._streams: list[_SpanStream] | None = None
         self._closed = False
 
@@ -59,6 +87,10 @@ class InferenceSession:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    @property
+    def route(self) -> list[RouteSpan]:
+        return [stream.span for stream in self._streams or []]
+
     def step(self, hidden: torch.Tensor) -> torch.Tensor:
         """Send new tokens' hidden states [batch, tokens, hidden] through every block; returns the outputs."""
         if self._closed:
@@ -67,55 +99,125 @@ class InferenceSession:
             raise SessionLengthError(
                 f"session max_length is {self.max_length}; this step would reach {self.position + hidden.shape[1]}"
             )
-        timeout = self.client.config.request_timeout + self.client.config.route_wait
-        output = self.client.run(self._step(hidden.detach().cpu()), timeout=timeout)
+        output = self.client.run(self._step(hidden.detach().cpu()))
         self.position += hidden.shape[1]
         return output
 
-    async def _open(self) -> list[_SpanStream]:
-        route = await self.client.route(self.prefix, self.num_blocks)
-        streams = []
-        for span in route:
-            stream = _SpanStream(span)
-            request = SpanRequest(
-                protocol=PROTOCOL_VERSION,
-                prefix=self.prefix,
-                start_block=span.start,
-                end_block=span.end,
-                max_length=self.max_length,
-                batch_size=self.batch_size,
-            )
-            stream.outbox.put_nowait(runtime_pb2.ExpertRequest(metadata=transport.pack(request)))
-            stream.responses = await self.client.stub(span.peer_id).rpc_inference(stream.requests())
-            streams.append(stream)
-        logger.debug("session route: %s", " -> ".join(f"{s.peer_id[-6:]}[{s.start}:{s.end}]" for s in route))
-        return streams
-
     async def _step(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._streams is None:
-            self._streams = await self._open()
-        for stream in self._streams:
-            stream.outbox.put_nowait(
-                transport.step_request(hidden, transport.pack(StepRequest(position=self.position)))
-            )
-            hidden = await self._receive(stream)
+            self._streams = await self._reopen(RouteSpan("", 0, self.num_blocks), [])
+        index, failures = 0, 0
+        while index < len(self._streams):
+            stream = self._streams[index]
+            try:
+                output = await self._exchange(stream, hidden, self.position)
+            except ServerFailure as failure:
+                failures += 1
+                if failures > self.client.config.max_retries:
+                    raise ServerError(f"step failed {failures} times; last: {failure}") from failure
+                logger.warning("%s; failing over", failure)
+                self.client.ban(stream.span.peer_id)
+                stream.close()
+                self._streams[index : index + 1] = await self._reopen(stream.span, stream.history)
+                self.failovers += 1
+                continue
+            self.client.succeed(stream.span.peer_id)
+            stream.history.append(hidden)
+            hidden = output
+            index += 1
         return hidden
 
-    async def _receive(self, stream: _SpanStream) -> torch.Tensor:
-        timeout = self.client.config.request_timeout
+    async def _reopen(self, span: RouteSpan, history: list[torch.Tensor]) -> list[_SpanStream]:
+        """Streams for blocks [span.start, span.end), their caches rebuilt from ``history``.
+
+        Retries with other servers; gives up with NoRouteError once ``route_wait`` has passed in all.
+        """
+        deadline = time.monotonic() + self.client.config.route_wait
+        for _ in range(self.client.config.max_retries):
+            try:
+                return await self._open_route(span, history, wait=max(0.0, deadline - time.monotonic()))
+            except ServerFailure as failure:
+                logger.warning("%s; trying another server", failure)
+                self.client.ban(failure.span.peer_id)
+        raise ServerError(
+            f"no server for blocks {span.start}:{span.end} answered after {self.client.config.max_retries} tries"
+        )
+
+    async def _route(self, start: int, end: int, wait: float | None = None) -> list[RouteSpan]:
+        needed = self.batch_size * self.max_length
+        return await self.client.route(self.prefix, self.num_blocks, start, end, cache_tokens_needed=needed, wait=wait)
+
+    async def _open(self, span: RouteSpan) -> _SpanStream:
+        stream = _SpanStream(span)
+        request = SpanRequest(
+            protocol=PROTOCOL_VERSION,
+            prefix=self.prefix,
+            start_block=span.start,
+            end_block=span.end,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+        )
+        stream.outbox.put_nowait(runtime_pb2.ExpertRequest(metadata=transport.pack(request)))
         try:
-            if not stream.acknowledged:
-                transport.check_response(await asyncio.wait_for(anext(stream.responses), timeout))
-                stream.acknowledged = True
-            response = await asyncio.wait_for(anext(stream.responses), timeout)
-        except StopAsyncIteration:
-            raise ServerError(f"server {stream.span.peer_id[-8:]} closed the session") from None
-        except _TRANSPORT_ERRORS as exc:
-            raise ServerError(f"server {stream.span.peer_id[-8:]} failed: {exc}") from exc
-        transport.check_response(response)
+            stream.responses = await _guard(
+                span, self.client.stub(span.peer_id).rpc_inference(stream.requests()), self.client.config.step_timeout
+            )
+            await self._receive(stream)  # the server's acknowledgement, or its refusal
+        except BaseException:
+            stream.close()
+            raise
+        return stream
+
+    async def _exchange(self, stream: _SpanStream, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        stream.outbox.put_nowait(transport.step_request(hidden, transport.pack(StepRequest(position=position))))
+        response = await self._receive(stream)
         if len(response.tensors) != 1:
-            raise ServerError(f"server {stream.span.peer_id[-8:]} sent {len(response.tensors)} tensors")
-        return transport.deserialize(response.tensors[0])
+            raise ServerFailure(stream.span, f"sent {len(response.tensors)} tensors")
+        try:
+            output = transport.deserialize(response.tensors[0])
+        except PetalsError as exc:
+            raise ServerFailure(stream.span, str(exc)) from None
+        if output.shape != hidden.shape:
+            raise ServerFailure(stream.span, f"returned shape {list(output.shape)} for {list(hidden.shape)}")
+        return output
+
+    async def _receive(self, stream: _SpanStream) -> runtime_pb2.ExpertResponse:
+        """The next real answer; keepalives reset the silence deadline."""
+        while True:
+            response = await _guard(stream.span, anext(stream.responses), self.client.config.step_timeout)
+            try:
+                meta = transport.check_response(response)
+            except (ServerError, CacheExhaustedError) as exc:
+                raise ServerFailure(stream.span, f"{type(exc).__name__}: {exc}") from exc
+            if not meta.keepalive:
+                return response
+
+    async def _open_route(self, failed: RouteSpan, history: list[torch.Tensor], wait: float) -> list[_SpanStream]:
+        started = time.perf_counter()
+        route = await self._route(failed.start, failed.end, wait=wait)
+        inputs = torch.cat(history, dim=1) if history else None
+        streams = []
+        try:
+            for span in route:
+                stream = await self._open(span)
+                streams.append(stream)
+                if inputs is not None:
+                    outputs = await self._exchange(stream, inputs, 0)
+                    stream.history.append(inputs)
+                    inputs = outputs
+        except BaseException:
+            for stream in streams:
+                stream.close()
+            raise
+        if failed.peer_id:
+            logger.info(
+                "replaced blocks %d:%d with %s in %.2fs",
+                failed.start,
+                failed.end,
+                ", ".join(f"{span.peer_id[-8:]}[{span.start}:{span.end}]" for span in route),
+                time.perf_counter() - started,
+            )
+        return streams
 
     def close(self) -> None:
         if self._closed:
@@ -123,7 +225,7 @@ class InferenceSession:
         self._closed = True
         if self._streams is not None and not self.client.loop.is_closed():
             for stream in self._streams:
-                self.client.loop.call_soon_threadsafe(stream.outbox.put_nowait, None)
+                self.client.loop.call_soon_threadsafe(stream.close)
 
 
 async def _call_unary(client: SwarmClient, prefix: str, span: RouteSpan, method: str, tensors) -> torch.Tensor:
@@ -134,17 +236,69 @@ async def _call_unary(client: SwarmClient, prefix: str, span: RouteSpan, method:
         for message in messages:
             yield message
 
-    try:
+    async def call():
         responses = await getattr(client.stub(span.peer_id), method)(requests())
-        outputs, metadata = await asyncio.wait_for(transport.collect_tensors(responses), client.config.request_timeout)
-    except PetalsError:
-        raise
-    except _TRANSPORT_ERRORS as exc:
-        raise ServerError(f"server {span.peer_id[-8:]} failed: {exc}") from exc
-    transport.check_response(runtime_pb2.ExpertResponse(metadata=metadata))
-    if len(outputs) != 1:
-        raise ServerError(f"server {span.peer_id[-8:]} sent {len(outputs)} tensors")
+        return await transport.collect_tensors(responses)
+
+    outputs, metadata = await _guard(span, call(), client.config.request_timeout)
+    try:
+        transport.check_response(runtime_pb2.ExpertResponse(metadata=metadata))
+    except (ServerError, CacheExhaustedError) as exc:
+        raise ServerFailure(span, f"{type(exc).__name__}: {exc}") from exc
+    if len(outputs) != 1 or outputs[0].shape != tensors[0].shape:
+        raise ServerFailure(span, "sent a malformed answer")
     return outputs[0]
+
+
+class _RemoteChain:
+    """Forward and backward through a route, replacing failed spans as it goes."""
+
+    def __init__(self, client: SwarmClient, prefix: str, num_blocks: int):
+        self.client, self.prefix, self.num_blocks = client, prefix, num_blocks
+
+    async def route(self, start: int, end: int) -> list[RouteSpan]:
+        return await self.client.route(self.prefix, self.num_blocks, start, end, inference=False)
+
+    async def forward(self, hidden: torch.Tensor, start: int, end: int) -> tuple[list[RouteSpan], list, torch.Tensor]:
+        """Outputs of blocks [start, end); also the spans used and each span's input (for backward)."""
+        spans, inputs = [], []
+        for _ in range(self.client.config.max_retries + 1):
+            route = await self.route(start, end)
+            try:
+                for span in route:
+                    output = await _call_unary(self.client, self.prefix, span, "rpc_forward", [hidden])
+                    self.client.succeed(span.peer_id)
+                    spans.append(span)
+                    inputs.append(hidden)
+                    hidden, start = output, span.end
+                return spans, inputs, hidden
+            except ServerFailure as failure:
+                logger.warning("%s; failing over", failure)
+                self.client.ban(failure.span.peer_id)
+        raise ServerError(f"forward of blocks {start}:{end} failed {self.client.config.max_retries + 1} times")
+
+    async def backward(self, spans: list[RouteSpan], inputs: list, grad: torch.Tensor) -> torch.Tensor:
+        for span, hidden in zip(reversed(spans), reversed(inputs), strict=True):
+            grad = await self._backward_span(span, hidden, grad)
+        return grad
+
+    async def _backward_span(self, span: RouteSpan, hidden: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.client.config.max_retries + 1):
+            try:
+                grad_input = await _call_unary(self.client, self.prefix, span, "rpc_backward", [hidden, grad])
+                self.client.succeed(span.peer_id)
+                return grad_input
+            except ServerFailure as failure:
+                logger.warning("%s; failing over", failure)
+                self.client.ban(failure.span.peer_id)
+            route = await self.route(span.start, span.end)
+            if len(route) > 1:  # the replacement splits the span: recompute its inner inputs first
+                spans, inputs, _ = await self.forward(hidden, span.start, span.end)
+                return await self.backward(spans, inputs, grad)
+            span = route[0]
+        raise ServerError(
+            f"backward of blocks {span.start}:{span.end} failed {self.client.config.max_retries + 1} times"
+        )
 
 
 class RemoteBlocks(torch.autograd.Function):
@@ -152,24 +306,12 @@ class RemoteBlocks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, client: SwarmClient, prefix: str, num_blocks: int) -> torch.Tensor:
-        async def run():
-            route = await client.route(prefix, num_blocks)
-            inputs, current = [], hidden.detach().cpu()
-            for span in route:
-                inputs.append(current)
-                current = await _call_unary(client, prefix, span, "rpc_forward", [current])
-            return route, inputs, current
-
-        route, inputs, output = client.run(run())
-        ctx.route, ctx.inputs, ctx.client, ctx.prefix = route, inputs, client, prefix
+        chain = _RemoteChain(client, prefix, num_blocks)
+        spans, inputs, output = client.run(chain.forward(hidden.detach().cpu(), 0, num_blocks))
+        ctx.chain, ctx.spans, ctx.inputs = chain, spans, inputs
         return output.to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        async def run():
-            grad = grad_output.detach().cpu()
-            for span, inputs in zip(reversed(ctx.route), reversed(ctx.inputs), strict=True):
-                grad = await _call_unary(ctx.client, ctx.prefix, span, "rpc_backward", [inputs, grad])
-            return grad
-
-        return ctx.client.run(run()).to(grad_output.dtype), None, None, None
+        grad = ctx.chain.client.run(ctx.chain.backward(ctx.spans, ctx.inputs, grad_output.detach().cpu()))
+        return grad.to(grad_output.dtype), None, None, None

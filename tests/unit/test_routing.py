@@ -1,67 +1,111 @@
 import random
+from collections import Counter
 
 import pytest
 
 from petals_cli.errors import ModelNotServedError, NoRouteError
-from petals_cli.routing import fewest_hops_route, format_blocks
+from petals_cli.routing import BanList, format_blocks, inference_route, training_route
 from petals_cli.wire import ServerInfo, ServerState, SwarmSnapshot
 
 
-def snapshot(num_blocks, **spans):
-    servers = {
-        peer: ServerInfo(
-            state=ServerState.OFFLINE if peer.startswith("off") else ServerState.ONLINE,
-            start_block=start,
-            end_block=end,
-            version="test",
-        )
-        for peer, (start, end) in spans.items()
-    }
+def server(start, end, *, state=ServerState.ONLINE, rps=0.0, cache=10_000):
+    return ServerInfo(
+        state=state,
+        start_block=start,
+        end_block=end,
+        version="test",
+        inference_rps=rps,
+        forward_rps=rps,
+        cache_tokens_left=cache,
+    )
+
+
+def snapshot(num_blocks, **servers):
     return SwarmSnapshot(prefix="m", num_blocks=num_blocks, servers=servers)
 
 
-def test_chain_of_uneven_spans_covers_every_block_in_order():
-    route = fewest_hops_route(snapshot(6, a=(0, 1), b=(1, 4), c=(4, 6)))
-    assert [(span.peer_id, span.start, span.end) for span in route] == [("a", 0, 1), ("b", 1, 4), ("c", 4, 6)]
+def spans(route):
+    return [(span.peer_id, span.start, span.end) for span in route]
 
 
-def test_overlapping_spans_use_the_fewest_hops_and_sub_spans():
-    route = fewest_hops_route(snapshot(8, a=(0, 3), b=(0, 5), c=(2, 8), d=(5, 8)))
+@pytest.mark.parametrize("route_function", [inference_route, training_route])
+def test_chain_of_uneven_spans_covers_every_block_in_order(route_function):
+    route = route_function(snapshot(6, a=server(0, 1), b=server(1, 4), c=server(4, 6)))
+    assert spans(route) == [("a", 0, 1), ("b", 1, 4), ("c", 4, 6)]
+
+
+def test_overlapping_spans_prefer_fewer_hops_and_use_sub_spans():
+    route = inference_route(snapshot(8, a=server(0, 3), b=server(0, 5), c=server(2, 8), d=server(5, 8)))
     assert len(route) == 2
     assert route[0].start == 0 and route[-1].end == 8
     assert all(left.end == right.start for left, right in zip(route, route[1:], strict=False))
 
 
-def test_replicas_are_spread_by_the_random_tie_break():
-    chosen = {
-        fewest_hops_route(snapshot(4, a=(0, 4), b=(0, 4)), rng=random.Random(seed))[0].peer_id for seed in range(20)
-    }
-    assert chosen == {"a", "b"}
+def test_inference_prefers_the_replica_with_the_lower_round_trip():
+    swarm = snapshot(4, near=server(0, 4), far=server(0, 4))
+    assert spans(inference_route(swarm, rtts={"near": 0.001, "far": 0.2})) == [("near", 0, 4)]
+    assert spans(inference_route(swarm, rtts={"near": 0.3, "far": 0.2})) == [("far", 0, 4)]
+
+
+def test_inference_weighs_compute_against_an_extra_hop():
+    # One slow server holding everything vs two fast ones: two fast hops win when compute dominates.
+    swarm = snapshot(8, slow=server(0, 8, rps=1.0), fast1=server(0, 4, rps=1000.0), fast2=server(4, 8, rps=1000.0))
+    assert [peer for peer, *_ in spans(inference_route(swarm, rtts=dict.fromkeys(swarm.servers, 0.01)))] == [
+        "fast1",
+        "fast2",
+    ]
+
+
+def test_servers_without_cache_room_are_skipped():
+    swarm = snapshot(4, full=server(0, 4, cache=10), roomy=server(0, 4, cache=1000))
+    assert spans(inference_route(swarm, rtts={"full": 0.001}, cache_tokens_needed=100)) == [("roomy", 0, 4)]
+    with pytest.raises(NoRouteError, match="full"):
+        inference_route(swarm, cache_tokens_needed=5000)
+
+
+def test_training_spreads_over_replicas_by_throughput():
+    swarm = snapshot(4, strong=server(0, 4, rps=300.0), weak=server(0, 4, rps=100.0))
+    rtts = dict.fromkeys(swarm.servers, 0.0)
+    chosen = Counter(training_route(swarm, rtts=rtts, rng=random.Random(seed))[0].peer_id for seed in range(400))
+    assert chosen["strong"] > chosen["weak"] > 40
 
 
 def test_gap_raises_no_route_naming_the_missing_blocks():
     with pytest.raises(NoRouteError) as raised:
-        fewest_hops_route(snapshot(8, a=(0, 2), b=(5, 8)))
+        inference_route(snapshot(8, a=server(0, 2), b=server(5, 8)))
     assert raised.value.missing_blocks == (2, 3, 4)
     assert "2:5" in str(raised.value)
 
 
 def test_offline_and_banned_servers_are_not_used():
     with pytest.raises(NoRouteError):
-        fewest_hops_route(snapshot(4, a=(0, 2), off_b=(2, 4)))
-    route = fewest_hops_route(snapshot(4, a=(0, 4), b=(0, 4)), banned={"a"})
-    assert [span.peer_id for span in route] == ["b"]
+        inference_route(snapshot(4, a=server(0, 2), b=server(2, 4, state=ServerState.OFFLINE)))
+    assert spans(inference_route(snapshot(4, a=server(0, 4), b=server(0, 4)), banned={"a"})) == [("b", 0, 4)]
+    with pytest.raises(NoRouteError):
+        training_route(snapshot(4, a=server(0, 4)), banned={"a"})
 
 
 def test_no_servers_at_all_is_model_not_served():
     with pytest.raises(ModelNotServedError):
-        fewest_hops_route(snapshot(4))
+        inference_route(snapshot(4))
 
 
 def test_partial_range():
-    route = fewest_hops_route(snapshot(8, a=(0, 8)), 3, 6)
-    assert [(span.start, span.end) for span in route] == [(3, 6)]
+    assert spans(inference_route(snapshot(8, a=server(0, 8)), 3, 6)) == [("a", 3, 6)]
 
 
 def test_format_blocks():
     assert format_blocks([0, 1, 2, 5, 7, 8]) == "0:3, 5, 7:9"
+
+
+def test_bans_back_off_exponentially_and_success_clears_them():
+    bans = BanList(base_seconds=1.0, max_seconds=5.0)
+    assert bans.ban("a", now=100.0) == 1.0
+    assert bans.banned(now=100.5) == {"a"}
+    assert bans.banned(now=101.5) == set()
+    assert bans.ban("a", now=102.0) == 2.0
+    assert bans.ban("a", now=105.0) == 4.0
+    assert bans.ban("a", now=110.0) == 5.0  # capped
+    bans.succeed("a")
+    assert bans.banned(now=110.1) == set()
+    assert bans.ban("a", now=111.0) == 1.0

@@ -1,0 +1,170 @@
+"""Servers killed for real (SIGKILL) while a client uses them: the client routes around them, exactly."""
+
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from petals_cli import AutoDistributedModelForCausalLM
+from petals_cli.config import ClientConfig
+from petals_cli.errors import NoRouteError
+from petals_cli.routing import RouteSpan
+from petals_cli.session import _RemoteChain
+from petals_cli.testing import make_tiny_model
+from tests.conftest import Swarm
+
+pytestmark = pytest.mark.slow
+NUM_LAYERS = 6
+PROMPT_IDS = torch.tensor([[1, 57, 210, 33, 98, 402, 17]])
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-failover", "llama", num_layers=NUM_LAYERS)
+
+
+@pytest.fixture(scope="module")
+def local(model_path):
+    return AutoModelForCausalLM.from_pretrained(model_path).eval()
+
+
+@pytest.fixture
+def swarm(model_path, tmp_path):
+    swarm = Swarm(model=model_path, workdir=tmp_path)
+    yield swarm
+    swarm.stop()
+
+
+def connect(model_path, swarm, **config):
+    config = ClientConfig(initial_peers=tuple(swarm.initial_peers), **config)
+    return AutoDistributedModelForCausalLM.from_pretrained(str(model_path), config=config)
+
+
+def server_of(swarm, peer_id):
+    return next(server for server in swarm.servers if server.addresses()[0].endswith(peer_id))
+
+
+class KillAt:
+    """A streamer that SIGKILLs the server holding the last blocks of ``session`` at the n-th token."""
+
+    def __init__(self, swarm, session, at: int):
+        self.swarm, self.session, self.at, self.count = swarm, session, at, 0
+
+    def put(self, value):
+        self.count += 1
+        if self.count == self.at:
+            server_of(self.swarm, self.session.route[-1].peer_id).process.send_signal(signal.SIGKILL)
+
+    def end(self):
+        pass
+
+
+def test_sigkill_mid_generation_with_a_replica_gives_identical_tokens(swarm, model_path, local):
+    swarm.start_many("0:3", "3:6", "3:6")
+    model = connect(model_path, swarm)
+    try:
+        with model.inference_session(max_length=PROMPT_IDS.shape[1] + 40) as session:
+            output = model.generate(
+                PROMPT_IDS, max_new_tokens=40, do_sample=False, session=session, streamer=KillAt(swarm, session, 15)
+            )
+            assert session.failovers >= 1
+    finally:
+        model.close()
+    assert output.tolist() == local.generate(PROMPT_IDS, max_new_tokens=40, do_sample=False).tolist()
+
+
+def test_sigkill_without_a_replica_raises_no_route_naming_the_blocks(swarm, model_path):
+    swarm.start_many("0:3", "3:6")
+    model = connect(model_path, swarm, route_wait=2.0)
+    try:
+        with model.inference_session(max_length=PROMPT_IDS.shape[1] + 40) as session:
+            streamer = KillAt(swarm, session, 5)
+            started = time.monotonic()
+            with pytest.raises(NoRouteError, match="3:6") as raised:
+                model.generate(PROMPT_IDS, max_new_tokens=40, do_sample=False, session=session, streamer=streamer)
+        assert raised.value.missing_blocks == (3, 4, 5)
+        assert time.monotonic() - started < 60, "a bounded wait, not a hang"
+    finally:
+        model.close()
+
+
+class FirstRouteThrough(_RemoteChain):
+    """Sends the first request of blocks [3, 6) to a chosen (dead) server; real routing afterwards."""
+
+    def __init__(self, *args, first_peer: str):
+        super().__init__(*args)
+        self.first_peer = first_peer
+
+    async def route(self, start, end):
+        if self.first_peer and start == 3:
+            peer, self.first_peer = self.first_peer, ""
+            return [RouteSpan(peer, start, end)]
+        return await super().route(start, end)
+
+
+def test_training_survives_sigkill_in_forward_and_in_backward(swarm, model_path, local):
+    swarm.start_many("0:3", "3:6", "3:6")
+    model = connect(model_path, swarm)
+    try:
+        embeddings = local.get_input_embeddings()(PROMPT_IDS).detach()
+        client = model.petals_client
+        snapshot = client.run(client.snapshot(model.petals_prefix, NUM_LAYERS))
+        replicas = [peer for peer, info in snapshot.online().items() if info.start_block == 3]
+        # Forward: the first server asked for blocks 3:6 is already dead.
+        server_of(swarm, replicas[0]).process.send_signal(signal.SIGKILL)
+        server_of(swarm, replicas[0]).process.wait()
+        chain = FirstRouteThrough(client, model.petals_prefix, NUM_LAYERS, first_peer=replicas[0])
+        spans, inputs, output = client.run(chain.forward(embeddings, 0, NUM_LAYERS))
+        assert spans[-1].peer_id == replicas[1]
+        with torch.no_grad():
+            torch.testing.assert_close(output, _blocks_output(local, embeddings), atol=1e-5, rtol=0)
+        # Backward: the server that did the forward of blocks 0:3 dies before the backward; restart a replica.
+        swarm.start("0:3")
+        server_of(swarm, spans[0].peer_id).process.send_signal(signal.SIGKILL)
+        grad_output = torch.randn_like(output, generator=torch.Generator().manual_seed(1))
+        grad = client.run(chain.backward(spans, inputs, grad_output))
+    finally:
+        model.close()
+    leaf = embeddings.clone().requires_grad_(True)
+    _blocks_output(local, leaf).backward(grad_output)
+    torch.testing.assert_close(grad, leaf.grad, atol=1e-5, rtol=1e-4)
+
+
+def _blocks_output(local, embeddings):
+    """Hidden states after the last block, before the final norm (what the swarm returns)."""
+    captured = {}
+    handle = local.model.norm.register_forward_pre_hook(lambda module, args: captured.setdefault("h", args[0]))
+    try:
+        local(inputs_embeds=embeddings)
+    finally:
+        handle.remove()
+    return captured["h"]
+
+
+def test_eight_concurrent_sessions_give_the_same_tokens_as_one_by_one(swarm, model_path, local):
+    swarm.start_many("0:2", "2:6", "0:4", "4:6")
+    prompts = [torch.tensor([[1, *range(10 + index, 10 + index + 3 + index)]]) for index in range(8)]
+    expected = [local.generate(prompt, max_new_tokens=12, do_sample=False) for prompt in prompts]
+    model = connect(model_path, swarm)
+    results, errors = [None] * len(prompts), []
+
+    def run(index):
+        try:
+            results[index] = model.generate(prompts[index], max_new_tokens=12, do_sample=False)
+        except Exception as exc:  # reported below with its index
+            errors.append((index, exc))
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(prompts))]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    finally:
+        model.close()
+    assert not errors
+    for result, reference in zip(results, expected, strict=True):
+        assert result.tolist() == reference.tolist()
