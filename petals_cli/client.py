@@ -97,7 +97,10 @@ class SwarmClient:
         while True:
             try:
                 _, snapshot = self._snapshots[prefix]
-                await asyncio.gather(*(self._ping(peer) for peer in snapshot.online()))
+                alive = await asyncio.gather(*(self._ping(peer) for peer in snapshot.online()))
+                for peer, answered in zip(snapshot.online(), alive, strict=True):
+                    if not answered and peer not in self.bans.banned(time.monotonic()):
+                        self.ban(peer)  # announced but not answering: most likely dead, its record not yet expired
                 await asyncio.sleep(self.config.snapshot_refresh)
                 self._snapshots[prefix] = (time.monotonic(), await fetch_snapshot(self.node, prefix, num_blocks))
             except asyncio.CancelledError:
@@ -106,17 +109,22 @@ class SwarmClient:
                 logger.debug("snapshot refresh failed", exc_info=True)
                 await asyncio.sleep(self.config.snapshot_refresh)
 
-    async def _ping(self, peer_id: str) -> None:
+    async def _ping(self, peer_id: str) -> bool:
+        """Time an info RPC to ``peer_id``; False when it fails or takes longer than ``liveness_timeout``."""
         from hivemind.proto import runtime_pb2
 
         started = time.perf_counter()
         try:
-            await self.stub(peer_id).rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=self.config.step_timeout)
-        except Exception:  # an unreachable server: routing will prefer others
-            self.rtts[peer_id] = max(self.rtts.get(peer_id, 0.0), self.config.step_timeout)
-            return
+            await self.stub(peer_id).rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=self.config.liveness_timeout)
+        except Exception:  # dead, hung or unreachable: routing will prefer others
+            self.rtts[peer_id] = max(self.rtts.get(peer_id, 0.0), self.config.liveness_timeout)
+            return False
         rtt = time.perf_counter() - started
         self.rtts[peer_id] = rtt if peer_id not in self.rtts else 0.7 * self.rtts[peer_id] + 0.3 * rtt
+        return True
+
+    async def is_alive(self, peer_id: str) -> bool:
+        return await self._ping(peer_id)
 
     async def route(
         self,
@@ -143,9 +151,11 @@ class SwarmClient:
                     )
                 return routing.training_route(snapshot, start, end, rtts=self.rtts, banned=banned, rng=self._rng)
             except NoRouteError:
+                if max_age != 0.0:  # servers may have joined since the last read: look again right away
+                    max_age = 0.0
+                    continue
                 if time.monotonic() >= deadline:
                     raise
-            max_age = 0.5  # re-read the DHT: servers may have joined
             await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
     def ban(self, peer_id: str) -> None:

@@ -64,8 +64,9 @@ class ClientConfig(_FromSources):
     revision: str = ""
     token: str = ""
     connect_timeout: float = 20.0
-    request_timeout: float = 60.0  # a whole forward/backward request
-    step_timeout: float = 1.5  # silence (no answer, no keepalive) after which a server counts as hung
+    request_timeout: float = 60.0  # the most one step or forward/backward request may take
+    liveness_interval: float = 0.25  # while waiting longer than this for an answer, check the server is alive
+    liveness_timeout: float = 0.75  # a liveness check (an info RPC) unanswered for this long: the server is hung
     route_wait: float = 10.0  # how long to wait for servers of missing blocks before NoRouteError
     snapshot_refresh: float = 5.0  # seconds between background reads of the swarm (and pings)
     max_retries: int = 8  # failovers per request or step before giving up

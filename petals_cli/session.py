@@ -38,16 +38,31 @@ class ServerFailure(Exception):
         self.span = span
 
 
-async def _guard(span: RouteSpan, awaitable, timeout: float):
-    """Await a server's answer; every way it can fail becomes ServerFailure (typed refusals included)."""
+async def _guard(client: SwarmClient, span: RouteSpan, awaitable):
+    """Await a server's answer; every way it can fail becomes ServerFailure (typed refusals included).
+
+    A killed server's stream may never break (its libp2p daemon outlives it), so while the answer is late the
+    client checks that the server still answers an info RPC: a dead or hung server is noticed within about
+    ``liveness_interval + liveness_timeout`` seconds, while a busy one may take up to ``request_timeout``.
+    """
+    config = client.config
+    task = asyncio.ensure_future(awaitable)
+    deadline = time.monotonic() + config.request_timeout
     try:
-        return await asyncio.wait_for(awaitable, timeout)
-    except TimeoutError:
-        raise ServerFailure(span, f"no answer in {timeout:.1f}s") from None
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=config.liveness_interval)
+            if done:
+                return task.result()
+            if time.monotonic() > deadline:
+                raise ServerFailure(span, f"no answer in {config.request_timeout:.0f}s")
+            if not await client.is_alive(span.peer_id):
+                raise ServerFailure(span, "stopped answering (liveness check failed)")
     except StopAsyncIteration:
         raise ServerFailure(span, "closed the stream") from None
     except (*_TRANSPORT_ERRORS, ServerError, CacheExhaustedError) as exc:
         raise ServerFailure(span, f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        task.cancel()
 
 
 @dataclass
@@ -160,7 +175,7 @@ class InferenceSession:
         stream.outbox.put_nowait(runtime_pb2.ExpertRequest(metadata=transport.pack(request)))
         try:
             stream.responses = await _guard(
-                span, self.client.stub(span.peer_id).rpc_inference(stream.requests()), self.client.config.step_timeout
+                self.client, span, self.client.stub(span.peer_id).rpc_inference(stream.requests())
             )
             await self._receive(stream)  # the server's acknowledgement, or its refusal
         except BaseException:
@@ -182,15 +197,12 @@ class InferenceSession:
         return output
 
     async def _receive(self, stream: _SpanStream) -> runtime_pb2.ExpertResponse:
-        """The next real answer; keepalives reset the silence deadline."""
-        while True:
-            response = await _guard(stream.span, anext(stream.responses), self.client.config.step_timeout)
-            try:
-                meta = transport.check_response(response)
-            except (ServerError, CacheExhaustedError) as exc:
-                raise ServerFailure(stream.span, f"{type(exc).__name__}: {exc}") from exc
-            if not meta.keepalive:
-                return response
+        response = await _guard(self.client, stream.span, anext(stream.responses))
+        try:
+            transport.check_response(response)
+        except (ServerError, CacheExhaustedError) as exc:
+            raise ServerFailure(stream.span, f"{type(exc).__name__}: {exc}") from exc
+        return response
 
     async def _open_route(self, failed: RouteSpan, history: list[torch.Tensor], wait: float) -> list[_SpanStream]:
         started = time.perf_counter()
@@ -240,7 +252,7 @@ async def _call_unary(client: SwarmClient, prefix: str, span: RouteSpan, method:
         responses = await getattr(client.stub(span.peer_id), method)(requests())
         return await transport.collect_tensors(responses)
 
-    outputs, metadata = await _guard(span, call(), client.config.request_timeout)
+    outputs, metadata = await _guard(client, span, call())
     try:
         transport.check_response(runtime_pb2.ExpertResponse(metadata=metadata))
     except (ServerError, CacheExhaustedError) as exc:

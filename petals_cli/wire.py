@@ -168,7 +168,6 @@ class StepResponse(WireRecord):
     position: int = 0
     error_code: str = ""
     error_message: str = ""
-    keepalive: bool = False  # "still computing": sent while a long step runs, so clients can tell a hang
 
 
 @dataclasses.dataclass(frozen=True)
