@@ -29,6 +29,17 @@ def serve(
     cache_tokens: Annotated[
         int | None, typer.Option(help="Attention-cache budget in tokens, across sessions.", show_default="16384")
     ] = None,
+    max_session_length: Annotated[
+        int | None, typer.Option(help="Longest max_length one session may ask for, in tokens.", show_default="8192")
+    ] = None,
+    alloc_timeout: Annotated[
+        float | None,
+        typer.Option(help="Seconds a new session waits for cache space before it is refused.", show_default="0.5"),
+    ] = None,
+    session_idle_timeout: Annotated[
+        float | None,
+        typer.Option(help="Close a session that sends no step for this many seconds.", show_default="600"),
+    ] = None,
     identity: Annotated[str | None, typer.Option(help="Private key file for a stable peer id.")] = None,
     model_prefix: ModelPrefixOpt = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision of MODEL.")] = None,
@@ -52,6 +63,9 @@ def serve(
         public_name=public_name,
         address_file=address_file,
         cache_tokens=cache_tokens,
+        max_session_length=max_session_length,
+        alloc_timeout=alloc_timeout,
+        session_idle_timeout=session_idle_timeout,
         identity_path=identity,
         model_prefix=model_prefix,
         revision=revision,

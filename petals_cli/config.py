@@ -89,8 +89,10 @@ class ServerConfig(_FromSources):
     public_name: str = ""
     address_file: str = ""
     identity_path: str = ""
-    cache_tokens: int = 16384
-    max_session_length: int = 8192
+    cache_tokens: int = 16384  # attention-cache budget, in token positions across all sessions
+    max_session_length: int = 8192  # the largest max_length one session may ask for
+    alloc_timeout: float = 0.5  # how long a new session waits for a full budget to free up before refusal
+    session_idle_timeout: float = 600.0  # a session that sends no step for this long is closed
     announce_period: float = 30.0
     revision: str = ""
     token: str = ""
@@ -107,6 +109,8 @@ class ServerConfig(_FromSources):
             )
         if self.cache_tokens < 0 or self.max_session_length <= 0:
             raise ConfigError("--cache-tokens must be >= 0 and --max-session-length > 0")
+        if self.alloc_timeout < 0 or self.session_idle_timeout <= 0:
+            raise ConfigError("--alloc-timeout must be >= 0 and --session-idle-timeout > 0")
         if self.announce_period <= 0:
             raise ConfigError("announce period must be positive")
 

@@ -107,6 +107,13 @@ class SessionLengthError(PetalsError):
     exit_code = 9
 
 
+class SessionExpiredError(PetalsError):
+    """A server closed an inference session that sent no step for longer than its idle timeout."""
+
+    hint = "open a new session; servers close sessions that send no step for their --session-idle-timeout"
+    exit_code = 10
+
+
 WIRE_ERRORS: dict[str, type[PetalsError]] = {
     cls.__name__: cls
     for cls in (
@@ -115,6 +122,7 @@ WIRE_ERRORS: dict[str, type[PetalsError]] = {
         CacheExhaustedError,
         ServerError,
         SessionLengthError,
+        SessionExpiredError,
     )
 }
 

@@ -22,7 +22,13 @@ from hivemind.proto import runtime_pb2
 
 from petals_cli import transport
 from petals_cli.client import SwarmClient
-from petals_cli.errors import CacheExhaustedError, PetalsError, ServerError, SessionLengthError
+from petals_cli.errors import (
+    CacheExhaustedError,
+    PetalsError,
+    ServerError,
+    SessionExpiredError,
+    SessionLengthError,
+)
 from petals_cli.routing import RouteSpan
 from petals_cli.wire import PROTOCOL_VERSION, SpanRequest, StepRequest
 
@@ -31,11 +37,11 @@ _TRANSPORT_ERRORS = (P2PDaemonError, P2PHandlerError, ConnectionError, OSError, 
 
 
 class ServerFailure(Exception):
-    """A server did not answer properly: the caller bans it and routes around it."""
+    """A server did not answer properly: the caller routes around it (and bans it, unless it is healthy)."""
 
-    def __init__(self, span: RouteSpan, reason: str):
+    def __init__(self, span: RouteSpan, reason: str, *, ban: bool = True):
         super().__init__(f"server {span.peer_id[-8:]} (blocks {span.start}:{span.end}): {reason}")
-        self.span = span
+        self.span, self.ban = span, ban
 
 
 async def _guard(client: SwarmClient, span: RouteSpan, awaitable):
@@ -131,7 +137,8 @@ class InferenceSession:
                 if failures > self.client.config.max_retries:
                     raise ServerError(f"step failed {failures} times; last: {failure}") from failure
                 logger.warning("%s; failing over", failure)
-                self.client.ban(stream.span.peer_id)
+                if failure.ban:
+                    self.client.ban(stream.span.peer_id)
                 stream.close()
                 self._streams[index : index + 1] = await self._reopen(stream.span, stream.history)
                 self.failovers += 1
@@ -200,6 +207,8 @@ class InferenceSession:
         response = await _guard(self.client, stream.span, anext(stream.responses))
         try:
             transport.check_response(response)
+        except SessionExpiredError as exc:  # the server reaped an idle session: rebuild it there or elsewhere
+            raise ServerFailure(stream.span, str(exc), ban=False) from exc
         except (ServerError, CacheExhaustedError) as exc:
             raise ServerFailure(stream.span, f"{type(exc).__name__}: {exc}") from exc
         return response

@@ -3,6 +3,11 @@
 Every request is validated (protocol, model prefix, block range, tensor shapes and dtypes, lengths) before
 any compute; a bad request gets a typed error response and the server carries on. Torch work runs on one
 dedicated thread so the event loop keeps answering (info RPCs, DHT) while a step computes.
+
+Memory is bounded before it is spent: a session's ``batch_size * max_length`` is checked against hard limits
+and reserved in the ``CacheBudget`` before its cache exists, and no step may take it past ``max_length``.
+A session's cache and tokens are returned when its stream ends (closed, disconnected or failed) or when it
+sends no step for ``session_idle_timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -20,27 +25,49 @@ from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
 from petals_cli import transport
-from petals_cli.errors import InvalidRequestError, PetalsError, ServerError, SessionLengthError
+from petals_cli.errors import (
+    InvalidRequestError,
+    PetalsError,
+    ServerError,
+    SessionExpiredError,
+    SessionLengthError,
+)
 from petals_cli.families.base import SpanRunner
 from petals_cli.server.cache import CacheBudget
 from petals_cli.wire import SpanRequest, StepRequest, StepResponse
 
 logger = logging.getLogger(__name__)
+MAX_BATCH_SIZE = 1024
 
 
 @dataclass
 class Session:
+    id: str
     request: SpanRequest
     cache: object
+    peer: str = ""
     position: int = 0
+    broken: bool = False  # a step failed half-way; the session ends after reporting it
 
 
 class BlockHandler:
     """Answers RPCs for the blocks of one ``SpanRunner``; ``info()`` supplies the rpc_info payload."""
 
-    def __init__(self, span: SpanRunner, prefix: str, budget: CacheBudget, *, max_session_length: int, info):
+    def __init__(
+        self,
+        span: SpanRunner,
+        prefix: str,
+        budget: CacheBudget,
+        *,
+        max_session_length: int,
+        alloc_timeout: float,
+        session_idle_timeout: float,
+        info,
+    ):
         self.span, self.prefix, self.budget = span, prefix, budget
         self.max_session_length = max_session_length
+        self.alloc_timeout = alloc_timeout
+        self.session_idle_timeout = session_idle_timeout
         self.hidden_size = span.config.hidden_size
         self.info = info
         self.sessions: dict[str, Session] = {}
@@ -82,48 +109,86 @@ class BlockHandler:
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        session_id = None
+        session, ending = None, "disconnected"  # unless the stream ends or expires
         try:
-            opening = await anext(requests, None)
-            if opening is None:
-                return
             try:
+                opening = await self._next_request(requests)
+                if opening is None:
+                    return
                 request = self._check_span_request(opening.metadata)
-                session_id = self._open_session(request)
+                session = await self._open_session(request, peer=str(context.remote_id)[-8:])
             except PetalsError as error:
+                logger.info("session refused: %s: %s", error.code, error)
                 yield transport.error_response(error)
                 return
             yield runtime_pb2.ExpertResponse(metadata=transport.pack(StepResponse(position=0)))
-            async for message in requests:
-                yield await self._inference_step(self.sessions[session_id], message)
+            while True:
+                try:
+                    message = await self._next_request(requests)
+                except SessionExpiredError as error:
+                    ending = "expired"
+                    yield transport.error_response(error)
+                    return
+                if message is None:
+                    ending = "ended"
+                    return
+                yield await self._inference_step(session, message)
+                if session.broken:
+                    ending = "failed"
+                    return
         finally:
-            if session_id is not None:
-                session = self.sessions.pop(session_id, None)
-                self.budget.release(session_id)
-                logger.info(
-                    "session %s closed at %d tokens (peer %s)",
-                    session_id[:8],
-                    session.position if session else 0,
-                    str(context.remote_id)[-8:],
-                )
+            # Also reached when hivemind cancels this handler because the client disconnected.
+            if session is not None:
+                self._close_session(session, ending)
 
-    def _open_session(self, request: SpanRequest) -> str:
+    async def _next_request(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]):
+        """The next message of an inference stream, None at its end; a silent client expires the session."""
+        try:
+            async with asyncio.timeout(self.session_idle_timeout):
+                return await anext(requests, None)
+        except TimeoutError:
+            raise SessionExpiredError(
+                f"the session sent nothing for {self.session_idle_timeout:g}s; the server closed it, freeing its cache"
+            ) from None
+
+    async def _open_session(self, request: SpanRequest, *, peer: str) -> Session:
+        # Hard limits first, so an absurd request never reaches the budget or allocates anything.
         if not 0 < request.max_length <= self.max_session_length:
             raise InvalidRequestError(f"max_length must be in 1..{self.max_session_length}, got {request.max_length}")
-        if not 0 < request.batch_size <= 1024:
-            raise InvalidRequestError(f"batch_size must be in 1..1024, got {request.batch_size}")
+        if not 0 < request.batch_size <= MAX_BATCH_SIZE:
+            raise InvalidRequestError(f"batch_size must be in 1..{MAX_BATCH_SIZE}, got {request.batch_size}")
         session_id = uuid.uuid4().hex
-        self.budget.reserve(session_id, request.batch_size * request.max_length)
-        cache = self.span.make_cache(request.start_block, request.end_block)
-        self.sessions[session_id] = Session(request=request, cache=cache)
+        tokens = request.batch_size * request.max_length
+        await self.budget.allocate(session_id, tokens, timeout=self.alloc_timeout)
+        try:
+            cache = self.span.make_cache(request.start_block, request.end_block)
+        except BaseException:
+            self.budget.release(session_id)
+            raise
+        session = Session(id=session_id, request=request, cache=cache, peer=peer)
+        self.sessions[session_id] = session
         logger.info(
-            "session %s opened: blocks %d:%d, max_length %d",
+            "session %s opened: blocks %d:%d, %d tokens reserved, %d left (peer %s)",
             session_id[:8],
             request.start_block,
             request.end_block,
-            request.max_length,
+            tokens,
+            self.budget.tokens_left,
+            peer,
         )
-        return session_id
+        return session
+
+    def _close_session(self, session: Session, ending: str) -> None:
+        self.sessions.pop(session.id, None)
+        self.budget.release(session.id)
+        logger.info(
+            "session %s %s at %d tokens, %d left (peer %s)",
+            session.id[:8],
+            ending,
+            session.position,
+            self.budget.tokens_left,
+            session.peer,
+        )
 
     async def _inference_step(self, session: Session, message) -> runtime_pb2.ExpertResponse:
         try:
@@ -146,6 +211,8 @@ class BlockHandler:
             return transport.error_response(error)
         except Exception as exc:
             logger.exception("inference step failed")
+            # Some blocks may have extended the cache before the failure: the session cannot go on correctly.
+            session.broken = True
             return transport.error_response(ServerError(f"step failed: {exc.__class__.__name__}: {exc}"))
 
     @torch.inference_mode()

@@ -3,11 +3,16 @@
 One process plus its libp2p daemon: the DHT node and the RPC handlers share the daemon and this process's
 event loop; torch runs on the handler's compute thread. On SIGINT/SIGTERM the server announces OFFLINE,
 removes its address file and exits.
+
+Records are re-announced every ``announce_period`` seconds, and sooner (at most once per
+``REANNOUNCE_INTERVAL``) when the cache tokens left have moved by more than ``REANNOUNCE_FRACTION`` of the
+budget since the last announce, so that clients route new sessions by a current figure.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -25,6 +30,8 @@ from petals_cli.wire import ModelIndexEntry, ServerInfo, ServerState, model_pref
 
 logger = logging.getLogger(__name__)
 OFFLINE_GRACE = 2.0  # seconds to spend announcing OFFLINE on exit
+REANNOUNCE_INTERVAL = 1.0  # seconds between prompt re-announces when the budget moves
+REANNOUNCE_FRACTION = 0.1  # of the cache budget: a smaller move waits for the periodic announce
 
 
 def run_server(config: ServerConfig) -> None:
@@ -40,9 +47,12 @@ class Server:
         self.start, self.end = parse_blocks(config.blocks, self.model.num_blocks)
         self.prefix = config.model_prefix or model_prefix_for(config.model)
         self.dtype = resolve_dtype(config.dtype, self.model.config)
-        self.budget = CacheBudget(config.cache_tokens)
         self.state = ServerState.JOINING
         self._stop = asyncio.Event()
+        self._wake = asyncio.Event()  # set on stop and whenever the budget changes: the announce loop re-checks
+        self.budget = CacheBudget(config.cache_tokens, on_change=self._wake.set)
+        self._announced_at = float("-inf")  # event-loop time of the last announce
+        self._announced_tokens_left = config.cache_tokens
 
     def info(self) -> ServerInfo:
         return ServerInfo(
@@ -58,7 +68,7 @@ class Server:
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, self._stop.set)
+            loop.add_signal_handler(signum, self._request_stop)
         started = time.perf_counter()
         span = await asyncio.to_thread(
             load_span, self.source, self.model, self.start, self.end, device=self.config.device, dtype=self.dtype
@@ -74,7 +84,13 @@ class Server:
             identity_path=self.config.identity_path or None,
         )
         handler = BlockHandler(
-            span, self.prefix, self.budget, max_session_length=self.config.max_session_length, info=self.info
+            span,
+            self.prefix,
+            self.budget,
+            max_session_length=self.config.max_session_length,
+            alloc_timeout=self.config.alloc_timeout,
+            session_idle_timeout=self.config.session_idle_timeout,
+            info=self.info,
         )
         try:
             node = await start_dht(p2p, self.config.initial_peers, client_mode=False)
@@ -97,17 +113,31 @@ class Server:
             await p2p.shutdown()
         logger.info("server stopped")
 
+    def _request_stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
     async def _announce_until_stopped(self, node, p2p) -> None:
+        loop = asyncio.get_running_loop()
         while not self._stop.is_set():
-            try:
-                await asyncio.wait_for(self._stop.wait(), timeout=self.config.announce_period)
-            except TimeoutError:
-                await self._announce(node, p2p)
+            due = self._announced_at + self.config.announce_period
+            moved = abs(self.budget.tokens_left - self._announced_tokens_left)
+            if moved > REANNOUNCE_FRACTION * self.budget.total_tokens:
+                due = min(due, self._announced_at + REANNOUNCE_INTERVAL)
+            if loop.time() < due:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=due - loop.time())
+                continue
+            await self._announce(node, p2p)
 
     async def _announce(self, node, p2p) -> None:
         expiration = max(self.config.announce_period * 2.5, 10.0)
         peer_id = p2p.peer_id.to_base58()
-        ok = await announce_blocks(node, self.prefix, peer_id, self.info(), expiration=expiration)
+        info = self.info()
+        self._announced_at = asyncio.get_running_loop().time()
+        self._announced_tokens_left = info.cache_tokens_left
+        ok = await announce_blocks(node, self.prefix, peer_id, info, expiration=expiration)
         if self.state == ServerState.ONLINE:
             entry = ModelIndexEntry(
                 model=self.config.model, num_blocks=self.model.num_blocks, family=self.model.family.name

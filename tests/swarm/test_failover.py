@@ -168,3 +168,30 @@ def test_eight_concurrent_sessions_give_the_same_tokens_as_one_by_one(swarm, mod
     assert not errors
     for result, reference in zip(results, expected, strict=True):
         assert result.tolist() == reference.tolist()
+
+
+def test_a_full_server_refuses_cleanly_and_sessions_go_elsewhere(swarm, model_path, local):
+    small = swarm.start("0:6", "--cache-tokens", "64")
+    swarm.start("0:6")
+    model = connect(model_path, swarm)
+    prompts = [torch.tensor([[1, 40 + index, 41, 42 + index]]) for index in range(3)]
+    try:
+        sessions = [model.inference_session(max_length=60) for _ in prompts]
+        first = [
+            model.generate(prompt, max_new_tokens=10, do_sample=False, session=session)
+            for prompt, session in zip(prompts, sessions, strict=True)
+        ]
+        # Every session is still open; now each continues where it stopped, on whichever server holds it.
+        second = [
+            model.generate(output, max_new_tokens=10, do_sample=False, session=session)
+            for output, session in zip(first, sessions, strict=True)
+        ]
+        routes = [session.route for session in sessions]
+        for session in sessions:
+            session.close()
+    finally:
+        model.close()
+    small_peer = small.addresses()[0].rsplit("/p2p/", 1)[1]
+    assert sum(route[0].peer_id == small_peer for route in routes) <= 1  # 64 tokens fit one session of 60
+    for prompt, output in zip(prompts, second, strict=True):
+        assert output.tolist() == local.generate(prompt, max_new_tokens=20, do_sample=False).tolist()
