@@ -19,10 +19,12 @@ import signal
 import time
 from pathlib import Path
 
+from hivemind.proto import runtime_pb2
+
 from petals_cli import __version__, transport
 from petals_cli.checkpoint import resolve_model
 from petals_cli.config import ServerConfig, parse_blocks
-from petals_cli.dht import announce_blocks, announce_model, start_dht
+from petals_cli.dht import announce_blocks, announce_model, fetch_snapshot, start_dht
 from petals_cli.server.blocks import load_span, read_model_config, resolve_dtype
 from petals_cli.server.cache import CacheBudget
 from petals_cli.server.handler import BlockHandler
@@ -32,6 +34,8 @@ logger = logging.getLogger(__name__)
 OFFLINE_GRACE = 2.0  # seconds to spend announcing OFFLINE on exit
 REANNOUNCE_INTERVAL = 1.0  # seconds between prompt re-announces when the budget moves
 REANNOUNCE_FRACTION = 0.1  # of the cache budget: a smaller move waits for the periodic announce
+MAX_PINGED = 8  # next-block servers pinged per announce
+PING_TIMEOUT = 2.0
 
 
 def run_server(config: ServerConfig) -> None:
@@ -53,6 +57,8 @@ class Server:
         self.budget = CacheBudget(config.cache_tokens, on_change=self._wake.set)
         self._announced_at = float("-inf")  # event-loop time of the last announce
         self._announced_tokens_left = config.cache_tokens
+        self._pings: dict[str, float] = {}  # peer id of a server holding our next block -> round trip, seconds
+        self._pinged_at = float("-inf")
 
     def info(self) -> ServerInfo:
         return ServerInfo(
@@ -63,6 +69,7 @@ class Server:
             dtype=str(self.dtype).replace("torch.", ""),
             cache_tokens_left=self.budget.tokens_left,
             public_name=self.config.public_name,
+            pings=dict(self._pings),
         )
 
     async def serve(self) -> None:
@@ -131,9 +138,40 @@ class Server:
                 continue
             await self._announce(node, p2p)
 
+    async def _ping_next_servers(self, node, p2p) -> None:
+        """Round trips to the servers holding block ``end`` (where this server's output goes next)."""
+        if self.end >= self.model.num_blocks:
+            return
+        snapshot = await fetch_snapshot(node, self.prefix, self.model.num_blocks)
+        own = p2p.peer_id.to_base58()
+        peers = [
+            peer
+            for peer, info in snapshot.online().items()
+            if peer != own and info.start_block <= self.end < info.end_block
+        ][:MAX_PINGED]
+        results = await asyncio.gather(*(self._ping(p2p, peer) for peer in peers))
+        self._pings = {peer: rtt for peer, rtt in zip(peers, results, strict=True) if rtt is not None}
+
+    @staticmethod
+    async def _ping(p2p, peer: str) -> float | None:
+        started = time.perf_counter()
+        try:
+            stub = transport.BlocksService.get_stub(p2p, transport.peer_id_from_string(peer))
+            await stub.rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=PING_TIMEOUT)
+        except Exception:  # unreachable servers are simply left out of the published pings
+            return None
+        return round(time.perf_counter() - started, 6)
+
     async def _announce(self, node, p2p) -> None:
         expiration = max(self.config.announce_period * 2.5, 10.0)
         peer_id = p2p.peer_id.to_base58()
+        now = asyncio.get_running_loop().time()
+        if self.state == ServerState.ONLINE and now - self._pinged_at >= self.config.announce_period:
+            self._pinged_at = now
+            try:
+                await self._ping_next_servers(node, p2p)
+            except Exception:  # pings are advisory: never let them stop an announce
+                logger.debug("pinging the next servers failed", exc_info=True)
         info = self.info()
         self._announced_at = asyncio.get_running_loop().time()
         self._announced_tokens_left = info.cache_tokens_left

@@ -1,0 +1,63 @@
+"""What clients and servers learn about each other: published pings, and info answered while busy."""
+
+import threading
+import time
+
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+
+from petals_cli import AutoDistributedModelForCausalLM
+from petals_cli.testing import make_tiny_model
+from tests.conftest import Swarm
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    model = make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-snapshot", "llama", num_layers=4)
+    swarm = Swarm(model=model, workdir=tmp_path_factory.mktemp("swarm"))
+    try:
+        swarm.start("2:4")
+        swarm.start("0:2")  # announces after 2:4 is up, so its first announce carries a ping to it
+        yield swarm
+    finally:
+        swarm.stop()
+
+
+def peer_of(server):
+    return server.addresses()[0].rsplit("/p2p/", 1)[1]
+
+
+def test_servers_publish_pings_to_the_servers_of_their_next_block(swarm):
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(swarm.model), initial_peers=swarm.initial_peers)
+    try:
+        client = model.petals_client
+        snapshot = client.run(client.snapshot(model.petals_prefix, 4))
+        first, second = peer_of(swarm.servers[1]), peer_of(swarm.servers[0])
+        assert set(snapshot.servers[first].pings) == {second}
+        assert 0 < snapshot.servers[first].pings[second] < 5
+        assert snapshot.servers[second].pings == {}  # it holds the last block: nothing comes after it
+        time.sleep(0.5)  # the background refresh pings both servers
+        assert set(client.rtts) >= {first, second}
+    finally:
+        model.close()
+
+
+def test_a_busy_server_still_answers_info(swarm):
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(swarm.model), initial_peers=swarm.initial_peers)
+    try:
+        hidden = torch.randn(8, 2048, 64)
+        worker = threading.Thread(target=lambda: model.remote_blocks(hidden))
+        client = model.petals_client
+        stub = client.stub(peer_of(swarm.servers[1]))
+        worker.start()
+        time.sleep(0.2)  # the forward is now computing on the server
+        assert worker.is_alive(), "the forward finished too fast to test anything"
+        info = client.run(stub.rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=30))
+        answered_while_busy = worker.is_alive()
+        worker.join(120)
+        assert info.serialized_info and answered_while_busy
+    finally:
+        model.close()
