@@ -10,7 +10,16 @@ from petals_cli.commands._options import DeviceOpt, DtypeOpt, InitialPeersOpt, M
 @handle_errors
 def serve(
     model: ModelArg,
-    blocks: Annotated[str, typer.Option(help="Blocks to host: START:END (END exclusive).")] = ":",
+    blocks: Annotated[
+        str | None,
+        typer.Option(
+            help="auto (as many as fit, where the swarm needs them), N (N such blocks) or START:END (END exclusive).",
+            show_default="auto",
+        ),
+    ] = None,
+    num_blocks: Annotated[
+        int | None, typer.Option(help="Host N blocks placed where the swarm needs them (same as --blocks N).")
+    ] = None,
     new_swarm: Annotated[bool, typer.Option("--new-swarm", help="Start a new swarm instead of joining one.")] = False,
     initial_peers: InitialPeersOpt = None,
     host: Annotated[str | None, typer.Option(help="Address to listen on.", show_default="127.0.0.1")] = None,
@@ -40,34 +49,29 @@ def serve(
         float | None,
         typer.Option(help="Close a session that sends no step for this many seconds.", show_default="600"),
     ] = None,
-    identity: Annotated[str | None, typer.Option(help="Private key file for a stable peer id.")] = None,
+    balance_quality: Annotated[
+        float | None,
+        typer.Option(help="Move blocks when the swarm's weakest block gets this much stronger.", show_default="0.15"),
+    ] = None,
+    balance_period: Annotated[
+        float | None, typer.Option(help="Seconds between rebalancing checks (0 = never move).", show_default="60")
+    ] = None,
+    network_rps: Annotated[
+        float | None, typer.Option(help="Your network's limit in steps/s, if known (never guessed otherwise).")
+    ] = None,
+    identity_path: Annotated[
+        str | None, typer.Option("--identity", help="Private key file for a stable peer id.")
+    ] = None,
     model_prefix: ModelPrefixOpt = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision of MODEL.")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Host blocks START:END of MODEL, announce them, and serve until Ctrl-C or SIGTERM."""
+    """Host blocks of MODEL, announce them, and serve until Ctrl-C or SIGTERM."""
+    options = {name: value for name, value in locals().items() if name != "verbose"}  # parameters = config fields
     from petals_cli.config import ServerConfig
     from petals_cli.server.host import run_server
 
     setup_logging(verbose)
-    config = ServerConfig.from_sources(
-        model=model,
-        blocks=blocks,
-        new_swarm=new_swarm or None,
-        initial_peers=tuple(initial_peers or ()),
-        host=host,
-        port=port,
-        announce_host=announce_host,
-        device=device,
-        dtype=dtype,
-        public_name=public_name,
-        address_file=address_file,
-        cache_tokens=cache_tokens,
-        max_session_length=max_session_length,
-        alloc_timeout=alloc_timeout,
-        session_idle_timeout=session_idle_timeout,
-        identity_path=identity,
-        model_prefix=model_prefix,
-        revision=revision,
-    )
-    run_server(config)
+    options["new_swarm"] = new_swarm or None  # a flag left off defers to PETALS_NEW_SWARM
+    options["initial_peers"] = tuple(initial_peers or ())
+    run_server(ServerConfig.from_sources(**options))

@@ -93,6 +93,11 @@ class ServerConfig(_FromSources):
     max_session_length: int = 8192  # the largest max_length one session may ask for
     alloc_timeout: float = 0.5  # how long a new session waits for a full budget to free up before refusal
     session_idle_timeout: float = 600.0  # a session that sends no step for this long is closed
+    num_blocks: int = 0  # place this many blocks where the swarm needs them (0: see `blocks`)
+    placement_delay: float = 1.0  # at most this random wait before choosing blocks, to spread servers out
+    balance_period: float = 60.0  # seconds between rebalancing checks of auto-placed servers (0: never)
+    balance_quality: float = 0.15  # move only if the weakest block gets this much (a fraction) stronger
+    network_rps: float = 0.0  # the network's limit in steps/s, when known; 0 = unknown (never guessed)
     announce_period: float = 30.0
     revision: str = ""
     token: str = ""
@@ -111,6 +116,8 @@ class ServerConfig(_FromSources):
             raise ConfigError("--cache-tokens must be >= 0 and --max-session-length > 0")
         if self.alloc_timeout < 0 or self.session_idle_timeout <= 0:
             raise ConfigError("--alloc-timeout must be >= 0 and --session-idle-timeout > 0")
+        if self.num_blocks < 0 or self.placement_delay < 0 or self.balance_period < 0 or self.network_rps < 0:
+            raise ConfigError("--num-blocks, placement delay, balance period and --network-rps must be >= 0")
         if self.announce_period <= 0:
             raise ConfigError("announce period must be positive")
 

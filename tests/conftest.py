@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PETALS_CACHE_DIR", tempfile.mkdtemp(prefix="petals-test-cache-"))  # throughput cache
 
 SERVER_START_TIMEOUT = 90.0
 
@@ -42,7 +44,7 @@ class ServerProcess:
 
 @dataclass
 class Swarm:
-    """Real servers for one model; ``initial_peers`` is the first server's address."""
+    """Real servers for one model; ``initial_peers`` is the address of the first live one."""
 
     model: Path
     workdir: Path
@@ -50,7 +52,11 @@ class Swarm:
 
     @property
     def initial_peers(self) -> list[str]:
-        return self.servers[0].addresses()[:1]
+        """The address of the first server still running."""
+        for server in self.servers:
+            if server.process.poll() is None and server.address_file.exists():
+                return server.addresses()[:1]
+        raise RuntimeError("no server of this swarm is running")
 
     def start(self, blocks: str, *extra: str, model: Path | None = None, wait: bool = True) -> ServerProcess:
         index = len(self.servers)

@@ -48,6 +48,7 @@ class Session:
     peer: str = ""
     position: int = 0
     broken: bool = False  # a step failed half-way; the session ends after reporting it
+    moved: bool = False  # the server now holds other blocks: the session ends at its next step
 
 
 class BlockHandler:
@@ -190,7 +191,17 @@ class BlockHandler:
             session.peer,
         )
 
+    def replace_span(self, span: SpanRunner) -> None:
+        """Serve other blocks from now on (rebalancing). Open sessions end at their next step, with a
+        ServerError their clients fail over on; their caches belong to the old blocks."""
+        self.span = span
+        for session in self.sessions.values():
+            session.moved = True
+
     async def _inference_step(self, session: Session, message) -> runtime_pb2.ExpertResponse:
+        if session.moved:
+            session.broken = True
+            return transport.error_response(ServerError("this server moved to other blocks; open a new session"))
         try:
             step = StepRequest.from_wire(transport.unpack(message.metadata))
             if len(message.tensors) != 1:

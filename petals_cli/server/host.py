@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
+import random
 import signal
 import time
 from pathlib import Path
@@ -23,11 +25,15 @@ from hivemind.proto import runtime_pb2
 
 from petals_cli import __version__, transport
 from petals_cli.checkpoint import resolve_model
-from petals_cli.config import ServerConfig, parse_blocks
+from petals_cli.config import ServerConfig
 from petals_cli.dht import announce_blocks, announce_model, fetch_snapshot, start_dht
+from petals_cli.errors import ConfigError
 from petals_cli.server.blocks import load_span, read_model_config, resolve_dtype
 from petals_cli.server.cache import CacheBudget
 from petals_cli.server.handler import BlockHandler
+from petals_cli.server.placement import blocks_that_fit, choose_initial_span, parse_placement
+from petals_cli.server.selection import rebalance
+from petals_cli.server.throughput import Throughput, get_throughput, throughput_key
 from petals_cli.wire import ModelIndexEntry, ServerInfo, ServerState, model_prefix_for
 
 logger = logging.getLogger(__name__)
@@ -48,7 +54,15 @@ class Server:
         self.config = config
         self.source = resolve_model(config.model, revision=config.revision or None, token=config.token or None)
         self.model = read_model_config(self.source)
-        self.start, self.end = parse_blocks(config.blocks, self.model.num_blocks)
+        self.fixed_span, self.placement_count = parse_placement(config.blocks, self.model.num_blocks)
+        if config.num_blocks:
+            if self.fixed_span is not None:
+                raise ConfigError(
+                    "--num-blocks places the server itself; it cannot be combined with --blocks START:END"
+                )
+            self.placement_count = min(config.num_blocks, self.model.num_blocks)
+        self.start, self.end = self.fixed_span or (0, 0)
+        self.throughput: Throughput | None = None
         self.prefix = config.model_prefix or model_prefix_for(config.model)
         self.dtype = resolve_dtype(config.dtype, self.model.config)
         self.state = ServerState.JOINING
@@ -69,6 +83,9 @@ class Server:
             dtype=str(self.dtype).replace("torch.", ""),
             cache_tokens_left=self.budget.tokens_left,
             public_name=self.config.public_name,
+            throughput=self.throughput.effective if self.throughput else 0.0,
+            inference_rps=self.throughput.inference_rps if self.throughput else 0.0,
+            forward_rps=self.throughput.forward_rps if self.throughput else 0.0,
             pings=dict(self._pings),
         )
 
@@ -76,13 +93,6 @@ class Server:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._request_stop)
-        started = time.perf_counter()
-        span = await asyncio.to_thread(
-            load_span, self.source, self.model, self.start, self.end, device=self.config.device, dtype=self.dtype
-        )
-        logger.info(
-            "blocks %d:%d of %s loaded in %.1fs", self.start, self.end, self.prefix, time.perf_counter() - started
-        )
         p2p = await transport.create_p2p(
             self.config.host,
             self.config.port,
@@ -90,17 +100,27 @@ class Server:
             announce_host=self.config.announce_host or None,
             identity_path=self.config.identity_path or None,
         )
-        handler = BlockHandler(
-            span,
-            self.prefix,
-            self.budget,
-            max_session_length=self.config.max_session_length,
-            alloc_timeout=self.config.alloc_timeout,
-            session_idle_timeout=self.config.session_idle_timeout,
-            info=self.info,
-        )
+        handler, rebalancing = None, None
         try:
             node = await start_dht(p2p, self.config.initial_peers, client_mode=False)
+            if self.fixed_span is None:
+                length = self.placement_count or blocks_that_fit(
+                    self.model.config, self.model.num_blocks, self.dtype, self.config.device, self.config.cache_tokens
+                )
+                self.start, self.end = await choose_initial_span(
+                    node, self.prefix, self.model.num_blocks, length, max_delay=self.config.placement_delay
+                )
+            await self._announce(node, p2p)  # JOINING: servers choosing blocks now see this span taken
+            span = await self._load(self.start, self.end)
+            handler = BlockHandler(
+                span,
+                self.prefix,
+                self.budget,
+                max_session_length=self.config.max_session_length,
+                alloc_timeout=self.config.alloc_timeout,
+                session_idle_timeout=self.config.session_idle_timeout,
+                info=self.info,
+            )
             await transport.BlocksService().add_p2p_handlers(p2p, wrapper=handler)
             self.state = ServerState.ONLINE
             await self._announce(node, p2p)
@@ -109,16 +129,73 @@ class Server:
             logger.info("serving blocks %d:%d of %s as %s", self.start, self.end, self.prefix, p2p.peer_id)
             for maddr in maddrs:
                 print(maddr, flush=True)
+            if self.fixed_span is None and self.config.balance_period > 0:
+                rebalancing = asyncio.create_task(self._rebalance_forever(node, p2p, handler))
             await self._announce_until_stopped(node, p2p)
             self.state = ServerState.OFFLINE
             await asyncio.wait_for(self._announce(node, p2p), timeout=OFFLINE_GRACE)
         except TimeoutError:
             logger.warning("could not announce OFFLINE in time; records will expire by themselves")
         finally:
+            if rebalancing is not None:
+                rebalancing.cancel()
             self._remove_address_file()
-            handler.shutdown()
+            if handler is not None:
+                handler.shutdown()
             await p2p.shutdown()
         logger.info("server stopped")
+
+    async def _load(self, start: int, end: int):
+        """Load blocks [start, end) off the event loop, and know (measure once, then cache) their speed."""
+        started = time.perf_counter()
+        span = await asyncio.to_thread(
+            load_span, self.source, self.model, start, end, device=self.config.device, dtype=self.dtype
+        )
+        logger.info("blocks %d:%d of %s loaded in %.1fs", start, end, self.prefix, time.perf_counter() - started)
+        if self.throughput is None:
+            key = throughput_key(self.prefix, self.config.device, self.dtype)
+            self.throughput = await asyncio.to_thread(get_throughput, span, key, network_rps=self.config.network_rps)
+        return span
+
+    async def _rebalance_forever(self, node, p2p, handler: BlockHandler) -> None:
+        own = p2p.peer_id.to_base58()
+        while True:
+            await asyncio.sleep(self.config.balance_period * random.uniform(0.8, 1.2))
+            try:
+                snapshot = await fetch_snapshot(node, self.prefix, self.model.num_blocks)
+                decision = rebalance(
+                    snapshot,
+                    own,
+                    (self.start, self.end),
+                    self.throughput.effective,
+                    balance_quality=self.config.balance_quality,
+                )
+                if decision.move:
+                    await self._move(node, p2p, handler, decision)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a failed check is retried at the next period
+                logger.warning("rebalancing check failed", exc_info=True)
+
+    async def _move(self, node, p2p, handler: BlockHandler, decision) -> None:
+        """Load the new blocks while still serving the old ones, then switch and re-announce both."""
+        new_start, new_end = decision.new_span
+        logger.info(
+            "moving from blocks %d:%d to %d:%d (weakest block %.1f -> %.1f)",
+            self.start,
+            self.end,
+            new_start,
+            new_end,
+            decision.min_before,
+            decision.min_after,
+        )
+        span = await self._load(new_start, new_end)
+        old = dataclasses.replace(self.info(), state=ServerState.OFFLINE)
+        handler.replace_span(span)
+        self.start, self.end = new_start, new_end
+        expiration = max(self.config.announce_period * 2.5, 10.0)
+        await announce_blocks(node, self.prefix, p2p.peer_id.to_base58(), old, expiration=expiration)
+        await self._announce(node, p2p)
 
     def _request_stop(self) -> None:
         self._stop.set()

@@ -1,0 +1,76 @@
+"""Deciding a server's span at start-up and moving it later: the I/O around ``selection``'s pure choices.
+
+``--blocks START:END`` is taken as given. ``--blocks N`` (or ``--num-blocks N``) and ``--blocks auto`` (as
+many blocks as fit in the device's free memory next to the cache budget) pick the span that strengthens the
+swarm's weakest blocks, after a random delay so servers started together do not all pick the same one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+
+import torch
+
+from petals_cli.config import parse_blocks
+from petals_cli.dht import fetch_snapshot
+from petals_cli.errors import ConfigError
+from petals_cli.families.base import text_config
+from petals_cli.server.selection import block_throughputs, choose_span
+
+logger = logging.getLogger(__name__)
+MEMORY_FRACTION = 0.8  # of the free memory a server lets itself use for blocks and caches
+
+
+def parse_placement(spec: str, num_blocks: int) -> tuple[tuple[int, int] | None, int | None]:
+    """'START:END' -> a fixed span; 'N' -> N blocks placed by the swarm; 'auto' -> (None, None)."""
+    spec = (spec or "auto").strip()
+    if spec == "auto":
+        return None, None
+    if re.fullmatch(r"\d+", spec):
+        count = int(spec)
+        if not 0 < count <= num_blocks:
+            raise ConfigError(f"--blocks {spec}: the model has {num_blocks} blocks")
+        return None, count
+    return parse_blocks(spec, num_blocks), None
+
+
+def blocks_that_fit(config, num_blocks: int, dtype: torch.dtype, device: str, cache_tokens: int) -> int:
+    """How many blocks (with the whole cache budget spread over them) fit in the device's free memory."""
+    config = text_config(config)
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    element = torch.finfo(dtype).bits // 8
+    block_bytes = (2 * hidden * hidden + 2 * hidden * kv_heads * head_dim + 3 * hidden * intermediate) * element
+    cache_bytes_per_block = cache_tokens * 2 * kv_heads * head_dim * element
+    free = free_memory(device)
+    count = int(MEMORY_FRACTION * free // (block_bytes + cache_bytes_per_block))
+    logger.info("%.1f GiB free on %s: room for %d of %d blocks", free / 2**30, device, count, layers)
+    if count < 1:
+        raise ConfigError(f"not even one block fits in the free memory of {device}; lower --cache-tokens")
+    return min(count, num_blocks)
+
+
+def free_memory(device: str) -> int:
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return free
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise ConfigError("cannot tell the free memory of this machine; pass --blocks START:END")
+
+
+async def choose_initial_span(node, prefix: str, num_blocks: int, length: int, *, max_delay: float) -> tuple[int, int]:
+    """Wait a random moment, read the swarm, and pick the span of ``length`` blocks it needs most."""
+    await asyncio.sleep(random.uniform(0, max_delay))
+    snapshot = await fetch_snapshot(node, prefix, num_blocks)
+    span = choose_span(block_throughputs(snapshot), length)
+    logger.info("chose blocks %d:%d (swarm has %d servers for this model)", *span, len(snapshot.servers))
+    return span

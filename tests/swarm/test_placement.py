@@ -1,0 +1,82 @@
+"""Servers that choose their own blocks: placement on an empty swarm, filling gaps, moving after a death."""
+
+import signal
+import time
+
+import pytest
+
+from petals_cli.client import SwarmClient
+from petals_cli.config import ClientConfig
+from petals_cli.testing import make_tiny_model
+from petals_cli.wire import ServerState
+from tests.conftest import Swarm
+
+pytestmark = pytest.mark.slow
+NUM_LAYERS = 6
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-placement", "llama", num_layers=NUM_LAYERS)
+
+
+@pytest.fixture
+def swarm(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("PETALS_PLACEMENT_DELAY", "0")
+    monkeypatch.setenv("PETALS_ANNOUNCE_PERIOD", "2")  # dead servers' records expire within ~10 s
+    monkeypatch.setenv("PETALS_BALANCE_PERIOD", "1")
+    swarm = Swarm(model=model, workdir=tmp_path)
+    yield swarm
+    swarm.stop()
+
+
+def spans(swarm) -> dict[str, tuple[int, int, ServerState]]:
+    client = SwarmClient(ClientConfig(initial_peers=tuple(swarm.initial_peers)))
+    try:
+        snapshot = client.run(client.snapshot("tiny-placement", NUM_LAYERS, max_age=0))
+    finally:
+        client.close()
+    return {peer: (info.start_block, info.end_block, info.state) for peer, info in snapshot.servers.items()}
+
+
+def peer_of(server):
+    return server.addresses()[0].rsplit("/p2p/", 1)[1]
+
+
+def wait_for(condition, seconds=40.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def test_num_blocks_servers_tile_an_empty_swarm_and_auto_fills_a_gap(swarm):
+    first = swarm.start("3")
+    second = swarm.start("auto", "--num-blocks", "3")
+    found = spans(swarm)
+    assert {found[peer_of(first)][:2], found[peer_of(second)][:2]} == {(0, 3), (3, 6)}
+    # Leave a gap at 0:3 by stopping the first server cleanly; a newcomer placed automatically fills it.
+    first.process.send_signal(signal.SIGTERM)
+    first.process.wait(10)
+    third = swarm.start("2")
+    assert spans(swarm)[peer_of(third)][:2] in {(0, 2), (1, 3)}
+
+
+def test_blocks_auto_takes_what_fits_in_memory(swarm):
+    server = swarm.start("auto")
+    assert spans(swarm)[peer_of(server)][:2] == (0, NUM_LAYERS)  # a tiny model fits whole in RAM
+
+
+def test_a_rebalancing_server_moves_to_cover_a_dead_servers_blocks(swarm):
+    left = swarm.start("0:3")
+    right = swarm.start("3:6")
+    mover = swarm.start("3")
+    start, end, _ = spans(swarm)[peer_of(mover)]
+    victim = left if start >= 3 else right  # the fixed server whose blocks the mover does not hold
+    gap = (0, 3) if victim is left else (3, 6)
+    victim.process.send_signal(signal.SIGKILL)
+    victim.process.wait()
+    assert wait_for(lambda: spans(swarm).get(peer_of(mover), (None, None, None))[:2] == gap)
+    assert spans(swarm)[peer_of(mover)][2] == ServerState.ONLINE
