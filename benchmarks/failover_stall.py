@@ -23,8 +23,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the `petals` CLI does for its peers
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.conftest import Swarm  # noqa: E402
+from petals_cli.testing.swarm import Swarm  # noqa: E402
 
 PRESETS = {
     "tiny": dict(model=dict(num_layers=4), first="0:2", last="2:4", new_tokens=400, kill_at=100),

@@ -23,8 +23,7 @@ if "--local-only" not in sys.argv:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the `petals` CLI does for its peers
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.conftest import Swarm  # noqa: E402
+from petals_cli.testing.swarm import Swarm  # noqa: E402
 
 PRESETS = {
     "midsize": dict(

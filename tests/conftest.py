@@ -1,107 +1,24 @@
 """Shared fixtures: tiny models made locally, and real swarms of `petals serve` processes on 127.0.0.1.
 
-Every server is a real child process started through the CLI; the ``Swarm`` helper reaps all of them
-(SIGTERM, then SIGKILL) whatever happens in the test.
+Every server is a real child process started through the CLI; ``Swarm`` (petals_cli.testing.swarm) reaps
+all of them (SIGTERM, then SIGKILL) whatever happens in the test.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from petals_cli.testing.swarm import ServerProcess, Swarm, petals_command
+
+__all__ = ["ServerProcess", "Swarm", "petals_command"]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PETALS_CACHE_DIR", tempfile.mkdtemp(prefix="petals-test-cache-"))  # throughput cache
-
-SERVER_START_TIMEOUT = 90.0
-
-
-def petals_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "petals_cli.commands", *args]
-
-
-@dataclass
-class ServerProcess:
-    blocks: str
-    process: subprocess.Popen
-    address_file: Path
-    log_file: Path
-
-    def addresses(self) -> list[str]:
-        return self.address_file.read_text().split()
-
-    def log(self) -> str:
-        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
-
-
-@dataclass
-class Swarm:
-    """Real servers for one model; ``initial_peers`` is the address of the first live one."""
-
-    model: Path
-    workdir: Path
-    servers: list[ServerProcess] = field(default_factory=list)
-
-    @property
-    def initial_peers(self) -> list[str]:
-        """The address of the first server still running."""
-        for server in self.servers:
-            if server.process.poll() is None and server.address_file.exists():
-                return server.addresses()[:1]
-        raise RuntimeError("no server of this swarm is running")
-
-    def start(self, blocks: str, *extra: str, model: Path | None = None, wait: bool = True) -> ServerProcess:
-        index = len(self.servers)
-        address_file = self.workdir / f"server{index}.addr"
-        log_file = self.workdir / f"server{index}.log"
-        swarm_args = ["--initial-peers", *self.initial_peers] if self.servers else ["--new-swarm"]
-        args = ["serve", str(model or self.model), "--blocks", blocks, "--address-file", str(address_file)]
-        with open(log_file, "wb") as log:
-            process = subprocess.Popen(
-                petals_command(*args, *swarm_args, *extra), stdout=log, stderr=subprocess.STDOUT
-            )
-        server = ServerProcess(blocks, process, address_file, log_file)
-        self.servers.append(server)
-        if wait:
-            self.wait_ready(server)
-        return server
-
-    def wait_ready(self, server: ServerProcess) -> None:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while not (server.address_file.exists() and server.address_file.read_text().strip()):
-            if server.process.poll() is not None:
-                raise RuntimeError(f"server {server.blocks} exited:\n{server.log()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server {server.blocks} did not start:\n{server.log()}")
-            time.sleep(0.05)
-
-    def start_many(self, *spans: str) -> None:
-        """Start the first server, then the rest in parallel."""
-        if not self.servers:
-            self.start(spans[0])
-            spans = spans[1:]
-        started = [self.start(blocks, wait=False) for blocks in spans]
-        for server in started:
-            self.wait_ready(server)
-
-    def stop(self) -> None:
-        for server in self.servers:
-            if server.process.poll() is None:
-                server.process.send_signal(signal.SIGTERM)
-        for server in self.servers:
-            try:
-                server.process.wait(10)
-            except subprocess.TimeoutExpired:
-                server.process.kill()
-                server.process.wait()
 
 
 @pytest.fixture
@@ -117,8 +34,3 @@ def swarm_factory(tmp_path_factory):
     yield make
     for swarm in swarms:
         swarm.stop()
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("models")
