@@ -5,6 +5,7 @@ import sys
 from typing import Annotated
 
 import typer
+
 from petals_cli.commands._errors import handle_errors, setup_logging
 from petals_cli.commands._options import InitialPeersOpt, JsonOpt, ModelArg, ModelPrefixOpt, VerboseOpt
 

@@ -3,6 +3,7 @@
 from typing import Annotated
 
 import typer
+
 from petals_cli.commands._errors import handle_errors, setup_logging
 from petals_cli.commands._options import DeviceOpt, DtypeOpt, InitialPeersOpt, ModelArg, ModelPrefixOpt, VerboseOpt
 
