@@ -37,9 +37,14 @@ demo: install
 completions: install
 	for shell in bash zsh fish; do _PETALS_COMPLETE=source_$$shell $(VENV)/bin/petals > completions/petals.$$shell; done
 
+# The reference configuration: a mid-size Llama (12 layers, hidden 1024) on 3 local servers vs local
+# transformers, 64-token prompt, 128 new tokens; then a tiny model on 2 servers for per-step overhead.
 bench: install
-	$(PY) benchmarks/swarm_vs_local.py --preset midsize
-	$(PY) benchmarks/swarm_vs_local.py --preset tiny
+	$(PY) -m petals_cli.testing make-model .models/bench-midsize --family llama --layers 12 --hidden 1024 \
+		--heads 16 --kv-heads 16 --intermediate 2816 --vocab 32000 --reuse >/dev/null
+	$(PY) -m petals_cli.testing make-model .models/bench-tiny --family llama --layers 4 --reuse >/dev/null
+	$(VENV)/bin/petals bench .models/bench-midsize --local-swarm 3 --compare-local --seq-len 64 --new-tokens 128
+	$(VENV)/bin/petals bench .models/bench-tiny --local-swarm 2 --compare-local --mode inference
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache

@@ -3,8 +3,12 @@
 import os
 
 import typer
+
+from petals_cli.commands.bench import bench
+from petals_cli.commands.chat import chat
 from petals_cli.commands.generate import generate
 from petals_cli.commands.serve import serve
+from petals_cli.commands.swarm import swarm_app
 
 app = typer.Typer(
     help="petals: run large language models collaboratively.",
@@ -14,6 +18,9 @@ app = typer.Typer(
 )
 app.command()(serve)
 app.command()(generate)
+app.command()(chat)
+app.add_typer(swarm_app, name="swarm")
+app.command()(bench)
 
 
 @app.callback(invoke_without_command=True)

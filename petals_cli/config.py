@@ -132,3 +132,26 @@ def parse_blocks(spec: str, num_blocks: int) -> tuple[int, int]:
     if not 0 <= start < end <= num_blocks:
         raise ConfigError(f"--blocks {spec!r}: the model has blocks 0:{num_blocks}")
     return start, end
+
+
+BENCH_MODES = ("inference", "forward", "training", "all")
+
+
+@dataclass(frozen=True)
+class BenchConfig(_FromSources):
+    """What `petals bench` measures."""
+
+    model: str = ""
+    mode: str = "all"
+    seq_len: int = 64
+    batch_size: int = 1
+    new_tokens: int = 128
+    repeats: int = 3
+    compare_local: bool = False
+    local_swarm: int = 0  # start this many servers on 127.0.0.1 splitting the blocks, and stop them after
+
+    def __post_init__(self):
+        if self.mode not in BENCH_MODES:
+            raise ConfigError(f"--mode {self.mode!r}: choose one of {', '.join(BENCH_MODES)}")
+        if min(self.seq_len, self.batch_size, self.new_tokens, self.repeats) < 1 or self.local_swarm < 0:
+            raise ConfigError("--seq-len, --batch-size, --new-tokens and --repeats must be >= 1")

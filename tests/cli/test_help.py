@@ -4,10 +4,21 @@ import subprocess
 import sys
 
 import pytest
-from petals_cli.commands.main import app
 from typer.testing import CliRunner
 
-COMMANDS = [[], ["serve"], ["generate"]]
+from petals_cli.commands.main import app
+
+COMMANDS = [
+    [],
+    ["serve"],
+    ["generate"],
+    ["bench"],
+    ["chat"],
+    ["swarm"],
+    ["swarm", "status"],
+    ["swarm", "top"],
+    ["swarm", "bootstrap"],
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda command: " ".join(command) or "petals")
@@ -38,3 +49,10 @@ def test_top_level_help_does_not_import_heavy_libraries():
 def test_version():
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip()
+
+
+def test_every_swarm_subcommand_is_covered():
+    from petals_cli.commands.swarm import swarm_app
+
+    registered = {command.name or command.callback.__name__ for command in swarm_app.registered_commands}
+    assert registered == {command[1] for command in COMMANDS if command[:1] == ["swarm"] and len(command) == 2}

@@ -1,0 +1,120 @@
+"""`petals chat`: an interactive conversation through the swarm, one inference session across turns."""
+
+import sys
+import threading
+from typing import Annotated
+
+import typer
+
+from petals_cli.commands._errors import handle_errors, setup_logging
+from petals_cli.commands._options import InitialPeersOpt, ModelArg, ModelPrefixOpt, VerboseOpt
+
+HELP = "commands: /reset, /params [temperature=T top_p=P max_tokens=N], /stats, /save FILE, /exit (or Ctrl-D)"
+
+
+@handle_errors
+def chat(
+    model: ModelArg,
+    system: Annotated[str, typer.Option(help="A system prompt.")] = "",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per reply.")] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling probability mass.")] = 1.0,
+    max_length: Annotated[int, typer.Option(min=16, help="Longest conversation, in tokens.")] = 2048,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    initial_peers: InitialPeersOpt = None,
+    model_prefix: ModelPrefixOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Chat with MODEL; replies stream as they are generated. Ctrl-C stops a reply, Ctrl-D leaves."""
+    from petals_cli.chat import Conversation
+    from petals_cli.config import ClientConfig
+    from petals_cli.generation import GenerationOptions, open_model
+
+    setup_logging(verbose)
+    config = ClientConfig.from_sources(initial_peers=tuple(initial_peers or ()), model_prefix=model_prefix)
+    options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    distributed, tokenizer = open_model(model, config)
+    conversation = Conversation(distributed, tokenizer, options, system=system, max_length=max_length)
+    typer.echo(f"chatting with {model}; {HELP}", err=True)
+    try:
+        while (line := _read_line()) is not None:
+            if line.startswith("/"):
+                if not _command(conversation, line):
+                    break
+            elif line.strip():
+                _reply(conversation, line)
+    finally:
+        conversation.close()
+        distributed.close()
+
+
+def _read_line() -> str | None:
+    try:
+        return input("> ")
+    except EOFError:
+        typer.echo("", err=True)
+        return None
+    except KeyboardInterrupt:
+        typer.echo("", err=True)
+        return ""
+
+
+def _reply(conversation, text: str) -> None:
+    from petals_cli.errors import PetalsError
+
+    errors: list[PetalsError] = []
+
+    def work():
+        try:
+            conversation.reply(text, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        except PetalsError as error:
+            errors.append(error)
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    while worker.is_alive():
+        try:
+            worker.join(0.1)
+        except KeyboardInterrupt:
+            conversation.stop.set()  # the reply ends at the next token; the session stays consistent
+            typer.echo(" [stopped]", err=True)
+    typer.echo("")
+    for error in errors:
+        typer.echo(f"error: {error.message} (hint: {error.hint})", err=True)
+
+
+def _command(conversation, line: str) -> bool:
+    """Run an in-chat command; False means leave the chat."""
+    name, _, argument = line.strip().partition(" ")
+    if name == "/exit":
+        return False
+    if name == "/reset":
+        conversation.reset()
+        typer.echo("conversation reset", err=True)
+    elif name == "/stats":
+        typer.echo(
+            f"context {conversation.position}/{conversation.max_length} tokens on the servers; "
+            f"last turn sent {conversation.sent_last_turn} new tokens",
+            err=True,
+        )
+    elif name == "/save" and argument:
+        conversation.save(argument)
+        typer.echo(f"saved to {argument}", err=True)
+    elif name == "/params":
+        names = {"temperature": float, "top_p": float, "max_tokens": int}
+        for pair in argument.split():
+            key, _, value = pair.partition("=")
+            if key not in names:
+                typer.echo(f"unknown parameter {key!r}; known: {', '.join(names)}", err=True)
+                continue
+            try:
+                conversation.set_options(**{"max_new_tokens" if key == "max_tokens" else key: names[key](value)})
+            except ValueError:
+                typer.echo(f"{key} needs a number, got {value!r}", err=True)
+        options = conversation.options
+        typer.echo(
+            f"temperature={options.temperature} top_p={options.top_p} max_tokens={options.max_new_tokens}", err=True
+        )
+    else:
+        typer.echo(HELP, err=True)
+    return True

@@ -1,0 +1,149 @@
+"""`petals swarm status|top|bootstrap`: look at the swarm, watch it live, or run a DHT-only bootstrap peer."""
+
+import json
+from typing import Annotated
+
+import typer
+
+from petals_cli.commands._errors import handle_errors, setup_logging
+from petals_cli.commands._options import InitialPeersOpt, JsonOpt, VerboseOpt
+
+swarm_app = typer.Typer(
+    help="Inspect the swarm, watch it live, or run a bootstrap peer for a private swarm.", no_args_is_help=True
+)
+SwarmModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", help="Only this model (its DHT prefix, or the model path); default: every model."),
+]
+STATE_STYLES = {"online": "green", "joining": "yellow", "offline": "red"}
+SERVER_COLUMNS = (
+    "peer",
+    "name",
+    "span",
+    "state",
+    "throughput",
+    "cache left",
+    "dtype",
+    "version",
+    "link",
+    "rtt",
+    "pings",
+)
+
+
+@swarm_app.command()
+@handle_errors
+def status(
+    model: SwarmModelOpt = None,
+    initial_peers: InitialPeersOpt = None,
+    json_output: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Models served in the swarm, their block coverage, and every server (schema of --json: see README)."""
+    from petals_cli.config import ClientConfig
+    from petals_cli.swarm import read_swarm_status
+
+    setup_logging(verbose)
+    config = ClientConfig.from_sources(initial_peers=tuple(initial_peers or ()))
+    result = read_swarm_status(config, model)
+    if json_output:
+        typer.echo(json.dumps(result.to_json()))
+    else:
+        _render_status(result)
+
+
+@swarm_app.command()
+@handle_errors
+def top(
+    model: SwarmModelOpt = None,
+    interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes.")] = 2.0,
+    initial_peers: InitialPeersOpt = None,
+) -> None:
+    """A live map of the swarm (q quit, r refresh, s sort, / filter, ? help)."""
+    from petals_cli.config import ClientConfig
+    from petals_cli.tui import run_top
+
+    config = ClientConfig.from_sources(initial_peers=tuple(initial_peers or ()))
+    run_top(config, model_prefix=model, interval=interval)
+
+
+@swarm_app.command()
+@handle_errors
+def bootstrap(
+    host: Annotated[str | None, typer.Option(help="Address to listen on.", show_default="127.0.0.1")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (0 = any free port).", show_default="0")] = None,
+    announce_host: Annotated[
+        str | None, typer.Option(help="Public address others should dial, if not the listen address.")
+    ] = None,
+    identity: Annotated[
+        str | None, typer.Option(help="Private key file for a stable peer id (created if missing).")
+    ] = None,
+    address_file: Annotated[
+        str | None, typer.Option(help="Write this peer's multiaddrs here once up; removed on exit.")
+    ] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run a DHT-only peer that others join through; prints their --initial-peers line; Ctrl-C stops it."""
+    from petals_cli.bootstrap import BootstrapConfig, initial_peers_line, run_bootstrap
+
+    setup_logging(verbose)
+    config = BootstrapConfig.from_sources(
+        host=host, port=port, announce_host=announce_host, identity_path=identity, address_file=address_file
+    )
+    run_bootstrap(config, on_ready=lambda maddrs: typer.echo(initial_peers_line(maddrs)))
+
+
+def _render_status(result) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    from petals_cli.swarm import format_ranges
+
+    console = Console()
+    if not console.is_terminal:
+        console.width = 200  # piped: keep whole rows rather than wrapping to 80 columns
+    if not result.models:
+        console.print("no models are served in this swarm yet")
+    for model in result.models:
+        verdict = "[green]healthy[/]"
+        if not model.healthy:
+            verdict = f"[red]broken[/]: no server for blocks {format_ranges(model.missing_blocks)}"
+        console.print(f"[bold]{model.prefix}[/] ({model.family}, {model.num_blocks} blocks, {model.model}): {verdict}")
+        console.print(f"coverage {_coverage_bar(model.coverage)}", highlight=False)
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in SERVER_COLUMNS:
+            table.add_column(column, no_wrap=column != "pings")
+        for server in model.servers:
+            table.add_row(*_server_cells(server))
+        console.print(table)
+
+
+def _server_cells(server) -> list[str]:
+    dtype = server.dtype if server.quantization == "none" else f"{server.dtype}/{server.quantization}"
+    pings = " ".join(f"{peer[-8:]}={_milliseconds(rtt)}" for peer, rtt in server.pings.items())
+    return [
+        server.short_id,
+        server.public_name or "-",
+        f"{server.start_block}:{server.end_block}",
+        f"[{STATE_STYLES.get(server.state, 'white')}]{server.state}[/]",
+        f"{server.throughput:.1f}",
+        str(server.cache_tokens_left),
+        dtype,
+        server.version,
+        server.connection,
+        _milliseconds(server.rtt),
+        pings or "-",
+    ]
+
+
+def _coverage_bar(coverage) -> str:
+    cells = []
+    for count in coverage:
+        style = "red" if count == 0 else "yellow" if count == 1 else "green"
+        cells.append(f"[{style}]{count if count < 10 else '+'}[/]")
+    return "".join(cells)
+
+
+def _milliseconds(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}ms"

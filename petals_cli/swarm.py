@@ -1,0 +1,293 @@
+"""What the swarm looks like right now: models, block coverage and servers, as plain dataclasses.
+
+``swarm_status`` reads the DHT model index and each model's block records through a ``SwarmClient``, pings
+the servers it finds, and aggregates everything into a ``SwarmStatus`` (``to_json`` is the documented
+``petals swarm status --json`` schema). ``StatusFeed`` turns that into a live stream for ``swarm top``: it
+owns its client, yields a status every ``interval`` seconds, and reports failures as a status with an
+``error`` instead of raising. Rendering belongs to the CLI and the TUI; this module only reads.
+Heavy modules (hivemind, the client) are imported inside functions so the TUI can load these types cheaply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from petals_cli.errors import ModelNotServedError, SwarmUnreachableError
+from petals_cli.wire import ModelIndexEntry, ServerInfo, ServerState, SwarmSnapshot, model_prefix_for
+
+SCHEMA_VERSION = 1
+DIRECT, RELAYED, UNKNOWN = "direct", "relayed", "unknown"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerStatus:
+    """One server of one model, as announced, plus what this client measured itself."""
+
+    peer_id: str
+    public_name: str
+    start_block: int
+    end_block: int
+    state: str  # "online", "joining" or "offline"
+    throughput: float
+    inference_rps: float
+    forward_rps: float
+    cache_tokens_left: int
+    dtype: str
+    quantization: str
+    version: str
+    protocol: int
+    adapters: tuple[str, ...]
+    connection: str  # how this client reaches it: "direct", "relayed" or "unknown" (not connected)
+    pings: dict[str, float]  # peer id of a server holding its next block -> round trip it published, seconds
+    rtt: float | None  # this client's own round trip to it, seconds; None when not measured
+
+    @property
+    def short_id(self) -> str:
+        return short_peer_id(self.peer_id)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["adapters"] = list(self.adapters)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelStatus:
+    """One model of the model index: which blocks are covered, and by whom."""
+
+    prefix: str
+    model: str
+    family: str
+    num_blocks: int
+    coverage: tuple[int, ...]  # per block: how many ONLINE servers hold it
+    servers: tuple[ServerStatus, ...]
+
+    @property
+    def missing_blocks(self) -> tuple[int, ...]:
+        return tuple(index for index, count in enumerate(self.coverage) if count == 0)
+
+    @property
+    def healthy(self) -> bool:
+        return self.num_blocks > 0 and not self.missing_blocks
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prefix": self.prefix,
+            "model": self.model,
+            "family": self.family,
+            "num_blocks": self.num_blocks,
+            "healthy": self.healthy,
+            "missing_blocks": list(self.missing_blocks),
+            "coverage": list(self.coverage),
+            "servers": [server.to_json() for server in self.servers],
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class SwarmStatus:
+    """Every model in the swarm at ``taken_at`` (Unix time); ``error`` is set when the swarm could not be read."""
+
+    models: tuple[ModelStatus, ...] = ()
+    taken_at: float = 0.0
+    error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "taken_at": self.taken_at,
+            "error": self.error or None,
+            "models": [model.to_json() for model in self.models],
+        }
+
+
+def short_peer_id(peer_id: str) -> str:
+    return f"…{peer_id[-8:]}" if len(peer_id) > 8 else peer_id
+
+
+def block_ranges(indices: tuple[int, ...] | list[int]) -> list[tuple[int, int]]:
+    """Sorted block indices as [start, end) ranges: (2, 3, 4, 7) -> [(2, 5), (7, 8)]."""
+    ranges: list[tuple[int, int]] = []
+    for index in sorted(indices):
+        if ranges and ranges[-1][1] == index:
+            ranges[-1] = (ranges[-1][0], index + 1)
+        else:
+            ranges.append((index, index + 1))
+    return ranges
+
+
+def format_ranges(indices: tuple[int, ...] | list[int]) -> str:
+    return ", ".join(f"{start}:{end}" for start, end in block_ranges(indices))
+
+
+def connection_kind(addresses: list[str] | None) -> str:
+    """Direct or relayed, from the multiaddrs of this client's connections to a peer; unknown if not connected."""
+    if not addresses:
+        return UNKNOWN
+    return RELAYED if all("/p2p-circuit" in address for address in addresses) else DIRECT
+
+
+def model_status(
+    entry: ModelIndexEntry,
+    snapshot: SwarmSnapshot,
+    *,
+    rtts: dict[str, float] | None = None,
+    connections: dict[str, list[str]] | None = None,
+) -> ModelStatus:
+    """Pure aggregation of one model's snapshot (and this client's measurements) into a ``ModelStatus``."""
+    rtts, connections = rtts or {}, connections or {}
+    servers = tuple(
+        _server_status(peer, info, rtts.get(peer), connections.get(peer))
+        for peer, info in sorted(snapshot.servers.items(), key=lambda item: (item[1].start_block, item[0]))
+    )
+    return ModelStatus(
+        prefix=snapshot.prefix,
+        model=entry.model,
+        family=entry.family,
+        num_blocks=snapshot.num_blocks,
+        coverage=tuple(snapshot.block_coverage()),
+        servers=servers,
+    )
+
+
+def _server_status(peer: str, info: ServerInfo, rtt: float | None, addresses: list[str] | None) -> ServerStatus:
+    return ServerStatus(
+        peer_id=peer,
+        public_name=info.public_name,
+        start_block=info.start_block,
+        end_block=info.end_block,
+        state=info.state.name.lower(),
+        throughput=info.throughput,
+        inference_rps=info.inference_rps,
+        forward_rps=info.forward_rps,
+        cache_tokens_left=info.cache_tokens_left,
+        dtype=info.dtype,
+        quantization=info.quantization,
+        version=info.version,
+        protocol=info.protocol,
+        adapters=tuple(info.adapters),
+        connection=connection_kind(addresses),
+        pings={str(key): float(value) for key, value in info.pings.items() if isinstance(value, (int, float))},
+        rtt=rtt,
+    )
+
+
+async def collect_status(client, model_prefix: str | None = None) -> SwarmStatus:
+    """Read the swarm through ``client`` (runs on the client's event loop). ``model_prefix`` may also be a model
+    path or repo id; a model that is not in the index raises ``ModelNotServedError``."""
+    from petals_cli.dht import fetch_model_index, fetch_snapshot
+
+    index = await fetch_model_index(client.node)
+    if model_prefix is not None:
+        prefix = model_prefix if model_prefix in index else model_prefix_for(model_prefix)
+        if prefix not in index:
+            raise ModelNotServedError(f"no server in the swarm announces model {model_prefix!r}")
+        index = {prefix: index[prefix]}
+    snapshots = await asyncio.gather(*(fetch_snapshot(client.node, p, e.num_blocks) for p, e in index.items()))
+    peers = {
+        peer for snapshot in snapshots for peer, info in snapshot.servers.items() if info.state != ServerState.OFFLINE
+    }
+    answered = dict(zip(peers, await asyncio.gather(*(client.is_alive(peer) for peer in peers)), strict=True))
+    rtts = {peer: client.rtts[peer] for peer, alive in answered.items() if alive and peer in client.rtts}
+    connections: dict[str, list[str]] = {}
+    for peer_info in await client.p2p.list_peers():
+        connections.setdefault(peer_info.peer_id.to_base58(), []).extend(str(addr) for addr in peer_info.addrs)
+    if not index and not connections:
+        raise SwarmUnreachableError("no swarm peer is connected, so the DHT cannot be read")
+    models = tuple(
+        model_status(index[snapshot.prefix], snapshot, rtts=rtts, connections=connections) for snapshot in snapshots
+    )
+    return SwarmStatus(models=models, taken_at=time.time())
+
+
+def swarm_status(client, model_prefix: str | None = None, *, timeout: float = 30.0) -> SwarmStatus:
+    """The sync facade of ``collect_status``."""
+    return client.run(collect_status(client, model_prefix), timeout=timeout)
+
+
+def read_swarm_status(config, model_prefix: str | None = None) -> SwarmStatus:
+    """Join the swarm with ``config`` (a ``ClientConfig``), read its status once, and leave."""
+    from petals_cli.client import SwarmClient
+
+    client = SwarmClient(config)
+    try:
+        return swarm_status(client, model_prefix)
+    finally:
+        client.close()
+
+
+class StatusFeed:
+    """A live stream of ``SwarmStatus`` for ``swarm top``; never raises for network trouble.
+
+    ``stream()`` yields a status at once and then every ``interval`` seconds; each call starts a new stream
+    (that is how the TUI refreshes now) over the same client. The client is created on first use, in a thread,
+    and re-created after the swarm turns out unreachable. ``close()`` releases it.
+    """
+
+    def __init__(
+        self,
+        config,
+        *,
+        model_prefix: str | None = None,
+        interval: float = 2.0,
+        timeout: float = 30.0,
+        client_factory: Callable[[Any], Any] | None = None,
+    ):
+        self.config, self.model_prefix, self.interval, self.timeout = config, model_prefix, interval, timeout
+        self._client_factory = client_factory
+        self._client = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    async def stream(self) -> AsyncIterator[SwarmStatus]:
+        while True:
+            yield await self.read()
+            await asyncio.sleep(self.interval)
+
+    async def read(self) -> SwarmStatus:
+        try:
+            client = await asyncio.to_thread(self._connected_client)
+            future = asyncio.run_coroutine_threadsafe(collect_status(client, self.model_prefix), client.loop)
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # reported to the user in the status; the next read tries again
+            if isinstance(error, SwarmUnreachableError | TimeoutError):
+                self._drop_client()
+            return SwarmStatus(taken_at=time.time(), error=self._describe(error))
+
+    def _connected_client(self):
+        with self._lock:
+            if self._closed:
+                raise SwarmUnreachableError("the status feed is closed")
+            if self._client is None:
+                if self._client_factory is None:
+                    from petals_cli.client import SwarmClient
+
+                    self._client_factory = SwarmClient
+                self._client = self._client_factory(self.config)
+            return self._client
+
+    def _drop_client(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            threading.Thread(target=client.close, name="petals-feed-close", daemon=True).start()
+
+    def _describe(self, error: Exception) -> str:
+        if isinstance(error, TimeoutError):
+            return f"swarm unreachable: no answer within {self.timeout:g}s"
+        if isinstance(error, SwarmUnreachableError):
+            return f"swarm unreachable: {error}"
+        return str(error) or type(error).__name__
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()

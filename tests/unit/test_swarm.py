@@ -1,0 +1,110 @@
+"""Swarm status aggregation (pure) and the live feed's error reporting, without a network."""
+
+import asyncio
+
+from petals_cli.errors import SwarmUnreachableError
+from petals_cli.swarm import (
+    SCHEMA_VERSION,
+    StatusFeed,
+    SwarmStatus,
+    block_ranges,
+    connection_kind,
+    format_ranges,
+    model_status,
+)
+from petals_cli.wire import ModelIndexEntry, ServerInfo, ServerState, SwarmSnapshot
+
+ENTRY = ModelIndexEntry(model="org/tiny", num_blocks=6, family="llama")
+
+
+def info(start, end, state=ServerState.ONLINE, **extra) -> ServerInfo:
+    return ServerInfo(state=state, start_block=start, end_block=end, version="0.1.0", **extra)
+
+
+def test_model_status_counts_only_online_servers_and_sorts_by_span():
+    snapshot = SwarmSnapshot(
+        prefix="tiny",
+        num_blocks=6,
+        servers={
+            "peer-c": info(3, 6, ServerState.OFFLINE),
+            "peer-b": info(2, 4, ServerState.JOINING),
+            "peer-a": info(0, 3, public_name="alpha", pings={"peer-x": 0.01}),
+        },
+    )
+    status = model_status(ENTRY, snapshot, rtts={"peer-a": 0.002}, connections={"peer-a": ["/ip4/1.2.3.4/tcp/1"]})
+    assert status.coverage == (1, 1, 1, 0, 0, 0) and status.missing_blocks == (3, 4, 5) and not status.healthy
+    assert [server.peer_id for server in status.servers] == ["peer-a", "peer-b", "peer-c"]
+    first, second, third = status.servers
+    assert (first.state, first.public_name, first.rtt, first.connection) == ("online", "alpha", 0.002, "direct")
+    assert first.pings == {"peer-x": 0.01}
+    assert (second.state, second.rtt, second.connection) == ("joining", None, "unknown")
+    assert third.state == "offline"
+
+
+def test_json_schema_is_stable():
+    snapshot = SwarmSnapshot(prefix="tiny", num_blocks=6, servers={"peer-a": info(0, 6, adapters=("lora",))})
+    document = SwarmStatus(models=(model_status(ENTRY, snapshot),), taken_at=12.5).to_json()
+    assert document["schema_version"] == SCHEMA_VERSION == 1
+    assert (document["taken_at"], document["error"]) == (12.5, None)
+    (model,) = document["models"]
+    assert set(model) == {
+        "prefix",
+        "model",
+        "family",
+        "num_blocks",
+        "healthy",
+        "missing_blocks",
+        "coverage",
+        "servers",
+    }
+    assert model["healthy"] is True and model["coverage"] == [1] * 6
+    assert set(model["servers"][0]) == {
+        "peer_id",
+        "public_name",
+        "start_block",
+        "end_block",
+        "state",
+        "throughput",
+        "inference_rps",
+        "forward_rps",
+        "cache_tokens_left",
+        "dtype",
+        "quantization",
+        "version",
+        "protocol",
+        "adapters",
+        "connection",
+        "pings",
+        "rtt",
+    }
+    assert model["servers"][0]["adapters"] == ["lora"]
+
+
+def test_block_ranges_and_connection_kinds():
+    assert block_ranges([7, 2, 3, 4]) == [(2, 5), (7, 8)] and format_ranges((0, 1, 5)) == "0:2, 5:6"
+    assert connection_kind(None) == connection_kind([]) == "unknown"
+    assert connection_kind(["/ip4/1.2.3.4/tcp/5/p2p/QmRelay/p2p-circuit"]) == "relayed"
+    assert connection_kind(["/ip4/1.2.3.4/tcp/5/p2p/QmRelay/p2p-circuit", "/ip4/5.6.7.8/tcp/9"]) == "direct"
+
+
+def test_feed_reports_an_unreachable_swarm_as_a_status_and_retries():
+    attempts = []
+
+    def unreachable(config):
+        attempts.append(config)
+        raise SwarmUnreachableError("cannot reach initial peers /ip4/127.0.0.1/tcp/9")
+
+    feed = StatusFeed(object(), interval=0.01, client_factory=unreachable)
+
+    async def two_statuses():
+        stream = feed.stream()
+        statuses = [await anext(stream), await anext(stream)]
+        await stream.aclose()
+        return statuses
+
+    try:
+        statuses = asyncio.run(two_statuses())
+    finally:
+        feed.close()
+    assert [status.error.startswith("swarm unreachable: cannot reach") for status in statuses] == [True, True]
+    assert len(attempts) == 2 and all(status.taken_at > 0 and not status.models for status in statuses)
