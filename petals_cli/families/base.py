@@ -9,6 +9,7 @@ with ``assign=True``, so nothing is allocated twice. This module knows nothing a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ class Family:
     embedding_modules: tuple[str, ...]  # applied in order on the client before the first block
     final_norm: str  # full-model path of the norm after the last block
     lm_head: str = "lm_head"
+    # Reads a span's block tensors when checkpoints name them unlike the modules do (e.g. Mixtral's per-expert
+    # tensors, fused in transformers 5): ``(load, wanted, config) -> {module name: tensor}``; None reads as named.
+    read_blocks: Callable[[Callable, dict[str, str], object], dict] | None = None
 
     @property
     def layers_attr(self) -> str:
@@ -78,19 +82,56 @@ def materialize(module: nn.Module, tensors: dict, config, device: str, dtype: to
         raise UnsupportedModelError(f"checkpoint lacks tensors: {still_meta[:4]}")
     for path, sub in list(module.named_modules()):
         if any(buffer.is_meta for buffer in sub.buffers(recurse=False)):
-            set_module(module, path, _rebuild_buffers_module(sub, config, device))
+            rebuilt = _rebuild_buffers_module(sub, config, device)
+            if rebuilt is None:
+                _init_buffers(module, sub, device)
+            else:
+                set_module(module, path, rebuilt)
     module.to(device=device, dtype=dtype)
     module.requires_grad_(False)
 
 
-def _rebuild_buffers_module(module: nn.Module, config, device: str) -> nn.Module:
+def _rebuild_buffers_module(module: nn.Module, config, device: str) -> nn.Module | None:
     # Rotary embeddings and the like compute their buffers from the config in __init__.
     for kwargs in ({"config": config, "device": device}, {"config": config}):
         try:
             return type(module)(**kwargs)
         except TypeError:
             continue
-    raise UnsupportedModelError(f"cannot rebuild {type(module).__name__} outside the meta device")
+    return None
+
+
+def _init_buffers(root: nn.Module, module: nn.Module, device: str) -> None:
+    """Compute buffers that come from constructor arguments (e.g. Gemma's embedding scale) as transformers does.
+
+    transformers' ``_init_weights`` sets such buffers after loading; its init functions skip tensors flagged
+    ``_is_hf_initialized``, which is how ``from_pretrained`` keeps loaded weights too.
+    """
+    init_weights = getattr(root, "_init_weights", None)
+    if init_weights is None:
+        raise UnsupportedModelError(f"cannot rebuild {type(module).__name__} outside the meta device")
+    filled = []
+    for name, buffer in list(module.named_buffers(recurse=False)):
+        if buffer.is_meta and buffer.is_floating_point():
+            persistent = name not in module._non_persistent_buffers_set
+            module.register_buffer(name, torch.full_like(buffer, torch.nan, device=device), persistent=persistent)
+            filled.append(name)
+    for parameter in module.parameters(recurse=False):
+        parameter._is_hf_initialized = True
+    with torch.no_grad(), _guarded_torch_init():
+        init_weights(module)
+    buffers = dict(module.named_buffers(recurse=False))
+    if any(buffer.is_meta for buffer in buffers.values()) or any(buffers[name].isnan().any() for name in filled):
+        raise UnsupportedModelError(f"cannot rebuild {type(module).__name__} outside the meta device")
+
+
+def _guarded_torch_init():
+    # Makes plain torch.nn.init calls inside _init_weights respect _is_hf_initialized too.
+    try:
+        from transformers.initialization import guard_torch_init_functions
+    except ImportError:
+        return contextlib.nullcontext()
+    return guard_torch_init_functions()
 
 
 class SpanRunner(nn.Module):
@@ -139,7 +180,8 @@ class SpanRunner(nn.Module):
                 view = copy.copy(self.base)
                 view._modules = dict(self.base._modules)
                 view._modules[self.family.layers_attr] = nn.ModuleList(list(self.layers)[first:last])
-                view.config = span_config(self.config, last - first, self.start + first)
+                # from the built span's config, which carries what construction resolved (attention kernel)
+                view.config = span_config(self.base.config, last - first, first)
                 self._views[key] = view
         return self._views[key]
 
@@ -183,7 +225,10 @@ def build_span(
         for name in base.state_dict()
         if name.startswith(f"{family.layers_attr}.")
     }
-    tensors = load(list(wanted), lambda name: wanted[name])
+    if family.read_blocks is None:
+        tensors = load(list(wanted), wanted.__getitem__)
+    else:
+        tensors = family.read_blocks(load, wanted, config_for_span)
     materialize(base, tensors, config_for_span, device, dtype)
     base.eval()
     return SpanRunner(family, base, config, start, end)

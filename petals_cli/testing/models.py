@@ -19,7 +19,20 @@ from torch import nn
 
 from petals_cli.testing.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, save_tokenizer
 
-SUPPORTED_FAMILIES = ("llama", "bloom")
+SUPPORTED_FAMILIES = (
+    *("llama", "bloom", "llama3", "mistral", "qwen2", "qwen3", "mixtral"),
+    *("falcon", "falcon-7b", "falcon-rw", "gemma"),
+)
+TINY_SLIDING_WINDOW = 12  # mistral, qwen2, qwen3: small, so that tests can exceed it with a short session
+# llama3: Llama 3 rope scaling with a small original context, so that a short session passes it
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=10000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=16,
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MARKER_FILE = "petals_tiny.json"
 MARKER_VERSION = 1  # bump when the same arguments start producing different files
@@ -46,9 +59,11 @@ def make_tiny_model(
 ) -> Path:
     """Build a seeded random-weight model of ``family`` and save it (weights, config, tokenizer) to ``path``.
 
-    ``num_kv_heads`` < ``num_heads`` gives grouped-query attention (llama; bloom ignores it, as it does
-    ``intermediate_size``, always 4 * hidden there, and ``max_position_embeddings``, as ALiBi has no position
-    table; the tokenizer's ``model_max_length`` still records it). ``None`` means one kv head per attention head.
+    ``family`` is one of ``SUPPORTED_FAMILIES``; ``_llama_like_config`` and ``_falcon_config`` say what each
+    variant exercises (sliding windows of ``TINY_SLIDING_WINDOW`` tokens, ``LLAMA3_ROPE`` scaling, experts, ALiBi).
+    ``num_kv_heads`` < ``num_heads`` gives grouped-query attention where the layout has it (not bloom, falcon-7b or
+    falcon-rw); ``None`` means one kv head per attention head. bloom and falcon ignore ``intermediate_size``
+    (4 * hidden there), ALiBi models ``max_position_embeddings`` (the tokenizer's ``model_max_length`` records it).
     ``init_std=None`` picks ``default_init_std(hidden_size)``. The same arguments always produce the same
     weights, whatever ``shards`` is.
     """
@@ -113,41 +128,90 @@ def _validate(arguments: dict) -> None:
         raise ValueError(f"shards must be between 1 and num_layers ({num_layers}), got {shards}")
     if num_heads < 1 or arguments["hidden_size"] % num_heads:
         raise ValueError(f"hidden_size ({arguments['hidden_size']}) must be a multiple of num_heads ({num_heads})")
-    if family == "llama" and num_kv_heads is not None and (num_kv_heads < 1 or num_heads % num_kv_heads):
+    has_kv_heads = family not in ("bloom", "falcon-7b", "falcon-rw")  # those have one fixed layout
+    if has_kv_heads and num_kv_heads is not None and (num_kv_heads < 1 or num_heads % num_kv_heads):
         raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
 
 
 def _make_config(arguments: dict):
     """The transformers config for ``arguments`` (the recorded ``make_tiny_model`` arguments)."""
-    special_ids = dict(bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID)
-    hidden_size, num_heads = arguments["hidden_size"], arguments["num_heads"]
+    hidden_size = arguments["hidden_size"]
     init_std = default_init_std(hidden_size) if arguments["init_std"] is None else arguments["init_std"]
+    common = dict(
+        vocab_size=arguments["vocab_size"],
+        hidden_size=hidden_size,
+        initializer_range=init_std,
+        bos_token_id=BOS_TOKEN_ID,
+        eos_token_id=EOS_TOKEN_ID,
+        pad_token_id=PAD_TOKEN_ID,
+    )
     if arguments["family"] == "bloom":
         from transformers import BloomConfig
 
-        return BloomConfig(
-            vocab_size=arguments["vocab_size"],
-            hidden_size=hidden_size,
-            n_layer=arguments["num_layers"],
-            n_head=num_heads,
-            initializer_range=init_std,
-            **special_ids,
-        )
-    from transformers import LlamaConfig
+        return BloomConfig(n_layer=arguments["num_layers"], n_head=arguments["num_heads"], **common)
+    if arguments["family"].startswith("falcon"):
+        return _falcon_config(arguments, common)
+    return _llama_like_config(arguments, common)
 
+
+def _llama_like_config(arguments: dict, common: dict):
+    """Llama and the families shaped like it, each with the feature its tests must reach in a few tokens.
+
+    ``llama3``: Llama 3 rope scaling with a 16-token original context; ``mistral``: a sliding window on every
+    layer; ``qwen2``/``qwen3``: a sliding window on the upper half of the layers, so spans mix both kinds;
+    ``mixtral``: 4 experts, 2 per token; ``gemma``: tied embeddings, as its checkpoints have.
+    """
+    from transformers import AutoConfig
+
+    family, num_layers, num_heads = arguments["family"], arguments["num_layers"], arguments["num_heads"]
+    hidden_size = arguments["hidden_size"]
     # llama's own ratio: about 8/3 of the hidden size, rounded up to a multiple of 16
     intermediate_size = arguments["intermediate_size"] or (8 * hidden_size // 3 + 15) // 16 * 16
-    return LlamaConfig(
-        vocab_size=arguments["vocab_size"],
-        hidden_size=hidden_size,
+    fields = dict(
         intermediate_size=intermediate_size,
-        num_hidden_layers=arguments["num_layers"],
+        num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=arguments["num_kv_heads"] or num_heads,
         max_position_embeddings=arguments["max_position_embeddings"],
-        initializer_range=init_std,
         tie_word_embeddings=False,
-        **special_ids,
+        **common,
+    )
+    if family != "llama":
+        fields["head_dim"] = hidden_size // num_heads  # gemma and qwen3 default to a fixed head size
+    if family == "llama3":
+        fields["rope_parameters"] = dict(LLAMA3_ROPE)
+    elif family == "mistral":
+        fields["sliding_window"] = TINY_SLIDING_WINDOW
+    elif family in ("qwen2", "qwen3"):
+        fields.update(use_sliding_window=True, sliding_window=TINY_SLIDING_WINDOW, max_window_layers=num_layers // 2)
+    elif family == "mixtral":
+        fields.update(num_local_experts=4, num_experts_per_tok=2)
+    elif family == "gemma":
+        fields["tie_word_embeddings"] = True
+    model_type = "llama" if family == "llama3" else family
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def _falcon_config(arguments: dict, common: dict):
+    """Falcon's three layouts: ``falcon`` the new decoder architecture (Falcon-40B/180B: grouped kv heads, parallel
+    attention and MLP, rotary), ``falcon-7b`` one kv head with parallel attention, ``falcon-rw`` ALiBi, sequential."""
+    from transformers import FalconConfig
+
+    family, num_heads = arguments["family"], arguments["num_heads"]
+    layouts = {
+        "falcon": dict(new_decoder_architecture=True, num_kv_heads=arguments["num_kv_heads"] or num_heads),
+        "falcon-7b": dict(new_decoder_architecture=False, multi_query=True, num_kv_heads=1),
+        "falcon-rw": dict(new_decoder_architecture=False, multi_query=False, num_kv_heads=num_heads),
+    }
+    return FalconConfig(
+        num_hidden_layers=arguments["num_layers"],
+        num_attention_heads=num_heads,
+        parallel_attn=family != "falcon-rw",
+        alibi=family == "falcon-rw",
+        bias=family == "falcon-rw",
+        max_position_embeddings=arguments["max_position_embeddings"],
+        **layouts[family],
+        **common,
     )
 
 
@@ -163,11 +227,13 @@ def _make_model(config, *, init_std: float, seed: int, dtype: torch.dtype) -> nn
 
 @torch.no_grad()
 def _initialize(model: nn.Module, *, init_std: float, seed: int) -> None:
-    """Overwrite every weight from one seeded generator: Linear/Embedding ~ N(0, init_std), biases 0, norms 1.
+    """Overwrite every weight from one seeded generator: matrices ~ N(0, init_std), biases 0, norms 1.
 
-    Weights are drawn in float32 in module order, so a checkpoint's values depend only on the arguments.
-    Rows of the Linear layers (all but the LM head) are centred: otherwise a positive-mean activation such as
-    bloom's GELU adds the same vector at every position, and a tiny bloom greedily collapses onto one token.
+    Matrices are Linear and Embedding weights and any other parameter of two or more dimensions (Mixtral's
+    router and fused experts). Weights are drawn in float32 in module order, so a checkpoint's values depend
+    only on the arguments. Rows of the projections (all but embeddings and the LM head) are centred: otherwise a
+    positive-mean activation such as bloom's GELU adds the same vector at every position, and a tiny bloom
+    greedily collapses onto one token.
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
     output_head = model.get_output_embeddings()
@@ -177,10 +243,10 @@ def _initialize(model: nn.Module, *, init_std: float, seed: int) -> None:
             if id(parameter) in seen:  # tied weights: the first owner (the input embedding) draws them
                 continue
             seen.add(id(parameter))
-            if name == "weight" and isinstance(module, (nn.Linear, nn.Embedding)):
+            if (name == "weight" and isinstance(module, (nn.Linear, nn.Embedding))) or parameter.dim() > 1:
                 weight = torch.randn(parameter.shape, generator=generator).mul_(init_std)
-                if isinstance(module, nn.Linear) and module is not output_head:
-                    weight.sub_(weight.mean(dim=1, keepdim=True))
+                if not isinstance(module, nn.Embedding) and module is not output_head:
+                    weight.sub_(weight.mean(dim=-1, keepdim=True))
                 parameter.copy_(weight)
             elif name == "weight":  # layer norms and RMS norms
                 parameter.fill_(1.0)
@@ -194,7 +260,28 @@ def _state_dict_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
     if getattr(model.config, "tie_word_embeddings", False):
         for tied_name in getattr(model, "_tied_weights_keys", None) or {}:
             state_dict.pop(tied_name, None)
+    if model.config.model_type == "mixtral":
+        state_dict = _per_expert_layout(state_dict)
     return {name: tensor.detach().contiguous() for name, tensor in state_dict.items()}
+
+
+def _per_expert_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mixtral's published layout, which ``save_pretrained`` writes too: one w1/w2/w3 per expert, unfused."""
+    result = {}
+    for name, tensor in state_dict.items():
+        legacy = name.replace(".mlp.", ".block_sparse_moe.")
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            prefix = legacy.removesuffix("gate_up_proj")
+            gate, up = tensor.chunk(2, dim=1)
+            for expert in range(tensor.shape[0]):
+                result[f"{prefix}{expert}.w1.weight"] = gate[expert]
+                result[f"{prefix}{expert}.w3.weight"] = up[expert]
+        elif name.endswith(".mlp.experts.down_proj"):
+            prefix = legacy.removesuffix("down_proj")
+            result.update({f"{prefix}{expert}.w2.weight": tensor[expert] for expert in range(tensor.shape[0])})
+        else:
+            result[legacy] = tensor
+    return result
 
 
 def _remove_old_weights(path: Path) -> None:
