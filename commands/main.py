@@ -42,4 +42,4 @@ def main() -> None:
     # Peers share cores with their libp2p daemons (and, on one machine, with each other): OpenMP threads that
     # spin after every op steal the CPU a waiting peer needs. Must be set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    app()
+    app(prog_name="petals")  # also under `python -m petals_cli.commands`, for usage lines and completion
