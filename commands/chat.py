@@ -1,5 +1,6 @@
 """`petals chat`: an interactive conversation through the swarm, one inference session across turns."""
 
+import signal
 import sys
 import threading
 from typing import Annotated
@@ -31,6 +32,8 @@ def chat(
     from petals_cli.generation import GenerationOptions, open_model
 
     setup_logging(verbose)
+    # Ctrl-C must stop a reply even when a parent shell started us with SIGINT ignored (background jobs).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     config = ClientConfig.from_sources(initial_peers=tuple(initial_peers or ()), model_prefix=model_prefix)
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     distributed, tokenizer = open_model(model, config)

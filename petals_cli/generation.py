@@ -21,6 +21,8 @@ class GenerationOptions:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()  # generation ends at the first of these; the text is cut before it
     seed: int | None = None
 
 
@@ -80,6 +82,38 @@ class _TextStreamer:
         pass
 
 
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """The text before the earliest stop sequence (all of it when none occurs)."""
+    positions = [text.find(sequence) for sequence in stop if sequence and sequence in text]
+    return text[: min(positions)] if positions else text
+
+
+class _StoppingTextStreamer(_TextStreamer):
+    """Streams text but holds back anything that may be the start of a stop sequence, and never emits one."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None], stop: tuple[str, ...]):
+        super().__init__(tokenizer, self._collect)
+        self.forward, self.stop, self.text, self.shown, self.stopped = on_text, stop, "", 0, False
+
+    def _collect(self, piece: str) -> None:
+        if self.stopped:
+            return
+        self.text += piece
+        safe = cut_at_stop(self.text, self.stop)
+        self.stopped = len(safe) < len(self.text)
+        if not self.stopped:  # keep back a tail that could still grow into a stop sequence
+            hold = max((len(sequence) - 1 for sequence in self.stop), default=0)
+            safe = safe[: max(len(safe) - hold, self.shown)]
+        if len(safe) > self.shown:
+            self.forward(safe[self.shown :])
+            self.shown = len(safe)
+
+    def end(self) -> None:
+        if not self.stopped and len(self.text) > self.shown:
+            self.forward(self.text[self.shown :])
+            self.shown = len(self.text)
+
+
 def generate(
     model, tokenizer, prompt: str, options: GenerationOptions, on_text: Callable[[str], None] | None = None
 ) -> GenerationResult:
@@ -87,18 +121,24 @@ def generate(
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids
     if options.seed is not None:
         torch.manual_seed(options.seed)
-    kwargs = dict(max_new_tokens=options.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    kwargs = dict(
+        max_new_tokens=options.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        repetition_penalty=options.repetition_penalty if options.repetition_penalty != 1.0 else None,
+    )
+    if options.stop:
+        kwargs.update(stop_strings=list(options.stop), tokenizer=tokenizer)
     if options.temperature > 0:
         kwargs.update(do_sample=True, temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    streamer = _TextStreamer(tokenizer, on_text) if on_text is not None else None
+    streamer = _StoppingTextStreamer(tokenizer, on_text, options.stop) if on_text is not None else None
     started = time.perf_counter()
     output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs)
     seconds = time.perf_counter() - started
     new_ids = output[0, input_ids.shape[1] :].tolist()
     return GenerationResult(
-        text=tokenizer.decode(new_ids, skip_special_tokens=True),
+        text=cut_at_stop(tokenizer.decode(new_ids, skip_special_tokens=True), options.stop),
         token_ids=new_ids,
         prompt_tokens=input_ids.shape[1],
         new_tokens=len(new_ids),

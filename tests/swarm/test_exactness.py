@@ -120,3 +120,27 @@ def test_cli_generate_json_equals_local_greedy(setup):
     assert output["new_tokens"] == 16 and output["prompt_tokens"] == input_ids.shape[1]
     assert output["text"] == tokenizer.decode(reference, skip_special_tokens=True)
     assert output["seconds"] > 0
+
+
+def run_generate(swarm, *args):
+    command = petals_command("generate", str(swarm.model), *args, "--initial-peers", *swarm.initial_peers)
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+
+
+def test_cli_stop_sequences_cut_the_output_and_a_seed_repeats_sampling(setup):
+    _, local, tokenizer, swarm = setup
+    input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    greedy = local.generate(input_ids, max_new_tokens=24, do_sample=False)[0, input_ids.shape[1] :]
+    text = tokenizer.decode(greedy, skip_special_tokens=True)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    expected = text[: text.find(stop)]
+    stopped = json.loads(run_generate(swarm, "--prompt", PROMPT, "--max-new-tokens", "24", "--stop", stop, "--json"))
+    assert stopped["text"] == expected
+    assert stopped["new_tokens"] < 24
+    streamed = run_generate(swarm, "--prompt", PROMPT, "--max-new-tokens", "24", "--stop", stop, "--stream")
+    assert streamed.rstrip("\n") == expected
+    sampled = ["--prompt", PROMPT, "--max-new-tokens", "16", "--temperature", "1.0", "--top-k", "50", "--seed", "7"]
+    first, second = (json.loads(run_generate(swarm, *sampled, "--json")) for _ in range(2))
+    assert first["token_ids"] == second["token_ids"]
+    other_seed = json.loads(run_generate(swarm, *sampled[:-1], "8", "--json"))
+    assert other_seed["token_ids"] != first["token_ids"]
