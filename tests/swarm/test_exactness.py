@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from petals_cli import AutoDistributedModelForCausalLM
 from petals_cli.testing import make_tiny_model
 from tests.conftest import Swarm, petals_command
+from tests.swarm.checks import assert_input_gradients_match
 
 pytestmark = pytest.mark.slow
 NUM_LAYERS = 6
@@ -83,20 +84,7 @@ def test_logits_match_in_forward_and_in_every_generation_step(setup):
 
 def test_gradients_wrt_input_embeddings_match_local_autograd(setup):
     distributed, local, tokenizer, _ = setup
-    input_ids = tokenizer(
-        [PROMPT, PROMPT[::-1]], return_tensors="pt", padding=True, truncation=True, max_length=8
-    ).input_ids
-    embeddings = local.get_input_embeddings()(input_ids).detach()
-    gradients, losses = [], []
-    for model in (distributed, local):
-        leaf = embeddings.clone().requires_grad_(True)
-        loss = model(inputs_embeds=leaf, labels=input_ids).loss
-        loss.backward()
-        gradients.append(leaf.grad)
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
-    assert gradients[1].abs().sum() > 0
-    torch.testing.assert_close(gradients[0], gradients[1], atol=1e-5, rtol=1e-4)
+    assert_input_gradients_match(distributed, local, tokenizer, PROMPT)
 
 
 def test_cli_generate_json_equals_local_greedy(setup):
