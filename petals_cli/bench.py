@@ -48,7 +48,7 @@ class BenchReport:
         ratios = {}
         for name, measured in self.swarm.items():
             if name in self.local and self.local[name].median > 0 and measured.median > 0:
-                higher_is_better = not measured.unit.startswith("s")
+                higher_is_better = measured.unit != "s"  # "s" = seconds: lower is better
                 ratio = measured.median / self.local[name].median
                 ratios[name] = round(ratio if higher_is_better else 1 / ratio, 3)
         return ratios

@@ -24,3 +24,12 @@ def test_streamer_flushes_the_held_tail_when_no_stop_comes():
     assert "".join(shown) == "abc"  # "EN" might still become "END"
     streamer.end()
     assert "".join(shown) == "abcEN"
+
+
+def test_bench_ratios_read_rates_and_times_the_right_way_round():
+    from petals_cli.bench import BenchReport, Measurement
+
+    report = BenchReport(model="m", config={})
+    report.swarm = {"rate": Measurement("rate", "steps/s", 8.0, 7.0, 9.0), "time": Measurement("t", "s", 2.0, 2, 2)}
+    report.local = {"rate": Measurement("rate", "steps/s", 10.0, 9.0, 11.0), "time": Measurement("t", "s", 1.0, 1, 1)}
+    assert report.ratios() == {"rate": 0.8, "time": 0.5}
