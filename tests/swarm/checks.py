@@ -1,5 +1,7 @@
 """Exactness checks shared by the swarm tests: the distributed model against the same model run locally."""
 
+import time
+
 import torch
 
 
@@ -19,3 +21,13 @@ def assert_input_gradients_match(distributed, local, tokenizer, prompt: str) -> 
     torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
     assert gradients[1].abs().sum() > 0
     torch.testing.assert_close(gradients[0], gradients[1], atol=1e-5, rtol=1e-4)
+
+
+def eventually(predicate, timeout: float = 10.0, interval: float = 0.1) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True

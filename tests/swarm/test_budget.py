@@ -25,6 +25,7 @@ from petals_cli.errors import CacheExhaustedError, InvalidRequestError, SessionE
 from petals_cli.testing import make_tiny_model
 from petals_cli.wire import PROTOCOL_VERSION, ServerInfo, SpanRequest, StepRequest
 from tests.conftest import Swarm
+from tests.swarm.checks import eventually
 
 pytestmark = pytest.mark.slow
 PREFIX = "tiny-budget"
@@ -146,15 +147,6 @@ def announced_tokens_left(client: SwarmClient, peer_id: str) -> int | None:
     snapshot = client.run(fetch_snapshot(client.node, PREFIX, NUM_LAYERS), timeout=10)
     info = snapshot.servers.get(peer_id)
     return None if info is None else info.cache_tokens_left
-
-
-def eventually(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def test_a_full_budget_refuses_new_sessions_while_the_open_one_stays_exact(servers):

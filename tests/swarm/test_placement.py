@@ -1,7 +1,6 @@
 """Servers that choose their own blocks: placement on an empty swarm, filling gaps, moving after a death."""
 
 import signal
-import time
 
 import pytest
 
@@ -10,6 +9,7 @@ from petals_cli.config import ClientConfig
 from petals_cli.testing import make_tiny_model
 from petals_cli.wire import ServerState
 from tests.conftest import Swarm
+from tests.swarm.checks import eventually
 
 pytestmark = pytest.mark.slow
 NUM_LAYERS = 6
@@ -43,15 +43,6 @@ def peer_of(server):
     return server.addresses()[0].rsplit("/p2p/", 1)[1]
 
 
-def wait_for(condition, seconds=40.0):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.5)
-    return True
-
-
 def test_num_blocks_servers_tile_an_empty_swarm_and_auto_fills_a_gap(swarm):
     first = swarm.start("3")
     second = swarm.start("auto", "--num-blocks", "3")
@@ -78,5 +69,5 @@ def test_a_rebalancing_server_moves_to_cover_a_dead_servers_blocks(swarm):
     gap = (0, 3) if victim is left else (3, 6)
     victim.process.send_signal(signal.SIGKILL)
     victim.process.wait()
-    assert wait_for(lambda: spans(swarm).get(peer_of(mover), (None, None, None))[:2] == gap)
+    assert eventually(lambda: spans(swarm).get(peer_of(mover), (None, None, None))[:2] == gap, 40.0, 0.5)
     assert spans(swarm)[peer_of(mover)][2] == ServerState.ONLINE
