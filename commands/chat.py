@@ -9,6 +9,7 @@ import typer
 
 from petals_cli.commands._errors import handle_errors, setup_logging
 from petals_cli.commands._options import InitialPeersOpt, ModelArg, ModelPrefixOpt, VerboseOpt
+from petals_cli.commands._progress import open_model_with_feedback
 
 HELP = "commands: /reset, /params [temperature=T top_p=P max_tokens=N], /stats, /save FILE, /exit (or Ctrl-D)"
 
@@ -29,14 +30,14 @@ def chat(
     """Chat with MODEL; replies stream as they are generated. Ctrl-C stops a reply, Ctrl-D leaves."""
     from petals_cli.chat import Conversation
     from petals_cli.config import ClientConfig
-    from petals_cli.generation import GenerationOptions, open_model
+    from petals_cli.generation import GenerationOptions
 
     setup_logging(verbose)
     # Ctrl-C must stop a reply even when a parent shell started us with SIGINT ignored (background jobs).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     config = ClientConfig.from_sources(initial_peers=tuple(initial_peers or ()), model_prefix=model_prefix)
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    distributed, tokenizer = open_model(model, config)
+    distributed, tokenizer = open_model_with_feedback(model, config)
     conversation = Conversation(distributed, tokenizer, options, system=system, max_length=max_length)
     typer.echo(f"chatting with {model}; {HELP}", err=True)
     try:

@@ -8,12 +8,23 @@ import typer
 
 from petals_cli.commands._errors import handle_errors, setup_logging
 from petals_cli.commands._options import InitialPeersOpt, JsonOpt, ModelArg, ModelPrefixOpt, VerboseOpt
+from petals_cli.commands._progress import open_model_with_feedback
 
 
 @handle_errors
 def generate(
     model: ModelArg,
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The text to continue ('-' reads stdin).")],
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="The text to continue ('-' reads stdin).", show_default=False)
+    ] = None,
+    prompts_file: Annotated[
+        str | None,
+        typer.Option(
+            help="Continue every prompt of FILE (one per line, or JSON lines) in padded batches.",
+            show_default=False,
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch with --prompts-file.")] = 8,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="How many tokens to generate.")] = 32,
     temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature; 0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling probability mass.")] = 1.0,
@@ -34,18 +45,35 @@ def generate(
     json_output: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Generate a continuation of --prompt with MODEL's blocks served by the swarm."""
+    """Generate a continuation of --prompt (or of every prompt in --prompts-file) with MODEL's blocks served by the
+    swarm."""
     from petals_cli.config import ClientConfig
-    from petals_cli.generation import GenerationOptions, generate, open_model
+    from petals_cli.errors import ConfigError
+    from petals_cli.generation import GenerationOptions, generate, generate_batch, read_prompts
 
     setup_logging(verbose)
+    if (prompt is None) == (prompts_file is None):
+        raise ConfigError("give either --prompt or --prompts-file")
     config = ClientConfig.from_sources(
         initial_peers=tuple(initial_peers or ()), model_prefix=model_prefix, route_wait=route_wait
     )
     options = GenerationOptions(max_new_tokens, temperature, top_p, top_k, repetition_penalty, tuple(stop or ()), seed)
+    if prompts_file is not None:
+        prompts = read_prompts(prompts_file)
+        if not prompts:
+            raise ConfigError(f"no prompts in {prompts_file}")
+        distributed, tokenizer = open_model_with_feedback(model, config)
+        try:
+            for first in range(0, len(prompts), batch_size):
+                results = generate_batch(distributed, tokenizer, prompts[first : first + batch_size], options)
+                for index, result in enumerate(results, first):
+                    typer.echo(json.dumps({"index": index, **result.to_json()}) if json_output else result.text)
+        finally:
+            distributed.close()
+        return
     prompt = sys.stdin.read() if prompt == "-" else prompt
     stream = sys.stdout.isatty() if stream is None else stream
-    distributed, tokenizer = open_model(model, config)
+    distributed, tokenizer = open_model_with_feedback(model, config)
     try:
         on_text = (lambda text: (sys.stdout.write(text), sys.stdout.flush())) if stream and not json_output else None
         result = generate(distributed, tokenizer, prompt, options, on_text=on_text)

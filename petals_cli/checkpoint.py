@@ -116,8 +116,12 @@ def load_tensors(
     dtype=None,
     device: str = "cpu",
     files: dict[str, str] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Read the named tensors, opening only the shards that hold them. Missing names raise ModelNotFoundError."""
+    """Read the named tensors, opening only the shards that hold them. Missing names raise ModelNotFoundError.
+
+    ``on_progress(bytes_read, bytes_total)`` is called after each tensor.
+    """
     from safetensors import safe_open
 
     files = weight_map(source) if files is None else files
@@ -126,12 +130,31 @@ def load_tensors(
         if name not in files:
             raise ModelNotFoundError(f"{source.name}: checkpoint has no tensor {name}")
         by_file.setdefault(files[name], []).append(name)
-    tensors = {}
+    tensors, done, total = {}, 0, 0
+    paths = {filename: str(fetch_file(source, filename)) for filename in sorted(by_file)}
+    if on_progress is not None:
+        for filename, file_names in by_file.items():
+            with safe_open(paths[filename], framework="pt") as file:
+                total += sum(_stored_bytes(file.get_slice(name)) for name in file_names)
     for filename, file_names in sorted(by_file.items()):
-        with safe_open(str(fetch_file(source, filename)), framework="pt", device=device) as file:
+        with safe_open(paths[filename], framework="pt", device=device) as file:
             for name in file_names:
                 tensor = file.get_tensor(name)
+                if on_progress is not None:
+                    done += tensor.numel() * tensor.element_size()
+                    on_progress(done, total)
                 tensors[rename(name)] = (
                     tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
                 )
     return tensors
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+
+
+def _stored_bytes(tensor_slice) -> int:
+    """A tensor's size in its checkpoint, from the safetensors header alone."""
+    count = 1
+    for size in tensor_slice.get_shape():
+        count *= size
+    return count * _DTYPE_BYTES.get(tensor_slice.get_dtype(), 1)

@@ -6,6 +6,8 @@ token ids into text pieces as they arrive. Knows nothing about the CLI or the te
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,8 +47,8 @@ class GenerationResult:
         }
 
 
-def open_model(model: str, config: ClientConfig):
-    """The distributed model and its tokenizer."""
+def open_model(model: str, config: ClientConfig, *, on_progress=None, connecting=contextlib.nullcontext):
+    """The distributed model and its tokenizer (``on_progress``, ``connecting``: see ``from_pretrained``)."""
     from transformers import AutoTokenizer
 
     from petals_cli.checkpoint import metadata_dir, resolve_model
@@ -54,7 +56,10 @@ def open_model(model: str, config: ClientConfig):
 
     source = resolve_model(model, revision=config.revision or None, token=config.token or None)
     tokenizer = AutoTokenizer.from_pretrained(metadata_dir(source))
-    return AutoDistributedModelForCausalLM.from_pretrained(model, config=config), tokenizer
+    distributed = AutoDistributedModelForCausalLM.from_pretrained(
+        model, config=config, on_progress=on_progress, connecting=connecting
+    )
+    return distributed, tokenizer
 
 
 class _TextStreamer:
@@ -119,6 +124,92 @@ def generate(
 ) -> GenerationResult:
     """Generate a continuation of ``prompt``; ``on_text`` receives text pieces as tokens arrive."""
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    kwargs = _generate_kwargs(tokenizer, options)
+    streamer = _StoppingTextStreamer(tokenizer, on_text, options.stop) if on_text is not None else None
+    started = time.perf_counter()
+    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs)
+    seconds = time.perf_counter() - started
+    new_ids = output[0, input_ids.shape[1] :].tolist()
+    return GenerationResult(
+        text=cut_at_stop(tokenizer.decode(new_ids, skip_special_tokens=True), options.stop),
+        token_ids=new_ids,
+        prompt_tokens=input_ids.shape[1],
+        new_tokens=len(new_ids),
+        seconds=seconds,
+    )
+
+
+def generate_batch(model, tokenizer, prompts: list[str], options: GenerationOptions) -> list[GenerationResult]:
+    """Continue several prompts in one pass: left-padded to one batch, one inference session for all.
+
+    Greedy outputs equal each prompt's output alone; a row that ends early (end of text or a stop sequence)
+    is padded by transformers and trimmed here. ``seconds`` is the whole batch's time.
+    """
+    if not prompts:
+        return []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [tokenizer(prompt).input_ids for prompt in prompts]
+    width = max(len(row) for row in rows)
+    input_ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows])
+    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    kwargs = _generate_kwargs(tokenizer, options)
+    kwargs["pad_token_id"] = pad_id
+    started = time.perf_counter()
+    output = model.generate(input_ids, attention_mask=attention_mask, **kwargs)
+    seconds = time.perf_counter() - started
+    results = []
+    for row, prompt_ids in zip(output[:, width:].tolist(), rows, strict=True):
+        new_ids = _trim_finished(row, tokenizer.eos_token_id, pad_id)
+        results.append(
+            GenerationResult(
+                text=cut_at_stop(tokenizer.decode(new_ids, skip_special_tokens=True), options.stop),
+                token_ids=new_ids,
+                prompt_tokens=len(prompt_ids),
+                new_tokens=len(new_ids),
+                seconds=seconds,
+            )
+        )
+    return results
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a file: one per line, or JSON lines (a string, or an object with "prompt" or "text")."""
+    from pathlib import Path
+
+    from petals_cli.errors import ConfigError
+
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read prompts from {path}: {exc}") from None
+    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    as_json = path.endswith((".jsonl", ".json")) or (numbered and numbered[0][1].lstrip()[:1] in "{\"")
+    if not as_json:
+        return [line for _, line in numbered]
+    prompts = []
+    for number, line in numbered:
+        try:
+            value = json.loads(line)
+        except ValueError:
+            raise ConfigError(f"{path}:{number}: not a JSON line") from None
+        if isinstance(value, dict):
+            value = value.get("prompt", value.get("text"))
+        if not isinstance(value, str):
+            raise ConfigError(f'{path}:{number}: expected a string or an object with a "prompt" string')
+        prompts.append(value)
+    return prompts
+
+
+def _trim_finished(row: list[int], eos_id: int | None, pad_id: int | None) -> list[int]:
+    """A batch row's new tokens up to its end of text; the padding generate() adds after a row finished."""
+    if eos_id is not None and eos_id in row:
+        return row[: row.index(eos_id) + 1]
+    while row and pad_id is not None and pad_id != eos_id and row[-1] == pad_id:
+        row = row[:-1]
+    return row
+
+
+def _generate_kwargs(tokenizer, options: GenerationOptions) -> dict:
     if options.seed is not None:
         torch.manual_seed(options.seed)
     kwargs = dict(
@@ -132,15 +223,4 @@ def generate(
         kwargs.update(do_sample=True, temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    streamer = _StoppingTextStreamer(tokenizer, on_text, options.stop) if on_text is not None else None
-    started = time.perf_counter()
-    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs)
-    seconds = time.perf_counter() - started
-    new_ids = output[0, input_ids.shape[1] :].tolist()
-    return GenerationResult(
-        text=cut_at_stop(tokenizer.decode(new_ids, skip_special_tokens=True), options.stop),
-        token_ids=new_ids,
-        prompt_tokens=input_ids.shape[1],
-        new_tokens=len(new_ids),
-        seconds=seconds,
-    )
+    return kwargs

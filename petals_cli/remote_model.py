@@ -78,14 +78,25 @@ class DistributedModelForCausalLM:
         logits_to_keep=0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ConfigError("padded batches are not supported yet: pass prompts of equal length without padding")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         hidden = self.embed(inputs_embeds)
         if isinstance(past_key_values, RemoteCache):
-            hidden = past_key_values.session.step(hidden).to(hidden.dtype)
+            session = past_key_values.session
+            if attention_mask is not None and (session.padded or not bool(attention_mask.all())):
+                if attention_mask.shape[-1] != session.position + hidden.shape[1]:
+                    raise ConfigError(
+                        f"attention_mask covers {attention_mask.shape[-1]} tokens; the session holds "
+                        f"{session.position} and this step adds {hidden.shape[1]}"
+                    )
+                new_mask = attention_mask[:, -hidden.shape[1] :]
+                hidden = session.step(hidden, attention_mask=new_mask, position_ids=position_ids)
+            else:
+                hidden = session.step(hidden)
+            hidden = hidden.to(inputs_embeds.dtype)
         else:
+            if attention_mask is not None and not bool(attention_mask.all()):
+                raise ConfigError("padding is supported in generation (inference sessions), not in forward passes")
             hidden = self.remote_blocks(hidden)
         hidden = get_module(self, self.petals_family.final_norm)(hidden)
         if logits_to_keep:
@@ -146,8 +157,14 @@ class AutoDistributedModelForCausalLM:
         dtype: str | torch.dtype | None = None,
         revision: str | None = None,
         token: str | None = None,
+        on_progress=None,
+        connecting=contextlib.nullcontext,
     ):
-        """Load the local modules of ``model`` (a directory or hub repo) and connect to the swarm."""
+        """Load the local modules of ``model`` (a directory or hub repo) and connect to the swarm.
+
+        ``on_progress(bytes_read, bytes_total)`` follows the loading of local weights; the swarm connection is
+        made inside the ``connecting()`` context (e.g. a spinner).
+        """
         client_config = config or ClientConfig.from_sources(initial_peers=tuple(initial_peers))
         dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
         instance = cls.load_local_modules(
@@ -156,13 +173,17 @@ class AutoDistributedModelForCausalLM:
             device=client_config.device,
             revision=revision or client_config.revision or None,
             token=token or client_config.token or None,
+            on_progress=on_progress,
         )
         instance.petals_prefix = client_config.model_prefix or model_prefix_for(model)
-        instance.petals_client = SwarmClient(client_config)
+        with connecting():
+            instance.petals_client = SwarmClient(client_config)
         return instance
 
     @classmethod
-    def load_local_modules(cls, model: str, *, dtype: torch.dtype, device: str = "cpu", revision=None, token=None):
+    def load_local_modules(
+        cls, model: str, *, dtype: torch.dtype, device: str = "cpu", revision=None, token=None, on_progress=None
+    ):
         """The distributed model class with only its local modules loaded (not yet connected to a swarm)."""
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -176,7 +197,9 @@ class AutoDistributedModelForCausalLM:
         files = weight_map(source)
         wanted = {locate(name, files, base_prefix=instance.base_model_prefix): name for name in instance.state_dict()}
         wanted = {found: name for found, name in wanted.items() if found in files}  # a tied head may be absent
-        tensors = load_tensors(source, wanted, rename=wanted.__getitem__, dtype=dtype, files=files)
+        tensors = load_tensors(
+            source, wanted, rename=wanted.__getitem__, dtype=dtype, files=files, on_progress=on_progress
+        )
         _tie_embeddings(instance, tensors, hf_config)
         materialize(instance, tensors, local_config, device, dtype)
         instance.eval()

@@ -99,6 +99,9 @@ class InferenceSession:
         self.max_length, self.batch_size = max_length, batch_size
         self.position = 0
         self.failovers = 0
+        # Once a step brings padding, every step sends its mask and positions; kept for replays.
+        self._mask: torch.Tensor | None = None  # [batch, position]
+        self._positions: torch.Tensor | None = None  # [batch, position]
         self._streams: list[_SpanStream] | None = None
         self._closed = False
 
@@ -112,26 +115,60 @@ class InferenceSession:
     def route(self) -> list[RouteSpan]:
         return [stream.span for stream in self._streams or []]
 
-    def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Send new tokens' hidden states [batch, tokens, hidden] through every block; returns the outputs."""
+    @property
+    def padded(self) -> bool:
+        return self._mask is not None
+
+    def step(
+        self,
+        hidden: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Send new tokens' hidden states [batch, tokens, hidden] through every block; returns the outputs.
+
+        Padded batches pass ``attention_mask`` [batch, tokens] (0 = padding) for the new tokens, and optionally
+        their ``position_ids`` (by default each sequence counts only its own tokens).
+        """
         if self._closed:
             raise SessionLengthError("this inference session is closed")
-        if self.position + hidden.shape[1] > self.max_length:
+        tokens = hidden.shape[1]
+        if self.position + tokens > self.max_length:
             raise SessionLengthError(
-                f"session max_length is {self.max_length}; this step would reach {self.position + hidden.shape[1]}"
+                f"session max_length is {self.max_length}; this step would reach {self.position + tokens}"
             )
-        output = self.client.run(self._step(hidden.detach().cpu()))
-        self.position += hidden.shape[1]
+        mask, positions = self._extend_mask(hidden.shape[0], tokens, attention_mask, position_ids)
+        extras = {} if mask is None else {"attention_mask": mask[:, -tokens:], "position_ids": positions[:, -tokens:]}
+        output = self.client.run(self._step(hidden.detach().cpu(), extras))
+        self.position += tokens
+        self._mask, self._positions = mask, positions
         return output
 
-    async def _step(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _extend_mask(self, batch: int, tokens: int, attention_mask, position_ids):
+        """The session's mask and positions after this step; (None, None) while nothing was ever padded."""
+        if self._mask is None and (attention_mask is None or bool(attention_mask.all())):
+            return None, None
+        earlier_mask, earlier_positions = self._mask, self._positions
+        if earlier_mask is None:
+            earlier_mask = torch.ones(batch, self.position, dtype=torch.long)
+            earlier_positions = torch.arange(self.position).expand(batch, -1)
+        new_mask = torch.ones(batch, tokens, dtype=torch.long) if attention_mask is None else attention_mask
+        mask = torch.cat([earlier_mask, new_mask.detach().cpu().long()], dim=1)
+        if position_ids is None:
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = position_ids[..., -tokens:]
+        positions = torch.cat([earlier_positions, position_ids.detach().cpu().long().expand(batch, -1)], dim=1)
+        return mask, positions
+
+    async def _step(self, hidden: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
         if self._streams is None:
             self._streams = await self._reopen(RouteSpan("", 0, self.num_blocks), [])
         index, failures = 0, 0
         while index < len(self._streams):
             stream = self._streams[index]
             try:
-                output = await self._exchange(stream, hidden, self.position)
+                output = await self._exchange(stream, hidden, self.position, extras)
             except ServerFailure as failure:
                 failures += 1
                 if failures > self.client.config.max_retries:
@@ -190,8 +227,17 @@ class InferenceSession:
             raise
         return stream
 
-    async def _exchange(self, stream: _SpanStream, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        stream.outbox.put_nowait(transport.step_request(hidden, transport.pack(StepRequest(position=position))))
+    def _history_extras(self, tokens: int) -> dict[str, torch.Tensor]:
+        """Mask and positions of the session's first ``tokens`` tokens, for replaying them elsewhere."""
+        if self._mask is None:
+            return {}
+        return {"attention_mask": self._mask[:, :tokens], "position_ids": self._positions[:, :tokens]}
+
+    async def _exchange(
+        self, stream: _SpanStream, hidden: torch.Tensor, position: int, extras: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        meta = transport.pack(StepRequest(position=position, extra_tensors=tuple(extras)))
+        stream.outbox.put_nowait(transport.step_request([hidden, *extras.values()], meta))
         response = await self._receive(stream)
         if len(response.tensors) != 1:
             raise ServerFailure(stream.span, f"sent {len(response.tensors)} tensors")
@@ -223,7 +269,7 @@ class InferenceSession:
                 stream = await self._open(span)
                 streams.append(stream)
                 if inputs is not None:
-                    outputs = await self._exchange(stream, inputs, 0)
+                    outputs = await self._exchange(stream, inputs, 0, self._history_extras(inputs.shape[1]))
                     stream.history.append(inputs)
                     inputs = outputs
         except BaseException:

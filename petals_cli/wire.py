@@ -152,11 +152,17 @@ class SpanRequest(WireRecord):
 
 @dataclasses.dataclass(frozen=True)
 class StepRequest(WireRecord):
-    """Metadata of one inference step: where its tokens start in the session."""
+    """Metadata of one inference step: where its tokens start in the session, and what its tensors are.
+
+    The first tensor is always the hidden states [batch, tokens, hidden]; ``extra_tensors`` names the ones
+    after it, in order: ``attention_mask`` [batch, tokens] (0 marks padding; the server remembers it for the
+    session's later steps) and ``position_ids`` [batch, tokens].
+    """
 
     wire_name: ClassVar[str] = "StepRequest"
 
     position: int
+    extra_tensors: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

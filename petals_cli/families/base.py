@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -144,6 +145,8 @@ class SpanRunner(nn.Module):
         self._views: dict[tuple[int, int], nn.Module] = {}
         self._bound: tuple[int, int] | None = None
         self._indexed = [[sub for sub in layer.modules() if hasattr(sub, "layer_idx")] for layer in self.layers]
+        # BLOOM-style models place tokens by the attention mask alone (ALiBi)
+        self._takes_position_ids = "position_ids" in inspect.signature(base.forward).parameters
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -163,12 +166,32 @@ class SpanRunner(nn.Module):
 
         return DynamicCache(config=self._view(start - self.start, end - self.start).config)
 
-    def forward(self, hidden: torch.Tensor, start: int, end: int, cache=None) -> torch.Tensor:
-        """Run blocks [start, end) (absolute indices) on hidden states; extend ``cache`` when given."""
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        start: int,
+        end: int,
+        cache=None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run blocks [start, end) (absolute indices) on hidden states; extend ``cache`` when given.
+
+        ``attention_mask`` [batch, cached + new tokens] marks padding with 0 (padded batches); ``position_ids``
+        [batch, new tokens] then gives each token's position within its own sequence.
+        """
         first, last = start - self.start, end - self.start
         view = self._view(first, last)
         self._bind_layer_indices(first, last)
-        output = view(inputs_embeds=hidden.to(self.dtype), past_key_values=cache, use_cache=cache is not None)
+        kwargs = {}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+            if position_ids is not None and self._takes_position_ids:
+                kwargs["position_ids"] = position_ids
+        output = view(
+            inputs_embeds=hidden.to(self.dtype), past_key_values=cache, use_cache=cache is not None, **kwargs
+        )
         return output[0].to(hidden.dtype)
 
     def _view(self, first: int, last: int) -> nn.Module:

@@ -47,6 +47,7 @@ class Session:
     cache: object
     peer: str = ""
     position: int = 0
+    attention_mask: torch.Tensor | None = None  # [batch, position], once a step has sent padding
     broken: bool = False  # a step failed half-way; the session ends after reporting it
     moved: bool = False  # the server now holds other blocks: the session ends at its next step
 
@@ -204,8 +205,10 @@ class BlockHandler:
             return transport.error_response(ServerError("this server moved to other blocks; open a new session"))
         try:
             step = StepRequest.from_wire(transport.unpack(message.metadata))
-            if len(message.tensors) != 1:
-                raise InvalidRequestError(f"an inference step carries one tensor, got {len(message.tensors)}")
+            if len(message.tensors) != 1 + len(step.extra_tensors):
+                raise InvalidRequestError(
+                    f"an inference step carries {1 + len(step.extra_tensors)} tensors, got {len(message.tensors)}"
+                )
             hidden = self._check_hidden(transport.deserialize(message.tensors[0]), session.request.batch_size)
             if step.position != session.position:
                 raise InvalidRequestError(f"step at position {step.position}, session is at {session.position}")
@@ -214,9 +217,24 @@ class BlockHandler:
                     f"step would reach {session.position + hidden.shape[1]} tokens, max_length is "
                     f"{session.request.max_length}"
                 )
+            extras = self._check_extras(step.extra_tensors, message.tensors[1:], hidden.shape[:2], session)
             request = session.request
-            output = await self._run(self._forward, hidden, request.start_block, request.end_block, session.cache)
+            mask = extras.get("attention_mask")
+            if mask is not None:
+                earlier = session.attention_mask
+                if earlier is None:
+                    earlier = torch.ones(hidden.shape[0], session.position, dtype=mask.dtype)
+                mask = torch.cat([earlier, mask], dim=1)
+            elif session.attention_mask is not None:
+                mask = torch.nn.functional.pad(session.attention_mask, (0, hidden.shape[1]), value=1)
+            positions = extras.get("position_ids")
+            if mask is not None and positions is None:
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, session.position :]
+            output = await self._run(
+                self._forward, hidden, request.start_block, request.end_block, session.cache, mask, positions
+            )
             session.position += hidden.shape[1]
+            session.attention_mask = mask
             return transport.step_response(output, StepResponse(position=session.position))
         except PetalsError as error:
             return transport.error_response(error)
@@ -226,9 +244,29 @@ class BlockHandler:
             session.broken = True
             return transport.error_response(ServerError(f"step failed: {exc.__class__.__name__}: {exc}"))
 
+    def _check_extras(self, names, protos, shape, session: Session) -> dict[str, torch.Tensor]:
+        """The named extra tensors of an inference step, each [batch, tokens] of the step's hidden states."""
+        extras = {}
+        for name, proto in zip(names, protos, strict=True):
+            if name not in ("attention_mask", "position_ids") or name in extras:
+                raise InvalidRequestError(f"unexpected extra tensor {name!r} in an inference step")
+            tensor = transport.deserialize(proto)
+            if tuple(tensor.shape) != tuple(shape):
+                raise InvalidRequestError(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
+            if tensor.is_floating_point() or tensor.is_complex():
+                raise InvalidRequestError(f"{name} must be integer or bool, got {tensor.dtype}")
+            tensor = tensor.long()
+            if name == "attention_mask" and not bool(((tensor == 0) | (tensor == 1)).all()):
+                raise InvalidRequestError("attention_mask values must be 0 or 1")
+            limit = session.request.max_length
+            if name == "position_ids" and not bool(((tensor >= 0) & (tensor < limit)).all()):
+                raise InvalidRequestError(f"position_ids must be in 0..{limit - 1}")
+            extras[name] = tensor
+        return extras
+
     @torch.inference_mode()
-    def _forward(self, hidden, start, end, cache=None):
-        return self.span(hidden, start, end, cache)
+    def _forward(self, hidden, start, end, cache=None, attention_mask=None, position_ids=None):
+        return self.span(hidden, start, end, cache, attention_mask=attention_mask, position_ids=position_ids)
 
     # --- forward / backward (no cache) --------------------------------------------------------------------
 

@@ -53,3 +53,15 @@ def test_debug_shows_the_traceback(tmp_path):
     result = run("generate", str(tmp_path / "missing"), "--prompt", "x", "--initial-peers", UNREACHABLE, env=env)
     assert result.returncode == 3
     assert "Traceback" in result.stderr
+
+
+def test_generate_needs_exactly_one_prompt_source(tmp_path):
+    model = make_tiny_model(tmp_path / "tiny", num_layers=2)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n")
+    both = run("generate", str(model), "--prompt", "x", "--prompts-file", str(prompts), "--initial-peers", UNREACHABLE)
+    assert_one_error_line(both, 2, "--prompts-file")
+    assert_one_error_line(run("generate", str(model), "--initial-peers", UNREACHABLE), 2, "--prompt")
+    prompts.write_text("\n")
+    empty = run("generate", str(model), "--prompts-file", str(prompts), "--initial-peers", UNREACHABLE)
+    assert_one_error_line(empty, 2, "no prompts")

@@ -82,7 +82,7 @@ class RawSession:
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         metadata = transport.pack(StepRequest(position=self.position))
-        self.outbox.put_nowait(transport.step_request(hidden, metadata))
+        self.outbox.put_nowait(transport.step_request([hidden], metadata))
         response = await self.receive()
         self.position = transport.check_response(response).position
         return transport.deserialize(response.tensors[0])

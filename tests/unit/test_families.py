@@ -107,6 +107,46 @@ def test_span_and_its_sub_ranges_match_local_hidden_states_with_and_without_a_ca
             torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=1e-5 * scale, rtol=0)
 
 
+def test_a_left_padded_batch_in_a_span_matches_each_sequence_alone(tiny):
+    path, local = tiny
+    source = resolve_model(str(path))
+    span = load_span(source, read_model_config(source), 1, 4, device="cpu", dtype=torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    lengths, total, new_tokens = (7, 4), 7, 3
+    sequences = [torch.randint(3, 500, (1, length + new_tokens), generator=generator) for length in lengths]
+    with torch.no_grad():
+        alone = [local(ids, output_hidden_states=True).hidden_states for ids in sequences]
+        # left-pad the prompts to one batch; pad embeddings are arbitrary (here: the first token's)
+        hidden = torch.cat(
+            [
+                torch.cat([states[1][:, :1].expand(1, total - length, -1), states[1]], dim=1)
+                for states, length in zip(alone, lengths, strict=True)
+            ]
+        )
+        mask = torch.stack([torch.arange(total + new_tokens) >= total - length for length in lengths]).long()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = span.make_cache(1, 4)
+        outputs = [
+            span(hidden[:, :total], 1, 4, cache, attention_mask=mask[:, :total], position_ids=positions[:, :total])
+        ]
+        for step in range(total, total + new_tokens):
+            outputs.append(
+                span(
+                    hidden[:, step : step + 1],
+                    1,
+                    4,
+                    cache,
+                    attention_mask=mask[:, : step + 1],
+                    position_ids=positions[:, step : step + 1],
+                )
+            )
+    output = torch.cat(outputs, dim=1)
+    for row, (states, length) in enumerate(zip(alone, lengths, strict=True)):
+        expected = states[4][0]
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(output[row, total - length :], expected, atol=1e-5 * scale, rtol=0)
+
+
 def test_client_modules_equal_the_local_model(tiny):
     path, local = tiny
     client = AutoDistributedModelForCausalLM.load_local_modules(str(path), dtype=torch.float32)

@@ -33,3 +33,36 @@ def test_bench_ratios_read_rates_and_times_the_right_way_round():
     report.swarm = {"rate": Measurement("rate", "steps/s", 8.0, 7.0, 9.0), "time": Measurement("t", "s", 2.0, 2, 2)}
     report.local = {"rate": Measurement("rate", "steps/s", 10.0, 9.0, 11.0), "time": Measurement("t", "s", 1.0, 1, 1)}
     assert report.ratios() == {"rate": 0.8, "time": 0.5}
+
+
+def test_read_prompts_takes_lines_or_json_lines(tmp_path):
+    from petals_cli.generation import read_prompts
+
+    plain = tmp_path / "prompts.txt"
+    plain.write_text("first prompt\n\n  second one\n")
+    assert read_prompts(str(plain)) == ["first prompt", "  second one"]
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text('{"prompt": "a\\nb"}\n"plain string"\n{"text": "from text"}\n')
+    assert read_prompts(str(jsonl)) == ["a\nb", "plain string", "from text"]
+
+
+def test_read_prompts_names_the_bad_line(tmp_path):
+    import pytest
+
+    from petals_cli.errors import ConfigError
+    from petals_cli.generation import read_prompts
+
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"other": 1}\n')
+    with pytest.raises(ConfigError, match="prompts.jsonl:2"):
+        read_prompts(str(bad))
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_prompts(str(tmp_path / "missing.txt"))
+
+
+def test_a_finished_batch_row_is_trimmed_like_the_prompt_alone():
+    from petals_cli.generation import _trim_finished
+
+    assert _trim_finished([5, 6, 2, 2, 2], eos_id=2, pad_id=2) == [5, 6, 2]
+    assert _trim_finished([5, 6, 0, 0], eos_id=2, pad_id=0) == [5, 6]  # stopped by a stop string, then padded
+    assert _trim_finished([5, 6, 7], eos_id=2, pad_id=0) == [5, 6, 7]
