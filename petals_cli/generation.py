@@ -183,7 +183,7 @@ def read_prompts(path: str) -> list[str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read prompts from {path}: {exc}") from None
     numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
-    as_json = path.endswith((".jsonl", ".json")) or (numbered and numbered[0][1].lstrip()[:1] in "{\"")
+    as_json = path.endswith((".jsonl", ".json")) or (numbered and numbered[0][1].lstrip()[:1] in '{"')
     if not as_json:
         return [line for _, line in numbered]
     prompts = []
