@@ -32,6 +32,10 @@ def serve(
     ] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    quant: Annotated[
+        str | None,
+        typer.Option(help="Quantise the blocks' weights: none, int8 or nf4 (bitsandbytes).", show_default="none"),
+    ] = None,
     public_name: Annotated[str | None, typer.Option(help="A name shown to others in swarm listings.")] = None,
     address_file: Annotated[
         str | None, typer.Option(help="Write this server's multiaddrs here once serving; removed on exit.")

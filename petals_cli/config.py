@@ -14,6 +14,8 @@ from typing import Any
 
 from petals_cli.errors import ConfigError
 
+QUANT_MODES = ("none", "int8", "nf4")
+
 ENV_PREFIX = "PETALS_"
 
 
@@ -86,6 +88,7 @@ class ServerConfig(_FromSources):
     announce_host: str = ""
     device: str = "cpu"
     dtype: str = "auto"
+    quant: str = "none"  # none, int8 or nf4 (bitsandbytes) for the blocks' linear layers
     public_name: str = ""
     address_file: str = ""
     identity_path: str = ""
@@ -118,6 +121,8 @@ class ServerConfig(_FromSources):
             raise ConfigError("--alloc-timeout must be >= 0 and --session-idle-timeout > 0")
         if self.num_blocks < 0 or self.placement_delay < 0 or self.balance_period < 0 or self.network_rps < 0:
             raise ConfigError("--num-blocks, placement delay, balance period and --network-rps must be >= 0")
+        if self.quant not in QUANT_MODES:
+            raise ConfigError(f"--quant {self.quant!r}: choose one of {', '.join(QUANT_MODES)}")
         if self.announce_period <= 0:
             raise ConfigError("announce period must be positive")
 

@@ -154,7 +154,8 @@ class SpanRunner(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.base.parameters()).dtype
+        """The activations' dtype: that of the first floating-point parameter (quantised weights are not)."""
+        return next(param.dtype for param in self.base.parameters() if param.is_floating_point())
 
     @property
     def device(self) -> torch.device:

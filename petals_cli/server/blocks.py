@@ -10,6 +10,7 @@ import torch
 from petals_cli.checkpoint import ModelSource, load_tensors, locate, metadata_dir, weight_map
 from petals_cli.families import Family, family_for
 from petals_cli.families.base import SpanRunner, build_span, text_config
+from petals_cli.server.quant import quantize_linears
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,17 @@ def resolve_dtype(name: str, config) -> torch.dtype:
 
 
 def load_span(
-    source: ModelSource, model: LoadedModel, start: int, end: int, *, device: str, dtype: torch.dtype
+    source: ModelSource,
+    model: LoadedModel,
+    start: int,
+    end: int,
+    *,
+    device: str,
+    dtype: torch.dtype,
+    quant: str = "none",
 ) -> SpanRunner:
+    """Blocks [start, end) on ``device``; with ``quant`` int8/nf4 their linear layers are quantised (loaded on
+    the CPU first, so the unquantised weights never occupy the device)."""
     files = weight_map(source)
     base_prefix = model.family.block_prefix.split(".")[0]
 
@@ -53,7 +63,12 @@ def load_span(
         found = {locate(name, files, base_prefix=base_prefix): name for name in names}
         return load_tensors(source, found, rename=lambda name: rename(found[name]), dtype=dtype, files=files)
 
-    span = build_span(model.family, model.config, start, end, load, device=device, dtype=dtype)
+    build_device = "cpu" if quant != "none" else device
+    span = build_span(model.family, model.config, start, end, load, device=build_device, dtype=dtype)
+    if quant != "none":
+        count = quantize_linears(span, quant, device)
+        span.to(device)
+        logger.info("quantised %d linear layers to %s", count, quant)
     shards = sorted({files[name] for name in files if _in_span(model.family, name, start, end)})
     logger.info("loaded blocks %d:%d from %s", start, end, ", ".join(shards))
     return span

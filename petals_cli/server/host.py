@@ -32,6 +32,7 @@ from petals_cli.server.blocks import load_span, read_model_config, resolve_dtype
 from petals_cli.server.cache import CacheBudget
 from petals_cli.server.handler import BlockHandler
 from petals_cli.server.placement import blocks_that_fit, choose_initial_span, parse_placement
+from petals_cli.server.quant import check_quant
 from petals_cli.server.selection import rebalance
 from petals_cli.server.throughput import Throughput, get_throughput, throughput_key
 from petals_cli.wire import ModelIndexEntry, ServerInfo, ServerState, model_prefix_for
@@ -65,6 +66,7 @@ class Server:
         self.throughput: Throughput | None = None
         self.prefix = config.model_prefix or model_prefix_for(config.model)
         self.dtype = resolve_dtype(config.dtype, self.model.config)
+        check_quant(config.quant)
         self.state = ServerState.JOINING
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()  # set on stop and whenever the budget changes: the announce loop re-checks
@@ -81,6 +83,7 @@ class Server:
             end_block=self.end,
             version=__version__,
             dtype=str(self.dtype).replace("torch.", ""),
+            quantization=self.config.quant,
             cache_tokens_left=self.budget.tokens_left,
             public_name=self.config.public_name,
             throughput=self.throughput.effective if self.throughput else 0.0,
@@ -105,7 +108,12 @@ class Server:
             node = await start_dht(p2p, self.config.initial_peers, client_mode=False)
             if self.fixed_span is None:
                 length = self.placement_count or blocks_that_fit(
-                    self.model.config, self.model.num_blocks, self.dtype, self.config.device, self.config.cache_tokens
+                    self.model.config,
+                    self.model.num_blocks,
+                    self.dtype,
+                    self.config.device,
+                    self.config.cache_tokens,
+                    self.config.quant,
                 )
                 self.start, self.end = await choose_initial_span(
                     node, self.prefix, self.model.num_blocks, length, max_delay=self.config.placement_delay
@@ -149,11 +157,18 @@ class Server:
         """Load blocks [start, end) off the event loop, and know (measure once, then cache) their speed."""
         started = time.perf_counter()
         span = await asyncio.to_thread(
-            load_span, self.source, self.model, start, end, device=self.config.device, dtype=self.dtype
+            load_span,
+            self.source,
+            self.model,
+            start,
+            end,
+            device=self.config.device,
+            dtype=self.dtype,
+            quant=self.config.quant,
         )
         logger.info("blocks %d:%d of %s loaded in %.1fs", start, end, self.prefix, time.perf_counter() - started)
         if self.throughput is None:
-            key = throughput_key(self.prefix, self.config.device, self.dtype)
+            key = throughput_key(self.prefix, self.config.device, self.dtype, self.config.quant)
             self.throughput = await asyncio.to_thread(get_throughput, span, key, network_rps=self.config.network_rps)
         return span
 

@@ -37,7 +37,12 @@ def parse_placement(spec: str, num_blocks: int) -> tuple[tuple[int, int] | None,
     return parse_blocks(spec, num_blocks), None
 
 
-def blocks_that_fit(config, num_blocks: int, dtype: torch.dtype, device: str, cache_tokens: int) -> int:
+QUANT_BITS = {"none": None, "int8": 8, "nf4": 4.5}  # nf4: 4 bits plus one float scale per 64 weights
+
+
+def blocks_that_fit(
+    config, num_blocks: int, dtype: torch.dtype, device: str, cache_tokens: int, quant: str = "none"
+) -> int:
     """How many blocks (with the whole cache budget spread over them) fit in the device's free memory."""
     config = text_config(config)
     hidden, layers = config.hidden_size, config.num_hidden_layers
@@ -46,7 +51,10 @@ def blocks_that_fit(config, num_blocks: int, dtype: torch.dtype, device: str, ca
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     element = torch.finfo(dtype).bits // 8
-    block_bytes = (2 * hidden * hidden + 2 * hidden * kv_heads * head_dim + 3 * hidden * intermediate) * element
+    weight_bits = QUANT_BITS[quant] or torch.finfo(dtype).bits
+    block_bytes = (
+        (2 * hidden * hidden + 2 * hidden * kv_heads * head_dim + 3 * hidden * intermediate) * weight_bits // 8
+    )
     cache_bytes_per_block = cache_tokens * 2 * kv_heads * head_dim * element
     free = free_memory(device)
     count = int(MEMORY_FRACTION * free // (block_bytes + cache_bytes_per_block))

@@ -95,5 +95,6 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def throughput_key(model: str, device: str, dtype: torch.dtype) -> str:
-    return f"{model}|{device}|{str(dtype).replace('torch.', '')}|torch-{torch.__version__}"
+def throughput_key(model: str, device: str, dtype: torch.dtype, quant: str = "none") -> str:
+    precision = str(dtype).replace("torch.", "") + ("" if quant == "none" else f"+{quant}")
+    return f"{model}|{device}|{precision}|torch-{torch.__version__}"
