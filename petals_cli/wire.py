@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import re
 import types
 import typing
@@ -58,15 +59,28 @@ class WireRecord:
     def from_wire(cls: type[_Record], data: Any) -> _Record:
         if not isinstance(data, dict):
             raise InvalidRequestError(f"{cls.wire_name}: expected a mapping, got {type(data).__name__}")
-        hints = typing.get_type_hints(cls)
         values = {}
-        for field in dataclasses.fields(cls):
-            if field.name not in data:
-                if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-                    raise InvalidRequestError(f"{cls.wire_name}: missing field {field.name!r}")
+        for name, hint, required in _fields_of(cls):
+            if name not in data:
+                if required:
+                    raise InvalidRequestError(f"{cls.wire_name}: missing field {name!r}")
                 continue
-            values[field.name] = _decode_value(cls.wire_name, field.name, hints[field.name], data[field.name])
+            values[name] = _decode_value(cls.wire_name, name, hint, data[name])
         return cls(**values)
+
+
+@functools.cache
+def _fields_of(cls: type) -> tuple[tuple[str, Any, bool], ...]:
+    """(name, type hint, required) of a record's fields; resolving hints is slow, and every step decodes one."""
+    hints = typing.get_type_hints(cls)
+    return tuple(
+        (
+            field.name,
+            hints[field.name],
+            field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING,
+        )
+        for field in dataclasses.fields(cls)
+    )
 
 
 def _decode_value(record: str, name: str, hint: Any, value: Any) -> Any:
