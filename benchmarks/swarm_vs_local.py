@@ -4,7 +4,8 @@
     python benchmarks/swarm_vs_local.py --preset tiny      # per-step overhead, 2 servers
 
 Starts the servers with `petals serve` on 127.0.0.1, measures, stops them, and prints one JSON object:
-tokens/s both ways, their ratio, per-step latency and overhead, and each server's peak resident memory.
+tokens/s both ways, their ratio, per-step latency and overhead, and each server's memory next to its span's
+weights and what the interpreter alone takes.
 """
 
 from __future__ import annotations
@@ -38,11 +39,50 @@ PRESETS = {
 }
 
 
-def peak_rss_mib(pid: int) -> float:
+def memory_mib(pid: int) -> dict[str, float]:
+    """Peak resident memory, and the private (anonymous) part now: the shared libraries' pages are not in it."""
+    fields = {"VmHWM": "peak_rss", "RssAnon": "anon_rss"}
+    found = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+        name, _, value = line.partition(":")
+        if name in fields:
+            found[fields[name]] = round(int(value.split()[0]) / 1024, 1)
+    return found
+
+
+def span_weights_mib(model_path: Path, spans) -> dict[str, float]:
+    from safetensors import safe_open
+
+    from petals_cli.checkpoint import resolve_model, weight_map
+
+    sizes: dict[int, int] = {}
+    source = resolve_model(str(model_path))
+    for name, filename in weight_map(source).items():
+        if name.startswith("model.layers."):
+            with safe_open(str(model_path / filename), framework="pt") as file:
+                tensor = file.get_slice(name)
+                count = 1
+                for size in tensor.get_shape():
+                    count *= size
+            index = int(name.split(".")[2])
+            sizes[index] = sizes.get(index, 0) + 4 * count
+    result = {}
+    for span in spans:
+        start, end = map(int, span.split(":"))
+        result[span] = round(sum(sizes.get(index, 0) for index in range(start, end)) / 2**20, 1)
+    return result
+
+
+def interpreter_baseline_mib() -> dict[str, float]:
+    """Memory of a process that has imported what a server imports, before loading any weights."""
+    code = "import petals_cli.server.host, time; print(open('/proc/self/status').read())"
+    status = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    found = {}
+    for line in status.splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssAnon"):
+            found["rss" if name == "VmRSS" else "anon_rss"] = round(int(value.split()[0]) / 1024, 1)
+    return found
 
 
 def timed_generate(model, input_ids, new_tokens: int, repeats: int) -> list[float]:
@@ -124,7 +164,7 @@ def main() -> None:
         swarm_times = timed_generate(distributed, input_ids, new_tokens, args.repeats)
         swarm_steps = step_times(distributed, input_ids, new_tokens)
         distributed.close()
-        peaks = {server.blocks: round(peak_rss_mib(server.process.pid), 1) for server in swarm.servers}
+        memory = {server.blocks: memory_mib(server.process.pid) for server in swarm.servers}
     finally:
         swarm.stop()
 
@@ -141,7 +181,9 @@ def main() -> None:
         "local_step_ms": round(1000 * statistics.median(local_steps), 2),
         "swarm_step_ms": round(1000 * statistics.median(swarm_steps), 2),
         "step_overhead_ms": round(1000 * (statistics.median(swarm_steps) - statistics.median(local_steps)), 2),
-        "server_peak_rss_mib": peaks,
+        "server_memory_mib": memory,
+        "span_weights_mib": span_weights_mib(model_path, preset["spans"]),
+        "server_interpreter_baseline_mib": interpreter_baseline_mib(),
     }
     print(json.dumps(result, indent=2))
 
