@@ -7,7 +7,17 @@ from typing import Annotated
 import typer
 
 from petals_cli.commands._errors import handle_errors, setup_logging
-from petals_cli.commands._options import InitialPeersOpt, JsonOpt, ModelArg, ModelPrefixOpt, VerboseOpt
+from petals_cli.commands._options import (
+    AllowedServersOpt,
+    BlockedServersOpt,
+    InitialPeersOpt,
+    JsonOpt,
+    ModelArg,
+    ModelPrefixOpt,
+    SwarmKeyOpt,
+    VerboseOpt,
+    trust_options,
+)
 
 
 @handle_errors
@@ -28,6 +38,9 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Random seed (same seed, same output).")] = None,
     initial_peers: InitialPeersOpt = None,
     model_prefix: ModelPrefixOpt = None,
+    swarm_key: SwarmKeyOpt = None,
+    allowed_servers: AllowedServersOpt = None,
+    blocked_servers: BlockedServersOpt = None,
     route_wait: Annotated[
         float | None, typer.Option(help="Seconds to wait for servers of missing blocks.", show_default="10")
     ] = None,
@@ -40,7 +53,10 @@ def generate(
 
     setup_logging(verbose)
     config = ClientConfig.from_sources(
-        initial_peers=tuple(initial_peers or ()), model_prefix=model_prefix, route_wait=route_wait
+        initial_peers=tuple(initial_peers or ()),
+        model_prefix=model_prefix,
+        route_wait=route_wait,
+        **trust_options(swarm_key, allowed_servers, blocked_servers),
     )
     options = GenerationOptions(max_new_tokens, temperature, top_p, top_k, repetition_penalty, tuple(stop or ()), seed)
     prompt = sys.stdin.read() if prompt == "-" else prompt

@@ -6,8 +6,10 @@ dedicated thread so the event loop keeps answering (info RPCs, DHT) while a step
 
 Memory is bounded before it is spent: a session's ``batch_size * max_length`` is checked against hard limits
 and reserved in the ``CacheBudget`` before its cache exists, and no step may take it past ``max_length``.
+The checks and the other limits (request bytes, sessions per peer, step deadline) live in ``validation.py``.
 A session's cache and tokens are returned when its stream ends (closed, disconnected or failed) or when it
-sends no step for ``session_idle_timeout`` seconds.
+sends no step for ``session_idle_timeout`` seconds. A step that fails (out of memory included) or passes its
+deadline ends only its own session, with a ``ServerError`` its client fails over on.
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ from petals_cli.errors import (
     SessionLengthError,
 )
 from petals_cli.families.base import SpanRunner
+from petals_cli.server import validation
 from petals_cli.server.cache import CacheBudget
+from petals_cli.server.validation import Limits, PeerSessions
 from petals_cli.wire import SpanRequest, StepRequest, StepResponse
 
 logger = logging.getLogger(__name__)
-MAX_BATCH_SIZE = 1024
 
 
 @dataclass
@@ -60,13 +63,14 @@ class BlockHandler:
         prefix: str,
         budget: CacheBudget,
         *,
-        max_session_length: int,
+        limits: Limits,
         alloc_timeout: float,
         session_idle_timeout: float,
         info,
     ):
         self.span, self.prefix, self.budget = span, prefix, budget
-        self.max_session_length = max_session_length
+        self.limits = limits
+        self.peer_sessions = PeerSessions(limits.max_sessions_per_peer)
         self.alloc_timeout = alloc_timeout
         self.session_idle_timeout = session_idle_timeout
         self.hidden_size = span.config.hidden_size
@@ -83,27 +87,10 @@ class BlockHandler:
     # --- validation -------------------------------------------------------------------------------------
 
     def _check_span_request(self, metadata: bytes) -> SpanRequest:
-        request = SpanRequest.from_wire(transport.unpack(metadata))
-        request.check_protocol()
-        if request.prefix != self.prefix:
-            raise InvalidRequestError(f"this server hosts {self.prefix!r}, not {request.prefix!r}")
-        if not self.span.start <= request.start_block < request.end_block <= self.span.end:
-            raise InvalidRequestError(
-                f"blocks {request.start_block}:{request.end_block} are not within this server's "
-                f"{self.span.start}:{self.span.end}"
-            )
-        return request
+        return validation.check_span_request(transport.unpack(metadata), self.prefix, (self.span.start, self.span.end))
 
     def _check_hidden(self, tensor: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-        if tensor.ndim != 3 or tensor.shape[-1] != self.hidden_size or 0 in tensor.shape:
-            raise InvalidRequestError(
-                f"hidden states must be [batch, tokens, {self.hidden_size}], got {list(tensor.shape)}"
-            )
-        if not tensor.is_floating_point():
-            raise InvalidRequestError(f"hidden states must be floating point, got {tensor.dtype}")
-        if batch_size is not None and tensor.shape[0] != batch_size:
-            raise InvalidRequestError(f"session batch size is {batch_size}, got {tensor.shape[0]}")
-        return tensor
+        return validation.check_hidden(tensor, self.hidden_size, batch_size)
 
     # --- inference ----------------------------------------------------------------------------------------
 
@@ -117,10 +104,14 @@ class BlockHandler:
                 if opening is None:
                     return
                 request = self._check_span_request(opening.metadata)
-                session = await self._open_session(request, peer=str(context.remote_id)[-8:])
+                session = await self._open_session(request, peer=context.remote_id.to_base58())
             except PetalsError as error:
                 logger.info("session refused: %s: %s", error.code, error)
                 yield transport.error_response(error)
+                return
+            except Exception as exc:  # e.g. out of memory making the cache: refuse this session only
+                logger.warning("session refused: %s: %s", exc.__class__.__name__, exc)
+                yield transport.error_response(ServerError(f"cannot open a session: {exc.__class__.__name__}"))
                 return
             yield runtime_pb2.ExpertResponse(metadata=transport.pack(StepResponse(position=0)))
             while True:
@@ -154,17 +145,15 @@ class BlockHandler:
 
     async def _open_session(self, request: SpanRequest, *, peer: str) -> Session:
         # Hard limits first, so an absurd request never reaches the budget or allocates anything.
-        if not 0 < request.max_length <= self.max_session_length:
-            raise InvalidRequestError(f"max_length must be in 1..{self.max_session_length}, got {request.max_length}")
-        if not 0 < request.batch_size <= MAX_BATCH_SIZE:
-            raise InvalidRequestError(f"batch_size must be in 1..{MAX_BATCH_SIZE}, got {request.batch_size}")
+        tokens = validation.check_session_size(request, self.limits)
         session_id = uuid.uuid4().hex
-        tokens = request.batch_size * request.max_length
-        await self.budget.allocate(session_id, tokens, timeout=self.alloc_timeout)
+        self.peer_sessions.acquire(peer)
         try:
+            await self.budget.allocate(session_id, tokens, timeout=self.alloc_timeout)
             cache = self.span.make_cache(request.start_block, request.end_block)
         except BaseException:
             self.budget.release(session_id)
+            self.peer_sessions.release(peer)
             raise
         session = Session(id=session_id, request=request, cache=cache, peer=peer)
         self.sessions[session_id] = session
@@ -175,12 +164,13 @@ class BlockHandler:
             request.end_block,
             tokens,
             self.budget.tokens_left,
-            peer,
+            peer[-8:],
         )
         return session
 
     def _close_session(self, session: Session, ending: str) -> None:
-        self.sessions.pop(session.id, None)
+        if self.sessions.pop(session.id, None) is not None:
+            self.peer_sessions.release(session.peer)
         self.budget.release(session.id)
         logger.info(
             "session %s %s at %d tokens, %d left (peer %s)",
@@ -188,7 +178,7 @@ class BlockHandler:
             ending,
             session.position,
             self.budget.tokens_left,
-            session.peer,
+            session.peer[-8:],
         )
 
     def replace_span(self, span: SpanRunner) -> None:
@@ -203,6 +193,7 @@ class BlockHandler:
             session.broken = True
             return transport.error_response(ServerError("this server moved to other blocks; open a new session"))
         try:
+            validation.check_message_size(message, self.limits)
             step = StepRequest.from_wire(transport.unpack(message.metadata))
             if len(message.tensors) != 1:
                 raise InvalidRequestError(f"an inference step carries one tensor, got {len(message.tensors)}")
@@ -215,16 +206,39 @@ class BlockHandler:
                     f"{session.request.max_length}"
                 )
             request = session.request
-            output = await self._run(self._forward, hidden, request.start_block, request.end_block, session.cache)
+            output = await self._deadline(
+                self._run(self._forward, hidden, request.start_block, request.end_block, session.cache)
+            )
             session.position += hidden.shape[1]
             return transport.step_response(output, StepResponse(position=session.position))
         except PetalsError as error:
+            if isinstance(error, ServerError):  # the deadline passed mid-step: the cache state is unknown
+                session.broken = True
             return transport.error_response(error)
         except Exception as exc:
-            logger.exception("inference step failed")
             # Some blocks may have extended the cache before the failure: the session cannot go on correctly.
             session.broken = True
-            return transport.error_response(ServerError(f"step failed: {exc.__class__.__name__}: {exc}"))
+            return transport.error_response(self._compute_failure("inference step", exc))
+
+    async def _deadline(self, awaitable):
+        """Await compute for at most ``step_timeout`` seconds; the compute thread finishes the step regardless."""
+        try:
+            async with asyncio.timeout(self.limits.step_timeout):
+                return await awaitable
+        except TimeoutError:
+            raise ServerError(
+                f"the step took longer than this server's {self.limits.step_timeout:g}s deadline"
+            ) from None
+
+    def _compute_failure(self, what: str, exc: Exception) -> ServerError:
+        """Log a compute failure and describe it; out of memory frees what torch holds for later requests."""
+        if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+            logger.warning("%s ran out of memory: %s", what, exc)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return ServerError(f"{what} ran out of memory on this server; try a smaller request or another server")
+        logger.exception("%s failed", what)
+        return ServerError(f"{what} failed: {exc.__class__.__name__}: {exc}")
 
     @torch.inference_mode()
     def _forward(self, hidden, start, end, cache=None):
@@ -246,7 +260,8 @@ class BlockHandler:
 
     async def _unary(self, requests, num_tensors: int, function) -> list[runtime_pb2.ExpertResponse]:
         try:
-            tensors, metadata = await transport.collect_tensors(requests)
+            async with asyncio.timeout(self.limits.step_timeout):
+                tensors, metadata = await transport.collect_tensors(requests, self.limits.max_request_bytes)
             request = self._check_span_request(metadata)
             if len(tensors) != num_tensors:
                 raise InvalidRequestError(f"expected {num_tensors} tensors, got {len(tensors)}")
@@ -254,13 +269,15 @@ class BlockHandler:
             for other in tensors[1:]:
                 if other.shape != first.shape:
                     raise InvalidRequestError(f"gradient shape {list(other.shape)} != input {list(first.shape)}")
-            output = await self._run(function, *tensors, request.start_block, request.end_block)
+                validation.check_hidden(other, self.hidden_size, name="gradients")
+            output = await self._deadline(self._run(function, *tensors, request.start_block, request.end_block))
             return transport.response_messages([output], StepResponse())
+        except TimeoutError:
+            return [transport.error_response(InvalidRequestError("the request was not sent in time"))]
         except PetalsError as error:
             return [transport.error_response(error)]
         except Exception as exc:
-            logger.exception("forward/backward failed")
-            return [transport.error_response(ServerError(f"{exc.__class__.__name__}: {exc}"))]
+            return [transport.error_response(self._compute_failure("forward/backward", exc))]
 
     def _backward(self, hidden, grad_output, start, end):
         with torch.enable_grad():
