@@ -15,6 +15,7 @@ deadline ends only its own session, with a ``ServerError`` its client fails over
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from petals_cli import transport
 from petals_cli.errors import (
     InvalidRequestError,
     PetalsError,
+    RequestTooLargeError,
     ServerError,
     SessionExpiredError,
     SessionLengthError,
@@ -274,10 +276,20 @@ class BlockHandler:
             return transport.response_messages([output], StepResponse())
         except TimeoutError:
             return [transport.error_response(InvalidRequestError("the request was not sent in time"))]
+        except RequestTooLargeError as error:
+            await self._drain(requests)  # so the client, still sending, can read why it was refused
+            return [transport.error_response(error)]
         except PetalsError as error:
             return [transport.error_response(error)]
         except Exception as exc:
             return [transport.error_response(self._compute_failure("forward/backward", exc))]
+
+    async def _drain(self, requests) -> None:
+        """Read and drop the rest of a refused stream, for at most ``step_timeout`` seconds."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.limits.step_timeout):
+                async for _ in requests:
+                    pass
 
     def _backward(self, hidden, grad_output, start, end):
         with torch.enable_grad():
