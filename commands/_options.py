@@ -20,3 +20,32 @@ ModelPrefixOpt = Annotated[
     str | None, typer.Option(help="DHT name of the model (default: the last part of MODEL).", show_default=False)
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log more to stderr.")]
+SwarmKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--swarm-key",
+        help="File with the secret of a private swarm (also PETALS_SWARM_KEY); peers without it are refused.",
+        show_default=False,
+    ),
+]
+AllowedServersOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allowed-servers", help="Route only through these server peer ids (repeatable).", show_default=False
+    ),
+]
+BlockedServersOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--blocked-servers", help="Never route through these server peer ids (repeatable).", show_default=False
+    ),
+]
+
+
+def trust_options(swarm_key: str | None, allowed_servers: list[str] | None, blocked_servers: list[str] | None) -> dict:
+    """The ClientConfig fields of the shared trust options (None and empty defer to PETALS_* variables)."""
+    return {
+        "swarm_key": swarm_key,
+        "allowed_servers": tuple(allowed_servers or ()),
+        "blocked_servers": tuple(blocked_servers or ()),
+    }

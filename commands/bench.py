@@ -6,7 +6,17 @@ from typing import Annotated
 import typer
 
 from petals_cli.commands._errors import handle_errors, setup_logging
-from petals_cli.commands._options import InitialPeersOpt, JsonOpt, ModelArg, ModelPrefixOpt, VerboseOpt
+from petals_cli.commands._options import (
+    AllowedServersOpt,
+    BlockedServersOpt,
+    InitialPeersOpt,
+    JsonOpt,
+    ModelArg,
+    ModelPrefixOpt,
+    SwarmKeyOpt,
+    VerboseOpt,
+    trust_options,
+)
 
 
 @handle_errors
@@ -25,6 +35,9 @@ def bench(
     ] = 0,
     initial_peers: InitialPeersOpt = None,
     model_prefix: ModelPrefixOpt = None,
+    swarm_key: SwarmKeyOpt = None,
+    allowed_servers: AllowedServersOpt = None,
+    blocked_servers: BlockedServersOpt = None,
     json_output: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -34,7 +47,11 @@ def bench(
 
     setup_logging(verbose)
     config = BenchConfig(model, mode, seq_len, batch_size, new_tokens, repeats, compare_local, local_swarm)
-    client = ClientConfig.from_sources(initial_peers=tuple(initial_peers or ()), model_prefix=model_prefix)
+    client = ClientConfig.from_sources(
+        initial_peers=tuple(initial_peers or ()),
+        model_prefix=model_prefix,
+        **trust_options(swarm_key, allowed_servers, blocked_servers),
+    )
     if not local_swarm and not client.initial_peers:
         from petals_cli.errors import ConfigError
 

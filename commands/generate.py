@@ -7,7 +7,17 @@ from typing import Annotated
 import typer
 
 from petals_cli.commands._errors import handle_errors, setup_logging
-from petals_cli.commands._options import InitialPeersOpt, JsonOpt, ModelArg, ModelPrefixOpt, VerboseOpt
+from petals_cli.commands._options import (
+    AllowedServersOpt,
+    BlockedServersOpt,
+    InitialPeersOpt,
+    JsonOpt,
+    ModelArg,
+    ModelPrefixOpt,
+    SwarmKeyOpt,
+    VerboseOpt,
+    trust_options,
+)
 from petals_cli.commands._progress import open_model_with_feedback
 
 
@@ -39,6 +49,9 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Random seed (same seed, same output).")] = None,
     initial_peers: InitialPeersOpt = None,
     model_prefix: ModelPrefixOpt = None,
+    swarm_key: SwarmKeyOpt = None,
+    allowed_servers: AllowedServersOpt = None,
+    blocked_servers: BlockedServersOpt = None,
     route_wait: Annotated[
         float | None, typer.Option(help="Seconds to wait for servers of missing blocks.", show_default="10")
     ] = None,
@@ -55,7 +68,10 @@ def generate(
     if (prompt is None) == (prompts_file is None):
         raise ConfigError("give either --prompt or --prompts-file")
     config = ClientConfig.from_sources(
-        initial_peers=tuple(initial_peers or ()), model_prefix=model_prefix, route_wait=route_wait
+        initial_peers=tuple(initial_peers or ()),
+        model_prefix=model_prefix,
+        route_wait=route_wait,
+        **trust_options(swarm_key, allowed_servers, blocked_servers),
     )
     options = GenerationOptions(max_new_tokens, temperature, top_p, top_k, repetition_penalty, tuple(stop or ()), seed)
     if prompts_file is not None:

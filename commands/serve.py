@@ -5,7 +5,15 @@ from typing import Annotated
 import typer
 
 from petals_cli.commands._errors import handle_errors, setup_logging
-from petals_cli.commands._options import DeviceOpt, DtypeOpt, InitialPeersOpt, ModelArg, ModelPrefixOpt, VerboseOpt
+from petals_cli.commands._options import (
+    DeviceOpt,
+    DtypeOpt,
+    InitialPeersOpt,
+    ModelArg,
+    ModelPrefixOpt,
+    SwarmKeyOpt,
+    VerboseOpt,
+)
 
 
 @handle_errors
@@ -54,6 +62,16 @@ def serve(
         float | None,
         typer.Option(help="Close a session that sends no step for this many seconds.", show_default="600"),
     ] = None,
+    max_request_mib: Annotated[
+        int | None, typer.Option(help="Largest request or inference step accepted, in MiB.", show_default="64")
+    ] = None,
+    max_sessions_per_peer: Annotated[
+        int | None, typer.Option(help="Inference sessions one peer may hold open here.", show_default="16")
+    ] = None,
+    step_timeout: Annotated[
+        float | None, typer.Option(help="Seconds one step or forward/backward may compute.", show_default="60")
+    ] = None,
+    swarm_key: SwarmKeyOpt = None,
     balance_quality: Annotated[
         float | None,
         typer.Option(help="Move blocks when the swarm's weakest block gets this much stronger.", show_default="0.15"),

@@ -6,7 +6,15 @@ from typing import Annotated
 import typer
 
 from petals_cli.commands._errors import handle_errors, setup_logging
-from petals_cli.commands._options import InitialPeersOpt, JsonOpt, VerboseOpt
+from petals_cli.commands._options import (
+    AllowedServersOpt,
+    BlockedServersOpt,
+    InitialPeersOpt,
+    JsonOpt,
+    SwarmKeyOpt,
+    VerboseOpt,
+    trust_options,
+)
 
 swarm_app = typer.Typer(
     help="Inspect the swarm, watch it live, or run a bootstrap peer for a private swarm.", no_args_is_help=True
@@ -36,6 +44,9 @@ SERVER_COLUMNS = (
 def status(
     model: SwarmModelOpt = None,
     initial_peers: InitialPeersOpt = None,
+    swarm_key: SwarmKeyOpt = None,
+    allowed_servers: AllowedServersOpt = None,
+    blocked_servers: BlockedServersOpt = None,
     json_output: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -44,7 +55,9 @@ def status(
     from petals_cli.swarm import read_swarm_status
 
     setup_logging(verbose)
-    config = ClientConfig.from_sources(initial_peers=tuple(initial_peers or ()))
+    config = ClientConfig.from_sources(
+        initial_peers=tuple(initial_peers or ()), **trust_options(swarm_key, allowed_servers, blocked_servers)
+    )
     result = read_swarm_status(config, model)
     if json_output:
         typer.echo(json.dumps(result.to_json()))
@@ -58,12 +71,17 @@ def top(
     model: SwarmModelOpt = None,
     interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes.")] = 2.0,
     initial_peers: InitialPeersOpt = None,
+    swarm_key: SwarmKeyOpt = None,
+    allowed_servers: AllowedServersOpt = None,
+    blocked_servers: BlockedServersOpt = None,
 ) -> None:
     """A live map of the swarm (q quit, r refresh, s sort, / filter, ? help)."""
     from petals_cli.config import ClientConfig
     from petals_cli.tui import run_top
 
-    config = ClientConfig.from_sources(initial_peers=tuple(initial_peers or ()))
+    config = ClientConfig.from_sources(
+        initial_peers=tuple(initial_peers or ()), **trust_options(swarm_key, allowed_servers, blocked_servers)
+    )
     run_top(config, model_prefix=model, interval=interval)
 
 
@@ -81,6 +99,7 @@ def bootstrap(
     address_file: Annotated[
         str | None, typer.Option(help="Write this peer's multiaddrs here once up; removed on exit.")
     ] = None,
+    swarm_key: SwarmKeyOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run a DHT-only peer that others join through; prints their --initial-peers line; Ctrl-C stops it."""
@@ -88,7 +107,12 @@ def bootstrap(
 
     setup_logging(verbose)
     config = BootstrapConfig.from_sources(
-        host=host, port=port, announce_host=announce_host, identity_path=identity, address_file=address_file
+        host=host,
+        port=port,
+        announce_host=announce_host,
+        identity_path=identity,
+        address_file=address_file,
+        swarm_key=swarm_key,
     )
     run_bootstrap(config, on_ready=lambda maddrs: typer.echo(initial_peers_line(maddrs)))
 

@@ -31,6 +31,7 @@ class BootstrapConfig(_FromSources):
     announce_host: str = ""
     identity_path: str = ""
     address_file: str = ""
+    swarm_key: str = ""
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:
@@ -50,7 +51,7 @@ def run_bootstrap(config: BootstrapConfig, on_ready: Callable[[list[str]], None]
 
 
 async def _serve(config: BootstrapConfig, on_ready: Callable[[list[str]], None] | None) -> None:
-    from petals_cli import transport
+    from petals_cli import security, transport
     from petals_cli.dht import start_dht
     from petals_cli.errors import SwarmUnreachableError
 
@@ -69,7 +70,7 @@ async def _serve(config: BootstrapConfig, on_ready: Callable[[list[str]], None] 
         raise SwarmUnreachableError(f"cannot start the bootstrap peer ({exc})") from exc
     node = None
     try:
-        node = await start_dht(p2p, (), client_mode=False)
+        node = await start_dht(p2p, (), client_mode=False, swarm_key=security.SwarmKey.from_file(config.swarm_key))
         maddrs = [str(addr) for addr in await p2p.get_visible_maddrs()]
         _write_address_file(config.address_file, maddrs)
         logger.info("bootstrap peer %s is up; stop it with Ctrl-C", p2p.peer_id)

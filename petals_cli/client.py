@@ -16,7 +16,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from petals_cli import routing, transport
+from petals_cli import routing, security, transport
 from petals_cli.config import ClientConfig
 from petals_cli.dht import fetch_snapshot, start_dht
 from petals_cli.errors import NoRouteError, SwarmUnreachableError
@@ -38,6 +38,7 @@ class SwarmClient:
                 "start a swarm with `petals serve MODEL --new-swarm --address-file swarm.addr`",
             )
         self.config = config
+        self.swarm_key = security.SwarmKey.from_file(config.swarm_key)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="petals-client", daemon=True)
         self._thread.start()
@@ -64,7 +65,7 @@ class SwarmClient:
             raise SwarmUnreachableError(
                 f"cannot reach initial peers {' '.join(self.config.initial_peers)} ({exc})"
             ) from exc
-        self.node = await start_dht(self.p2p, self.config.initial_peers, client_mode=True)
+        self.node = await start_dht(self.p2p, self.config.initial_peers, client_mode=True, swarm_key=self.swarm_key)
 
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run a coroutine on the client's loop and wait for its result (the sync facade)."""
@@ -143,7 +144,9 @@ class SwarmClient:
         max_age = None
         while True:
             snapshot = await self.snapshot(prefix, num_blocks, max_age=max_age)
-            banned = self.bans.banned(time.monotonic())
+            banned = self.bans.banned(time.monotonic()) | routing.untrusted(
+                snapshot, self.config.allowed_servers, self.config.blocked_servers
+            )
             try:
                 if inference:
                     return routing.inference_route(
@@ -167,7 +170,7 @@ class SwarmClient:
             self.bans.succeed(peer_id)
 
     def stub(self, peer_id: str):
-        return transport.BlocksService.get_stub(self.p2p, transport.peer_id_from_string(peer_id))
+        return security.blocks_stub(self.p2p, peer_id, self.swarm_key)
 
     def close(self) -> None:
         if self._loop.is_closed():

@@ -72,6 +72,9 @@ class ClientConfig(_FromSources):
     route_wait: float = 10.0  # how long to wait for servers of missing blocks before NoRouteError
     snapshot_refresh: float = 5.0  # seconds between background reads of the swarm (and pings)
     max_retries: int = 8  # failovers per request or step before giving up
+    swarm_key: str = ""  # file with the pre-shared secret of a private swarm
+    allowed_servers: tuple[str, ...] = ()  # when given, route only through these peer ids
+    blocked_servers: tuple[str, ...] = ()  # never route through these peer ids
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,10 @@ class ServerConfig(_FromSources):
     max_session_length: int = 8192  # the largest max_length one session may ask for
     alloc_timeout: float = 0.5  # how long a new session waits for a full budget to free up before refusal
     session_idle_timeout: float = 600.0  # a session that sends no step for this long is closed
+    max_request_mib: int = 64  # tensor bytes one request or inference step may carry, in MiB
+    max_sessions_per_peer: int = 16  # open inference sessions of one peer id
+    step_timeout: float = 60.0  # seconds one step or forward/backward may compute before it fails
+    swarm_key: str = ""  # file with the pre-shared secret of a private swarm
     num_blocks: int = 0  # place this many blocks where the swarm needs them (0: see `blocks`)
     placement_delay: float = 1.0  # at most this random wait before choosing blocks, to spread servers out
     balance_period: float = 60.0  # seconds between rebalancing checks of auto-placed servers (0: never)
@@ -119,6 +126,8 @@ class ServerConfig(_FromSources):
             raise ConfigError("--cache-tokens must be >= 0 and --max-session-length > 0")
         if self.alloc_timeout < 0 or self.session_idle_timeout <= 0:
             raise ConfigError("--alloc-timeout must be >= 0 and --session-idle-timeout > 0")
+        if self.max_request_mib <= 0 or self.max_sessions_per_peer <= 0 or self.step_timeout <= 0:
+            raise ConfigError("--max-request-mib, --max-sessions-per-peer and --step-timeout must be positive")
         if self.num_blocks < 0 or self.placement_delay < 0 or self.balance_period < 0 or self.network_rps < 0:
             raise ConfigError("--num-blocks, placement delay, balance period and --network-rps must be >= 0")
         if self.quant not in QUANT_MODES:

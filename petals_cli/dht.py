@@ -2,7 +2,9 @@
 
 The DHT node runs inside the caller's event loop on the caller's P2P daemon (no extra process).
 One DHT key per block uid; subkey = the server's peer id; value = its ``ServerInfo``. A model index key
-lists the models served. Records that fail to decode are dropped, never trusted. Pure reading and writing:
+lists the models served (subkey = ``prefix:peer_id``). Every record is signed by the server it names and checked
+by whoever stores or reads it (``security.PeerRecordValidator``); records that fail that or fail to decode are
+dropped, never trusted. Pure reading and writing:
 routing decisions live in ``routing.py``.
 """
 
@@ -16,13 +18,27 @@ from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
 from petals_cli.errors import InvalidRequestError, SwarmUnreachableError
+from petals_cli.security import Identity, PeerRecordValidator, SwarmKey, SwarmKeyAuthorizer, diagnose_refusal
 from petals_cli.wire import MODEL_INDEX_KEY, ModelIndexEntry, ServerInfo, SwarmSnapshot, block_uid
 
 logger = logging.getLogger(__name__)
 
 
-async def start_dht(p2p: P2P, initial_peers: Sequence[str], *, client_mode: bool) -> DHTNode:
-    """Start a DHT node on ``p2p``; fail with SwarmUnreachableError when no initial peer answers."""
+async def start_dht(
+    p2p: P2P,
+    initial_peers: Sequence[str],
+    *,
+    client_mode: bool,
+    swarm_key: SwarmKey | None = None,
+    identity: Identity | None = None,
+) -> DHTNode:
+    """Start a DHT node on ``p2p``; fail with SwarmUnreachableError when no initial peer answers, or with
+    SwarmKeyError when one refused this peer's swarm key (or its lack of one).
+
+    Records are signed with ``identity`` (servers) and every record read or stored is checked against the
+    peer id it names; with ``swarm_key`` every DHT message is authenticated with it.
+    """
+    authorizer = SwarmKeyAuthorizer(swarm_key)
     try:
         return await DHTNode.create(
             p2p=p2p,
@@ -32,8 +48,11 @@ async def start_dht(p2p: P2P, initial_peers: Sequence[str], *, client_mode: bool
             num_workers=8,
             cache_locally=False,
             cache_nearest=0,
+            record_validator=PeerRecordValidator(identity),
+            authorizer=authorizer,
         )
     except Exception as exc:  # hivemind raises bare RuntimeErrors and daemon errors here
+        await diagnose_refusal(p2p, initial_peers, authorizer)
         raise SwarmUnreachableError(f"cannot join the swarm through {', '.join(initial_peers)} ({exc})") from exc
 
 
@@ -46,21 +65,30 @@ async def announce_blocks(node: DHTNode, prefix: str, peer_id: str, info: Server
     return all(results.values())
 
 
-async def announce_model(node: DHTNode, prefix: str, entry: ModelIndexEntry, *, expiration: float) -> bool:
-    return await node.store(MODEL_INDEX_KEY, entry.to_wire(), get_dht_time() + expiration, subkey=prefix)
+async def announce_model(
+    node: DHTNode, prefix: str, peer_id: str, entry: ModelIndexEntry, *, expiration: float
+) -> bool:
+    """Each server lists its model under its own subkey ``prefix:peer_id``, which only it can sign."""
+    return await node.store(
+        MODEL_INDEX_KEY, entry.to_wire(), get_dht_time() + expiration, subkey=f"{prefix}:{peer_id}"
+    )
 
 
 async def fetch_model_index(node: DHTNode) -> dict[str, ModelIndexEntry]:
-    """Models served in the swarm: prefix -> entry."""
+    """Models served in the swarm: prefix -> entry (the newest of its servers' entries)."""
     found = await node.get(MODEL_INDEX_KEY, latest=True)
-    models = {}
+    models: dict[str, tuple[float, ModelIndexEntry]] = {}
     if found is not None and isinstance(found.value, dict):
-        for prefix, item in found.value.items():
+        for subkey, item in found.value.items():
+            prefix = str(subkey).rsplit(":", 1)[0]
             try:
-                models[str(prefix)] = ModelIndexEntry.from_wire(item.value)
+                entry = ModelIndexEntry.from_wire(item.value)
             except InvalidRequestError:
                 logger.debug("dropping a malformed model index entry for %s", prefix)
-    return models
+                continue
+            if prefix not in models or item.expiration_time > models[prefix][0]:
+                models[prefix] = (item.expiration_time, entry)
+    return {prefix: entry for prefix, (_, entry) in models.items()}
 
 
 async def fetch_snapshot(node: DHTNode, prefix: str, num_blocks: int) -> SwarmSnapshot:

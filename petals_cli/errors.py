@@ -114,6 +114,25 @@ class SessionExpiredError(PetalsError):
     exit_code = 10
 
 
+class PeerLimitError(CacheExhaustedError):
+    """A server refused a session because this peer already holds its share of the server's sessions."""
+
+    hint = "close some sessions, or let the client use another server; servers cap sessions per peer"
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """A request's tensors are larger than the server accepts in one request."""
+
+    hint = "send smaller batches or fewer tokens per request; servers cap one request's size"
+
+
+class SwarmKeyError(PetalsError):
+    """A peer of a private swarm refused this peer: the swarm key is missing, wrong, or not expected."""
+
+    hint = "every peer of a private swarm needs the same --swarm-key FILE (or PETALS_SWARM_KEY); public peers none"
+    exit_code = 11
+
+
 WIRE_ERRORS: dict[str, type[PetalsError]] = {
     cls.__name__: cls
     for cls in (
@@ -123,6 +142,9 @@ WIRE_ERRORS: dict[str, type[PetalsError]] = {
         ServerError,
         SessionLengthError,
         SessionExpiredError,
+        PeerLimitError,
+        RequestTooLargeError,
+        SwarmKeyError,
     )
 }
 

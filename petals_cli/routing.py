@@ -7,6 +7,7 @@ covers blocks [start, end) in order; each span is served by one online server th
   server plus its per-block compute time; servers without cache room for the session are skipped.
 - ``training_route``: forward/backward spread over replicas in proportion to their throughput.
 - ``BanList``: peers that failed, excluded with exponential backoff; a success clears a peer.
+- ``untrusted``: peers excluded by the client's --allowed-servers / --blocked-servers.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ class RouteSpan:
     @property
     def length(self) -> int:
         return self.end - self.start
+
+
+def untrusted(snapshot: SwarmSnapshot, allowed: Collection[str] = (), blocked: Collection[str] = ()) -> set[str]:
+    """Servers of the snapshot a client must not route through: blocked ones, and all but ``allowed`` ones
+    when that list is given. Pass the result as ``banned`` to the route functions."""
+    return {peer for peer in snapshot.servers if peer in blocked or (allowed and peer not in allowed)}
 
 
 def missing_blocks(snapshot: SwarmSnapshot, start: int, end: int, banned: Collection[str] = ()) -> list[int]:

@@ -20,7 +20,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 
-from petals_cli.errors import InvalidRequestError, PetalsError, error_from_wire
+from petals_cli.errors import InvalidRequestError, PetalsError, RequestTooLargeError, error_from_wire
 from petals_cli.wire import StepResponse
 
 STREAM_CHUNK_BYTES = 2**20
@@ -96,14 +96,21 @@ def request_messages(tensors: Sequence[torch.Tensor], metadata: bytes) -> list[r
     ]
 
 
-async def collect_tensors(messages: AsyncIterator) -> tuple[list[torch.Tensor], bytes]:
-    """Reassemble tensors sent by ``request_messages``; returns (tensors, first message's metadata)."""
+async def collect_tensors(messages: AsyncIterator, max_bytes: int | None = None) -> tuple[list[torch.Tensor], bytes]:
+    """Reassemble tensors sent by ``request_messages``; returns (tensors, first message's metadata).
+
+    With ``max_bytes``, a stream whose tensor and metadata bytes exceed it is refused as soon as they do,
+    before the rest is read or anything is decoded.
+    """
     from hivemind.utils.streaming import combine_from_streaming
 
-    metadata, chunks, expected, tensors = None, [], 0, []
+    metadata, chunks, expected, tensors, received = None, [], 0, [], 0
     async for message in messages:
         if metadata is None:
             metadata = message.metadata
+        received += len(message.metadata) + sum(len(part.buffer) for part in message.tensors)
+        if max_bytes is not None and received > max_bytes:
+            raise RequestTooLargeError(f"request exceeds this server's limit of {max_bytes} bytes")
         for part in message.tensors:
             if not chunks:
                 expected = max(part.chunks, 1)  # the first chunk of a tensor says how many follow
@@ -150,6 +157,7 @@ async def create_p2p(
     announce_host: str | None = None,
     identity_path: str | None = None,
     client_mode: bool = False,
+    fresh_identity: bool = False,
 ) -> P2P:
     """Start a libp2p daemon. Loopback hosts never probe the network (no NAT mapping, relays or auto-NAT)."""
     local = _is_loopback(host)
@@ -158,6 +166,7 @@ async def create_p2p(
         host_maddrs=[f"/ip{_ip_version(host)}/{host}/tcp/{port}"] if not client_mode else [],
         announce_maddrs=[f"/ip{_ip_version(announce_host)}/{announce_host}/tcp/{port}"] if announce_host else None,
         identity_path=identity_path,
+        check_if_identity_free=not fresh_identity,  # a key made just now is nobody else's: skip the slow check
         nat_port_map=not local,
         auto_nat=not local,
         use_relay=not local,

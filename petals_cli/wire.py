@@ -134,7 +134,7 @@ class ServerInfo(WireRecord):
 
 @dataclasses.dataclass(frozen=True)
 class ModelIndexEntry(WireRecord):
-    """One model served in the swarm (DHT value under MODEL_INDEX_KEY, subkey = model prefix)."""
+    """One model served in the swarm (DHT value under MODEL_INDEX_KEY, subkey "prefix:peer_id")."""
 
     wire_name: ClassVar[str] = "ModelIndexEntry"
 

@@ -6,13 +6,16 @@ dedicated thread so the event loop keeps answering (info RPCs, DHT) while a step
 
 Memory is bounded before it is spent: a session's ``batch_size * max_length`` is checked against hard limits
 and reserved in the ``CacheBudget`` before its cache exists, and no step may take it past ``max_length``.
+The checks and the other limits (request bytes, sessions per peer, step deadline) live in ``validation.py``.
 A session's cache and tokens are returned when its stream ends (closed, disconnected or failed) or when it
-sends no step for ``session_idle_timeout`` seconds.
+sends no step for ``session_idle_timeout`` seconds. A step that fails (out of memory included) or passes its
+deadline ends only its own session, with a ``ServerError`` its client fails over on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -28,16 +31,18 @@ from petals_cli import transport
 from petals_cli.errors import (
     InvalidRequestError,
     PetalsError,
+    RequestTooLargeError,
     ServerError,
     SessionExpiredError,
     SessionLengthError,
 )
 from petals_cli.families.base import SpanRunner
+from petals_cli.server import validation
 from petals_cli.server.cache import CacheBudget
+from petals_cli.server.validation import Limits, PeerSessions
 from petals_cli.wire import SpanRequest, StepRequest, StepResponse
 
 logger = logging.getLogger(__name__)
-MAX_BATCH_SIZE = 1024
 
 
 @dataclass
@@ -61,13 +66,14 @@ class BlockHandler:
         prefix: str,
         budget: CacheBudget,
         *,
-        max_session_length: int,
+        limits: Limits,
         alloc_timeout: float,
         session_idle_timeout: float,
         info,
     ):
         self.span, self.prefix, self.budget = span, prefix, budget
-        self.max_session_length = max_session_length
+        self.limits = limits
+        self.peer_sessions = PeerSessions(limits.max_sessions_per_peer)
         self.alloc_timeout = alloc_timeout
         self.session_idle_timeout = session_idle_timeout
         self.hidden_size = span.config.hidden_size
@@ -84,27 +90,10 @@ class BlockHandler:
     # --- validation -------------------------------------------------------------------------------------
 
     def _check_span_request(self, metadata: bytes) -> SpanRequest:
-        request = SpanRequest.from_wire(transport.unpack(metadata))
-        request.check_protocol()
-        if request.prefix != self.prefix:
-            raise InvalidRequestError(f"this server hosts {self.prefix!r}, not {request.prefix!r}")
-        if not self.span.start <= request.start_block < request.end_block <= self.span.end:
-            raise InvalidRequestError(
-                f"blocks {request.start_block}:{request.end_block} are not within this server's "
-                f"{self.span.start}:{self.span.end}"
-            )
-        return request
+        return validation.check_span_request(transport.unpack(metadata), self.prefix, (self.span.start, self.span.end))
 
     def _check_hidden(self, tensor: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-        if tensor.ndim != 3 or tensor.shape[-1] != self.hidden_size or 0 in tensor.shape:
-            raise InvalidRequestError(
-                f"hidden states must be [batch, tokens, {self.hidden_size}], got {list(tensor.shape)}"
-            )
-        if not tensor.is_floating_point():
-            raise InvalidRequestError(f"hidden states must be floating point, got {tensor.dtype}")
-        if batch_size is not None and tensor.shape[0] != batch_size:
-            raise InvalidRequestError(f"session batch size is {batch_size}, got {tensor.shape[0]}")
-        return tensor
+        return validation.check_hidden(tensor, self.hidden_size, batch_size)
 
     # --- inference ----------------------------------------------------------------------------------------
 
@@ -118,10 +107,14 @@ class BlockHandler:
                 if opening is None:
                     return
                 request = self._check_span_request(opening.metadata)
-                session = await self._open_session(request, peer=str(context.remote_id)[-8:])
+                session = await self._open_session(request, peer=context.remote_id.to_base58())
             except PetalsError as error:
                 logger.info("session refused: %s: %s", error.code, error)
                 yield transport.error_response(error)
+                return
+            except Exception as exc:  # e.g. out of memory making the cache: refuse this session only
+                logger.warning("session refused: %s: %s", exc.__class__.__name__, exc)
+                yield transport.error_response(ServerError(f"cannot open a session: {exc.__class__.__name__}"))
                 return
             yield runtime_pb2.ExpertResponse(metadata=transport.pack(StepResponse(position=0)))
             while True:
@@ -155,17 +148,15 @@ class BlockHandler:
 
     async def _open_session(self, request: SpanRequest, *, peer: str) -> Session:
         # Hard limits first, so an absurd request never reaches the budget or allocates anything.
-        if not 0 < request.max_length <= self.max_session_length:
-            raise InvalidRequestError(f"max_length must be in 1..{self.max_session_length}, got {request.max_length}")
-        if not 0 < request.batch_size <= MAX_BATCH_SIZE:
-            raise InvalidRequestError(f"batch_size must be in 1..{MAX_BATCH_SIZE}, got {request.batch_size}")
+        tokens = validation.check_session_size(request, self.limits)
         session_id = uuid.uuid4().hex
-        tokens = request.batch_size * request.max_length
-        await self.budget.allocate(session_id, tokens, timeout=self.alloc_timeout)
+        self.peer_sessions.acquire(peer)
         try:
+            await self.budget.allocate(session_id, tokens, timeout=self.alloc_timeout)
             cache = self.span.make_cache(request.start_block, request.end_block)
         except BaseException:
             self.budget.release(session_id)
+            self.peer_sessions.release(peer)
             raise
         session = Session(id=session_id, request=request, cache=cache, peer=peer)
         self.sessions[session_id] = session
@@ -176,12 +167,13 @@ class BlockHandler:
             request.end_block,
             tokens,
             self.budget.tokens_left,
-            peer,
+            peer[-8:],
         )
         return session
 
     def _close_session(self, session: Session, ending: str) -> None:
-        self.sessions.pop(session.id, None)
+        if self.sessions.pop(session.id, None) is not None:
+            self.peer_sessions.release(session.peer)
         self.budget.release(session.id)
         logger.info(
             "session %s %s at %d tokens, %d left (peer %s)",
@@ -189,7 +181,7 @@ class BlockHandler:
             ending,
             session.position,
             self.budget.tokens_left,
-            session.peer,
+            session.peer[-8:],
         )
 
     def replace_span(self, span: SpanRunner) -> None:
@@ -204,6 +196,7 @@ class BlockHandler:
             session.broken = True
             return transport.error_response(ServerError("this server moved to other blocks; open a new session"))
         try:
+            validation.check_message_size(message, self.limits)
             step = StepRequest.from_wire(transport.unpack(message.metadata))
             if len(message.tensors) != 1 + len(step.extra_tensors):
                 raise InvalidRequestError(
@@ -217,7 +210,12 @@ class BlockHandler:
                     f"step would reach {session.position + hidden.shape[1]} tokens, max_length is "
                     f"{session.request.max_length}"
                 )
-            extras = self._check_extras(step.extra_tensors, message.tensors[1:], hidden.shape[:2], session)
+            extras = validation.check_step_extras(
+                step.extra_tensors,
+                [transport.deserialize(proto) for proto in message.tensors[1:]],
+                tuple(hidden.shape[:2]),
+                session.request.max_length,
+            )
             request = session.request
             mask = extras.get("attention_mask")
             if mask is not None:
@@ -230,39 +228,42 @@ class BlockHandler:
             positions = extras.get("position_ids")
             if mask is not None and positions is None:
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, session.position :]
-            output = await self._run(
-                self._forward, hidden, request.start_block, request.end_block, session.cache, mask, positions
+            output = await self._deadline(
+                self._run(
+                    self._forward, hidden, request.start_block, request.end_block, session.cache, mask, positions
+                )
             )
             session.position += hidden.shape[1]
             session.attention_mask = mask
             return transport.step_response(output, StepResponse(position=session.position))
         except PetalsError as error:
+            if isinstance(error, ServerError):  # the deadline passed mid-step: the cache state is unknown
+                session.broken = True
             return transport.error_response(error)
         except Exception as exc:
-            logger.exception("inference step failed")
             # Some blocks may have extended the cache before the failure: the session cannot go on correctly.
             session.broken = True
-            return transport.error_response(ServerError(f"step failed: {exc.__class__.__name__}: {exc}"))
+            return transport.error_response(self._compute_failure("inference step", exc))
 
-    def _check_extras(self, names, protos, shape, session: Session) -> dict[str, torch.Tensor]:
-        """The named extra tensors of an inference step, each [batch, tokens] of the step's hidden states."""
-        extras = {}
-        for name, proto in zip(names, protos, strict=True):
-            if name not in ("attention_mask", "position_ids") or name in extras:
-                raise InvalidRequestError(f"unexpected extra tensor {name!r} in an inference step")
-            tensor = transport.deserialize(proto)
-            if tuple(tensor.shape) != tuple(shape):
-                raise InvalidRequestError(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
-            if tensor.is_floating_point() or tensor.is_complex():
-                raise InvalidRequestError(f"{name} must be integer or bool, got {tensor.dtype}")
-            tensor = tensor.long()
-            if name == "attention_mask" and not bool(((tensor == 0) | (tensor == 1)).all()):
-                raise InvalidRequestError("attention_mask values must be 0 or 1")
-            limit = session.request.max_length
-            if name == "position_ids" and not bool(((tensor >= 0) & (tensor < limit)).all()):
-                raise InvalidRequestError(f"position_ids must be in 0..{limit - 1}")
-            extras[name] = tensor
-        return extras
+    async def _deadline(self, awaitable):
+        """Await compute for at most ``step_timeout`` seconds; the compute thread finishes the step regardless."""
+        try:
+            async with asyncio.timeout(self.limits.step_timeout):
+                return await awaitable
+        except TimeoutError:
+            raise ServerError(
+                f"the step took longer than this server's {self.limits.step_timeout:g}s deadline"
+            ) from None
+
+    def _compute_failure(self, what: str, exc: Exception) -> ServerError:
+        """Log a compute failure and describe it; out of memory frees what torch holds for later requests."""
+        if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+            logger.warning("%s ran out of memory: %s", what, exc)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return ServerError(f"{what} ran out of memory on this server; try a smaller request or another server")
+        logger.exception("%s failed", what)
+        return ServerError(f"{what} failed: {exc.__class__.__name__}: {exc}")
 
     @torch.inference_mode()
     def _forward(self, hidden, start, end, cache=None, attention_mask=None, position_ids=None):
@@ -284,7 +285,8 @@ class BlockHandler:
 
     async def _unary(self, requests, num_tensors: int, function) -> list[runtime_pb2.ExpertResponse]:
         try:
-            tensors, metadata = await transport.collect_tensors(requests)
+            async with asyncio.timeout(self.limits.step_timeout):
+                tensors, metadata = await transport.collect_tensors(requests, self.limits.max_request_bytes)
             request = self._check_span_request(metadata)
             if len(tensors) != num_tensors:
                 raise InvalidRequestError(f"expected {num_tensors} tensors, got {len(tensors)}")
@@ -292,13 +294,25 @@ class BlockHandler:
             for other in tensors[1:]:
                 if other.shape != first.shape:
                     raise InvalidRequestError(f"gradient shape {list(other.shape)} != input {list(first.shape)}")
-            output = await self._run(function, *tensors, request.start_block, request.end_block)
+                validation.check_hidden(other, self.hidden_size, name="gradients")
+            output = await self._deadline(self._run(function, *tensors, request.start_block, request.end_block))
             return transport.response_messages([output], StepResponse())
+        except TimeoutError:
+            return [transport.error_response(InvalidRequestError("the request was not sent in time"))]
+        except RequestTooLargeError as error:
+            await self._drain(requests)  # so the client, still sending, can read why it was refused
+            return [transport.error_response(error)]
         except PetalsError as error:
             return [transport.error_response(error)]
         except Exception as exc:
-            logger.exception("forward/backward failed")
-            return [transport.error_response(ServerError(f"{exc.__class__.__name__}: {exc}"))]
+            return [transport.error_response(self._compute_failure("forward/backward", exc))]
+
+    async def _drain(self, requests) -> None:
+        """Read and drop the rest of a refused stream, for at most ``step_timeout`` seconds."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.limits.step_timeout):
+                async for _ in requests:
+                    pass
 
     def _backward(self, hidden, grad_output, start, end):
         with torch.enable_grad():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from hivemind.proto import runtime_pb2
 
-from petals_cli import __version__, transport
+from petals_cli import __version__, security, transport
 from petals_cli.checkpoint import resolve_model
 from petals_cli.config import ServerConfig
 from petals_cli.dht import announce_blocks, announce_model, fetch_snapshot, start_dht
@@ -35,6 +35,7 @@ from petals_cli.server.placement import blocks_that_fit, choose_initial_span, pa
 from petals_cli.server.quant import check_quant
 from petals_cli.server.selection import rebalance
 from petals_cli.server.throughput import Throughput, get_throughput, throughput_key
+from petals_cli.server.validation import Limits
 from petals_cli.wire import ModelIndexEntry, ServerInfo, ServerState, model_prefix_for
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,9 @@ class Server:
         self._announced_at = float("-inf")  # event-loop time of the last announce
         self._announced_tokens_left = config.cache_tokens
         self._pings: dict[str, float] = {}  # peer id of a server holding our next block -> round trip, seconds
+        self.swarm_key = security.SwarmKey.from_file(config.swarm_key)
         self._pinged_at = float("-inf")
+        self._announce_failed = False
 
     def info(self) -> ServerInfo:
         return ServerInfo(
@@ -96,16 +99,23 @@ class Server:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._request_stop)
-        p2p = await transport.create_p2p(
-            self.config.host,
-            self.config.port,
-            self.config.initial_peers,
-            announce_host=self.config.announce_host or None,
-            identity_path=self.config.identity_path or None,
-        )
+        identity = security.Identity.load_or_create(self.config.identity_path or None)
+        try:
+            p2p = await transport.create_p2p(
+                self.config.host,
+                self.config.port,
+                self.config.initial_peers,
+                announce_host=self.config.announce_host or None,
+                identity_path=identity.path,
+                fresh_identity=identity.temporary,
+            )
+        finally:
+            identity.discard_file()
         handler, rebalancing = None, None
         try:
-            node = await start_dht(p2p, self.config.initial_peers, client_mode=False)
+            node = await start_dht(
+                p2p, self.config.initial_peers, client_mode=False, swarm_key=self.swarm_key, identity=identity
+            )
             if self.fixed_span is None:
                 length = self.placement_count or blocks_that_fit(
                     self.model.config,
@@ -124,12 +134,18 @@ class Server:
                 span,
                 self.prefix,
                 self.budget,
-                max_session_length=self.config.max_session_length,
+                limits=Limits(
+                    max_session_length=self.config.max_session_length,
+                    max_request_bytes=self.config.max_request_mib * 2**20,
+                    max_sessions_per_peer=self.config.max_sessions_per_peer,
+                    step_timeout=self.config.step_timeout,
+                ),
                 alloc_timeout=self.config.alloc_timeout,
                 session_idle_timeout=self.config.session_idle_timeout,
                 info=self.info,
             )
-            await transport.BlocksService().add_p2p_handlers(p2p, wrapper=handler)
+            service = handler if self.swarm_key is None else security.GatedService(handler, self.swarm_key)
+            await transport.BlocksService().add_p2p_handlers(p2p, wrapper=service)
             self.state = ServerState.ONLINE
             await self._announce(node, p2p)
             maddrs = [str(addr) for addr in await p2p.get_visible_maddrs()]
@@ -228,7 +244,20 @@ class Server:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=due - loop.time())
                 continue
-            await self._announce(node, p2p)
+            try:
+                await self._announce(node, p2p)
+            except Exception:  # the DHT is unreachable: keep serving, retry at the next period
+                logger.warning("announcing failed; serving on and retrying", exc_info=True)
+                self._announced_at, self._announce_failed = loop.time(), True
+            if self._announce_failed:
+                await self._rejoin(node)
+
+    async def _rejoin(self, node) -> None:
+        """Ping the initial peers again: after the DHT lost every peer, this is how the node finds it again."""
+        for maddr in self.config.initial_peers:
+            if "/p2p/" in maddr:
+                with contextlib.suppress(Exception):
+                    await node.protocol.call_ping(transport.peer_id_from_string(maddr.rsplit("/p2p/", 1)[1]))
 
     async def _ping_next_servers(self, node, p2p) -> None:
         """Round trips to the servers holding block ``end`` (where this server's output goes next)."""
@@ -241,14 +270,14 @@ class Server:
             for peer, info in snapshot.online().items()
             if peer != own and info.start_block <= self.end < info.end_block
         ][:MAX_PINGED]
-        results = await asyncio.gather(*(self._ping(p2p, peer) for peer in peers))
+        results = await asyncio.gather(*(self._ping(p2p, peer, self.swarm_key) for peer in peers))
         self._pings = {peer: rtt for peer, rtt in zip(peers, results, strict=True) if rtt is not None}
 
     @staticmethod
-    async def _ping(p2p, peer: str) -> float | None:
+    async def _ping(p2p, peer: str, swarm_key) -> float | None:
         started = time.perf_counter()
         try:
-            stub = transport.BlocksService.get_stub(p2p, transport.peer_id_from_string(peer))
+            stub = security.blocks_stub(p2p, peer, swarm_key)
             await stub.rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=PING_TIMEOUT)
         except Exception:  # unreachable servers are simply left out of the published pings
             return None
@@ -272,7 +301,8 @@ class Server:
             entry = ModelIndexEntry(
                 model=self.config.model, num_blocks=self.model.num_blocks, family=self.model.family.name
             )
-            ok = await announce_model(node, self.prefix, entry, expiration=expiration) and ok
+            ok = await announce_model(node, self.prefix, peer_id, entry, expiration=expiration) and ok
+        self._announce_failed = not ok
         if not ok:
             logger.warning("some DHT records were not stored; will retry at the next announce")
 

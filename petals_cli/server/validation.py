@@ -1,0 +1,124 @@
+"""What a server checks before it computes anything, and the limits it enforces per request, session and peer.
+
+Pure functions over decoded wire records and tensors, plus ``PeerSessions`` (a counter the handler owns).
+Every failed check raises a typed error naming the problem (``InvalidRequestError`` and its subclasses,
+``PeerLimitError``); the handler turns it into an error response for that request only. Nothing here
+touches the network, the cache or the compute thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any
+
+import torch
+
+from petals_cli.errors import InvalidRequestError, PeerLimitError, RequestTooLargeError
+from petals_cli.wire import SpanRequest
+
+MAX_BATCH_SIZE = 1024
+MAX_PREFIX_LENGTH = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """A server's limits (``petals serve`` options); the defaults keep a small machine alive."""
+
+    max_session_length: int = 8192  # tokens one session may ask for
+    max_batch_size: int = MAX_BATCH_SIZE
+    max_request_bytes: int = 64 * 2**20  # tensor bytes in one request or inference step
+    max_sessions_per_peer: int = 16  # open inference sessions of one peer id
+    step_timeout: float = 60.0  # seconds one step or forward/backward may compute
+
+
+def check_span_request(data: Any, prefix: str, held: tuple[int, int]) -> SpanRequest:
+    """Decode an RPC's opening metadata and check it names blocks of ``prefix`` this server holds."""
+    request = SpanRequest.from_wire(data)
+    request.check_protocol()
+    if len(request.prefix) > MAX_PREFIX_LENGTH or request.prefix != prefix:
+        raise InvalidRequestError(f"this server hosts {prefix!r}, not {request.prefix[:MAX_PREFIX_LENGTH]!r}")
+    start, end = held
+    if not start <= request.start_block < request.end_block <= end:
+        raise InvalidRequestError(
+            f"blocks {request.start_block}:{request.end_block} are not within this server's {start}:{end}"
+        )
+    return request
+
+
+def check_session_size(request: SpanRequest, limits: Limits) -> int:
+    """The cache tokens a session asks for, after checking its length and batch against the hard limits."""
+    if not 0 < request.max_length <= limits.max_session_length:
+        raise InvalidRequestError(f"max_length must be in 1..{limits.max_session_length}, got {request.max_length}")
+    if not 0 < request.batch_size <= limits.max_batch_size:
+        raise InvalidRequestError(f"batch_size must be in 1..{limits.max_batch_size}, got {request.batch_size}")
+    return request.batch_size * request.max_length
+
+
+def check_hidden(
+    tensor: torch.Tensor, hidden_size: int, batch_size: int | None = None, *, name: str = "hidden states"
+) -> torch.Tensor:
+    """A [batch, tokens, hidden] floating-point tensor of finite values (and the session's batch size)."""
+    if tensor.ndim != 3 or tensor.shape[-1] != hidden_size or 0 in tensor.shape:
+        raise InvalidRequestError(f"{name} must be [batch, tokens, {hidden_size}], got {list(tensor.shape)}")
+    if not tensor.is_floating_point():
+        raise InvalidRequestError(f"{name} must be floating point, got {tensor.dtype}")
+    if batch_size is not None and tensor.shape[0] != batch_size:
+        raise InvalidRequestError(f"session batch size is {batch_size}, got {tensor.shape[0]}")
+    if tensor.shape[0] > MAX_BATCH_SIZE:
+        raise InvalidRequestError(f"batch of {tensor.shape[0]} is larger than {MAX_BATCH_SIZE}")
+    if not torch.isfinite(tensor).all():
+        raise InvalidRequestError(f"{name} contain NaN or infinite values")
+    return tensor
+
+
+def check_message_size(message: Any, limits: Limits) -> None:
+    """One stream message (an inference step) within ``max_request_bytes``, counted before decoding."""
+    size = len(message.metadata) + sum(len(part.buffer) for part in message.tensors)
+    if size > limits.max_request_bytes:
+        raise RequestTooLargeError(f"a step of {size} bytes exceeds this server's limit of {limits.max_request_bytes}")
+
+
+class PeerSessions:
+    """Open inference sessions per peer id, capped at ``limit`` so one peer cannot take the whole server."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.open: Counter[str] = Counter()
+
+    def acquire(self, peer: str) -> None:
+        if self.open[peer] >= self.limit:
+            raise PeerLimitError(
+                f"peer {peer[-8:]} already has {self.open[peer]} sessions open here (limit {self.limit})"
+            )
+        self.open[peer] += 1
+
+    def release(self, peer: str) -> None:
+        self.open[peer] -= 1
+        if self.open[peer] <= 0:
+            del self.open[peer]
+
+
+STEP_EXTRAS = ("attention_mask", "position_ids")
+
+
+def check_step_extras(
+    names: tuple[str, ...], tensors: list[torch.Tensor], shape: tuple[int, int], max_length: int
+) -> dict[str, torch.Tensor]:
+    """The named extra tensors of an inference step (padded batches), each [batch, tokens] like its hidden
+    states: a 0/1 ``attention_mask`` and ``position_ids`` within the session's length; returned as int64."""
+    extras = {}
+    for name, tensor in zip(names, tensors, strict=True):
+        if name not in STEP_EXTRAS or name in extras:
+            raise InvalidRequestError(f"unexpected extra tensor {name[:64]!r} in an inference step")
+        if tuple(tensor.shape) != tuple(shape):
+            raise InvalidRequestError(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
+        if tensor.is_floating_point() or tensor.is_complex():
+            raise InvalidRequestError(f"{name} must be integer or bool, got {tensor.dtype}")
+        tensor = tensor.long()
+        if name == "attention_mask" and not bool(((tensor == 0) | (tensor == 1)).all()):
+            raise InvalidRequestError("attention_mask values must be 0 or 1")
+        if name == "position_ids" and not bool(((tensor >= 0) & (tensor < max_length)).all()):
+            raise InvalidRequestError(f"position_ids must be in 0..{max_length - 1}")
+        extras[name] = tensor
+    return extras

@@ -1,0 +1,87 @@
+"""Raw RPCs for the security and fuzz tests: sessions and forward calls driven message by message."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+from hivemind.proto import runtime_pb2
+
+from petals_cli import transport
+from petals_cli.wire import PROTOCOL_VERSION, SpanRequest, StepRequest
+
+
+def peer_id_of(server) -> str:
+    return server.addresses()[0].rsplit("/p2p/", 1)[1]
+
+
+@dataclass
+class RawSession:
+    outbox: asyncio.Queue
+    responses: AsyncIterator[runtime_pb2.ExpertResponse]
+    position: int = 0
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.outbox.put_nowait(transport.step_request([hidden], transport.pack(StepRequest(position=self.position))))
+        response = await anext(self.responses)
+        self.position = transport.check_response(response).position
+        return transport.deserialize(response.tensors[0])
+
+    async def send(self, message: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+        self.outbox.put_nowait(message)
+        return await anext(self.responses)
+
+    async def end(self) -> None:
+        self.outbox.put_nowait(None)
+        async for _ in self.responses:
+            pass
+
+    async def abort(self) -> None:
+        await self.responses.aclose()
+
+
+async def open_raw(stub, opening: runtime_pb2.ExpertRequest) -> tuple[RawSession, runtime_pb2.ExpertResponse]:
+    """Send an opening message; return the stream and the server's first answer (ack or typed refusal)."""
+    outbox = asyncio.Queue()
+
+    async def requests():
+        while (message := await outbox.get()) is not None:
+            yield message
+
+    outbox.put_nowait(opening)
+    session = RawSession(outbox, await stub.rpc_inference(requests()))
+    try:
+        return session, await anext(session.responses)
+    except BaseException:
+        await session.abort()
+        raise
+
+
+async def open_session(stub, prefix: str, end_block: int, max_length: int) -> RawSession:
+    request = SpanRequest(
+        protocol=PROTOCOL_VERSION, prefix=prefix, start_block=0, end_block=end_block, max_length=max_length
+    )
+    session, answer = await open_raw(stub, runtime_pb2.ExpertRequest(metadata=transport.pack(request)))
+    try:
+        transport.check_response(answer)
+    except BaseException:
+        await session.abort()
+        raise
+    return session
+
+
+async def call_stream(stub, method: str, messages) -> tuple[list[torch.Tensor], bytes]:
+    async def requests():
+        for message in messages:
+            yield message
+
+    return await transport.collect_tensors(await getattr(stub, method)(requests()))
+
+
+async def forward(stub, prefix: str, end_block: int, hidden: torch.Tensor) -> torch.Tensor:
+    request = SpanRequest(protocol=PROTOCOL_VERSION, prefix=prefix, start_block=0, end_block=end_block)
+    outputs, metadata = await call_stream(
+        stub, "rpc_forward", transport.request_messages([hidden], transport.pack(request))
+    )
+    transport.check_response(runtime_pb2.ExpertResponse(metadata=metadata))
+    return outputs[0]
