@@ -249,15 +249,21 @@ class Server:
             except Exception:  # the DHT is unreachable: keep serving, retry at the next period
                 logger.warning("announcing failed; serving on and retrying", exc_info=True)
                 self._announced_at, self._announce_failed = loop.time(), True
-            if self._announce_failed:
-                await self._rejoin(node)
+            # A node whose peers all left stores records only in itself, which nobody reads: find the swarm again.
+            alone = not node.protocol.routing_table.uid_to_peer_id
+            if (self._announce_failed or alone) and await self._rejoin(node):
+                logger.info("reconnected to the swarm's DHT; announcing again")
+                self._announced_at = float("-inf")
 
-    async def _rejoin(self, node) -> None:
+    async def _rejoin(self, node) -> bool:
         """Ping the initial peers again: after the DHT lost every peer, this is how the node finds it again."""
+        found = False
         for maddr in self.config.initial_peers:
             if "/p2p/" in maddr:
                 with contextlib.suppress(Exception):
-                    await node.protocol.call_ping(transport.peer_id_from_string(maddr.rsplit("/p2p/", 1)[1]))
+                    peer = transport.peer_id_from_string(maddr.rsplit("/p2p/", 1)[1])
+                    found = await node.protocol.call_ping(peer) is not None or found
+        return found
 
     async def _ping_next_servers(self, node, p2p) -> None:
         """Round trips to the servers holding block ``end`` (where this server's output goes next)."""
