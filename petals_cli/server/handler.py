@@ -257,7 +257,8 @@ class BlockHandler:
 
     def _compute_failure(self, what: str, exc: Exception) -> ServerError:
         """Log a compute failure and describe it; out of memory frees what torch holds for later requests."""
-        if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        cpu_allocation = isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)  # torch on a CPU
+        if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or cpu_allocation:
             logger.warning("%s ran out of memory: %s", what, exc)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -2,9 +2,11 @@
 
 import asyncio
 import os
+import resource
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +122,51 @@ def test_a_step_past_the_deadline_fails_alone_and_the_server_serves_on(tmp_path)
         assert server.process.poll() is None
     finally:
         swarm.stop()
+
+
+def test_running_out_of_memory_fails_that_request_only(tmp_path):
+    model_path = make_tiny_model(tmp_path / "tiny", "llama", num_layers=2, hidden_size=256, num_heads=4)
+    swarm = Swarm(model=model_path, workdir=tmp_path)
+    try:
+        server = swarm.start("0:2")
+        # From now on the server process may map only 300 MiB more (its libp2p daemon, already running, is
+        # unaffected): a long prefill's attention scores (~1 GiB) cannot be allocated.
+        status = Path(f"/proc/{server.process.pid}/status").read_text()
+        mapped = int(next(line for line in status.splitlines() if line.startswith("VmSize:")).split()[1]) * 1024
+        resource.prlimit(server.process.pid, resource.RLIMIT_AS, (mapped + 300 * 2**20, resource.RLIM_INFINITY))
+        steps = torch.randn(3, 1, 1, 256, generator=torch.Generator().manual_seed(0))
+        client = SwarmClient(ClientConfig(initial_peers=tuple(swarm.initial_peers)))
+        try:
+            stub = client.stub(peer_id_of(server))
+            prefix = model_prefix_for(str(model_path))
+
+            async def scenario():
+                greedy = await open_session(stub, prefix, 2, 8000)
+                with pytest.raises(ServerError, match="ran out of memory"):
+                    await greedy.step(torch.randn(1, 8000, 256))
+                await greedy.abort()  # the server ended this session after the failed step
+                modest = await open_session(stub, prefix, 2, 16)
+                outputs = [await modest.step(hidden) for hidden in steps]
+                await modest.end()
+                return outputs
+
+            outputs = client.run(scenario(), timeout=120)
+        finally:
+            client.close()
+        assert server.process.poll() is None
+        local = load_span_for(model_path)
+        cache = local.make_cache(0, 2)
+        with torch.no_grad():
+            expected = [local(hidden, 0, 2, cache) for hidden in steps]
+        for output, reference in zip(outputs, expected, strict=True):
+            torch.testing.assert_close(output, reference, atol=1e-4, rtol=1e-4)
+    finally:
+        swarm.stop()
+
+
+def load_span_for(model_path):
+    from petals_cli.checkpoint import resolve_model
+    from petals_cli.server.blocks import load_span, read_model_config
+
+    source = resolve_model(str(model_path))
+    return load_span(source, read_model_config(source), 0, 2, device="cpu", dtype=torch.float32)
