@@ -116,9 +116,9 @@ async def collect_tensors(messages: AsyncIterator) -> tuple[list[torch.Tensor], 
     return tensors, metadata or b""
 
 
-def step_request(tensor: torch.Tensor, metadata: bytes) -> runtime_pb2.ExpertRequest:
+def step_request(tensor: torch.Tensor, metadata: bytes, *extra: torch.Tensor) -> runtime_pb2.ExpertRequest:
     """One inference step is always one stream message, whatever its size (streams have no message cap)."""
-    return runtime_pb2.ExpertRequest(tensors=[serialize(tensor)], metadata=metadata)
+    return runtime_pb2.ExpertRequest(tensors=[serialize(item) for item in (tensor, *extra)], metadata=metadata)
 
 
 def step_response(tensor: torch.Tensor, meta: StepResponse) -> runtime_pb2.ExpertResponse:

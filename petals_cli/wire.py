@@ -142,6 +142,8 @@ class SpanRequest(WireRecord):
     end_block: int
     max_length: int = 0
     batch_size: int = 1
+    prompts: bool = False  # forward/backward: deep prompts follow the other tensors (see SpanRunner.forward)
+    adapter: str = ""  # run with this LoRA adapter, which the server must announce
 
     def check_protocol(self) -> None:
         if self.protocol != PROTOCOL_VERSION:
@@ -157,6 +159,7 @@ class StepRequest(WireRecord):
     wire_name: ClassVar[str] = "StepRequest"
 
     position: int
+    prompts: bool = False  # deep prompts for the span follow the hidden states (only steps inside the prefix)
 
 
 @dataclasses.dataclass(frozen=True)

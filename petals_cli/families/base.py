@@ -163,13 +163,34 @@ class SpanRunner(nn.Module):
 
         return DynamicCache(config=self._view(start - self.start, end - self.start).config)
 
-    def forward(self, hidden: torch.Tensor, start: int, end: int, cache=None) -> torch.Tensor:
-        """Run blocks [start, end) (absolute indices) on hidden states; extend ``cache`` when given."""
+    def forward(self, hidden: torch.Tensor, start: int, end: int, cache=None, *, prompts=None) -> torch.Tensor:
+        """Run blocks [start, end) (absolute indices) on hidden states; extend ``cache`` when given.
+
+        ``prompts`` (deep prompt tuning), shaped [end - start, prefix, hidden]: before block ``start + i``,
+        ``prompts[i]`` is added to the first ``prefix`` positions of every sequence in the batch.
+        """
         first, last = start - self.start, end - self.start
         view = self._view(first, last)
         self._bind_layer_indices(first, last)
-        output = view(inputs_embeds=hidden.to(self.dtype), past_key_values=cache, use_cache=cache is not None)
+        with self._adding_prompts(first, last, prompts):
+            output = view(inputs_embeds=hidden.to(self.dtype), past_key_values=cache, use_cache=cache is not None)
         return output[0].to(hidden.dtype)
+
+    @contextlib.contextmanager
+    def _adding_prompts(self, first: int, last: int, prompts: torch.Tensor | None):
+        if prompts is None:  # the hot path: no hooks at all
+            yield
+            return
+        prompts = prompts.to(self.dtype)
+        handles = [
+            layer.register_forward_pre_hook(_prompt_adder(prompts[offset]), with_kwargs=True)
+            for offset, layer in enumerate(list(self.layers)[first:last])
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _view(self, first: int, last: int) -> nn.Module:
         key = (first, last)
@@ -193,6 +214,20 @@ class SpanRunner(nn.Module):
             for sub in modules:
                 sub.layer_idx = offset
         self._bound = (first, last)
+
+
+def _prompt_adder(prompt: torch.Tensor):
+    """A pre-hook adding ``prompt`` [prefix, hidden] to a block's input hidden states (out of place)."""
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        length = min(prompt.shape[0], hidden.shape[1])
+        hidden = torch.cat([hidden[:, :length] + prompt[:length], hidden[:, length:]], dim=1)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    return hook
 
 
 def build_span(

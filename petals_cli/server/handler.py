@@ -33,6 +33,7 @@ from petals_cli.errors import (
     SessionLengthError,
 )
 from petals_cli.families.base import SpanRunner
+from petals_cli.server.adapters import NO_ADAPTERS, SpanAdapters
 from petals_cli.server.cache import CacheBudget
 from petals_cli.wire import SpanRequest, StepRequest, StepResponse
 
@@ -64,8 +65,10 @@ class BlockHandler:
         alloc_timeout: float,
         session_idle_timeout: float,
         info,
+        adapters: SpanAdapters = NO_ADAPTERS,
     ):
         self.span, self.prefix, self.budget = span, prefix, budget
+        self.adapters = adapters
         self.max_session_length = max_session_length
         self.alloc_timeout = alloc_timeout
         self.session_idle_timeout = session_idle_timeout
@@ -92,7 +95,19 @@ class BlockHandler:
                 f"blocks {request.start_block}:{request.end_block} are not within this server's "
                 f"{self.span.start}:{self.span.end}"
             )
+        if request.adapter and request.adapter not in self.adapters.names:
+            raise InvalidRequestError(f"this server has no adapter {request.adapter!r}")
         return request
+
+    def _check_prompts(self, tensor: torch.Tensor, request: SpanRequest) -> torch.Tensor:
+        blocks = request.end_block - request.start_block
+        if tensor.ndim != 3 or tensor.shape[0] != blocks or tensor.shape[2] != self.hidden_size or 0 in tensor.shape:
+            raise InvalidRequestError(
+                f"prompts must be [{blocks}, prefix, {self.hidden_size}], got {list(tensor.shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise InvalidRequestError(f"prompts must be floating point, got {tensor.dtype}")
+        return tensor
 
     def _check_hidden(self, tensor: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         if tensor.ndim != 3 or tensor.shape[-1] != self.hidden_size or 0 in tensor.shape:
@@ -191,10 +206,10 @@ class BlockHandler:
             session.peer,
         )
 
-    def replace_span(self, span: SpanRunner) -> None:
+    def replace_span(self, span: SpanRunner, adapters: SpanAdapters = NO_ADAPTERS) -> None:
         """Serve other blocks from now on (rebalancing). Open sessions end at their next step, with a
         ServerError their clients fail over on; their caches belong to the old blocks."""
-        self.span = span
+        self.span, self.adapters = span, adapters
         for session in self.sessions.values():
             session.moved = True
 
@@ -204,9 +219,14 @@ class BlockHandler:
             return transport.error_response(ServerError("this server moved to other blocks; open a new session"))
         try:
             step = StepRequest.from_wire(transport.unpack(message.metadata))
-            if len(message.tensors) != 1:
-                raise InvalidRequestError(f"an inference step carries one tensor, got {len(message.tensors)}")
+            expected = 2 if step.prompts else 1
+            if len(message.tensors) != expected:
+                raise InvalidRequestError(f"this step carries {expected} tensors, got {len(message.tensors)}")
             hidden = self._check_hidden(transport.deserialize(message.tensors[0]), session.request.batch_size)
+            prompts = None
+            if step.prompts:  # only the part of the prefix this step covers
+                prompts = self._check_prompts(transport.deserialize(message.tensors[1]), session.request)
+                prompts = prompts[:, step.position :] if step.position < prompts.shape[1] else None
             if step.position != session.position:
                 raise InvalidRequestError(f"step at position {step.position}, session is at {session.position}")
             if session.position + hidden.shape[1] > session.request.max_length:
@@ -215,7 +235,9 @@ class BlockHandler:
                     f"{session.request.max_length}"
                 )
             request = session.request
-            output = await self._run(self._forward, hidden, request.start_block, request.end_block, session.cache)
+            output = await self._run(
+                self._forward, hidden, request.start_block, request.end_block, session.cache, prompts, request.adapter
+            )
             session.position += hidden.shape[1]
             return transport.step_response(output, StepResponse(position=session.position))
         except PetalsError as error:
@@ -227,15 +249,16 @@ class BlockHandler:
             return transport.error_response(ServerError(f"step failed: {exc.__class__.__name__}: {exc}"))
 
     @torch.inference_mode()
-    def _forward(self, hidden, start, end, cache=None):
-        return self.span(hidden, start, end, cache)
+    def _forward(self, hidden, start, end, cache=None, prompts=None, adapter=""):
+        with self.adapters.active(adapter):
+            return self.span(hidden, start, end, cache, prompts=prompts)
 
     # --- forward / backward (no cache) --------------------------------------------------------------------
 
     async def rpc_forward(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        for message in await self._unary(requests, 1, self._forward):
+        for message in await self._unary(requests, 1, self._forward_unary):
             yield message
 
     async def rpc_backward(
@@ -248,26 +271,35 @@ class BlockHandler:
         try:
             tensors, metadata = await transport.collect_tensors(requests)
             request = self._check_span_request(metadata)
-            if len(tensors) != num_tensors:
-                raise InvalidRequestError(f"expected {num_tensors} tensors, got {len(tensors)}")
+            if len(tensors) != num_tensors + request.prompts:
+                raise InvalidRequestError(f"expected {num_tensors + request.prompts} tensors, got {len(tensors)}")
             first = self._check_hidden(tensors[0])
-            for other in tensors[1:]:
+            for other in tensors[1:num_tensors]:
                 if other.shape != first.shape:
                     raise InvalidRequestError(f"gradient shape {list(other.shape)} != input {list(first.shape)}")
-            output = await self._run(function, *tensors, request.start_block, request.end_block)
-            return transport.response_messages([output], StepResponse())
+            prompts = self._check_prompts(tensors[num_tensors], request) if request.prompts else None
+            outputs = await self._run(
+                function, *tensors[:num_tensors], request.start_block, request.end_block, prompts, request.adapter
+            )
+            return transport.response_messages(outputs, StepResponse())
         except PetalsError as error:
             return [transport.error_response(error)]
         except Exception as exc:
             logger.exception("forward/backward failed")
             return [transport.error_response(ServerError(f"{exc.__class__.__name__}: {exc}"))]
 
-    def _backward(self, hidden, grad_output, start, end):
-        with torch.enable_grad():
-            inputs = hidden.detach().requires_grad_(True)
-            outputs = self.span(inputs, start, end)
-            (grad_input,) = torch.autograd.grad(outputs, inputs, grad_outputs=grad_output.to(outputs.dtype))
-        return grad_input
+    def _forward_unary(self, hidden, start, end, prompts, adapter) -> list[torch.Tensor]:
+        return [self._forward(hidden, start, end, None, prompts, adapter)]
+
+    def _backward(self, hidden, grad_output, start, end, prompts, adapter) -> list[torch.Tensor]:
+        """Gradients for the span's input hidden states and, when sent, for its deep prompts."""
+        with torch.enable_grad(), self.adapters.active(adapter):
+            inputs = [hidden.detach().requires_grad_(True)]
+            if prompts is not None:
+                inputs.append(prompts.detach().requires_grad_(True))
+            outputs = self.span(inputs[0], start, end, prompts=inputs[1] if prompts is not None else None)
+            grads = torch.autograd.grad(outputs, inputs, grad_outputs=grad_output.to(outputs.dtype))
+        return list(grads)
 
     # --- info -------------------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from petals_cli.checkpoint import resolve_model
 from petals_cli.config import ServerConfig
 from petals_cli.dht import announce_blocks, announce_model, fetch_snapshot, start_dht
 from petals_cli.errors import ConfigError
+from petals_cli.server.adapters import load_adapters
 from petals_cli.server.blocks import load_span, read_model_config, resolve_dtype
 from petals_cli.server.cache import CacheBudget
 from petals_cli.server.handler import BlockHandler
@@ -73,6 +74,7 @@ class Server:
         self._announced_tokens_left = config.cache_tokens
         self._pings: dict[str, float] = {}  # peer id of a server holding our next block -> round trip, seconds
         self._pinged_at = float("-inf")
+        self.adapter_names: tuple[str, ...] = ()
 
     def info(self) -> ServerInfo:
         return ServerInfo(
@@ -87,6 +89,7 @@ class Server:
             inference_rps=self.throughput.inference_rps if self.throughput else 0.0,
             forward_rps=self.throughput.forward_rps if self.throughput else 0.0,
             pings=dict(self._pings),
+            adapters=self.adapter_names,
         )
 
     async def serve(self) -> None:
@@ -111,7 +114,7 @@ class Server:
                     node, self.prefix, self.model.num_blocks, length, max_delay=self.config.placement_delay
                 )
             await self._announce(node, p2p)  # JOINING: servers choosing blocks now see this span taken
-            span = await self._load(self.start, self.end)
+            span, adapters = await self._load(self.start, self.end)
             handler = BlockHandler(
                 span,
                 self.prefix,
@@ -120,6 +123,7 @@ class Server:
                 alloc_timeout=self.config.alloc_timeout,
                 session_idle_timeout=self.config.session_idle_timeout,
                 info=self.info,
+                adapters=adapters,
             )
             await transport.BlocksService().add_p2p_handlers(p2p, wrapper=handler)
             self.state = ServerState.ONLINE
@@ -146,16 +150,19 @@ class Server:
         logger.info("server stopped")
 
     async def _load(self, start: int, end: int):
-        """Load blocks [start, end) off the event loop, and know (measure once, then cache) their speed."""
+        """Load blocks [start, end) and their part of the adapters off the event loop, and know (measure once,
+        then cache) their speed."""
         started = time.perf_counter()
         span = await asyncio.to_thread(
             load_span, self.source, self.model, start, end, device=self.config.device, dtype=self.dtype
         )
+        adapters = await asyncio.to_thread(load_adapters, span, self.config.adapters)
+        self.adapter_names = adapters.names
         logger.info("blocks %d:%d of %s loaded in %.1fs", start, end, self.prefix, time.perf_counter() - started)
         if self.throughput is None:
             key = throughput_key(self.prefix, self.config.device, self.dtype)
             self.throughput = await asyncio.to_thread(get_throughput, span, key, network_rps=self.config.network_rps)
-        return span
+        return span, adapters
 
     async def _rebalance_forever(self, node, p2p, handler: BlockHandler) -> None:
         own = p2p.peer_id.to_base58()
@@ -189,9 +196,9 @@ class Server:
             decision.min_before,
             decision.min_after,
         )
-        span = await self._load(new_start, new_end)
+        span, adapters = await self._load(new_start, new_end)
         old = dataclasses.replace(self.info(), state=ServerState.OFFLINE)
-        handler.replace_span(span)
+        handler.replace_span(span, adapters)
         self.start, self.end = new_start, new_end
         expiration = max(self.config.announce_period * 2.5, 10.0)
         await announce_blocks(node, self.prefix, p2p.peer_id.to_base58(), old, expiration=expiration)
