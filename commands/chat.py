@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from petals_cli.commands._errors import handle_errors, setup_logging
-from petals_cli.commands._options import InitialPeersOpt, ModelArg, ModelPrefixOpt, VerboseOpt
+from petals_cli.commands._options import AdapterOpt, InitialPeersOpt, ModelArg, ModelPrefixOpt, PromptsOpt, VerboseOpt
 
 HELP = "commands: /reset, /params [temperature=T top_p=P max_tokens=N], /stats, /save FILE, /exit (or Ctrl-D)"
 
@@ -24,6 +24,8 @@ def chat(
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     initial_peers: InitialPeersOpt = None,
     model_prefix: ModelPrefixOpt = None,
+    prompts: PromptsOpt = None,
+    adapter: AdapterOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Chat with MODEL; replies stream as they are generated. Ctrl-C stops a reply, Ctrl-D leaves."""
@@ -34,9 +36,11 @@ def chat(
     setup_logging(verbose)
     # Ctrl-C must stop a reply even when a parent shell started us with SIGINT ignored (background jobs).
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    config = ClientConfig.from_sources(initial_peers=tuple(initial_peers or ()), model_prefix=model_prefix)
+    config = ClientConfig.from_sources(
+        initial_peers=tuple(initial_peers or ()), model_prefix=model_prefix, active_adapter=adapter
+    )
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    distributed, tokenizer = open_model(model, config)
+    distributed, tokenizer = open_model(model, config, prompts=prompts)
     conversation = Conversation(distributed, tokenizer, options, system=system, max_length=max_length)
     typer.echo(f"chatting with {model}; {HELP}", err=True)
     try:

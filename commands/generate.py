@@ -7,7 +7,15 @@ from typing import Annotated
 import typer
 
 from petals_cli.commands._errors import handle_errors, setup_logging
-from petals_cli.commands._options import InitialPeersOpt, JsonOpt, ModelArg, ModelPrefixOpt, VerboseOpt
+from petals_cli.commands._options import (
+    AdapterOpt,
+    InitialPeersOpt,
+    JsonOpt,
+    ModelArg,
+    ModelPrefixOpt,
+    PromptsOpt,
+    VerboseOpt,
+)
 
 
 @handle_errors
@@ -28,6 +36,8 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Random seed (same seed, same output).")] = None,
     initial_peers: InitialPeersOpt = None,
     model_prefix: ModelPrefixOpt = None,
+    prompts: PromptsOpt = None,
+    adapter: AdapterOpt = None,
     route_wait: Annotated[
         float | None, typer.Option(help="Seconds to wait for servers of missing blocks.", show_default="10")
     ] = None,
@@ -40,12 +50,15 @@ def generate(
 
     setup_logging(verbose)
     config = ClientConfig.from_sources(
-        initial_peers=tuple(initial_peers or ()), model_prefix=model_prefix, route_wait=route_wait
+        initial_peers=tuple(initial_peers or ()),
+        model_prefix=model_prefix,
+        route_wait=route_wait,
+        active_adapter=adapter,
     )
     options = GenerationOptions(max_new_tokens, temperature, top_p, top_k, repetition_penalty, tuple(stop or ()), seed)
     prompt = sys.stdin.read() if prompt == "-" else prompt
     stream = sys.stdout.isatty() if stream is None else stream
-    distributed, tokenizer = open_model(model, config)
+    distributed, tokenizer = open_model(model, config, prompts=prompts)
     try:
         on_text = (lambda text: (sys.stdout.write(text), sys.stdout.flush())) if stream and not json_output else None
         result = generate(distributed, tokenizer, prompt, options, on_text=on_text)

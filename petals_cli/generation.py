@@ -45,8 +45,8 @@ class GenerationResult:
         }
 
 
-def open_model(model: str, config: ClientConfig):
-    """The distributed model and its tokenizer."""
+def open_model(model: str, config: ClientConfig, *, prompts: str | None = None):
+    """The distributed model (with saved ``prompts``, if given) and its tokenizer."""
     from transformers import AutoTokenizer
 
     from petals_cli.checkpoint import metadata_dir, resolve_model
@@ -54,7 +54,7 @@ def open_model(model: str, config: ClientConfig):
 
     source = resolve_model(model, revision=config.revision or None, token=config.token or None)
     tokenizer = AutoTokenizer.from_pretrained(metadata_dir(source))
-    return AutoDistributedModelForCausalLM.from_pretrained(model, config=config), tokenizer
+    return AutoDistributedModelForCausalLM.from_pretrained(model, config=config, prompts=prompts), tokenizer
 
 
 class _TextStreamer:

@@ -106,7 +106,7 @@ def load_prompts(directory: str | Path, *, num_blocks: int | None = None, hidden
     tuning = PromptTuning(metadata["method"], metadata["pre_seq_len"], metadata["num_blocks"], metadata["hidden_size"])
     try:
         tensors = load_file(str(Path(directory) / TENSORS_FILE))
-    except (OSError, ValueError) as exc:  # safetensors raises its own error types for corrupt files
+    except Exception as exc:  # safetensors raises its own error type (not an OSError) for corrupt files
         raise ConfigError(f"{directory}: cannot read {TENSORS_FILE} ({exc})") from None
     wanted = {"prefix"} | ({"deep"} if tuning.deep is not None else set())
     if set(tensors) != wanted:
