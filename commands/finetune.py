@@ -9,6 +9,8 @@ import typer
 from petals_cli.commands._errors import handle_errors, setup_logging
 from petals_cli.commands._options import InitialPeersOpt, JsonOpt, ModelArg, ModelPrefixOpt, VerboseOpt
 
+_CLIENT_OPTIONS = ("initial_peers", "model_prefix", "json_output", "verbose")
+
 
 @handle_errors
 def finetune(
@@ -40,13 +42,11 @@ def finetune(
     verbose: VerboseOpt = False,
 ) -> None:
     """Train prompts for MODEL on --dataset; the swarm runs the frozen blocks forward and backward."""
+    options = {name: value for name, value in locals().items() if name not in _CLIENT_OPTIONS}  # = config fields
     from petals_cli.config import ClientConfig, FinetuneConfig
     from petals_cli.finetune import finetune as run_finetune
 
     setup_logging(verbose)
-    options = dict(locals())
-    for name in ("initial_peers", "model_prefix", "json_output", "verbose"):
-        options.pop(name)
     options.update(steps=steps or 0, epochs=epochs or 0, output=output or "", resume=resume or "")
     config = FinetuneConfig(**options)
     client = ClientConfig.from_sources(initial_peers=tuple(initial_peers or ()), model_prefix=model_prefix)

@@ -5,8 +5,9 @@ remote blocks forward and backward through ``RemoteBlocks`` (which fails over li
 through ``datasets``: every text is tokenised, the texts are joined (separated by EOS) and cut into sequences
 of ``seq_len`` tokens, so batches never need padding. The order of sequences is a permutation drawn from
 ``seed`` and the epoch number, so a run resumed from a checkpoint sees exactly the batches the uninterrupted
-run would have. A checkpoint directory holds the saved prompts plus ``trainer_state.pt`` (optimizer state,
-step, losses). Knows nothing about the terminal.
+run would have. A checkpoint directory holds the saved prompts plus ``trainer_state.pt`` (prompts, optimizer
+state, step, losses: one file, replaced atomically, so a run killed while saving resumes from a consistent
+state). Knows nothing about the terminal.
 """
 
 from __future__ import annotations
@@ -157,10 +158,9 @@ def _read_state(config: FinetuneConfig) -> dict:
 
 def _train(model, config: FinetuneConfig, sequences: torch.Tensor, state: dict | None, on_step) -> FinetuneResult:
     torch.manual_seed(config.seed)  # the prompts' initial values
-    if state is None:
-        model.enable_prompt_tuning(config.method, config.pre_seq_len)
-    else:
-        model.load_prompts(config.resume)
+    model.enable_prompt_tuning(config.method, config.pre_seq_len)
+    if state is not None:
+        model.prompt_tuning.load_state_dict(state["prompts"])
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.lr, weight_decay=0.0)
     result = FinetuneResult(output=config.output or config.resume)
     first_step = 0
@@ -191,10 +191,15 @@ def _train(model, config: FinetuneConfig, sequences: torch.Tensor, state: dict |
 
 
 def save_checkpoint(model, optimizer, step: int, losses: list[float], directory: str, model_name: str) -> None:
-    """Prompts in the saved format plus what resuming needs; the prompts file is written last."""
+    """What resuming needs (one file), then the prompts in the saved format."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {"optimizer": optimizer.state_dict(), "step": step, "losses": torch.tensor(losses, dtype=torch.float64)}
+    state = {
+        "prompts": model.prompt_tuning.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "losses": torch.tensor(losses, dtype=torch.float64),
+    }
     torch.save(state, directory / (STATE_FILE + ".tmp"))
     (directory / (STATE_FILE + ".tmp")).replace(directory / STATE_FILE)
     save_prompts(model.prompt_tuning, directory, model=model_name)
