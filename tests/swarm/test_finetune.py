@@ -170,6 +170,48 @@ def test_generation_with_trained_prompts_changes_the_output_and_equals_local(set
     assert json.loads(cli.stdout)["token_ids"] == prompted[input_ids.shape[1] :]
 
 
+def test_bad_prompts_and_unknown_adapters_are_refused_with_typed_errors(setup):
+    from hivemind.proto import runtime_pb2
+
+    from petals_cli import transport
+    from petals_cli.client import SwarmClient
+    from petals_cli.config import ClientConfig
+    from petals_cli.errors import InvalidRequestError
+    from petals_cli.wire import PROTOCOL_VERSION, SpanRequest
+
+    model, swarm, _, _ = setup
+    peer_id = swarm.servers[0].addresses()[0].rsplit("/p2p/", 1)[1]  # blocks 0:2
+    client = SwarmClient(ClientConfig(initial_peers=tuple(swarm.initial_peers)))
+
+    async def forward(request, tensors):
+        async def requests():
+            for message in transport.request_messages(tensors, transport.pack(request)):
+                yield message
+
+        outputs, metadata = await transport.collect_tensors(await client.stub(peer_id).rpc_forward(requests()))
+        transport.check_response(runtime_pb2.ExpertResponse(metadata=metadata))
+        return outputs
+
+    hidden, prompts = torch.zeros(1, 6, 64), torch.ones(2, PRE_SEQ_LEN, 64)
+    with_prompts = SpanRequest(PROTOCOL_VERSION, model.name, 0, 2, prompts=True)
+    try:
+        bad_requests = [
+            (with_prompts, [hidden]),  # the prompts are missing
+            (with_prompts, [hidden, torch.ones(3, PRE_SEQ_LEN, 64)]),  # one row per block: 2, not 3
+            (with_prompts, [hidden, torch.ones(2, PRE_SEQ_LEN, 7)]),
+            (with_prompts, [hidden, torch.ones(2, PRE_SEQ_LEN, 64, dtype=torch.long)]),
+            (SpanRequest(PROTOCOL_VERSION, model.name, 0, 2, adapter="nope"), [hidden]),
+        ]
+        for request, tensors in bad_requests:
+            with pytest.raises(InvalidRequestError):
+                client.run(forward(request, tensors))
+        (plain,) = client.run(forward(SpanRequest(PROTOCOL_VERSION, model.name, 0, 2), [hidden]))
+        (prompted,) = client.run(forward(with_prompts, [hidden, prompts]))
+        assert plain.shape == prompted.shape == hidden.shape and not torch.allclose(plain, prompted)
+    finally:
+        client.close()
+
+
 def test_training_survives_a_replicated_server_killed_mid_epoch(setup, tmp_path):
     from petals_cli.config import ClientConfig
     from petals_cli.finetune import finetune
