@@ -122,6 +122,11 @@ class ServerConfig(_FromSources):
             raise ConfigError("--num-blocks, placement delay, balance period and --network-rps must be >= 0")
         if self.announce_period <= 0:
             raise ConfigError("announce period must be positive")
+        for directory in self.adapters:
+            if not os.path.isfile(os.path.join(directory, "adapter_config.json")):
+                raise ConfigError(
+                    f"--adapters {directory}: no adapter_config.json (expected a peft adapter directory)"
+                )
 
 
 def parse_blocks(spec: str, num_blocks: int) -> tuple[int, int]:

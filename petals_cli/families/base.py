@@ -172,15 +172,15 @@ class SpanRunner(nn.Module):
         first, last = start - self.start, end - self.start
         view = self._view(first, last)
         self._bind_layer_indices(first, last)
-        with self._adding_prompts(first, last, prompts):
+        if prompts is None:  # the hot path: no hooks at all
             output = view(inputs_embeds=hidden.to(self.dtype), past_key_values=cache, use_cache=cache is not None)
+        else:
+            with self._adding_prompts(first, last, prompts):
+                output = view(inputs_embeds=hidden.to(self.dtype), past_key_values=cache, use_cache=cache is not None)
         return output[0].to(hidden.dtype)
 
     @contextlib.contextmanager
-    def _adding_prompts(self, first: int, last: int, prompts: torch.Tensor | None):
-        if prompts is None:  # the hot path: no hooks at all
-            yield
-            return
+    def _adding_prompts(self, first: int, last: int, prompts: torch.Tensor):
         prompts = prompts.to(self.dtype)
         handles = [
             layer.register_forward_pre_hook(_prompt_adder(prompts[offset]), with_kwargs=True)
