@@ -50,7 +50,7 @@ def finetune(
     options.update(steps=steps or 0, epochs=epochs or 0, output=output or "", resume=resume or "")
     config = FinetuneConfig(**options)
     client = ClientConfig.from_sources(initial_peers=tuple(initial_peers or ()), model_prefix=model_prefix)
-    with _progress() as on_step:
+    with _Progress() as on_step:
         result = run_finetune(config, client, on_step=on_step)
     if json_output:
         typer.echo(json.dumps(result.to_json()))
@@ -59,7 +59,7 @@ def finetune(
         typer.echo(f"trained {result.steps} steps, final loss {result.losses[-1]:.4f}{where}")
 
 
-class _progress:
+class _Progress:
     """A rich progress bar on stderr (only on a terminal) showing step, loss and tokens/s."""
 
     def __enter__(self):

@@ -107,6 +107,8 @@ class BlockHandler:
             )
         if not tensor.is_floating_point():
             raise InvalidRequestError(f"prompts must be floating point, got {tensor.dtype}")
+        if tensor.shape[1] > self.max_session_length:
+            raise InvalidRequestError(f"prompts may be at most {self.max_session_length} positions long")
         return tensor
 
     def _check_hidden(self, tensor: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
