@@ -89,6 +89,8 @@ class DistributedModelForCausalLM:
 
     def remote_blocks(self, hidden: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states after all remote blocks (differentiable, also in the deep ``prompts``; no cache)."""
+        if not torch.is_grad_enabled():  # servers then keep no graphs for a backward that will not come
+            hidden, prompts = hidden.detach(), None if prompts is None else prompts.detach()
         return RemoteBlocks.apply(hidden, prompts, self.petals_client, self.petals_prefix, self.petals_num_blocks)
 
     def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -268,7 +269,13 @@ class InferenceSession:
 
 
 async def _call_unary(
-    client: SwarmClient, prefix: str, span: RouteSpan, method: str, tensors, prompts: torch.Tensor | None = None
+    client: SwarmClient,
+    prefix: str,
+    span: RouteSpan,
+    method: str,
+    tensors,
+    prompts: torch.Tensor | None = None,
+    graph_id: str = "",
 ) -> list[torch.Tensor]:
     """One forward or backward request; the answer's tensors have the shapes of ``tensors[0]`` (and ``prompts``)."""
     request = SpanRequest(
@@ -278,6 +285,7 @@ async def _call_unary(
         end_block=span.end,
         prompts=prompts is not None,
         adapter=client.config.active_adapter,
+        graph_id=graph_id,
     )
     if prompts is not None:
         prompts = prompts[span.start : span.end]
@@ -303,32 +311,47 @@ async def _call_unary(
     return outputs
 
 
-class _RemoteChain:
-    """Forward and backward through a route, replacing failed spans as it goes."""
+@dataclass(frozen=True)
+class _Hop:
+    """One span of a differentiable forward: who ran it, on what, and the graph it may have kept for backward."""
 
-    def __init__(self, client: SwarmClient, prefix: str, num_blocks: int):
+    span: RouteSpan
+    hidden: torch.Tensor
+    graph_id: str = ""
+
+
+class _RemoteChain:
+    """Forward and backward through a route, replacing failed spans as it goes.
+
+    With ``keep_graphs``, each forward asks its server to keep the autograd graph for the backward that
+    follows (saving a recomputation there); a backward that fails over to another server recomputes."""
+
+    def __init__(self, client: SwarmClient, prefix: str, num_blocks: int, *, keep_graphs: bool = False):
         self.client, self.prefix, self.num_blocks = client, prefix, num_blocks
+        self.keep_graphs = keep_graphs
 
     async def route(self, start: int, end: int) -> list[RouteSpan]:
         return await self.client.route(self.prefix, self.num_blocks, start, end, inference=False)
 
     async def forward(
         self, hidden: torch.Tensor, start: int, end: int, prompts: torch.Tensor | None = None
-    ) -> tuple[list[RouteSpan], list, torch.Tensor]:
-        """Outputs of blocks [start, end); also the spans used and each span's input (for backward).
+    ) -> tuple[list[_Hop], torch.Tensor]:
+        """Outputs of blocks [start, end), and the hops that computed them (for backward).
 
         ``prompts`` holds the deep prompts of all blocks (indexed by absolute block) or is None."""
-        spans, inputs = [], []
+        hops = []
         for _ in range(self.client.config.max_retries + 1):
             route = await self.route(start, end)
             try:
                 for span in route:
-                    (output,) = await _call_unary(self.client, self.prefix, span, "rpc_forward", [hidden], prompts)
+                    graph_id = uuid.uuid4().hex if self.keep_graphs else ""
+                    (output,) = await _call_unary(
+                        self.client, self.prefix, span, "rpc_forward", [hidden], prompts, graph_id
+                    )
                     self.client.succeed(span.peer_id)
-                    spans.append(span)
-                    inputs.append(hidden)
+                    hops.append(_Hop(span, hidden, graph_id))
                     hidden, start = output, span.end
-                return spans, inputs, hidden
+                return hops, hidden
             except ServerFailure as failure:
                 logger.warning("%s; failing over", failure)
                 self.client.ban(failure.span.peer_id)
@@ -336,21 +359,23 @@ class _RemoteChain:
 
     async def backward(
         self,
-        spans: list[RouteSpan],
-        inputs: list,
+        hops: list[_Hop],
         grad: torch.Tensor,
         prompts: torch.Tensor | None = None,
         grad_prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The gradient for the first span's input; with ``prompts``, accumulates theirs into ``grad_prompts``."""
-        for span, hidden in zip(reversed(spans), reversed(inputs), strict=True):
-            grad = await self._backward_span(span, hidden, grad, prompts, grad_prompts)
+        """The gradient for the first hop's input; with ``prompts``, accumulates theirs into ``grad_prompts``."""
+        for hop in reversed(hops):
+            grad = await self._backward_span(hop, grad, prompts, grad_prompts)
         return grad
 
-    async def _backward_span(self, span: RouteSpan, hidden, grad, prompts, grad_prompts) -> torch.Tensor:
+    async def _backward_span(self, hop: _Hop, grad, prompts, grad_prompts) -> torch.Tensor:
+        span, hidden, graph_id = hop.span, hop.hidden, hop.graph_id
         for _ in range(self.client.config.max_retries + 1):
             try:
-                grads = await _call_unary(self.client, self.prefix, span, "rpc_backward", [hidden, grad], prompts)
+                grads = await _call_unary(
+                    self.client, self.prefix, span, "rpc_backward", [hidden, grad], prompts, graph_id
+                )
                 self.client.succeed(span.peer_id)
                 if prompts is not None:
                     grad_prompts[span.start : span.end] += grads[1]
@@ -360,9 +385,9 @@ class _RemoteChain:
                 self.client.ban(failure.span.peer_id)
             route = await self.route(span.start, span.end)
             if len(route) > 1:  # the replacement splits the span: recompute its inner inputs first
-                spans, inputs, _ = await self.forward(hidden, span.start, span.end, prompts)
-                return await self.backward(spans, inputs, grad, prompts, grad_prompts)
-            span = route[0]
+                hops, _ = await self.forward(hidden, span.start, span.end, prompts)
+                return await self.backward(hops, grad, prompts, grad_prompts)
+            span, graph_id = route[0], ""  # a graph kept by the failed server is of no use elsewhere
         raise ServerError(
             f"backward of blocks {span.start}:{span.end} failed {self.client.config.max_retries + 1} times"
         )
@@ -375,10 +400,12 @@ class RemoteBlocks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, prompts, client: SwarmClient, prefix: str, num_blocks: int) -> torch.Tensor:
-        chain = _RemoteChain(client, prefix, num_blocks)
+        # Servers keep their graphs only when a backward will follow (inside apply, grad mode is always off).
+        will_differentiate = any(ctx.needs_input_grad[:2])
+        chain = _RemoteChain(client, prefix, num_blocks, keep_graphs=will_differentiate)
         sent_prompts = None if prompts is None else prompts.detach().cpu()
-        spans, inputs, output = client.run(chain.forward(hidden.detach().cpu(), 0, num_blocks, sent_prompts))
-        ctx.chain, ctx.spans, ctx.inputs, ctx.prompts = chain, spans, inputs, sent_prompts
+        hops, output = client.run(chain.forward(hidden.detach().cpu(), 0, num_blocks, sent_prompts))
+        ctx.chain, ctx.hops, ctx.prompts = chain, hops, sent_prompts
         ctx.prompts_dtype = None if prompts is None else prompts.dtype
         return output.to(hidden.dtype)
 
@@ -386,7 +413,7 @@ class RemoteBlocks(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         grad_prompts = None if ctx.prompts is None else torch.zeros_like(ctx.prompts)
         grad = ctx.chain.client.run(
-            ctx.chain.backward(ctx.spans, ctx.inputs, grad_output.detach().cpu(), ctx.prompts, grad_prompts)
+            ctx.chain.backward(ctx.hops, grad_output.detach().cpu(), ctx.prompts, grad_prompts)
         )
         if grad_prompts is not None:
             grad_prompts = grad_prompts.to(ctx.prompts_dtype)

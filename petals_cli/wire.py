@@ -144,6 +144,7 @@ class SpanRequest(WireRecord):
     batch_size: int = 1
     prompts: bool = False  # forward/backward: deep prompts follow the other tensors (see SpanRunner.forward)
     adapter: str = ""  # run with this LoRA adapter, which the server must announce
+    graph_id: str = ""  # forward: keep the autograd graph for the backward with this id (server/graphs.py)
 
     def check_protocol(self) -> None:
         if self.protocol != PROTOCOL_VERSION:

@@ -35,6 +35,7 @@ from petals_cli.errors import (
 from petals_cli.families.base import SpanRunner
 from petals_cli.server.adapters import NO_ADAPTERS, SpanAdapters
 from petals_cli.server.cache import CacheBudget
+from petals_cli.server.graphs import KeptGraphs
 from petals_cli.wire import SpanRequest, StepRequest, StepResponse
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class BlockHandler:
         self.hidden_size = span.config.hidden_size
         self.info = info
         self.sessions: dict[str, Session] = {}
+        self.graphs = KeptGraphs()
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="petals-compute")
 
     def shutdown(self) -> None:
@@ -97,6 +99,8 @@ class BlockHandler:
             )
         if request.adapter and request.adapter not in self.adapters.names:
             raise InvalidRequestError(f"this server has no adapter {request.adapter!r}")
+        if len(request.graph_id) > 64:
+            raise InvalidRequestError("graph_id may be at most 64 characters")
         return request
 
     def _check_prompts(self, tensor: torch.Tensor, request: SpanRequest) -> torch.Tensor:
@@ -280,9 +284,7 @@ class BlockHandler:
                 if other.shape != first.shape:
                     raise InvalidRequestError(f"gradient shape {list(other.shape)} != input {list(first.shape)}")
             prompts = self._check_prompts(tensors[num_tensors], request) if request.prompts else None
-            outputs = await self._run(
-                function, *tensors[:num_tensors], request.start_block, request.end_block, prompts, request.adapter
-            )
+            outputs = await self._run(function, *tensors[:num_tensors], request, prompts)
             return transport.response_messages(outputs, StepResponse())
         except PetalsError as error:
             return [transport.error_response(error)]
@@ -290,16 +292,33 @@ class BlockHandler:
             logger.exception("forward/backward failed")
             return [transport.error_response(ServerError(f"{exc.__class__.__name__}: {exc}"))]
 
-    def _forward_unary(self, hidden, start, end, prompts, adapter) -> list[torch.Tensor]:
-        return [self._forward(hidden, start, end, None, prompts, adapter)]
+    def _forward_unary(self, hidden, request: SpanRequest, prompts) -> list[torch.Tensor]:
+        start, end, adapter = request.start_block, request.end_block, request.adapter
+        if not request.graph_id:
+            return [self._forward(hidden, start, end, None, prompts, adapter)]
+        inputs, outputs = self._differentiable_forward(hidden, request, prompts)
+        self.graphs.keep(request.graph_id, (start, end, adapter), inputs, outputs)
+        return [outputs.detach()]
 
-    def _backward(self, hidden, grad_output, start, end, prompts, adapter) -> list[torch.Tensor]:
-        """Gradients for the span's input hidden states and, when sent, for its deep prompts."""
-        with torch.enable_grad(), self.adapters.active(adapter):
+    def _differentiable_forward(self, hidden, request: SpanRequest, prompts):
+        with torch.enable_grad(), self.adapters.active(request.adapter):
             inputs = [hidden.detach().requires_grad_(True)]
             if prompts is not None:
                 inputs.append(prompts.detach().requires_grad_(True))
-            outputs = self.span(inputs[0], start, end, prompts=inputs[1] if prompts is not None else None)
+            deep = inputs[1] if prompts is not None else None
+            return inputs, self.span(inputs[0], request.start_block, request.end_block, prompts=deep)
+
+    def _backward(self, hidden, grad_output, request: SpanRequest, prompts) -> list[torch.Tensor]:
+        """Gradients for the span's input hidden states and, when sent, for its deep prompts; from the graph the
+        forward kept when there is one, else by recomputing the forward."""
+        sent = [hidden] if prompts is None else [hidden, prompts]
+        key = (request.start_block, request.end_block, request.adapter)
+        kept = self.graphs.take(request.graph_id, key, sent)
+        if kept is not None:
+            inputs, outputs = kept.inputs, kept.outputs
+        else:
+            inputs, outputs = self._differentiable_forward(hidden, request, prompts)
+        with torch.enable_grad(), self.adapters.active(request.adapter):
             grads = torch.autograd.grad(outputs, inputs, grad_outputs=grad_output.to(outputs.dtype))
         return list(grads)
 
