@@ -6,6 +6,11 @@
 One step = forward, backward and an AdamW update of deep_ptune prompts (pre_seq_len 16). Locally the prompts
 are added by forward pre-hooks on transformers' decoder layers, exactly as the servers add them. Starts the
 servers with `petals serve` on 127.0.0.1, measures, stops them, and prints one JSON object.
+
+Local steps run in their own process (torch's default threading, its best case). Measurements alternate in
+rounds: a block of local steps, then a block of swarm steps, each block back to back after one unmeasured
+step, so that on a shared machine both see the same background load. Reported: medians of all measured
+steps and their ratio, and the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -70,15 +75,24 @@ def swarm_step(model, optimizer, input_ids) -> float:
     return loss.item()
 
 
-def timed(step, repeats: int, warmup: int = 2) -> list[float]:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return times
+def timed(step) -> float:
+    started = time.perf_counter()
+    step()
+    return time.perf_counter() - started
+
+
+def timed_block(step, steps: int) -> list[float]:
+    """One unmeasured step (wakes threads and caches after an idle spell), then ``steps`` timed ones."""
+    step()
+    return [timed(step) for _ in range(steps)]
+
+
+def serve_local_steps(step) -> None:
+    """The local process: for each number N read from stdin, a block of N timed steps, printed as JSON."""
+    step()  # warm-up
+    print("ready", flush=True)
+    for line in sys.stdin:
+        print(json.dumps(timed_block(step, int(line))), flush=True)
 
 
 def main() -> None:
@@ -87,7 +101,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--pre-seq-len", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="measured steps per block")
+    parser.add_argument("--rounds", type=int, default=3, help="local block + swarm block, this many times")
     parser.add_argument("--models-dir", default=".models")
     parser.add_argument("--local-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -108,25 +123,32 @@ def main() -> None:
         prefix = torch.nn.Parameter(torch.randn(args.pre_seq_len, hidden_size) * 0.02)
         deep = torch.nn.Parameter(torch.zeros(num_layers, args.pre_seq_len, hidden_size))
         optimizer = torch.optim.AdamW([prefix, deep], lr=1e-2)
-        times = timed(lambda: local_step(local, prefix, deep, optimizer, input_ids), args.repeats)
-        print(json.dumps({"times": times}))
+        serve_local_steps(lambda: local_step(local, prefix, deep, optimizer, input_ids))
         return
-    # Local transformers runs alone in its own process, with torch's default threading: its best case.
     local_env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
     command = [sys.executable, __file__, "--local-only", *sys.argv[1:]]
-    local_times = json.loads(subprocess.run(command, env=local_env, capture_output=True, text=True, check=True).stdout)
-    local_times = local_times["times"]
-
+    local = subprocess.Popen(command, env=local_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     swarm = Swarm(model=model_path, workdir=Path(tempfile.mkdtemp(prefix="petals-bench-")))
     try:
+        assert local.stdout.readline().strip() == "ready", "the local process failed"
         swarm.start_many(*preset["spans"])
         distributed = AutoDistributedModelForCausalLM.from_pretrained(
             str(model_path), initial_peers=swarm.initial_peers, tuning_mode="deep_ptune", pre_seq_len=args.pre_seq_len
         )
         optimizer = torch.optim.AdamW(distributed.trainable_parameters(), lr=1e-2)
-        swarm_times = timed(lambda: swarm_step(distributed, optimizer, input_ids), args.repeats)
+        swarm_step(distributed, optimizer, input_ids)  # warm-up: connections, routes
+        local_times, swarm_times, round_ratios = [], [], []
+        for _ in range(args.rounds):
+            local.stdin.write(f"{args.repeats}\n")
+            local.stdin.flush()
+            local_block = json.loads(local.stdout.readline())
+            swarm_block = timed_block(lambda: swarm_step(distributed, optimizer, input_ids), args.repeats)
+            local_times += local_block
+            swarm_times += swarm_block
+            round_ratios.append(statistics.median(swarm_block) / statistics.median(local_block))
         distributed.close()
     finally:
+        local.kill()
         swarm.stop()
 
     local_median, swarm_median = statistics.median(local_times), statistics.median(swarm_times)
@@ -139,6 +161,7 @@ def main() -> None:
         "local_step_s": round(local_median, 4),
         "swarm_step_s": round(swarm_median, 4),
         "swarm_over_local": round(swarm_median / local_median, 3),
+        "round_ratios": [round(ratio, 3) for ratio in round_ratios],
         "local_times": [round(value, 4) for value in local_times],
         "swarm_times": [round(value, 4) for value in swarm_times],
     }

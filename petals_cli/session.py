@@ -27,6 +27,7 @@ from petals_cli import transport
 from petals_cli.client import SwarmClient
 from petals_cli.errors import (
     CacheExhaustedError,
+    InvalidRequestError,
     PetalsError,
     ServerError,
     SessionExpiredError,
@@ -298,7 +299,10 @@ async def _call_unary(
 
     async def call():
         responses = await getattr(client.stub(span.peer_id), method)(requests())
-        return await transport.collect_tensors(responses)
+        try:
+            return await transport.collect_tensors(responses)
+        except InvalidRequestError as exc:  # a cut or garbled answer: this server's fault, not our request's
+            raise ServerFailure(span, f"sent a malformed answer ({exc})") from exc
 
     outputs, metadata = await _guard(client, span, call())
     try:
