@@ -19,6 +19,15 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 ModelPrefixOpt = Annotated[
     str | None, typer.Option(help="DHT name of the model (default: the last part of MODEL).", show_default=False)
 ]
+PromptsOpt = Annotated[
+    str | None, typer.Option(help="Use prompts trained by `petals finetune` (a saved directory).", show_default=False)
+]
+AdapterOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Run the blocks with this LoRA adapter (only servers that announce it are used).", show_default=False
+    ),
+]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log more to stderr.")]
 SwarmKeyOpt = Annotated[
     str | None,

@@ -56,9 +56,11 @@ def open_feedback(what: str) -> Iterator[OpenFeedback]:
         progress.stop()
 
 
-def open_model_with_feedback(model: str, config):
+def open_model_with_feedback(model: str, config, *, prompts: str | None = None):
     """``generation.open_model`` with terminal feedback; returns (distributed model, tokenizer)."""
     from petals_cli.generation import open_model
 
     with open_feedback(model) as feedback:
-        return open_model(model, config, on_progress=feedback.on_progress, connecting=feedback.connecting)
+        return open_model(
+            model, config, prompts=prompts, on_progress=feedback.on_progress, connecting=feedback.connecting
+        )

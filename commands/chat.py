@@ -9,11 +9,13 @@ import typer
 
 from petals_cli.commands._errors import handle_errors, setup_logging
 from petals_cli.commands._options import (
+    AdapterOpt,
     AllowedServersOpt,
     BlockedServersOpt,
     InitialPeersOpt,
     ModelArg,
     ModelPrefixOpt,
+    PromptsOpt,
     SwarmKeyOpt,
     VerboseOpt,
     trust_options,
@@ -37,6 +39,8 @@ def chat(
     swarm_key: SwarmKeyOpt = None,
     allowed_servers: AllowedServersOpt = None,
     blocked_servers: BlockedServersOpt = None,
+    prompts: PromptsOpt = None,
+    adapter: AdapterOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Chat with MODEL; replies stream as they are generated. Ctrl-C stops a reply, Ctrl-D leaves."""
@@ -50,10 +54,11 @@ def chat(
     config = ClientConfig.from_sources(
         initial_peers=tuple(initial_peers or ()),
         model_prefix=model_prefix,
+        active_adapter=adapter,
         **trust_options(swarm_key, allowed_servers, blocked_servers),
     )
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    distributed, tokenizer = open_model_with_feedback(model, config)
+    distributed, tokenizer = open_model_with_feedback(model, config, prompts=prompts)
     conversation = Conversation(distributed, tokenizer, options, system=system, max_length=max_length)
     typer.echo(f"chatting with {model}; {HELP}", err=True)
     try:

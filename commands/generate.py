@@ -8,12 +8,14 @@ import typer
 
 from petals_cli.commands._errors import handle_errors, setup_logging
 from petals_cli.commands._options import (
+    AdapterOpt,
     AllowedServersOpt,
     BlockedServersOpt,
     InitialPeersOpt,
     JsonOpt,
     ModelArg,
     ModelPrefixOpt,
+    PromptsOpt,
     SwarmKeyOpt,
     VerboseOpt,
     trust_options,
@@ -52,6 +54,8 @@ def generate(
     swarm_key: SwarmKeyOpt = None,
     allowed_servers: AllowedServersOpt = None,
     blocked_servers: BlockedServersOpt = None,
+    prompts: PromptsOpt = None,
+    adapter: AdapterOpt = None,
     route_wait: Annotated[
         float | None, typer.Option(help="Seconds to wait for servers of missing blocks.", show_default="10")
     ] = None,
@@ -71,17 +75,18 @@ def generate(
         initial_peers=tuple(initial_peers or ()),
         model_prefix=model_prefix,
         route_wait=route_wait,
+        active_adapter=adapter,
         **trust_options(swarm_key, allowed_servers, blocked_servers),
     )
     options = GenerationOptions(max_new_tokens, temperature, top_p, top_k, repetition_penalty, tuple(stop or ()), seed)
     if prompts_file is not None:
-        prompts = read_prompts(prompts_file)
-        if not prompts:
+        texts = read_prompts(prompts_file)
+        if not texts:
             raise ConfigError(f"no prompts in {prompts_file}")
-        distributed, tokenizer = open_model_with_feedback(model, config)
+        distributed, tokenizer = open_model_with_feedback(model, config, prompts=prompts)
         try:
-            for first in range(0, len(prompts), batch_size):
-                results = generate_batch(distributed, tokenizer, prompts[first : first + batch_size], options)
+            for first in range(0, len(texts), batch_size):
+                results = generate_batch(distributed, tokenizer, texts[first : first + batch_size], options)
                 for index, result in enumerate(results, first):
                     typer.echo(json.dumps({"index": index, **result.to_json()}) if json_output else result.text)
         finally:
@@ -89,7 +94,7 @@ def generate(
         return
     prompt = sys.stdin.read() if prompt == "-" else prompt
     stream = sys.stdout.isatty() if stream is None else stream
-    distributed, tokenizer = open_model_with_feedback(model, config)
+    distributed, tokenizer = open_model_with_feedback(model, config, prompts=prompts)
     try:
         on_text = (lambda text: (sys.stdout.write(text), sys.stdout.flush())) if stream and not json_output else None
         result = generate(distributed, tokenizer, prompt, options, on_text=on_text)

@@ -6,6 +6,7 @@ import typer
 
 from petals_cli.commands.bench import bench
 from petals_cli.commands.chat import chat
+from petals_cli.commands.finetune import finetune
 from petals_cli.commands.generate import generate
 from petals_cli.commands.serve import serve
 from petals_cli.commands.swarm import swarm_app
@@ -19,6 +20,7 @@ app = typer.Typer(
 app.command()(serve)
 app.command()(generate)
 app.command()(chat)
+app.command()(finetune)
 app.add_typer(swarm_app, name="swarm")
 app.command()(bench)
 

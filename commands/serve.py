@@ -85,6 +85,10 @@ def serve(
     identity_path: Annotated[
         str | None, typer.Option("--identity", help="Private key file for a stable peer id.")
     ] = None,
+    adapters: Annotated[
+        list[str] | None,
+        typer.Option("--adapters", help="Directory of a peft LoRA adapter to serve (repeatable).", show_default=False),
+    ] = None,
     model_prefix: ModelPrefixOpt = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision of MODEL.")] = None,
     verbose: VerboseOpt = False,
@@ -97,4 +101,5 @@ def serve(
     setup_logging(verbose)
     options["new_swarm"] = new_swarm or None  # a flag left off defers to PETALS_NEW_SWARM
     options["initial_peers"] = tuple(initial_peers or ())
+    options["adapters"] = tuple(adapters or ())
     run_server(ServerConfig.from_sources(**options))

@@ -51,7 +51,7 @@ class Conversation:
     @property
     def position(self) -> int:
         """Tokens the servers' caches hold for this conversation."""
-        return self._session.position if self._session is not None else 0
+        return max(self._session.position - self.model.prefix_length, 0) if self._session is not None else 0
 
     def reset(self) -> None:
         """Forget the conversation and free the servers' caches."""
@@ -76,9 +76,9 @@ class Conversation:
                 hint="type /reset to start a new conversation",
             )
         if self._session is None:
-            self._session = self.model.inference_session(max_length=self.max_length)
+            self._session = self.model.inference_session(max_length=self.max_length + self.model.prefix_length)
         input_ids = torch.tensor([self.token_ids + new_ids])
-        self.sent_last_turn = input_ids.shape[1] - self._session.position
+        self.sent_last_turn = input_ids.shape[1] - self.position
         max_new = min(self.options.max_new_tokens, self.max_length - input_ids.shape[1])
         self.stop.clear()
         output = self.model.generate(

@@ -150,9 +150,23 @@ class SwarmClient:
             try:
                 if inference:
                     return routing.inference_route(
-                        snapshot, start, end, rtts=self.rtts, banned=banned, cache_tokens_needed=cache_tokens_needed
+                        snapshot,
+                        start,
+                        end,
+                        rtts=self.rtts,
+                        banned=banned,
+                        cache_tokens_needed=cache_tokens_needed,
+                        adapter=self.config.active_adapter,
                     )
-                return routing.training_route(snapshot, start, end, rtts=self.rtts, banned=banned, rng=self._rng)
+                return routing.training_route(
+                    snapshot,
+                    start,
+                    end,
+                    rtts=self.rtts,
+                    banned=banned,
+                    rng=self._rng,
+                    adapter=self.config.active_adapter,
+                )
             except NoRouteError:
                 if max_age != 0.0:  # servers may have joined since the last read: look again right away
                     max_age = 0.0

@@ -75,6 +75,7 @@ class ClientConfig(_FromSources):
     swarm_key: str = ""  # file with the pre-shared secret of a private swarm
     allowed_servers: tuple[str, ...] = ()  # when given, route only through these peer ids
     blocked_servers: tuple[str, ...] = ()  # never route through these peer ids
+    active_adapter: str = ""  # run blocks with this LoRA adapter: only servers announcing it are used
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class ServerConfig(_FromSources):
     balance_period: float = 60.0  # seconds between rebalancing checks of auto-placed servers (0: never)
     balance_quality: float = 0.15  # move only if the weakest block gets this much (a fraction) stronger
     network_rps: float = 0.0  # the network's limit in steps/s, when known; 0 = unknown (never guessed)
+    adapters: tuple[str, ...] = ()  # directories of peft LoRA adapters to serve (named by their directory)
     announce_period: float = 30.0
     revision: str = ""
     token: str = ""
@@ -134,6 +136,11 @@ class ServerConfig(_FromSources):
             raise ConfigError(f"--quant {self.quant!r}: choose one of {', '.join(QUANT_MODES)}")
         if self.announce_period <= 0:
             raise ConfigError("announce period must be positive")
+        for directory in self.adapters:
+            if not os.path.isfile(os.path.join(directory, "adapter_config.json")):
+                raise ConfigError(
+                    f"--adapters {directory}: no adapter_config.json (expected a peft adapter directory)"
+                )
 
 
 def parse_blocks(spec: str, num_blocks: int) -> tuple[int, int]:
@@ -146,6 +153,40 @@ def parse_blocks(spec: str, num_blocks: int) -> tuple[int, int]:
     if not 0 <= start < end <= num_blocks:
         raise ConfigError(f"--blocks {spec!r}: the model has blocks 0:{num_blocks}")
     return start, end
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(_FromSources):
+    """What `petals finetune` trains, on what data, and where it keeps its checkpoints."""
+
+    model: str = ""
+    method: str = "ptune"  # ptune | deep_ptune
+    dataset: str = ""  # JSONL, JSON, CSV, plain text, or a directory saved by `datasets`
+    text_field: str = "text"
+    seq_len: int = 64
+    batch_size: int = 4
+    pre_seq_len: int = 16
+    lr: float = 1e-2
+    steps: int = 0  # 0: run --epochs instead
+    epochs: int = 0  # 0 with --steps 0: one epoch
+    seed: int = 0
+    output: str = ""  # prompts and trainer state go here (at the end and every save_every steps)
+    save_every: int = 0
+    resume: str = ""  # continue from this checkpoint directory
+
+    def __post_init__(self):
+        if self.method not in ("ptune", "deep_ptune"):
+            raise ConfigError(f"--method {self.method!r}: choose ptune or deep_ptune")
+        if not self.dataset:
+            raise ConfigError("finetune: --dataset PATH is required")
+        if min(self.seq_len, self.batch_size, self.pre_seq_len) < 1 or self.lr <= 0:
+            raise ConfigError("--seq-len, --batch-size, --pre-seq-len must be >= 1 and --lr > 0")
+        if self.steps < 0 or self.epochs < 0 or self.save_every < 0:
+            raise ConfigError("--steps, --epochs and --save-every must be >= 0")
+        if self.steps and self.epochs:
+            raise ConfigError("pass --steps or --epochs, not both")
+        if self.save_every and not (self.output or self.resume):
+            raise ConfigError("--save-every needs --output DIR to save into")
 
 
 BENCH_MODES = ("inference", "forward", "training", "all")

@@ -47,8 +47,16 @@ class GenerationResult:
         }
 
 
-def open_model(model: str, config: ClientConfig, *, on_progress=None, connecting=contextlib.nullcontext):
-    """The distributed model and its tokenizer (``on_progress``, ``connecting``: see ``from_pretrained``)."""
+def open_model(
+    model: str,
+    config: ClientConfig,
+    *,
+    prompts: str | None = None,
+    on_progress=None,
+    connecting=contextlib.nullcontext,
+):
+    """The distributed model (with saved ``prompts``, if given) and its tokenizer (``on_progress``,
+    ``connecting``: see ``from_pretrained``)."""
     from transformers import AutoTokenizer
 
     from petals_cli.checkpoint import metadata_dir, resolve_model
@@ -57,7 +65,7 @@ def open_model(model: str, config: ClientConfig, *, on_progress=None, connecting
     source = resolve_model(model, revision=config.revision or None, token=config.token or None)
     tokenizer = AutoTokenizer.from_pretrained(metadata_dir(source))
     distributed = AutoDistributedModelForCausalLM.from_pretrained(
-        model, config=config, on_progress=on_progress, connecting=connecting
+        model, config=config, prompts=prompts, on_progress=on_progress, connecting=connecting
     )
     return distributed, tokenizer
 

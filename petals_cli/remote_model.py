@@ -4,11 +4,14 @@ The client holds only the family's local modules (embeddings, final norm, LM hea
 own transformers class with zero layers, so ``generate()``, streamers, sampling and logits processors are
 transformers' own. Hidden states go through ``InferenceSession`` (with a ``RemoteCache`` that tells
 ``generate()`` how far the servers' caches reach) or through the differentiable ``RemoteBlocks``.
+With prompt tuning (``tuning_mode=``), the trainable ``prompt_tuning`` module's prefix is placed before the
+tokens (and its deep prompts sent to the servers); outputs are returned for the tokens only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from transformers import AutoConfig, DynamicCache
@@ -20,6 +23,7 @@ from petals_cli.config import ClientConfig
 from petals_cli.errors import ConfigError
 from petals_cli.families import Family, family_for
 from petals_cli.families.base import get_module, materialize, span_config, text_config
+from petals_cli.prompts import PromptTuning, load_prompts
 from petals_cli.session import InferenceSession, RemoteBlocks
 from petals_cli.wire import model_prefix_for
 
@@ -29,12 +33,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class RemoteCache(DynamicCache):
     """Stands in for the servers' caches inside ``generate()``: only its length is local."""
 
-    def __init__(self, session: InferenceSession):
+    def __init__(self, session: InferenceSession, prefix_length: int = 0):
         super().__init__()
-        self.session = session
+        self.session, self.prefix_length = session, prefix_length
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.session.position
+        return max(self.session.position - self.prefix_length, 0)  # the prompt prefix is not the caller's
 
 
 class DistributedModelForCausalLM:
@@ -44,6 +48,37 @@ class DistributedModelForCausalLM:
     petals_client: SwarmClient
     petals_prefix: str
     petals_num_blocks: int
+    prompt_tuning: PromptTuning | None  # a submodule once set: no class-level default, which would shadow it
+
+    def enable_prompt_tuning(self, method: str, pre_seq_len: int, *, init_std: float | None = None) -> PromptTuning:
+        """Add fresh trainable prompts (every other parameter stays frozen); returns them."""
+        hidden_size = self.get_input_embeddings().weight.shape[1]
+        std = init_std if init_std is not None else getattr(text_config(self.config), "initializer_range", 0.02)
+        tuning = PromptTuning(method, pre_seq_len, self.petals_num_blocks, hidden_size, init_std=std)
+        return self.set_prompts(tuning)
+
+    def set_prompts(self, tuning: PromptTuning | None) -> PromptTuning | None:
+        """Use these prompts (or none) from now on."""
+        self.prompt_tuning = None if tuning is None else tuning.to(self.get_input_embeddings().weight.device)
+        return self.prompt_tuning
+
+    def load_prompts(self, directory: str) -> PromptTuning:
+        """Use prompts saved by `petals finetune` (see ``petals_cli.prompts`` for the format)."""
+        hidden_size = self.get_input_embeddings().weight.shape[1]
+        tuning, _ = load_prompts(directory, num_blocks=self.petals_num_blocks, hidden_size=hidden_size)
+        return self.set_prompts(tuning)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The prompts' parameters (what an optimizer should update)."""
+        return [] if self.prompt_tuning is None else list(self.prompt_tuning.parameters())
+
+    @property
+    def prefix_length(self) -> int:
+        return 0 if self.prompt_tuning is None else self.prompt_tuning.pre_seq_len
+
+    @property
+    def deep_prompts(self) -> torch.Tensor | None:
+        return None if self.prompt_tuning is None else self.prompt_tuning.deep
 
     def embed(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """Word embeddings (as transformers' ``inputs_embeds``) -> the first block's input (e.g. BLOOM's norm)."""
@@ -52,9 +87,11 @@ class DistributedModelForCausalLM:
             hidden = get_module(self, path)(hidden)
         return hidden
 
-    def remote_blocks(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states after all remote blocks (differentiable; no cache)."""
-        return RemoteBlocks.apply(hidden, self.petals_client, self.petals_prefix, self.petals_num_blocks)
+    def remote_blocks(self, hidden: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states after all remote blocks (differentiable, also in the deep ``prompts``; no cache)."""
+        if not torch.is_grad_enabled():  # servers then keep no graphs for a backward that will not come
+            hidden, prompts = hidden.detach(), None if prompts is None else prompts.detach()
+        return RemoteBlocks.apply(hidden, prompts, self.petals_client, self.petals_prefix, self.petals_num_blocks)
 
     def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:
         """A session whose server-side caches hold up to ``max_length`` tokens; use as a context manager."""
@@ -64,6 +101,7 @@ class DistributedModelForCausalLM:
             self.petals_num_blocks,
             max_length=max_length,
             batch_size=batch_size,
+            prompts=self.deep_prompts,
         )
 
     def forward(
@@ -80,16 +118,23 @@ class DistributedModelForCausalLM:
     ) -> CausalLMOutputWithPast:
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        session = past_key_values.session if isinstance(past_key_values, RemoteCache) else None
+        prefixed = self.prompt_tuning is not None and (session is None or session.position == 0)
+        if prefixed:
+            inputs_embeds = self.prompt_tuning.prepend(inputs_embeds)
         hidden = self.embed(inputs_embeds)
-        if isinstance(past_key_values, RemoteCache):
-            session = past_key_values.session
-            if attention_mask is not None and (session.padded or not bool(attention_mask.all())):
-                if attention_mask.shape[-1] != session.position + hidden.shape[1]:
+        if session is not None:
+            mask = attention_mask
+            if mask is not None and self.prompt_tuning is not None:  # the prefix is real tokens of every row
+                mask = torch.cat([mask.new_ones(mask.shape[0], self.prompt_tuning.pre_seq_len), mask], dim=1)
+                position_ids = None  # generate() counted positions without the prefix: the session recounts
+            if mask is not None and (session.padded or not bool(mask.all())):
+                if mask.shape[-1] != session.position + hidden.shape[1]:
                     raise ConfigError(
-                        f"attention_mask covers {attention_mask.shape[-1]} tokens; the session holds "
+                        f"attention_mask covers {mask.shape[-1]} tokens; the session holds "
                         f"{session.position} and this step adds {hidden.shape[1]}"
                     )
-                new_mask = attention_mask[:, -hidden.shape[1] :]
+                new_mask = mask[:, -hidden.shape[1] :]
                 hidden = session.step(hidden, attention_mask=new_mask, position_ids=position_ids)
             else:
                 hidden = session.step(hidden)
@@ -97,7 +142,9 @@ class DistributedModelForCausalLM:
         else:
             if attention_mask is not None and not bool(attention_mask.all()):
                 raise ConfigError("padding is supported in generation (inference sessions), not in forward passes")
-            hidden = self.remote_blocks(hidden)
+            hidden = self.remote_blocks(hidden, self.deep_prompts)
+        if prefixed:
+            hidden = hidden[:, self.prompt_tuning.pre_seq_len :]
         hidden = get_module(self, self.petals_family.final_norm)(hidden)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -123,9 +170,11 @@ class DistributedModelForCausalLM:
             raise ConfigError("generate() needs input_ids")
         context = contextlib.nullcontext(session)
         if session is None:
-            context = self.inference_session(self._session_length(prompt, kwargs), batch_size=prompt.shape[0])
+            length = self._session_length(prompt, kwargs) + self.prefix_length
+            context = self.inference_session(length, batch_size=prompt.shape[0])
         with context as active:
-            return super().generate(inputs, *args, past_key_values=RemoteCache(active), **kwargs)
+            cache = RemoteCache(active, self.prefix_length)
+            return super().generate(inputs, *args, past_key_values=cache, **kwargs)
 
     def _session_length(self, prompt: torch.Tensor, kwargs: dict) -> int:
         config = kwargs.get("generation_config") or self.generation_config
@@ -157,15 +206,26 @@ class AutoDistributedModelForCausalLM:
         dtype: str | torch.dtype | None = None,
         revision: str | None = None,
         token: str | None = None,
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 16,
+        prompts: str | None = None,
+        active_adapter: str | None = None,
         on_progress=None,
         connecting=contextlib.nullcontext,
     ):
         """Load the local modules of ``model`` (a directory or hub repo) and connect to the swarm.
 
+        ``tuning_mode="ptune"|"deep_ptune"`` adds ``pre_seq_len`` fresh trainable prompts
+        (``model.trainable_parameters()``); ``prompts=DIR`` uses saved ones instead. ``active_adapter=NAME``
+        runs the blocks with a LoRA adapter, through servers that announce it only.
         ``on_progress(bytes_read, bytes_total)`` follows the loading of local weights; the swarm connection is
         made inside the ``connecting()`` context (e.g. a spinner).
         """
         client_config = config or ClientConfig.from_sources(initial_peers=tuple(initial_peers))
+        if active_adapter is not None:
+            client_config = dataclasses.replace(client_config, active_adapter=active_adapter)
+        if tuning_mode is not None and prompts is not None:
+            raise ConfigError("pass either tuning_mode= (new prompts) or prompts= (saved ones), not both")
         dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
         instance = cls.load_local_modules(
             model,
@@ -176,6 +236,10 @@ class AutoDistributedModelForCausalLM:
             on_progress=on_progress,
         )
         instance.petals_prefix = client_config.model_prefix or model_prefix_for(model)
+        if tuning_mode is not None:
+            instance.enable_prompt_tuning(tuning_mode, pre_seq_len)
+        elif prompts is not None:
+            instance.load_prompts(prompts)
         with connecting():
             instance.petals_client = SwarmClient(client_config)
         return instance
@@ -204,6 +268,7 @@ class AutoDistributedModelForCausalLM:
         materialize(instance, tensors, local_config, device, dtype)
         instance.eval()
         instance.petals_family = family
+        instance.prompt_tuning = None
         instance.petals_num_blocks = text_config(hf_config).num_hidden_layers
         return instance
 

@@ -6,6 +6,7 @@ covers blocks [start, end) in order; each span is served by one online server th
 - ``inference_route``: the minimum expected step latency. Each hop costs the client's round trip to that
   server plus its per-block compute time; servers without cache room for the session are skipped.
 - ``training_route``: forward/backward spread over replicas in proportion to their throughput.
+- both take an ``adapter``: only servers announcing that LoRA adapter may serve the route.
 - ``BanList``: peers that failed, excluded with exponential backoff; a success clears a peer.
 - ``untrusted``: peers excluded by the client's --allowed-servers / --blocked-servers.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from petals_cli.errors import ModelNotServedError, NoRouteError
 from petals_cli.wire import ServerInfo, SwarmSnapshot
@@ -61,6 +62,20 @@ def format_blocks(blocks: list[int]) -> str:
     return ", ".join(parts)
 
 
+def with_adapter(snapshot: SwarmSnapshot, adapter: str) -> SwarmSnapshot:
+    """The snapshot reduced to servers that announce ``adapter`` (all of them when it is empty)."""
+    if not adapter:
+        return snapshot
+    servers = {peer: info for peer, info in snapshot.servers.items() if adapter in info.adapters}
+    if snapshot.servers and not servers:
+        raise NoRouteError(
+            f"no server of {snapshot.prefix} has the adapter {adapter!r}",
+            missing_blocks=tuple(range(snapshot.num_blocks)),
+            hint="start servers with `petals serve MODEL --adapters DIR`, or check the adapter name",
+        )
+    return replace(snapshot, servers=servers)
+
+
 def block_seconds(info: ServerInfo, *, inference: bool) -> float:
     """Expected seconds per block for one step (inference) or one request (training) on this server."""
     rps = info.inference_rps if inference else info.forward_rps
@@ -76,9 +91,10 @@ def inference_route(
     rtts: Mapping[str, float] | None = None,
     banned: Collection[str] = (),
     cache_tokens_needed: int = 0,
+    adapter: str = "",
 ) -> list[RouteSpan]:
     """The route with the least expected step latency for an inference session."""
-    rtts = rtts or {}
+    rtts, snapshot = rtts or {}, with_adapter(snapshot, adapter)
 
     def hop_cost(peer: str, info: ServerInfo, blocks: int) -> float:
         return rtts.get(peer, DEFAULT_RTT) + blocks * block_seconds(info, inference=True)
@@ -97,13 +113,14 @@ def training_route(
     rtts: Mapping[str, float] | None = None,
     banned: Collection[str] = (),
     rng: random.Random | None = None,
+    adapter: str = "",
 ) -> list[RouteSpan]:
     """A forward/backward route spread over replicas in proportion to their speed.
 
     Each server's cost is scaled by an Exp(1) draw: the cheapest of such scaled costs is server i with
     probability proportional to 1/cost_i (an exponential race), i.e. to its throughput.
     """
-    rtts, rng = rtts or {}, rng or random.Random(0)
+    rtts, rng, snapshot = rtts or {}, rng or random.Random(0), with_adapter(snapshot, adapter)
     noise = {peer: rng.expovariate(1.0) for peer in sorted(snapshot.servers)}
 
     def hop_cost(peer: str, info: ServerInfo, blocks: int) -> float:

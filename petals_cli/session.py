@@ -5,6 +5,8 @@ through the chain; servers keep the attention caches. Every span remembers the i
 a server dies, hangs or refuses, the session bans it, routes a replacement for that span only, replays the
 span's history to rebuild the cache there, and carries on: callers see the same outputs.
 ``RemoteBlocks`` runs blocks without caches and is differentiable; its requests fail over the same way.
+Deep prompts ([num_blocks, prefix, hidden], see ``SpanRunner.forward``) travel with every request whose
+tokens reach into the prefix, each span getting its own blocks' rows; backward returns their gradients.
 Knows nothing about tokens or heads.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -24,6 +27,7 @@ from petals_cli import transport
 from petals_cli.client import SwarmClient
 from petals_cli.errors import (
     CacheExhaustedError,
+    InvalidRequestError,
     PetalsError,
     ServerError,
     SessionExpiredError,
@@ -94,9 +98,19 @@ class _SpanStream:
 class InferenceSession:
     """A stateful generation session over a route; ``step`` is the sync entry point."""
 
-    def __init__(self, client: SwarmClient, prefix: str, num_blocks: int, *, max_length: int, batch_size: int = 1):
+    def __init__(
+        self,
+        client: SwarmClient,
+        prefix: str,
+        num_blocks: int,
+        *,
+        max_length: int,
+        batch_size: int = 1,
+        prompts: torch.Tensor | None = None,
+    ):
         self.client, self.prefix, self.num_blocks = client, prefix, num_blocks
         self.max_length, self.batch_size = max_length, batch_size
+        self.prompts = None if prompts is None else prompts.detach().cpu()
         self.position = 0
         self.failovers = 0
         # Once a step brings padding, every step sends its mask and positions; kept for replays.
@@ -215,6 +229,7 @@ class InferenceSession:
             end_block=span.end,
             max_length=self.max_length,
             batch_size=self.batch_size,
+            adapter=self.client.config.active_adapter,
         )
         stream.outbox.put_nowait(runtime_pb2.ExpertRequest(metadata=transport.pack(request)))
         try:
@@ -236,8 +251,12 @@ class InferenceSession:
     async def _exchange(
         self, stream: _SpanStream, hidden: torch.Tensor, position: int, extras: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        meta = transport.pack(StepRequest(position=position, extra_tensors=tuple(extras)))
-        stream.outbox.put_nowait(transport.step_request([hidden, *extras.values()], meta))
+        tensors = [hidden, *extras.values()]
+        with_prompts = self.prompts is not None and position < self.prompts.shape[1]
+        if with_prompts:  # deep prompts matter only to steps that reach into the prefix
+            tensors.append(self.prompts[stream.span.start : stream.span.end])
+        meta = transport.pack(StepRequest(position=position, extra_tensors=tuple(extras), prompts=with_prompts))
+        stream.outbox.put_nowait(transport.step_request(tensors, meta))
         response = await self._receive(stream)
         if len(response.tensors) != 1:
             raise ServerFailure(stream.span, f"sent {len(response.tensors)} tensors")
@@ -295,8 +314,28 @@ class InferenceSession:
                 self.client.loop.call_soon_threadsafe(stream.close)
 
 
-async def _call_unary(client: SwarmClient, prefix: str, span: RouteSpan, method: str, tensors) -> torch.Tensor:
-    request = SpanRequest(protocol=PROTOCOL_VERSION, prefix=prefix, start_block=span.start, end_block=span.end)
+async def _call_unary(
+    client: SwarmClient,
+    prefix: str,
+    span: RouteSpan,
+    method: str,
+    tensors,
+    prompts: torch.Tensor | None = None,
+    graph_id: str = "",
+) -> list[torch.Tensor]:
+    """One forward or backward request; the answer's tensors have the shapes of ``tensors[0]`` (and ``prompts``)."""
+    request = SpanRequest(
+        protocol=PROTOCOL_VERSION,
+        prefix=prefix,
+        start_block=span.start,
+        end_block=span.end,
+        prompts=prompts is not None,
+        adapter=client.config.active_adapter,
+        graph_id=graph_id,
+    )
+    if prompts is not None:
+        prompts = prompts[span.start : span.end]
+        tensors = [*tensors, prompts]
     messages = transport.request_messages(tensors, transport.pack(request))
 
     async def requests():
@@ -305,80 +344,126 @@ async def _call_unary(client: SwarmClient, prefix: str, span: RouteSpan, method:
 
     async def call():
         responses = await getattr(client.stub(span.peer_id), method)(requests())
-        return await transport.collect_tensors(responses)
+        try:
+            return await transport.collect_tensors(responses)
+        except InvalidRequestError as exc:  # a cut or garbled answer: this server's fault, not our request's
+            raise ServerFailure(span, f"sent a malformed answer ({exc})") from exc
 
     outputs, metadata = await _guard(client, span, call())
     try:
         transport.check_response(runtime_pb2.ExpertResponse(metadata=metadata))
     except (ServerError, CacheExhaustedError) as exc:
         raise ServerFailure(span, f"{type(exc).__name__}: {exc}") from exc
-    if len(outputs) != 1 or outputs[0].shape != tensors[0].shape:
+    expected = [tensors[0].shape] + ([prompts.shape] if prompts is not None and method == "rpc_backward" else [])
+    if [output.shape for output in outputs] != expected:
         raise ServerFailure(span, "sent a malformed answer")
-    return outputs[0]
+    return outputs
+
+
+@dataclass(frozen=True)
+class _Hop:
+    """One span of a differentiable forward: who ran it, on what, and the graph it may have kept for backward."""
+
+    span: RouteSpan
+    hidden: torch.Tensor
+    graph_id: str = ""
 
 
 class _RemoteChain:
-    """Forward and backward through a route, replacing failed spans as it goes."""
+    """Forward and backward through a route, replacing failed spans as it goes.
 
-    def __init__(self, client: SwarmClient, prefix: str, num_blocks: int):
+    With ``keep_graphs``, each forward asks its server to keep the autograd graph for the backward that
+    follows (saving a recomputation there); a backward that fails over to another server recomputes."""
+
+    def __init__(self, client: SwarmClient, prefix: str, num_blocks: int, *, keep_graphs: bool = False):
         self.client, self.prefix, self.num_blocks = client, prefix, num_blocks
+        self.keep_graphs = keep_graphs
 
     async def route(self, start: int, end: int) -> list[RouteSpan]:
         return await self.client.route(self.prefix, self.num_blocks, start, end, inference=False)
 
-    async def forward(self, hidden: torch.Tensor, start: int, end: int) -> tuple[list[RouteSpan], list, torch.Tensor]:
-        """Outputs of blocks [start, end); also the spans used and each span's input (for backward)."""
-        spans, inputs = [], []
+    async def forward(
+        self, hidden: torch.Tensor, start: int, end: int, prompts: torch.Tensor | None = None
+    ) -> tuple[list[_Hop], torch.Tensor]:
+        """Outputs of blocks [start, end), and the hops that computed them (for backward).
+
+        ``prompts`` holds the deep prompts of all blocks (indexed by absolute block) or is None."""
+        hops = []
         for _ in range(self.client.config.max_retries + 1):
             route = await self.route(start, end)
             try:
                 for span in route:
-                    output = await _call_unary(self.client, self.prefix, span, "rpc_forward", [hidden])
+                    graph_id = uuid.uuid4().hex if self.keep_graphs else ""
+                    (output,) = await _call_unary(
+                        self.client, self.prefix, span, "rpc_forward", [hidden], prompts, graph_id
+                    )
                     self.client.succeed(span.peer_id)
-                    spans.append(span)
-                    inputs.append(hidden)
+                    hops.append(_Hop(span, hidden, graph_id))
                     hidden, start = output, span.end
-                return spans, inputs, hidden
+                return hops, hidden
             except ServerFailure as failure:
                 logger.warning("%s; failing over", failure)
                 self.client.ban(failure.span.peer_id)
         raise ServerError(f"forward of blocks {start}:{end} failed {self.client.config.max_retries + 1} times")
 
-    async def backward(self, spans: list[RouteSpan], inputs: list, grad: torch.Tensor) -> torch.Tensor:
-        for span, hidden in zip(reversed(spans), reversed(inputs), strict=True):
-            grad = await self._backward_span(span, hidden, grad)
+    async def backward(
+        self,
+        hops: list[_Hop],
+        grad: torch.Tensor,
+        prompts: torch.Tensor | None = None,
+        grad_prompts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The gradient for the first hop's input; with ``prompts``, accumulates theirs into ``grad_prompts``."""
+        for hop in reversed(hops):
+            grad = await self._backward_span(hop, grad, prompts, grad_prompts)
         return grad
 
-    async def _backward_span(self, span: RouteSpan, hidden: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    async def _backward_span(self, hop: _Hop, grad, prompts, grad_prompts) -> torch.Tensor:
+        span, hidden, graph_id = hop.span, hop.hidden, hop.graph_id
         for _ in range(self.client.config.max_retries + 1):
             try:
-                grad_input = await _call_unary(self.client, self.prefix, span, "rpc_backward", [hidden, grad])
+                grads = await _call_unary(
+                    self.client, self.prefix, span, "rpc_backward", [hidden, grad], prompts, graph_id
+                )
                 self.client.succeed(span.peer_id)
-                return grad_input
+                if prompts is not None:
+                    grad_prompts[span.start : span.end] += grads[1]
+                return grads[0]
             except ServerFailure as failure:
                 logger.warning("%s; failing over", failure)
                 self.client.ban(failure.span.peer_id)
             route = await self.route(span.start, span.end)
             if len(route) > 1:  # the replacement splits the span: recompute its inner inputs first
-                spans, inputs, _ = await self.forward(hidden, span.start, span.end)
-                return await self.backward(spans, inputs, grad)
-            span = route[0]
+                hops, _ = await self.forward(hidden, span.start, span.end, prompts)
+                return await self.backward(hops, grad, prompts, grad_prompts)
+            span, graph_id = route[0], ""  # a graph kept by the failed server is of no use elsewhere
         raise ServerError(
             f"backward of blocks {span.start}:{span.end} failed {self.client.config.max_retries + 1} times"
         )
 
 
 class RemoteBlocks(torch.autograd.Function):
-    """Differentiable run of all remote blocks: forward RPCs, then backward RPCs in reverse."""
+    """Differentiable run of all remote blocks: forward RPCs, then backward RPCs in reverse.
+
+    ``prompts`` ([num_blocks, prefix, hidden] deep prompts, or None) get gradients too."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, client: SwarmClient, prefix: str, num_blocks: int) -> torch.Tensor:
-        chain = _RemoteChain(client, prefix, num_blocks)
-        spans, inputs, output = client.run(chain.forward(hidden.detach().cpu(), 0, num_blocks))
-        ctx.chain, ctx.spans, ctx.inputs = chain, spans, inputs
+    def forward(ctx, hidden, prompts, client: SwarmClient, prefix: str, num_blocks: int) -> torch.Tensor:
+        # Servers keep their graphs only when a backward will follow (inside apply, grad mode is always off).
+        will_differentiate = any(ctx.needs_input_grad[:2])
+        chain = _RemoteChain(client, prefix, num_blocks, keep_graphs=will_differentiate)
+        sent_prompts = None if prompts is None else prompts.detach().cpu()
+        hops, output = client.run(chain.forward(hidden.detach().cpu(), 0, num_blocks, sent_prompts))
+        ctx.chain, ctx.hops, ctx.prompts = chain, hops, sent_prompts
+        ctx.prompts_dtype = None if prompts is None else prompts.dtype
         return output.to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        grad = ctx.chain.client.run(ctx.chain.backward(ctx.spans, ctx.inputs, grad_output.detach().cpu()))
-        return grad.to(grad_output.dtype), None, None, None
+        grad_prompts = None if ctx.prompts is None else torch.zeros_like(ctx.prompts)
+        grad = ctx.chain.client.run(
+            ctx.chain.backward(ctx.hops, grad_output.detach().cpu(), ctx.prompts, grad_prompts)
+        )
+        if grad_prompts is not None:
+            grad_prompts = grad_prompts.to(ctx.prompts_dtype)
+        return grad.to(grad_output.dtype), grad_prompts, None, None, None

@@ -156,6 +156,9 @@ class SpanRequest(WireRecord):
     end_block: int
     max_length: int = 0
     batch_size: int = 1
+    prompts: bool = False  # forward/backward: deep prompts follow the other tensors (see SpanRunner.forward)
+    adapter: str = ""  # run with this LoRA adapter, which the server must announce
+    graph_id: str = ""  # forward: keep the autograd graph for the backward with this id (server/graphs.py)
 
     def check_protocol(self) -> None:
         if self.protocol != PROTOCOL_VERSION:
@@ -177,6 +180,7 @@ class StepRequest(WireRecord):
 
     position: int
     extra_tensors: tuple[str, ...] = ()
+    prompts: bool = False  # deep prompts for the span follow all other tensors (only steps inside the prefix)
 
 
 @dataclasses.dataclass(frozen=True)

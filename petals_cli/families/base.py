@@ -176,11 +176,14 @@ class SpanRunner(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run blocks [start, end) (absolute indices) on hidden states; extend ``cache`` when given.
 
         ``attention_mask`` [batch, cached + new tokens] marks padding with 0 (padded batches); ``position_ids``
         [batch, new tokens] then gives each token's position within its own sequence.
+        ``prompts`` (deep prompt tuning), shaped [end - start, prefix, hidden]: before block ``start + i``,
+        ``prompts[i]`` is added to the first ``prefix`` positions of every sequence in the batch.
         """
         first, last = start - self.start, end - self.start
         view = self._view(first, last)
@@ -190,10 +193,26 @@ class SpanRunner(nn.Module):
             kwargs["attention_mask"] = attention_mask
             if position_ids is not None and self._takes_position_ids:
                 kwargs["position_ids"] = position_ids
-        output = view(
-            inputs_embeds=hidden.to(self.dtype), past_key_values=cache, use_cache=cache is not None, **kwargs
-        )
+        inputs = dict(inputs_embeds=hidden.to(self.dtype), past_key_values=cache, use_cache=cache is not None)
+        if prompts is None:  # the hot path: no hooks at all
+            output = view(**inputs, **kwargs)
+        else:
+            with self._adding_prompts(first, last, prompts):
+                output = view(**inputs, **kwargs)
         return output[0].to(hidden.dtype)
+
+    @contextlib.contextmanager
+    def _adding_prompts(self, first: int, last: int, prompts: torch.Tensor):
+        prompts = prompts.to(self.dtype)
+        handles = [
+            layer.register_forward_pre_hook(_prompt_adder(prompts[offset]), with_kwargs=True)
+            for offset, layer in enumerate(list(self.layers)[first:last])
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _view(self, first: int, last: int) -> nn.Module:
         key = (first, last)
@@ -217,6 +236,20 @@ class SpanRunner(nn.Module):
             for sub in modules:
                 sub.layer_idx = offset
         self._bound = (first, last)
+
+
+def _prompt_adder(prompt: torch.Tensor):
+    """A pre-hook adding ``prompt`` [prefix, hidden] to a block's input hidden states (out of place)."""
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        length = min(prompt.shape[0], hidden.shape[1])
+        hidden = torch.cat([hidden[:, :length] + prompt[:length], hidden[:, length:]], dim=1)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    return hook
 
 
 def build_span(

@@ -38,7 +38,9 @@ from petals_cli.errors import (
 )
 from petals_cli.families.base import SpanRunner
 from petals_cli.server import validation
+from petals_cli.server.adapters import NO_ADAPTERS, SpanAdapters
 from petals_cli.server.cache import CacheBudget
+from petals_cli.server.graphs import KeptGraphs
 from petals_cli.server.validation import Limits, PeerSessions
 from petals_cli.wire import SpanRequest, StepRequest, StepResponse
 
@@ -70,15 +72,18 @@ class BlockHandler:
         alloc_timeout: float,
         session_idle_timeout: float,
         info,
+        adapters: SpanAdapters = NO_ADAPTERS,
     ):
         self.span, self.prefix, self.budget = span, prefix, budget
         self.limits = limits
         self.peer_sessions = PeerSessions(limits.max_sessions_per_peer)
+        self.adapters = adapters
         self.alloc_timeout = alloc_timeout
         self.session_idle_timeout = session_idle_timeout
         self.hidden_size = span.config.hidden_size
         self.info = info
         self.sessions: dict[str, Session] = {}
+        self.graphs = KeptGraphs()
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="petals-compute")
 
     def shutdown(self) -> None:
@@ -90,7 +95,28 @@ class BlockHandler:
     # --- validation -------------------------------------------------------------------------------------
 
     def _check_span_request(self, metadata: bytes) -> SpanRequest:
-        return validation.check_span_request(transport.unpack(metadata), self.prefix, (self.span.start, self.span.end))
+        request = validation.check_span_request(
+            transport.unpack(metadata), self.prefix, (self.span.start, self.span.end)
+        )
+        if request.adapter and request.adapter not in self.adapters.names:
+            raise InvalidRequestError(f"this server has no adapter {request.adapter[:64]!r}")
+        if len(request.graph_id) > 64:
+            raise InvalidRequestError("graph_id may be at most 64 characters")
+        return request
+
+    def _check_prompts(self, tensor: torch.Tensor, request: SpanRequest) -> torch.Tensor:
+        blocks = request.end_block - request.start_block
+        if tensor.ndim != 3 or tensor.shape[0] != blocks or tensor.shape[2] != self.hidden_size or 0 in tensor.shape:
+            raise InvalidRequestError(
+                f"prompts must be [{blocks}, prefix, {self.hidden_size}], got {list(tensor.shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise InvalidRequestError(f"prompts must be floating point, got {tensor.dtype}")
+        if tensor.shape[1] > self.limits.max_session_length:
+            raise InvalidRequestError(f"prompts may be at most {self.limits.max_session_length} positions long")
+        if not bool(torch.isfinite(tensor).all()):
+            raise InvalidRequestError("prompts contain NaN or infinite values")
+        return tensor
 
     def _check_hidden(self, tensor: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         return validation.check_hidden(tensor, self.hidden_size, batch_size)
@@ -184,10 +210,10 @@ class BlockHandler:
             session.peer[-8:],
         )
 
-    def replace_span(self, span: SpanRunner) -> None:
+    def replace_span(self, span: SpanRunner, adapters: SpanAdapters = NO_ADAPTERS) -> None:
         """Serve other blocks from now on (rebalancing). Open sessions end at their next step, with a
         ServerError their clients fail over on; their caches belong to the old blocks."""
-        self.span = span
+        self.span, self.adapters = span, adapters
         for session in self.sessions.values():
             session.moved = True
 
@@ -198,11 +224,16 @@ class BlockHandler:
         try:
             validation.check_message_size(message, self.limits)
             step = StepRequest.from_wire(transport.unpack(message.metadata))
-            if len(message.tensors) != 1 + len(step.extra_tensors):
-                raise InvalidRequestError(
-                    f"an inference step carries {1 + len(step.extra_tensors)} tensors, got {len(message.tensors)}"
-                )
+            extra_count = len(step.extra_tensors)
+            expected = 1 + extra_count + step.prompts
+            if len(message.tensors) != expected:
+                raise InvalidRequestError(f"this step carries {expected} tensors, got {len(message.tensors)}")
             hidden = self._check_hidden(transport.deserialize(message.tensors[0]), session.request.batch_size)
+            prompts = None
+            if step.prompts:  # only the part of the prefix this step covers
+                proto = message.tensors[1 + extra_count]
+                prompts = self._check_prompts(transport.deserialize(proto), session.request)
+                prompts = prompts[:, step.position :] if step.position < prompts.shape[1] else None
             if step.position != session.position:
                 raise InvalidRequestError(f"step at position {step.position}, session is at {session.position}")
             if session.position + hidden.shape[1] > session.request.max_length:
@@ -212,7 +243,7 @@ class BlockHandler:
                 )
             extras = validation.check_step_extras(
                 step.extra_tensors,
-                [transport.deserialize(proto) for proto in message.tensors[1:]],
+                [transport.deserialize(proto) for proto in message.tensors[1 : 1 + extra_count]],
                 tuple(hidden.shape[:2]),
                 session.request.max_length,
             )
@@ -228,11 +259,8 @@ class BlockHandler:
             positions = extras.get("position_ids")
             if mask is not None and positions is None:
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, session.position :]
-            output = await self._deadline(
-                self._run(
-                    self._forward, hidden, request.start_block, request.end_block, session.cache, mask, positions
-                )
-            )
+            span_args = (request.start_block, request.end_block, session.cache, mask, positions, prompts)
+            output = await self._deadline(self._run(self._forward, hidden, *span_args, request.adapter))
             session.position += hidden.shape[1]
             session.attention_mask = mask
             return transport.step_response(output, StepResponse(position=session.position))
@@ -267,15 +295,20 @@ class BlockHandler:
         return ServerError(f"{what} failed: {exc.__class__.__name__}: {exc}")
 
     @torch.inference_mode()
-    def _forward(self, hidden, start, end, cache=None, attention_mask=None, position_ids=None):
-        return self.span(hidden, start, end, cache, attention_mask=attention_mask, position_ids=position_ids)
+    def _forward(
+        self, hidden, start, end, cache=None, attention_mask=None, position_ids=None, prompts=None, adapter=""
+    ):
+        with self.adapters.active(adapter):
+            return self.span(
+                hidden, start, end, cache, attention_mask=attention_mask, position_ids=position_ids, prompts=prompts
+            )
 
     # --- forward / backward (no cache) --------------------------------------------------------------------
 
     async def rpc_forward(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        for message in await self._unary(requests, 1, self._forward):
+        for message in await self._unary(requests, 1, self._forward_unary):
             yield message
 
     async def rpc_backward(
@@ -289,15 +322,16 @@ class BlockHandler:
             async with asyncio.timeout(self.limits.step_timeout):
                 tensors, metadata = await transport.collect_tensors(requests, self.limits.max_request_bytes)
             request = self._check_span_request(metadata)
-            if len(tensors) != num_tensors:
-                raise InvalidRequestError(f"expected {num_tensors} tensors, got {len(tensors)}")
+            if len(tensors) != num_tensors + request.prompts:
+                raise InvalidRequestError(f"expected {num_tensors + request.prompts} tensors, got {len(tensors)}")
             first = self._check_hidden(tensors[0])
-            for other in tensors[1:]:
+            for other in tensors[1:num_tensors]:
                 if other.shape != first.shape:
                     raise InvalidRequestError(f"gradient shape {list(other.shape)} != input {list(first.shape)}")
                 validation.check_hidden(other, self.hidden_size, name="gradients")
-            output = await self._deadline(self._run(function, *tensors, request.start_block, request.end_block))
-            return transport.response_messages([output], StepResponse())
+            prompts = self._check_prompts(tensors[num_tensors], request) if request.prompts else None
+            outputs = await self._deadline(self._run(function, *tensors[:num_tensors], request, prompts))
+            return transport.response_messages(outputs, StepResponse())
         except TimeoutError:
             return [transport.error_response(InvalidRequestError("the request was not sent in time"))]
         except RequestTooLargeError as error:
@@ -315,12 +349,35 @@ class BlockHandler:
                 async for _ in requests:
                     pass
 
-    def _backward(self, hidden, grad_output, start, end):
-        with torch.enable_grad():
-            inputs = hidden.detach().requires_grad_(True)
-            outputs = self.span(inputs, start, end)
-            (grad_input,) = torch.autograd.grad(outputs, inputs, grad_outputs=grad_output.to(outputs.dtype))
-        return grad_input
+    def _forward_unary(self, hidden, request: SpanRequest, prompts) -> list[torch.Tensor]:
+        start, end, adapter = request.start_block, request.end_block, request.adapter
+        if not request.graph_id:
+            return [self._forward(hidden, start, end, prompts=prompts, adapter=adapter)]
+        inputs, outputs = self._differentiable_forward(hidden, request, prompts)
+        self.graphs.keep(request.graph_id, (start, end, adapter), inputs, outputs)
+        return [outputs.detach()]
+
+    def _differentiable_forward(self, hidden, request: SpanRequest, prompts):
+        with torch.enable_grad(), self.adapters.active(request.adapter):
+            inputs = [hidden.detach().requires_grad_(True)]
+            if prompts is not None:
+                inputs.append(prompts.detach().requires_grad_(True))
+            deep = inputs[1] if prompts is not None else None
+            return inputs, self.span(inputs[0], request.start_block, request.end_block, prompts=deep)
+
+    def _backward(self, hidden, grad_output, request: SpanRequest, prompts) -> list[torch.Tensor]:
+        """Gradients for the span's input hidden states and, when sent, for its deep prompts; from the graph the
+        forward kept when there is one, else by recomputing the forward."""
+        sent = [hidden] if prompts is None else [hidden, prompts]
+        key = (request.start_block, request.end_block, request.adapter)
+        kept = self.graphs.take(request.graph_id, key, sent)
+        if kept is not None:
+            inputs, outputs = kept.inputs, kept.outputs
+        else:
+            inputs, outputs = self._differentiable_forward(hidden, request, prompts)
+        with torch.enable_grad(), self.adapters.active(request.adapter):
+            grads = torch.autograd.grad(outputs, inputs, grad_outputs=grad_output.to(outputs.dtype))
+        return list(grads)
 
     # --- info -------------------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from petals_cli.checkpoint import resolve_model
 from petals_cli.config import ServerConfig
 from petals_cli.dht import announce_blocks, announce_model, fetch_snapshot, start_dht
 from petals_cli.errors import ConfigError
+from petals_cli.server.adapters import load_adapters
 from petals_cli.server.blocks import load_span, read_model_config, resolve_dtype
 from petals_cli.server.cache import CacheBudget
 from petals_cli.server.handler import BlockHandler
@@ -78,6 +79,7 @@ class Server:
         self.swarm_key = security.SwarmKey.from_file(config.swarm_key)
         self._pinged_at = float("-inf")
         self._announce_failed = False
+        self.adapter_names: tuple[str, ...] = ()
 
     def info(self) -> ServerInfo:
         return ServerInfo(
@@ -93,6 +95,7 @@ class Server:
             inference_rps=self.throughput.inference_rps if self.throughput else 0.0,
             forward_rps=self.throughput.forward_rps if self.throughput else 0.0,
             pings=dict(self._pings),
+            adapters=self.adapter_names,
         )
 
     async def serve(self) -> None:
@@ -129,7 +132,7 @@ class Server:
                     node, self.prefix, self.model.num_blocks, length, max_delay=self.config.placement_delay
                 )
             await self._announce(node, p2p)  # JOINING: servers choosing blocks now see this span taken
-            span = await self._load(self.start, self.end)
+            span, adapters = await self._load(self.start, self.end)
             handler = BlockHandler(
                 span,
                 self.prefix,
@@ -143,6 +146,7 @@ class Server:
                 alloc_timeout=self.config.alloc_timeout,
                 session_idle_timeout=self.config.session_idle_timeout,
                 info=self.info,
+                adapters=adapters,
             )
             service = handler if self.swarm_key is None else security.GatedService(handler, self.swarm_key)
             await transport.BlocksService().add_p2p_handlers(p2p, wrapper=service)
@@ -170,7 +174,8 @@ class Server:
         logger.info("server stopped")
 
     async def _load(self, start: int, end: int):
-        """Load blocks [start, end) off the event loop, and know (measure once, then cache) their speed."""
+        """Load blocks [start, end) and their part of the adapters off the event loop, and know (measure once,
+        then cache) their speed."""
         started = time.perf_counter()
         span = await asyncio.to_thread(
             load_span,
@@ -182,11 +187,13 @@ class Server:
             dtype=self.dtype,
             quant=self.config.quant,
         )
+        adapters = await asyncio.to_thread(load_adapters, span, self.config.adapters)
+        self.adapter_names = adapters.names
         logger.info("blocks %d:%d of %s loaded in %.1fs", start, end, self.prefix, time.perf_counter() - started)
         if self.throughput is None:
             key = throughput_key(self.prefix, self.config.device, self.dtype, self.config.quant)
             self.throughput = await asyncio.to_thread(get_throughput, span, key, network_rps=self.config.network_rps)
-        return span
+        return span, adapters
 
     async def _rebalance_forever(self, node, p2p, handler: BlockHandler) -> None:
         own = p2p.peer_id.to_base58()
@@ -220,9 +227,9 @@ class Server:
             decision.min_before,
             decision.min_after,
         )
-        span = await self._load(new_start, new_end)
+        span, adapters = await self._load(new_start, new_end)
         old = dataclasses.replace(self.info(), state=ServerState.OFFLINE)
-        handler.replace_span(span)
+        handler.replace_span(span, adapters)
         self.start, self.end = new_start, new_end
         expiration = max(self.config.announce_period * 2.5, 10.0)
         await announce_blocks(node, self.prefix, p2p.peer_id.to_base58(), old, expiration=expiration)

@@ -65,3 +65,16 @@ def test_generate_needs_exactly_one_prompt_source(tmp_path):
     prompts.write_text("\n")
     empty = run("generate", str(model), "--prompts-file", str(prompts), "--initial-peers", UNREACHABLE)
     assert_one_error_line(empty, 2, "no prompts")
+
+
+def test_finetune_and_serve_reject_bad_datasets_prompts_and_adapters(tmp_path):
+    model = make_tiny_model(tmp_path / "tiny", num_layers=2)
+    (tmp_path / "data.jsonl").write_text('{"body": "x"}\n')
+    peers = ("--initial-peers", UNREACHABLE)
+    result = run("finetune", str(model), "--dataset", str(tmp_path / "data.jsonl"), *peers)
+    assert_one_error_line(result, 2, "no field 'text'", "body")
+    result = run("finetune", str(model), "--dataset", "d.txt", "--steps", "2", "--epochs", "2", *peers)
+    assert_one_error_line(result, 2, "--steps or --epochs")
+    result = run("generate", str(model), "--prompt", "x", "--prompts", str(tmp_path), *peers)
+    assert_one_error_line(result, 2, "no saved prompts")
+    assert_one_error_line(run("serve", str(model), "--new-swarm", "--adapters", str(tmp_path)), 2, "adapter_config")

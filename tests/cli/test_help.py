@@ -14,6 +14,7 @@ COMMANDS = [
     ["generate"],
     ["bench"],
     ["chat"],
+    ["finetune"],
     ["swarm"],
     ["swarm", "status"],
     ["swarm", "top"],

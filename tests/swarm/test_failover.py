@@ -117,15 +117,15 @@ def test_training_survives_sigkill_in_forward_and_in_backward(swarm, model_path,
         server_of(swarm, replicas[0]).process.send_signal(signal.SIGKILL)
         server_of(swarm, replicas[0]).process.wait()
         chain = FirstRouteThrough(client, model.petals_prefix, NUM_LAYERS, first_peer=replicas[0])
-        spans, inputs, output = client.run(chain.forward(embeddings, 0, NUM_LAYERS))
-        assert spans[-1].peer_id == replicas[1]
+        hops, output = client.run(chain.forward(embeddings, 0, NUM_LAYERS))
+        assert hops[-1].span.peer_id == replicas[1]
         with torch.no_grad():
             torch.testing.assert_close(output, _blocks_output(local, embeddings), atol=1e-5, rtol=0)
         # Backward: the server that did the forward of blocks 0:3 dies before the backward; restart a replica.
         swarm.start("0:3")
-        server_of(swarm, spans[0].peer_id).process.send_signal(signal.SIGKILL)
+        server_of(swarm, hops[0].span.peer_id).process.send_signal(signal.SIGKILL)
         grad_output = torch.randn_like(output, generator=torch.Generator().manual_seed(1))
-        grad = client.run(chain.backward(spans, inputs, grad_output))
+        grad = client.run(chain.backward(hops, grad_output))
     finally:
         model.close()
     leaf = embeddings.clone().requires_grad_(True)

@@ -109,3 +109,19 @@ def test_bans_back_off_exponentially_and_success_clears_them():
     bans.succeed("a")
     assert bans.banned(now=110.1) == set()
     assert bans.ban("a", now=111.0) == 1.0
+
+
+@pytest.mark.parametrize("route_function", [inference_route, training_route])
+def test_an_adapter_routes_only_through_servers_that_announce_it(route_function):
+    import dataclasses
+
+    fast = server(0, 4, rps=1000.0)
+    lora = dataclasses.replace(server(0, 2), adapters=("lora", "other"))
+    lora_tail = dataclasses.replace(server(2, 4), adapters=("lora",))
+    swarm = snapshot(4, fast=fast, a=lora, b=lora_tail)
+    assert spans(route_function(swarm, adapter="lora")) == [("a", 0, 2), ("b", 2, 4)]
+    assert spans(route_function(swarm)) == [("fast", 0, 4)]
+    with pytest.raises(NoRouteError, match="has the adapter 'missing'"):
+        route_function(swarm, adapter="missing")
+    with pytest.raises(NoRouteError, match="blocks 2:4"):
+        route_function(snapshot(4, fast=fast, a=lora), adapter="other")

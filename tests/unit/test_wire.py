@@ -45,3 +45,18 @@ def test_model_prefix_is_the_sanitised_last_component():
     assert model_prefix_for("/tmp/models/tiny-llama/") == "tiny-llama"
     assert model_prefix_for("bigscience/bloom-560m") == "bloom-560m"
     assert model_prefix_for("org/weird name!") == "weird-name-"
+
+
+def test_prompt_and_adapter_fields_default_for_older_peers_and_round_trip():
+    from petals_cli.wire import StepRequest
+
+    old = {"protocol": PROTOCOL_VERSION, "prefix": "m", "start_block": 0, "end_block": 2}
+    request = SpanRequest.from_wire(old)
+    assert request.prompts is False and request.adapter == ""
+    request = SpanRequest(PROTOCOL_VERSION, "m", 0, 2, prompts=True, adapter="lora")
+    assert SpanRequest.from_wire(request.to_wire()) == request
+    assert StepRequest.from_wire({"position": 3}).prompts is False
+    with pytest.raises(InvalidRequestError):
+        StepRequest.from_wire({"position": 3, "prompts": "yes"})
+    with pytest.raises(InvalidRequestError):
+        SpanRequest.from_wire({**old, "adapter": 5})

@@ -1,0 +1,94 @@
+"""`petals finetune`: train prompts through the swarm's frozen blocks."""
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from petals_cli.commands._errors import handle_errors, setup_logging
+from petals_cli.commands._options import InitialPeersOpt, JsonOpt, ModelArg, ModelPrefixOpt, VerboseOpt
+
+_CLIENT_OPTIONS = ("initial_peers", "model_prefix", "json_output", "verbose")
+
+
+@handle_errors
+def finetune(
+    model: ModelArg,
+    dataset: Annotated[
+        str, typer.Option(help="JSONL, JSON, CSV or text file, or a directory saved by datasets.", show_default=False)
+    ],
+    method: Annotated[
+        str, typer.Option(help="ptune (input prefix) or deep_ptune (also per-block prompts).")
+    ] = "ptune",
+    text_field: Annotated[str, typer.Option(help="The field holding the text (JSONL, CSV, saved datasets).")] = "text",
+    seq_len: Annotated[int, typer.Option(min=1, help="Tokens per training sequence.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per step.")] = 4,
+    pre_seq_len: Annotated[int, typer.Option(min=1, help="Length of the trained prompt, in positions.")] = 16,
+    lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 1e-2,
+    steps: Annotated[int | None, typer.Option(min=1, help="Train this many steps.", show_default=False)] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Train this many epochs.", show_default="1")] = None,
+    seed: Annotated[int, typer.Option(help="Seeds the prompts' initial values and the data order.")] = 0,
+    output: Annotated[
+        str | None, typer.Option(help="Save prompts and trainer state here.", show_default=False)
+    ] = None,
+    save_every: Annotated[int, typer.Option(min=0, help="Also save to --output every N steps (0 = at the end).")] = 0,
+    resume: Annotated[
+        str | None, typer.Option(help="Continue from this checkpoint directory.", show_default=False)
+    ] = None,
+    initial_peers: InitialPeersOpt = None,
+    model_prefix: ModelPrefixOpt = None,
+    json_output: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Train prompts for MODEL on --dataset; the swarm runs the frozen blocks forward and backward."""
+    options = {name: value for name, value in locals().items() if name not in _CLIENT_OPTIONS}  # = config fields
+    from petals_cli.config import ClientConfig, FinetuneConfig
+    from petals_cli.finetune import finetune as run_finetune
+
+    setup_logging(verbose)
+    options.update(steps=steps or 0, epochs=epochs or 0, output=output or "", resume=resume or "")
+    config = FinetuneConfig(**options)
+    client = ClientConfig.from_sources(initial_peers=tuple(initial_peers or ()), model_prefix=model_prefix)
+    with _Progress() as on_step:
+        result = run_finetune(config, client, on_step=on_step)
+    if json_output:
+        typer.echo(json.dumps(result.to_json()))
+    else:
+        where = f"; prompts saved to {result.output}" if result.output else ""
+        typer.echo(f"trained {result.steps} steps, final loss {result.losses[-1]:.4f}{where}")
+
+
+class _Progress:
+    """A rich progress bar on stderr (only on a terminal) showing step, loss and tokens/s."""
+
+    def __enter__(self):
+        if not sys.stderr.isatty():
+            return None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("step"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TextColumn("loss {task.fields[loss]}  {task.fields[speed]} tokens/s"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self.task = self.bar.add_task("train", total=None, loss="—", speed="—")
+        self.bar.start()
+        return self.update
+
+    def update(self, report) -> None:
+        self.bar.update(
+            self.task,
+            completed=report.step,
+            total=report.total_steps,
+            loss=f"{report.loss:.4f}",
+            speed=f"{report.tokens_per_second:.0f}",
+        )
+
+    def __exit__(self, *exc_info):
+        if hasattr(self, "bar"):
+            self.bar.stop()

@@ -1,0 +1,78 @@
+"""Dataset reading, tokenising and batching for `petals finetune` (no swarm)."""
+
+import json
+
+import pytest
+import torch
+
+from petals_cli.config import FinetuneConfig
+from petals_cli.errors import ConfigError
+from petals_cli.finetune import batch_for_step, load_texts, steps_per_epoch, tokenize_texts, total_steps
+from petals_cli.testing.tokenizer import save_tokenizer
+
+TEXTS = ["the first line", "a second, longer line of text", "third"]
+
+
+def test_jsonl_csv_text_and_saved_datasets_give_the_same_texts(tmp_path):
+    import datasets
+
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"body": text, "n": 1}) + "\n" for text in TEXTS))
+    (tmp_path / "data.csv").write_text("body,n\n" + "".join(f'"{text}",1\n' for text in TEXTS))
+    (tmp_path / "data.txt").write_text("\n".join(TEXTS) + "\n\n")
+    datasets.Dataset.from_dict({"body": TEXTS}).save_to_disk(str(tmp_path / "saved"))
+    assert load_texts(str(tmp_path / "data.jsonl"), "body") == TEXTS
+    assert load_texts(str(tmp_path / "data.csv"), "body") == TEXTS
+    assert load_texts(str(tmp_path / "data.txt")) == TEXTS
+    assert load_texts(str(tmp_path / "saved"), "body") == TEXTS
+
+
+def test_bad_datasets_are_clear_config_errors(tmp_path):
+    (tmp_path / "data.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(ConfigError, match="no field 'text'.*body"):
+        load_texts(str(tmp_path / "data.jsonl"))
+    with pytest.raises(ConfigError, match="no such file"):
+        load_texts(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ConfigError, match="save_to_disk"):
+        load_texts(str(tmp_path / "plain"))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ConfigError):
+        load_texts(str(tmp_path / "empty.txt"))
+
+
+def test_tokenising_joins_texts_with_eos_and_cuts_equal_sequences(tmp_path):
+    from transformers import AutoTokenizer
+
+    save_tokenizer(tmp_path, 512)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    sequences = tokenize_texts(TEXTS, tokenizer, seq_len=4)
+    joined = []
+    for text in TEXTS:
+        joined += tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    assert sequences.shape == (len(joined) // 4, 4)
+    assert sequences.flatten().tolist() == joined[: sequences.numel()]
+    short = tokenize_texts(["third"], tokenizer, seq_len=1000)
+    assert short.shape[0] == 1 and short.shape[1] < 1000
+
+
+def test_batches_cover_each_epoch_once_and_are_reproducible():
+    sequences = torch.arange(10).unsqueeze(1).repeat(1, 3)
+    per_epoch = steps_per_epoch(10, 4)
+    assert per_epoch == 3
+    epoch = torch.cat([batch_for_step(sequences, step, 4, seed=1) for step in range(per_epoch)])
+    assert sorted(epoch[:, 0].tolist()) == list(range(10))
+    assert batch_for_step(sequences, 4, 4, seed=1).tolist() == batch_for_step(sequences, 4, 4, seed=1).tolist()
+    second_epoch = torch.cat([batch_for_step(sequences, step, 4, seed=1) for step in range(3, 6)])
+    assert second_epoch[:, 0].tolist() != epoch[:, 0].tolist()
+
+
+def test_steps_come_from_steps_or_epochs():
+    assert total_steps(FinetuneConfig(model="m", dataset="d", batch_size=4, steps=7), 10) == 7
+    assert total_steps(FinetuneConfig(model="m", dataset="d", batch_size=4, epochs=2), 10) == 6
+    assert total_steps(FinetuneConfig(model="m", dataset="d", batch_size=4), 10) == 3
+    with pytest.raises(ConfigError):
+        FinetuneConfig(model="m", dataset="d", steps=2, epochs=2)
+    with pytest.raises(ConfigError):
+        FinetuneConfig(model="m", dataset="d", method="lora")
+    with pytest.raises(ConfigError):
+        FinetuneConfig(model="m", dataset="d", save_every=2)
