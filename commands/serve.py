@@ -71,6 +71,13 @@ def serve(
     step_timeout: Annotated[
         float | None, typer.Option(help="Seconds one step or forward/backward may compute.", show_default="60")
     ] = None,
+    kept_graphs_mib: Annotated[
+        int | None,
+        typer.Option(
+            help="Activations kept from training forwards for their backwards, in MiB (0 = always recompute).",
+            show_default="512",
+        ),
+    ] = None,
     swarm_key: SwarmKeyOpt = None,
     balance_quality: Annotated[
         float | None,

@@ -103,6 +103,7 @@ class ServerConfig(_FromSources):
     max_request_mib: int = 64  # tensor bytes one request or inference step may carry, in MiB
     max_sessions_per_peer: int = 16  # open inference sessions of one peer id
     step_timeout: float = 60.0  # seconds one step or forward/backward may compute before it fails
+    kept_graphs_mib: int = 512  # activations kept from training forwards until their backwards, in MiB
     swarm_key: str = ""  # file with the pre-shared secret of a private swarm
     num_blocks: int = 0  # place this many blocks where the swarm needs them (0: see `blocks`)
     placement_delay: float = 1.0  # at most this random wait before choosing blocks, to spread servers out
@@ -128,6 +129,8 @@ class ServerConfig(_FromSources):
             raise ConfigError("--cache-tokens must be >= 0 and --max-session-length > 0")
         if self.alloc_timeout < 0 or self.session_idle_timeout <= 0:
             raise ConfigError("--alloc-timeout must be >= 0 and --session-idle-timeout > 0")
+        if self.kept_graphs_mib < 0:
+            raise ConfigError("--kept-graphs-mib must be >= 0 (0: backward always recomputes the forward)")
         if self.max_request_mib <= 0 or self.max_sessions_per_peer <= 0 or self.step_timeout <= 0:
             raise ConfigError("--max-request-mib, --max-sessions-per-peer and --step-timeout must be positive")
         if self.num_blocks < 0 or self.placement_delay < 0 or self.balance_period < 0 or self.network_rps < 0:

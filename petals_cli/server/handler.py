@@ -40,7 +40,7 @@ from petals_cli.families.base import SpanRunner
 from petals_cli.server import validation
 from petals_cli.server.adapters import NO_ADAPTERS, SpanAdapters
 from petals_cli.server.cache import CacheBudget
-from petals_cli.server.graphs import KeptGraphs
+from petals_cli.server.graphs import KeptGraphs, SavedBytes
 from petals_cli.server.validation import Limits, PeerSessions
 from petals_cli.wire import SpanRequest, StepRequest, StepResponse
 
@@ -83,7 +83,7 @@ class BlockHandler:
         self.hidden_size = span.config.hidden_size
         self.info = info
         self.sessions: dict[str, Session] = {}
-        self.graphs = KeptGraphs()
+        self.graphs = KeptGraphs(max_bytes=limits.max_kept_graph_bytes)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="petals-compute")
 
     def shutdown(self) -> None:
@@ -353,8 +353,9 @@ class BlockHandler:
         start, end, adapter = request.start_block, request.end_block, request.adapter
         if not request.graph_id:
             return [self._forward(hidden, start, end, prompts=prompts, adapter=adapter)]
-        inputs, outputs = self._differentiable_forward(hidden, request, prompts)
-        self.graphs.keep(request.graph_id, (start, end, adapter), inputs, outputs)
+        with SavedBytes(exclude=list(self.span.parameters())) as saved:
+            inputs, outputs = self._differentiable_forward(hidden, request, prompts)
+        self.graphs.keep(request.graph_id, (start, end, adapter), inputs, outputs, saved.nbytes)
         return [outputs.detach()]
 
     def _differentiable_forward(self, hidden, request: SpanRequest, prompts):

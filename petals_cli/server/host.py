@@ -142,6 +142,7 @@ class Server:
                     max_request_bytes=self.config.max_request_mib * 2**20,
                     max_sessions_per_peer=self.config.max_sessions_per_peer,
                     step_timeout=self.config.step_timeout,
+                    max_kept_graph_bytes=self.config.kept_graphs_mib * 2**20,
                 ),
                 alloc_timeout=self.config.alloc_timeout,
                 session_idle_timeout=self.config.session_idle_timeout,

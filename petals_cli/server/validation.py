@@ -30,6 +30,7 @@ class Limits:
     max_request_bytes: int = 64 * 2**20  # tensor bytes in one request or inference step
     max_sessions_per_peer: int = 16  # open inference sessions of one peer id
     step_timeout: float = 60.0  # seconds one step or forward/backward may compute
+    max_kept_graph_bytes: int = 512 * 2**20  # activations kept from training forwards for their backwards
 
 
 def check_span_request(data: Any, prefix: str, held: tuple[int, int]) -> SpanRequest:

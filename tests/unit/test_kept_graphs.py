@@ -35,3 +35,27 @@ def test_kept_graphs_are_bounded_in_number_and_age():
     assert graphs.take("b", (0, 1, ""), [torch.ones(1, 2, 3)]) is None  # expired
     graphs.keep("d", (0, 1, ""), *_graph(1.0))
     assert len(graphs) == 1  # "c" expired and was dropped
+
+
+def test_kept_graphs_are_bounded_in_bytes():
+    graphs = KeptGraphs(max_graphs=8, max_bytes=1000)
+    graphs.keep("a", (0, 1, ""), *_graph(1.0), nbytes=400)
+    graphs.keep("b", (0, 1, ""), *_graph(1.0), nbytes=400)
+    graphs.keep("c", (0, 1, ""), *_graph(1.0), nbytes=400)  # 1200 > 1000: the oldest goes
+    assert len(graphs) == 2 and graphs.nbytes == 800
+    assert graphs.take("a", (0, 1, ""), [torch.ones(1, 2, 3)]) is None
+    graphs.keep("huge", (0, 1, ""), *_graph(1.0), nbytes=5000)  # larger than the allowance: never kept
+    assert len(graphs) == 2 and graphs.take("huge", (0, 1, ""), [torch.ones(1, 2, 3)]) is None
+
+
+def test_saved_bytes_counts_activations_but_not_weights():
+    from petals_cli.server.graphs import SavedBytes
+
+    linear = torch.nn.Linear(64, 64)
+    hidden = torch.randn(4, 10, 64, requires_grad=True)
+    with SavedBytes(exclude=list(linear.parameters())) as saved:
+        output = torch.nn.functional.gelu(linear(hidden)) * 2
+    assert output.requires_grad
+    weight_bytes = sum(p.numel() * p.element_size() for p in linear.parameters())
+    activation_bytes = hidden.numel() * hidden.element_size()
+    assert activation_bytes <= saved.nbytes < activation_bytes * 3 + weight_bytes // 2
