@@ -82,7 +82,9 @@ def test_a_padded_session_replays_its_mask_on_failover(setup):
         assert row == local_alone(local, tokenizer, prompt)
 
 
-def test_generate_prompts_file_prints_each_result(setup, tmp_path):
+def test_generate_prompts_file_prints_each_result(setup, tmp_path, request):
+    if request.node.callspec.params["setup"] != "llama":
+        pytest.skip("the CLI path does not depend on the family: once, on llama, keeps the suite fast")
     model, _, local, tokenizer, swarm = setup
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text("\n".join(json.dumps({"prompt": prompt}) for prompt in PROMPTS) + "\n")

@@ -115,7 +115,9 @@ def run_generate(swarm, *args):
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
 
 
-def test_cli_stop_sequences_cut_the_output_and_a_seed_repeats_sampling(setup):
+def test_cli_stop_sequences_cut_the_output_and_a_seed_repeats_sampling(setup, request):
+    if request.node.callspec.params["setup"] != "llama":
+        pytest.skip("five CLI runs that do not depend on the family: once, on llama, keeps the suite fast")
     _, local, tokenizer, swarm = setup
     input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     greedy = local.generate(input_ids, max_new_tokens=24, do_sample=False)[0, input_ids.shape[1] :]
