@@ -17,6 +17,8 @@ Shared by clients, servers and bootstrap peers; imports neither client nor serve
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -345,6 +347,17 @@ def blocks_stub(p2p, peer_id: str, key: SwarmKey | None):
     return stub if key is None else GatedStub(stub, key.rpc_token(p2p.peer_id.to_bytes(), peer.to_bytes()))
 
 
+DRAIN_SECONDS = 2.0
+
+
+async def _drain(requests, seconds: float) -> None:
+    """Read and drop what is left of a refused request stream, for at most ``seconds``."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(seconds):
+            async for _ in requests:
+                pass
+
+
 class GatedService:
     """Wraps a BlocksService handler: RPCs whose first message lacks the caller's token are refused unanswered."""
 
@@ -364,6 +377,8 @@ class GatedService:
         if first is None:
             return
         if not self._admits(context, first.uid):
+            if method != "rpc_inference":  # let a forward/backward finish sending, so it reads the refusal
+                await _drain(requests, DRAIN_SECONDS)
             yield transport.error_response(refusal("this server belongs to a private swarm; pass its --swarm-key"))
             return
 
