@@ -125,20 +125,23 @@ def test_a_step_past_the_deadline_fails_alone_and_the_server_serves_on(tmp_path)
 
 
 def test_running_out_of_memory_fails_that_request_only(tmp_path):
-    model_path = make_tiny_model(tmp_path / "tiny", "llama", num_layers=2, hidden_size=256, num_heads=4)
+    # a wide MLP: an 8000-token prefill needs several 125 MiB activations, whatever attention kernel runs
+    model_path = make_tiny_model(
+        tmp_path / "tiny", "llama", num_layers=2, hidden_size=256, num_heads=4, intermediate_size=4096
+    )
     swarm = Swarm(model=model_path, workdir=tmp_path)
     try:
         server = swarm.start("0:2")
-        # From now on the server process may map only 300 MiB more (its libp2p daemon, already running, is
-        # unaffected): a long prefill's attention scores (~1 GiB) cannot be allocated.
-        status = Path(f"/proc/{server.process.pid}/status").read_text()
-        mapped = int(next(line for line in status.splitlines() if line.startswith("VmSize:")).split()[1]) * 1024
-        resource.prlimit(server.process.pid, resource.RLIMIT_AS, (mapped + 300 * 2**20, resource.RLIM_INFINITY))
         steps = torch.randn(3, 1, 1, 256, generator=torch.Generator().manual_seed(0))
         client = SwarmClient(ClientConfig(initial_peers=tuple(swarm.initial_peers)))
         try:
             stub = client.stub(peer_id_of(server))
             prefix = model_prefix_for(str(model_path))
+
+            async def warm_up():  # the compute thread and torch's thread pool exist before memory gets short
+                session = await open_session(stub, prefix, 2, 512)
+                await session.step(torch.randn(1, 512, 256))
+                await session.end()
 
             async def scenario():
                 greedy = await open_session(stub, prefix, 2, 8000)
@@ -150,6 +153,12 @@ def test_running_out_of_memory_fails_that_request_only(tmp_path):
                 await modest.end()
                 return outputs
 
+            client.run(warm_up(), timeout=120)
+            # From now on the server process may map only 64 MiB more (its libp2p daemon, already running, is
+            # unaffected): the long prefill's activations cannot be allocated, small steps still can.
+            status = Path(f"/proc/{server.process.pid}/status").read_text()
+            mapped = int(next(line for line in status.splitlines() if line.startswith("VmSize:")).split()[1]) * 1024
+            resource.prlimit(server.process.pid, resource.RLIMIT_AS, (mapped + 64 * 2**20, resource.RLIM_INFINITY))
             outputs = client.run(scenario(), timeout=120)
         finally:
             client.close()
