@@ -191,7 +191,11 @@ def _train(model, config: FinetuneConfig, sequences: torch.Tensor, state: dict |
 
 
 def save_checkpoint(model, optimizer, step: int, losses: list[float], directory: str, model_name: str) -> None:
-    """What resuming needs (one file), then the prompts in the saved format."""
+    """The prompts in the saved format, then what resuming needs (one file, written last).
+
+    The state file is the checkpoint's commit mark: a run killed while saving leaves either the previous state
+    (still consistent: it holds its own copy of the prompts) or the new one, never a state without prompts.json.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {
@@ -200,6 +204,6 @@ def save_checkpoint(model, optimizer, step: int, losses: list[float], directory:
         "step": step,
         "losses": torch.tensor(losses, dtype=torch.float64),
     }
+    save_prompts(model.prompt_tuning, directory, model=model_name)
     torch.save(state, directory / (STATE_FILE + ".tmp"))
     (directory / (STATE_FILE + ".tmp")).replace(directory / STATE_FILE)
-    save_prompts(model.prompt_tuning, directory, model=model_name)

@@ -76,3 +76,40 @@ def test_steps_come_from_steps_or_epochs():
         FinetuneConfig(model="m", dataset="d", method="lora")
     with pytest.raises(ConfigError):
         FinetuneConfig(model="m", dataset="d", save_every=2)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt(*args, **kwargs):
+    raise _Interrupted
+
+
+@pytest.mark.parametrize("interrupted_save", [1, 2])
+@pytest.mark.parametrize("interrupted_write", ["save_prompts", "torch_save"])
+def test_a_checkpoint_interrupted_while_saving_is_either_absent_or_resumable(
+    tmp_path, monkeypatch, interrupted_save, interrupted_write
+):
+    """A kill at any point of saving leaves a directory that `--resume` either refuses (no state) or accepts."""
+    import petals_cli.finetune as finetune_module
+    from petals_cli.finetune import STATE_FILE, _read_state, save_checkpoint
+    from petals_cli.prompts import PromptTuning
+
+    class Holder:  # what save_checkpoint reads of a model
+        prompt_tuning = PromptTuning("deep_ptune", 4, num_blocks=2, hidden_size=8)
+
+    optimizer = torch.optim.AdamW(Holder.prompt_tuning.parameters(), lr=0.1)
+    config = FinetuneConfig(model="m", dataset="d", method="deep_ptune", pre_seq_len=4, resume=str(tmp_path))
+    for save in (1, 2):
+        if save == interrupted_save:
+            target = (finetune_module, "save_prompts") if interrupted_write == "save_prompts" else (torch, "save")
+            monkeypatch.setattr(*target, _interrupt)
+            with pytest.raises(_Interrupted):
+                save_checkpoint(Holder, optimizer, save, [0.5] * save, str(tmp_path), "m")
+            break
+        save_checkpoint(Holder, optimizer, save, [0.5] * save, str(tmp_path), "m")
+    if (tmp_path / STATE_FILE).exists():
+        assert _read_state(config)["step"] == interrupted_save - 1
+    else:
+        assert interrupted_save == 1
