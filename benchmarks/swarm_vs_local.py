@@ -96,7 +96,7 @@ def timed_generate(model, input_ids, new_tokens: int, repeats: int) -> list[floa
 
 
 def step_times(model, input_ids, steps: int) -> list[float]:
-    """Seconds per one-token step after the prompt (excludes the prefill)."""
+    """Seconds per one-token step through the swarm's blocks after the prompt (no prefill, no LM head)."""
     with torch.no_grad(), model.inference_session(max_length=input_ids.shape[1] + steps + 1) as session:
         hidden = model.embed(model.get_input_embeddings()(input_ids))
         session.step(hidden)
@@ -110,16 +110,18 @@ def step_times(model, input_ids, steps: int) -> list[float]:
 
 
 def local_step_times(model, input_ids, steps: int) -> list[float]:
+    """The same as ``step_times`` locally: the transformer blocks only (no embeddings, final norm or LM head)."""
     from transformers import DynamicCache
 
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        model(input_ids, past_key_values=cache, use_cache=True)
-        token = input_ids[:, -1:]
+        hidden = model.get_input_embeddings()(input_ids)
+        model.model(inputs_embeds=hidden, past_key_values=cache, use_cache=True)
+        token = hidden[:, -1:]
         times = []
         for _ in range(steps):
             started = time.perf_counter()
-            model(token, past_key_values=cache, use_cache=True)
+            model.model(inputs_embeds=token, past_key_values=cache, use_cache=True)
             times.append(time.perf_counter() - started)
     return times
 

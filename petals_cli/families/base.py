@@ -161,11 +161,18 @@ class SpanRunner(nn.Module):
     def device(self) -> torch.device:
         return next(self.base.parameters()).device
 
-    def make_cache(self, start: int, end: int):
-        """A fresh attention cache for blocks [start, end) (absolute indices)."""
+    def make_cache(self, start: int, end: int, capacity: int | None = None):
+        """A fresh attention cache for blocks [start, end) (absolute indices).
+
+        With ``capacity`` (the session's max tokens), full-attention layers keep their keys and values in
+        buffers of that length written in place, instead of growing by concatenation every step.
+        """
         from transformers import DynamicCache
 
-        return DynamicCache(config=self._view(start - self.start, end - self.start).config)
+        from petals_cli.families.kv_cache import preallocate
+
+        cache = DynamicCache(config=self._view(start - self.start, end - self.start).config)
+        return cache if capacity is None else preallocate(cache, capacity)
 
     def forward(
         self,

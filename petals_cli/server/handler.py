@@ -179,7 +179,7 @@ class BlockHandler:
         self.peer_sessions.acquire(peer)
         try:
             await self.budget.allocate(session_id, tokens, timeout=self.alloc_timeout)
-            cache = self.span.make_cache(request.start_block, request.end_block)
+            cache = self.span.make_cache(request.start_block, request.end_block, capacity=request.max_length)
         except BaseException:
             self.budget.release(session_id)
             self.peer_sessions.release(peer)

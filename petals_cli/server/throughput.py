@@ -70,7 +70,7 @@ def measure(span: SpanRunner) -> Throughput:
     hidden_size = span.config.hidden_size
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randn(1, PROMPT_TOKENS, hidden_size, generator=generator).to(span.device)
-    cache = span.make_cache(first, first + 1)
+    cache = span.make_cache(first, first + 1, capacity=PROMPT_TOKENS + STEPS)  # as a session's cache is
     span(prompt, first, first + 1, cache)
     step = prompt[:, -1:]
     _synchronize(span.device)

@@ -11,12 +11,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+from transformers.cache_utils import DynamicLayer
 
 import petals_cli.families as families
 from petals_cli.checkpoint import resolve_model, weight_map
 from petals_cli.errors import UnsupportedModelError
 from petals_cli.families import Family, family_for, register, supported_model_types
 from petals_cli.families.builtin import FAMILIES
+from petals_cli.families.kv_cache import PreallocatedLayer
 from petals_cli.remote_model import AutoDistributedModelForCausalLM
 from petals_cli.server.blocks import load_span, read_model_config
 from petals_cli.testing import SUPPORTED_FAMILIES, make_tiny_model
@@ -145,6 +147,66 @@ def test_a_left_padded_batch_in_a_span_matches_each_sequence_alone(tiny):
         expected = states[4][0]
         scale = expected.abs().max().item()
         torch.testing.assert_close(output[row, total - length :], expected, atol=1e-5 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("capacity", [None, 5])  # a session's max_length, and one it outgrows (buffers grow)
+def test_a_preallocated_cache_gives_exactly_what_a_growing_cache_gives(tiny, capacity):
+    """Servers write keys/values in place (kv_cache.PreallocatedLayer); outputs must be bit-identical."""
+    path, _ = tiny
+    source = resolve_model(str(path))
+    span = load_span(source, read_model_config(source), 1, 4, device="cpu", dtype=torch.float32)
+    total = 2 * TINY_SLIDING_WINDOW + 3
+    hidden = torch.randn(2, total, span.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, total, dtype=torch.long)
+    mask[1, :3] = 0  # a left-padded row
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    outputs = []
+    for cache in (span.make_cache(1, 4), span.make_cache(1, 4, capacity=capacity or total)):
+        prefill = 4
+        with torch.no_grad():
+            steps = [
+                span(
+                    hidden[:, :prefill],
+                    1,
+                    4,
+                    cache,
+                    attention_mask=mask[:, :prefill],
+                    position_ids=positions[:, :prefill],
+                )
+            ]
+            for step in range(prefill, total):
+                steps.append(
+                    span(
+                        hidden[:, step : step + 1],
+                        1,
+                        4,
+                        cache,
+                        attention_mask=mask[:, : step + 1],
+                        position_ids=positions[:, step : step + 1],
+                    )
+                )
+        outputs.append(torch.cat(steps, dim=1))
+        assert cache.get_seq_length() == total
+    assert any(isinstance(layer, PreallocatedLayer) for layer in cache.layers) or not any(
+        type(layer) is DynamicLayer for layer in span.make_cache(1, 4).layers
+    )
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_a_preallocated_layer_crops_and_selects_like_a_dynamic_one():
+    keys = torch.randn(3, 2, 6, 4)
+    values = torch.randn(3, 2, 6, 4)
+    dynamic, preallocated = DynamicLayer(), PreallocatedLayer(capacity=8)
+    for layer in (dynamic, preallocated):
+        layer.update(keys[:, :, :4], values[:, :, :4])
+        layer.crop(-1)
+        layer.update(keys[:, :, 4:], values[:, :, 4:])
+        layer.batch_select_indices(torch.tensor([2, 0]))
+        layer.update(keys[:2, :, :1], values[:2, :, :1])
+    assert preallocated.get_seq_length() == dynamic.get_seq_length() == 6
+    assert torch.equal(preallocated.keys, dynamic.keys) and torch.equal(preallocated.values, dynamic.values)
+    with pytest.raises(ValueError, match="batch/heads"):
+        preallocated.update(keys[:, :, :1], values[:, :, :1])
 
 
 def test_client_modules_equal_the_local_model(tiny):
