@@ -16,103 +16,69 @@ from transformers.cache_utils import DynamicLayer
 
 
 class PreallocatedLayer(DynamicLayer):
-    """A ``DynamicLayer`` whose keys and values live in buffers of ``capacity`` positions, filled in place.
+    """A ``DynamicLayer`` whose keys and values are views of buffers of ``capacity`` positions, filled in place.
 
-    A step that would pass ``capacity`` grows the buffers (doubling), so the layer is never wrong, only
-    slower, when a caller underestimates.
+    Its keys/values always have the shapes a ``DynamicLayer`` would hold, so the inherited length, crop and
+    reset work unchanged. A step that would pass the buffers' end grows them (doubling), so the layer is never
+    wrong, only slower, when a caller underestimates.
     """
 
     def __init__(self, capacity: int):
         super().__init__()
         self.capacity = max(int(capacity), 1)
-        self.length = 0
-        self._key_buffer: torch.Tensor | None = None
-        self._value_buffer: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self._key_buffer = self._empty_like(key_states, self.capacity)
-        self._value_buffer = self._empty_like(value_states, self.capacity)
-        self.length = 0
-        self._publish()
+        self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
+        self._rebuffer(self.capacity)
         self.is_initialized = True
 
-    @staticmethod
-    def _empty_like(states: torch.Tensor, positions: int) -> torch.Tensor:
-        *leading, _, last = states.shape
-        return torch.empty(*leading, positions, last, dtype=states.dtype, device=states.device)
-
-    def _publish(self) -> None:
-        self.keys = self._key_buffer[..., : self.length, :]
-        self.values = self._value_buffer[..., : self.length, :]
+    def _rebuffer(self, positions: int) -> None:
+        """Move the keys and values into fresh buffers of ``positions`` positions; they become views of them."""
+        length = self.keys.shape[-2]
+        buffers = []
+        for states in (self.keys, self.values):
+            buffer = states.new_empty(*states.shape[:-2], positions, states.shape[-1])
+            buffer[..., :length, :].copy_(states)
+            buffers.append(buffer)
+        self._key_buffer, self._value_buffer = buffers
+        self.keys, self.values = (buffer[..., :length, :] for buffer in buffers)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        new = key_states.shape[-2]
-        if key_states.shape[:-2] != self._key_buffer.shape[:-2]:
-            held, sent = tuple(self._key_buffer.shape[:-2]), tuple(key_states.shape[:-2])
+        if key_states.shape[:-2] != self.keys.shape[:-2]:
+            held, sent = tuple(self.keys.shape[:-2]), tuple(key_states.shape[:-2])
             raise ValueError(f"cache holds batch/heads {held}, step has {sent}")
-        if self.length + new > self._key_buffer.shape[-2]:
-            self._grow(self.length + new)
-        end = self.length + new
-        self._key_buffer[..., self.length : end, :].copy_(key_states)
-        self._value_buffer[..., self.length : end, :].copy_(value_states)
-        self.length = end
-        self._publish()
+        start = self.keys.shape[-2]
+        end = start + key_states.shape[-2]
+        if end > self._key_buffer.shape[-2]:
+            self._rebuffer(max(end, 2 * self._key_buffer.shape[-2]))
+        self._key_buffer[..., start:end, :].copy_(key_states)
+        self._value_buffer[..., start:end, :].copy_(value_states)
+        self.keys, self.values = self._key_buffer[..., :end, :], self._value_buffer[..., :end, :]
         return self.keys, self.values
 
-    def _grow(self, needed: int) -> None:
-        positions = max(needed, 2 * self._key_buffer.shape[-2])
-        for name in ("_key_buffer", "_value_buffer"):
-            old = getattr(self, name)
-            bigger = self._empty_like(old, positions)
-            bigger[..., : self.length, :].copy_(old[..., : self.length, :])
-            setattr(self, name, bigger)
-
-    def get_seq_length(self) -> int:
-        return self.length if self.is_initialized else 0
-
-    def reset(self) -> None:
-        self.length = 0
-        if self.is_initialized:
-            self._publish()
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError("crop takes the (negative) number of tokens to remove")
-        if self.is_initialized:
-            self.length = max(self.length + tokens_to_remove, 0)
-            self._publish()
-
-    def _adopt(self) -> None:
-        """Copy keys/values that a batch operation replaced back into buffers of this layer's capacity."""
-        keys, values, self.length = self.keys, self.values, self.keys.shape[-2]
-        self._key_buffer = self._empty_like(keys, max(self.capacity, self.length))
-        self._value_buffer = self._empty_like(values, max(self.capacity, self.length))
-        self._key_buffer[..., : self.length, :].copy_(keys)
-        self._value_buffer[..., : self.length, :].copy_(values)
-        self._publish()
+    # Batch operations build new keys/values outside the buffers: move them back in.
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.get_seq_length() > 0:
-            super().reorder_cache(beam_idx)
-            self._adopt()
+        super().reorder_cache(beam_idx)
+        self._readopt()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.get_seq_length() > 0:
-            super().batch_repeat_interleave(repeats)
-            self._adopt()
+        super().batch_repeat_interleave(repeats)
+        self._readopt()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.get_seq_length() > 0:
-            super().batch_select_indices(indices)
-            self._adopt()
+        super().batch_select_indices(indices)
+        self._readopt()
+
+    def _readopt(self) -> None:
+        if self.is_initialized:
+            self._rebuffer(max(self.capacity, self.keys.shape[-2]))
 
 
 def preallocate(cache, capacity: int):
-    """Replace ``cache``'s plain full-attention layers by ``PreallocatedLayer``s of ``capacity`` positions."""
-    for index, layer in enumerate(cache.layers):
-        if type(layer) is DynamicLayer and not layer.is_initialized:
-            cache.layers[index] = PreallocatedLayer(capacity)
+    """Replace a fresh ``cache``'s plain full-attention layers by ``PreallocatedLayer``s of ``capacity`` positions."""
+    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache

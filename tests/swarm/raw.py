@@ -22,21 +22,27 @@ class RawSession:
     position: int = 0
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        self.outbox.put_nowait(transport.step_request([hidden], transport.pack(StepRequest(position=self.position))))
-        response = await anext(self.responses)
+        response = await self.send(
+            transport.step_request([hidden], transport.pack(StepRequest(position=self.position)))
+        )
         self.position = transport.check_response(response).position
         return transport.deserialize(response.tensors[0])
 
     async def send(self, message: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
         self.outbox.put_nowait(message)
+        return await self.receive()
+
+    async def receive(self) -> runtime_pb2.ExpertResponse:
         return await anext(self.responses)
 
     async def end(self) -> None:
+        """End the request stream politely and wait for the server to end its side."""
         self.outbox.put_nowait(None)
         async for _ in self.responses:
             pass
 
     async def abort(self) -> None:
+        """Drop the stream without ending it, as a crashing client would."""
         await self.responses.aclose()
 
 
@@ -51,15 +57,21 @@ async def open_raw(stub, opening: runtime_pb2.ExpertRequest) -> tuple[RawSession
     outbox.put_nowait(opening)
     session = RawSession(outbox, await stub.rpc_inference(requests()))
     try:
-        return session, await anext(session.responses)
+        return session, await session.receive()
     except BaseException:
         await session.abort()
         raise
 
 
-async def open_session(stub, prefix: str, end_block: int, max_length: int) -> RawSession:
+async def open_session(stub, prefix: str, end_block: int, max_length: int, batch_size: int = 1) -> RawSession:
+    """A session on blocks [0, end_block), acknowledged (a typed refusal is raised)."""
     request = SpanRequest(
-        protocol=PROTOCOL_VERSION, prefix=prefix, start_block=0, end_block=end_block, max_length=max_length
+        protocol=PROTOCOL_VERSION,
+        prefix=prefix,
+        start_block=0,
+        end_block=end_block,
+        max_length=max_length,
+        batch_size=batch_size,
     )
     session, answer = await open_raw(stub, runtime_pb2.ExpertRequest(metadata=transport.pack(request)))
     try:

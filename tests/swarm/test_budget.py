@@ -6,9 +6,7 @@ One module swarm, two servers of a tiny model: ``budget`` (100 tokens, the defau
 ending or disconnecting frees tokens there) and ``idle`` (100 tokens, a 2 s idle timeout).
 """
 
-import asyncio
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import msgpack
@@ -23,9 +21,11 @@ from petals_cli.config import ClientConfig
 from petals_cli.dht import fetch_snapshot
 from petals_cli.errors import CacheExhaustedError, InvalidRequestError, SessionExpiredError, SessionLengthError
 from petals_cli.testing import make_tiny_model
-from petals_cli.wire import PROTOCOL_VERSION, ServerInfo, SpanRequest, StepRequest
+from petals_cli.wire import ServerInfo
 from tests.conftest import Swarm
+from tests.swarm import raw
 from tests.swarm.checks import eventually
+from tests.swarm.raw import RawSession, peer_id_of
 
 pytestmark = pytest.mark.slow
 PREFIX = "tiny-budget"
@@ -68,74 +68,12 @@ def prompt_embeddings(model) -> torch.Tensor:
         return local.get_input_embeddings()(input_ids)
 
 
-def peer_id_of(server) -> str:
-    return server.addresses()[0].rsplit("/p2p/", 1)[1]
-
-
-@dataclass
-class RawSession:
-    """One rpc_inference stream driven by the test: an opening message, then one message per step."""
-
-    outbox: asyncio.Queue
-    responses: AsyncIterator[runtime_pb2.ExpertResponse]
-    position: int = 0
-
-    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        metadata = transport.pack(StepRequest(position=self.position))
-        self.outbox.put_nowait(transport.step_request([hidden], metadata))
-        response = await self.receive()
-        self.position = transport.check_response(response).position
-        return transport.deserialize(response.tensors[0])
-
-    async def receive(self) -> runtime_pb2.ExpertResponse:
-        return await anext(self.responses)
-
-    async def end(self) -> None:
-        """End the request stream politely and wait for the server to end its side."""
-        self.outbox.put_nowait(None)
-        async for _ in self.responses:
-            pass
-
-    async def abort(self) -> None:
-        """Drop the stream without ending it, as a crashing client would."""
-        await self.responses.aclose()
-
-
 async def open_session(client: SwarmClient, peer_id: str, max_length: int, batch_size: int = 1) -> RawSession:
-    outbox = asyncio.Queue()
-
-    async def requests():
-        while (message := await outbox.get()) is not None:
-            yield message
-
-    request = SpanRequest(
-        protocol=PROTOCOL_VERSION,
-        prefix=PREFIX,
-        start_block=0,
-        end_block=NUM_LAYERS,
-        max_length=max_length,
-        batch_size=batch_size,
-    )
-    outbox.put_nowait(runtime_pb2.ExpertRequest(metadata=transport.pack(request)))
-    session = RawSession(outbox, await client.stub(peer_id).rpc_inference(requests()))
-    try:
-        transport.check_response(await session.receive())  # the server's acknowledgement, or its typed refusal
-    except BaseException:
-        await session.abort()
-        raise
-    return session
+    return await raw.open_session(client.stub(peer_id), PREFIX, NUM_LAYERS, max_length, batch_size)
 
 
 async def forward(client: SwarmClient, peer_id: str, hidden: torch.Tensor) -> torch.Tensor:
-    request = SpanRequest(protocol=PROTOCOL_VERSION, prefix=PREFIX, start_block=0, end_block=NUM_LAYERS)
-
-    async def requests():
-        for message in transport.request_messages([hidden], transport.pack(request)):
-            yield message
-
-    outputs, metadata = await transport.collect_tensors(await client.stub(peer_id).rpc_forward(requests()))
-    transport.check_response(runtime_pb2.ExpertResponse(metadata=metadata))
-    return outputs[0]
+    return await raw.forward(client.stub(peer_id), PREFIX, NUM_LAYERS, hidden)
 
 
 def cache_tokens_left(client: SwarmClient, peer_id: str) -> int:
