@@ -7,9 +7,15 @@ one started with --swarm-key. Every client is a real SwarmClient with its own li
 import asyncio
 import subprocess
 
+import msgpack
 import pytest
 import torch
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
 from hivemind.dht.node import DHTNode
+from hivemind.dht.protocol import DHTProtocol
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import P2PHandlerError
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
@@ -94,6 +100,18 @@ def _can_open(client, stub) -> bool:
     return True
 
 
+def _forgeries(identity, key: str, subkey: str, value, expiration: float) -> list[bytes]:
+    """Two records naming ``subkey``'s peer: unsigned, and signed with ``identity`` (the wrong key for it)."""
+    serializer = DHTProtocol.serializer
+    record = DHTRecord(
+        DHTID.generate(source=key).to_bytes(), serializer.dumps(subkey), serializer.dumps(value), expiration
+    )
+    signature = identity.private_key.sign(security._signed_payload(record), padding.PKCS1v15(), hashes.SHA256())
+    public = security._public_der(identity.private_key)
+    signed = msgpack.packb([security.SIGNED_TAG, record.value, public, signature], use_bin_type=True)
+    return [record.value, signed]
+
+
 def test_a_forged_record_for_another_servers_peer_id_is_rejected_by_readers(public):
     swarm, server, reader = public
     victim = peer_id_of(server)
@@ -111,20 +129,28 @@ def test_a_forged_record_for_another_servers_peer_id_is_rejected_by_readers(publ
         try:
             own = ServerInfo(ServerState.ONLINE, 0, NUM_LAYERS, "0", public_name="attacker-own")
             assert await announce_blocks(node, "tiny-public", identity.peer_id, own, expiration=60)
-            forged = ServerInfo(ServerState.OFFLINE, 0, NUM_LAYERS, "0", public_name="forged")
-            stored = [
-                await dht.store(block_uid("tiny-public", 0), forged.to_wire(), get_dht_time() + 60, subkey=victim)
-                for dht in (node, bare)
-            ]
-            return identity.peer_id, stored
+            key, expiration = block_uid("tiny-public", 0), get_dht_time() + 60
+            forged = ServerInfo(ServerState.OFFLINE, 0, NUM_LAYERS, "0", public_name="forged").to_wire()
+            values = _forgeries(identity, key, victim, forged, expiration)
+            # Straight to the server, whatever other nodes the DHT would pick as replicas.
+            refused = await bare.protocol.call_store(
+                transport.peer_id_from_string(victim),
+                [DHTID.generate(source=key)] * 2,
+                values,
+                expiration,
+                [victim] * 2,
+            )
+            # The bare node keeps a copy for itself (and any other validator-less node), for readers to find.
+            await bare.store(key, forged, expiration, subkey=victim)
+            return identity.peer_id, refused
         finally:
             await bare.shutdown()
             await bare_p2p.shutdown()
             await node.shutdown()
             await p2p.shutdown()
 
-    attacker, stored = reader.run(attack(), timeout=60)
-    assert stored == [False, False]  # the server refused to store them
+    attacker, refused = reader.run(attack(), timeout=60)
+    assert refused == [False, False]  # the server answered and refused to store both
     snapshot = reader.run(fetch_snapshot(reader.node, "tiny-public", NUM_LAYERS), timeout=30)
     assert snapshot.servers[attacker].public_name == "attacker-own"  # a correctly signed record gets through
     assert snapshot.servers[victim].public_name != "forged"
