@@ -31,7 +31,6 @@ from petals_cli import transport
 from petals_cli.errors import (
     InvalidRequestError,
     PetalsError,
-    RequestTooLargeError,
     ServerError,
     SessionExpiredError,
     SessionLengthError,
@@ -334,16 +333,18 @@ class BlockHandler:
             return transport.response_messages(outputs, StepResponse())
         except TimeoutError:
             return [transport.error_response(InvalidRequestError("the request was not sent in time"))]
-        except RequestTooLargeError as error:
-            await self._drain(requests)  # so the client, still sending, can read why it was refused
-            return [transport.error_response(error)]
         except PetalsError as error:
-            return [transport.error_response(error)]
+            refusal = transport.error_response(error)
         except Exception as exc:
-            return [transport.error_response(self._compute_failure("forward/backward", exc))]
+            refusal = transport.error_response(self._compute_failure("forward/backward", exc))
+        # A request refused before its end (too large, a malformed first tensor) is still being sent: closing
+        # the stream now would reset it, and the client would lose the refusal with it.
+        await self._drain(requests)
+        return [refusal]
 
     async def _drain(self, requests) -> None:
-        """Read and drop the rest of a refused stream, for at most ``step_timeout`` seconds."""
+        """Read and drop the rest of a refused stream, for at most ``step_timeout`` seconds (nothing when the
+        stream was read to its end already)."""
         with contextlib.suppress(Exception):
             async with asyncio.timeout(self.limits.step_timeout):
                 async for _ in requests:

@@ -122,6 +122,30 @@ def test_info_rpc_and_typed_errors_for_bad_requests(sharded):
         client.close()
 
 
+def test_a_refusal_on_the_first_message_reaches_a_client_still_sending(sharded):
+    """The server refuses a malformed first tensor before reading the rest: it must read the rest anyway,
+    since closing the stream under a sending client resets it and the refusal is lost on the way."""
+    model, swarm, late, late_start = sharded
+    peer_id = swarm.servers[0].addresses()[0].rsplit("/p2p/", 1)[1]
+    request = SpanRequest(protocol=PROTOCOL_VERSION, prefix="tiny-sharded", start_block=0, end_block=late_start)
+    malformed = runtime_pb2.Tensor(buffer=b"\x00" * 4, size=[3, 6], dtype="int64")  # 4 bytes for 18 values
+    filler = transport.request_messages([torch.zeros(1, 256, 64)] * 40, b"")  # 40 more messages
+
+    async def send():
+        yield runtime_pb2.ExpertRequest(tensors=[malformed], metadata=transport.pack(request))
+        for message in filler:
+            yield message
+
+    client = SwarmClient(ClientConfig(initial_peers=tuple(swarm.initial_peers)))
+    try:
+        for _ in range(10):
+            _, metadata = client.run(transport.collect_tensors(client.run(client.stub(peer_id).rpc_forward(send()))))
+            with pytest.raises(InvalidRequestError, match="malformed tensor"):
+                transport.check_response(runtime_pb2.ExpertResponse(metadata=metadata))
+    finally:
+        client.close()
+
+
 def test_sigterm_exits_cleanly_and_blocks_are_no_longer_online(sharded):
     model, swarm, late, late_start = sharded
     peer_id = late.addresses()[0].rsplit("/p2p/", 1)[1]
