@@ -17,8 +17,6 @@ Shared by clients, servers and bootstrap peers; imports neither client nor serve
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -350,14 +348,6 @@ def blocks_stub(p2p, peer_id: str, key: SwarmKey | None):
 DRAIN_SECONDS = 2.0
 
 
-async def _drain(requests, seconds: float) -> None:
-    """Read and drop what is left of a refused request stream, for at most ``seconds``."""
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(seconds):
-            async for _ in requests:
-                pass
-
-
 class GatedService:
     """Wraps a BlocksService handler: RPCs whose first message lacks the caller's token are refused unanswered."""
 
@@ -378,7 +368,7 @@ class GatedService:
             return
         if not self._admits(context, first.uid):
             if method != "rpc_inference":  # let a forward/backward finish sending, so it reads the refusal
-                await _drain(requests, DRAIN_SECONDS)
+                await transport.drain(requests, DRAIN_SECONDS)
             yield transport.error_response(refusal("this server belongs to a private swarm; pass its --swarm-key"))
             return
 

@@ -9,6 +9,8 @@ several stream messages (``split_for_streaming``). Errors come back as typed met
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import AsyncIterator  # noqa: UP035 (hivemind recognises streaming RPCs only by typing's hint)
@@ -142,6 +144,16 @@ def check_response(response: runtime_pb2.ExpertResponse) -> StepResponse:
     if meta.error_code:
         raise error_from_wire(meta.error_code, meta.error_message)
     return meta
+
+
+async def drain(requests: AsyncIterator, seconds: float) -> None:
+    """Read and drop what is left of a refused request stream, for at most ``seconds`` (at once when it was read
+    to its end already). Answering before the client has finished sending would close the stream under it, which
+    resets it, and the client would lose the refusal."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(seconds):
+            async for _ in requests:
+                pass
 
 
 def response_messages(tensors: Iterable[torch.Tensor], meta: StepResponse) -> list[runtime_pb2.ExpertResponse]:

@@ -15,7 +15,6 @@ deadline ends only its own session, with a ``ServerError`` its client fails over
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -337,18 +336,9 @@ class BlockHandler:
             refusal = transport.error_response(error)
         except Exception as exc:
             refusal = transport.error_response(self._compute_failure("forward/backward", exc))
-        # A request refused before its end (too large, a malformed first tensor) is still being sent: closing
-        # the stream now would reset it, and the client would lose the refusal with it.
-        await self._drain(requests)
+        # refused before its end (too large, a malformed first tensor): the client may still be sending
+        await transport.drain(requests, self.limits.step_timeout)
         return [refusal]
-
-    async def _drain(self, requests) -> None:
-        """Read and drop the rest of a refused stream, for at most ``step_timeout`` seconds (nothing when the
-        stream was read to its end already)."""
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(self.limits.step_timeout):
-                async for _ in requests:
-                    pass
 
     def _forward_unary(self, hidden, request: SpanRequest, prompts) -> list[torch.Tensor]:
         start, end, adapter = request.start_block, request.end_block, request.adapter

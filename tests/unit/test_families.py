@@ -109,6 +109,17 @@ def test_span_and_its_sub_ranges_match_local_hidden_states_with_and_without_a_ca
             torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=1e-5 * scale, rtol=0)
 
 
+def _prefill_then_steps(span, cache, hidden, mask, positions, *, prefill: int) -> torch.Tensor:
+    """Blocks 1:4 over ``hidden`` with a cache: ``prefill`` tokens at once, then one token per step."""
+    outputs = [
+        span(hidden[:, :prefill], 1, 4, cache, attention_mask=mask[:, :prefill], position_ids=positions[:, :prefill])
+    ]
+    for step in range(prefill, hidden.shape[1]):
+        extras = dict(attention_mask=mask[:, : step + 1], position_ids=positions[:, step : step + 1])
+        outputs.append(span(hidden[:, step : step + 1], 1, 4, cache, **extras))
+    return torch.cat(outputs, dim=1)
+
+
 def test_a_left_padded_batch_in_a_span_matches_each_sequence_alone(tiny):
     path, local = tiny
     source = resolve_model(str(path))
@@ -127,22 +138,7 @@ def test_a_left_padded_batch_in_a_span_matches_each_sequence_alone(tiny):
         )
         mask = torch.stack([torch.arange(total + new_tokens) >= total - length for length in lengths]).long()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = span.make_cache(1, 4)
-        outputs = [
-            span(hidden[:, :total], 1, 4, cache, attention_mask=mask[:, :total], position_ids=positions[:, :total])
-        ]
-        for step in range(total, total + new_tokens):
-            outputs.append(
-                span(
-                    hidden[:, step : step + 1],
-                    1,
-                    4,
-                    cache,
-                    attention_mask=mask[:, : step + 1],
-                    position_ids=positions[:, step : step + 1],
-                )
-            )
-    output = torch.cat(outputs, dim=1)
+        output = _prefill_then_steps(span, span.make_cache(1, 4), hidden, mask, positions, prefill=total)
     for row, (states, length) in enumerate(zip(alone, lengths, strict=True)):
         expected = states[4][0]
         scale = expected.abs().max().item()
@@ -162,30 +158,8 @@ def test_a_preallocated_cache_gives_exactly_what_a_growing_cache_gives(tiny, cap
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     outputs = []
     for cache in (span.make_cache(1, 4), span.make_cache(1, 4, capacity=capacity or total)):
-        prefill = 4
         with torch.no_grad():
-            steps = [
-                span(
-                    hidden[:, :prefill],
-                    1,
-                    4,
-                    cache,
-                    attention_mask=mask[:, :prefill],
-                    position_ids=positions[:, :prefill],
-                )
-            ]
-            for step in range(prefill, total):
-                steps.append(
-                    span(
-                        hidden[:, step : step + 1],
-                        1,
-                        4,
-                        cache,
-                        attention_mask=mask[:, : step + 1],
-                        position_ids=positions[:, step : step + 1],
-                    )
-                )
-        outputs.append(torch.cat(steps, dim=1))
+            outputs.append(_prefill_then_steps(span, cache, hidden, mask, positions, prefill=4))
         assert cache.get_seq_length() == total
     assert any(isinstance(layer, PreallocatedLayer) for layer in cache.layers) or not any(
         type(layer) is DynamicLayer for layer in span.make_cache(1, 4).layers
