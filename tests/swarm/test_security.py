@@ -7,11 +7,8 @@ one started with --swarm-key. Every client is a real SwarmClient with its own li
 import asyncio
 import subprocess
 
-import msgpack
 import pytest
 import torch
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding
 from hivemind.dht.node import DHTNode
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
@@ -100,16 +97,13 @@ def _can_open(client, stub) -> bool:
     return True
 
 
-def _forgeries(identity, key: str, subkey: str, value, expiration: float) -> list[bytes]:
-    """Two records naming ``subkey``'s peer: unsigned, and signed with ``identity`` (the wrong key for it)."""
+def _forgeries(identity, key: str, victim: str, value, expiration: float) -> list[bytes]:
+    """Two values for a record under ``victim``'s subkey: unsigned, and one the attacker signed for itself."""
     serializer = DHTProtocol.serializer
-    record = DHTRecord(
-        DHTID.generate(source=key).to_bytes(), serializer.dumps(subkey), serializer.dumps(value), expiration
+    own = DHTRecord(
+        DHTID.generate(source=key).to_bytes(), serializer.dumps(identity.peer_id), serializer.dumps(value), expiration
     )
-    signature = identity.private_key.sign(security._signed_payload(record), padding.PKCS1v15(), hashes.SHA256())
-    public = security._public_der(identity.private_key)
-    signed = msgpack.packb([security.SIGNED_TAG, record.value, public, signature], use_bin_type=True)
-    return [record.value, signed]
+    return [own.value, security.PeerRecordValidator(identity).sign_value(own)]
 
 
 def test_a_forged_record_for_another_servers_peer_id_is_rejected_by_readers(public):
