@@ -7,7 +7,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CORE = ROOT / "petals_cli"
-CLIENT_MODULES = ["client.py", "session.py", "remote_model.py", "generation.py"]
+CLIENT_MODULES = [
+    "client.py",
+    "session.py",
+    "remote_model.py",
+    "generation.py",
+    "finetune.py",
+    "chat.py",
+    "prompts.py",
+    "bench.py",  # starts local servers through petals_cli.testing.swarm (subprocesses), never server code
+]
 HEAVY = ("torch", "transformers", "hivemind", "peft", "datasets", "bitsandbytes", "textual")
 
 
@@ -22,6 +31,13 @@ def imports(path: Path, *, top_level_only: bool = False) -> set[str]:
             found.add(node.module)
             found.update(f"{node.module}.{alias.name}" for alias in node.names)
     return found
+
+
+def imports_outside(path: Path, allowed: set[str]) -> set[str]:
+    """The modules ``path`` imports that are neither in ``allowed`` nor inside one of them."""
+    return {
+        name for name in imports(path) if name not in allowed and not name.startswith(tuple(f"{a}." for a in allowed))
+    }
 
 
 def core_files():
@@ -61,5 +77,10 @@ def test_routing_is_pure():
         "petals_cli.errors",
         "petals_cli.wire",
     }
-    modules = {name for name in imports(CORE / "routing.py") if not any(name.startswith(f"{a}.") for a in allowed)}
-    assert modules <= allowed
+    assert imports_outside(CORE / "routing.py", allowed) == set()
+
+
+def test_block_selection_is_pure():
+    """No network, no clock, no randomness: snapshots in, spans and decisions out."""
+    allowed = {"__future__", "dataclasses", "petals_cli.wire"}
+    assert imports_outside(CORE / "server" / "selection.py", allowed) == set()
