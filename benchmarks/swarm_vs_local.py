@@ -113,15 +113,18 @@ def local_step_times(model, input_ids, steps: int) -> list[float]:
     """The same as ``step_times`` locally: the transformer blocks only (no embeddings, final norm or LM head)."""
     from transformers import DynamicCache
 
+    from petals_cli.compat import cache_kwargs
+
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
+        cached = cache_kwargs(model.model, cache)
         hidden = model.get_input_embeddings()(input_ids)
-        model.model(inputs_embeds=hidden, past_key_values=cache, use_cache=True)
+        model.model(inputs_embeds=hidden, use_cache=True, **cached)
         token = hidden[:, -1:]
         times = []
         for _ in range(steps):
             started = time.perf_counter()
-            model.model(inputs_embeds=token, past_key_values=cache, use_cache=True)
+            model.model(inputs_embeds=token, use_cache=True, **cached)
             times.append(time.perf_counter() - started)
     return times
 

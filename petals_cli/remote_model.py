@@ -17,11 +17,12 @@ import torch
 from transformers import AutoConfig, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from petals_cli import compat
 from petals_cli.checkpoint import load_tensors, locate, metadata_dir, resolve_model, weight_map
 from petals_cli.client import SwarmClient
 from petals_cli.config import ClientConfig
 from petals_cli.errors import ConfigError
-from petals_cli.families import Family, family_for
+from petals_cli.families import Family, family_for, selfcheck
 from petals_cli.families.base import get_module, materialize, span_config, text_config
 from petals_cli.prompts import PromptTuning, load_prompts
 from petals_cli.session import InferenceSession, RemoteBlocks
@@ -39,6 +40,16 @@ class RemoteCache(DynamicCache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return max(self.session.position - self.prefix_length, 0)  # the prompt prefix is not the caller's
+
+    # It holds no layers here, but stands for attention caches: generate() slices a continued prompt by the
+    # length above only for caches that are not all linear (recurrent), and all() of no layers is True.
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False]
 
 
 class DistributedModelForCausalLM:
@@ -109,16 +120,16 @@ class DistributedModelForCausalLM:
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
         inputs_embeds=None,
         labels=None,
         use_cache=None,
         logits_to_keep=0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        cache = compat.pop_cache(kwargs)  # generate() names it as the installed transformers does
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        session = past_key_values.session if isinstance(past_key_values, RemoteCache) else None
+        session = cache.session if isinstance(cache, RemoteCache) else None
         prefixed = self.prompt_tuning is not None and (session is None or session.position == 0)
         if prefixed:
             inputs_embeds = self.prompt_tuning.prepend(inputs_embeds)
@@ -154,7 +165,7 @@ class DistributedModelForCausalLM:
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **compat.output_cache_kwargs(cache))
 
     @torch.no_grad()
     def generate(self, inputs=None, *args, session: InferenceSession | None = None, **kwargs):
@@ -163,7 +174,7 @@ class DistributedModelForCausalLM:
         Pass ``session=`` to continue an existing session (e.g. across chat turns); otherwise one is opened
         for this call, sized for the prompt plus ``max_new_tokens``.
         """
-        if kwargs.get("past_key_values") is not None:
+        if compat.pop_cache(dict(kwargs)) is not None:  # the caller brought a cache of its own
             return super().generate(inputs, *args, **kwargs)
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
         if prompt is None:
@@ -174,7 +185,7 @@ class DistributedModelForCausalLM:
             context = self.inference_session(length, batch_size=prompt.shape[0])
         with context as active:
             cache = RemoteCache(active, self.prefix_length)
-            return super().generate(inputs, *args, past_key_values=cache, **kwargs)
+            return super().generate(inputs, *args, **{compat.CACHE_NAME: cache}, **kwargs)
 
     def _session_length(self, prompt: torch.Tensor, kwargs: dict) -> int:
         config = kwargs.get("generation_config") or self.generation_config
@@ -221,6 +232,7 @@ class AutoDistributedModelForCausalLM:
         ``on_progress(bytes_read, bytes_total)`` follows the loading of local weights; the swarm connection is
         made inside the ``connecting()`` context (e.g. a spinner).
         """
+        compat.warn_if_untested()
         client_config = config or ClientConfig.from_sources(initial_peers=tuple(initial_peers))
         if active_adapter is not None:
             client_config = dataclasses.replace(client_config, active_adapter=active_adapter)
@@ -270,6 +282,7 @@ class AutoDistributedModelForCausalLM:
         instance.petals_family = family
         instance.prompt_tuning = None
         instance.petals_num_blocks = text_config(hf_config).num_hidden_layers
+        selfcheck.check_local_modules(instance, super(DistributedModelForCausalLM, instance).forward)
         return instance
 
     @classmethod

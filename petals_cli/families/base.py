@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from petals_cli import compat
 from petals_cli.errors import UnsupportedModelError
 
 
@@ -200,7 +201,9 @@ class SpanRunner(nn.Module):
             kwargs["attention_mask"] = attention_mask
             if position_ids is not None and self._takes_position_ids:
                 kwargs["position_ids"] = position_ids
-        inputs = dict(inputs_embeds=hidden.to(self.dtype), past_key_values=cache, use_cache=cache is not None)
+        inputs = dict(
+            inputs_embeds=hidden.to(self.dtype), use_cache=cache is not None, **compat.cache_kwargs(view, cache)
+        )
         if prompts is None:  # the hot path: no hooks at all
             output = view(**inputs, **kwargs)
         else:
