@@ -133,6 +133,13 @@ class SwarmKeyError(PetalsError):
     exit_code = 11
 
 
+class SelfCheckError(PetalsError):
+    """At start-up, petals' way of running transformers' layers disagreed with transformers' own computation."""
+
+    hint = "install the versions petals was tested with (`pip install -c constraints.txt`, from its repository)"
+    exit_code = 12
+
+
 WIRE_ERRORS: dict[str, type[PetalsError]] = {
     cls.__name__: cls
     for cls in (

@@ -23,11 +23,12 @@ from pathlib import Path
 
 from hivemind.proto import runtime_pb2
 
-from petals_cli import __version__, security, transport
+from petals_cli import __version__, compat, security, transport
 from petals_cli.checkpoint import resolve_model
 from petals_cli.config import ServerConfig
 from petals_cli.dht import announce_blocks, announce_model, fetch_snapshot, start_dht
 from petals_cli.errors import ConfigError
+from petals_cli.families.selfcheck import check_span
 from petals_cli.server.adapters import load_adapters
 from petals_cli.server.blocks import load_span, read_model_config, resolve_dtype
 from petals_cli.server.cache import CacheBudget
@@ -55,6 +56,7 @@ def run_server(config: ServerConfig) -> None:
 class Server:
     def __init__(self, config: ServerConfig):
         self.config = config
+        compat.warn_if_untested()
         self.source = resolve_model(config.model, revision=config.revision or None, token=config.token or None)
         self.model = read_model_config(self.source)
         self.fixed_span, self.placement_count = parse_placement(config.blocks, self.model.num_blocks)
@@ -188,6 +190,8 @@ class Server:
             dtype=self.dtype,
             quant=self.config.quant,
         )
+        error = await asyncio.to_thread(check_span, span, quantized=self.config.quant != "none")
+        logger.info("self-check of blocks %d:%d passed (largest relative error %.2g)", start, end, error)
         adapters = await asyncio.to_thread(load_adapters, span, self.config.adapters)
         self.adapter_names = adapters.names
         logger.info("blocks %d:%d of %s loaded in %.1fs", start, end, self.prefix, time.perf_counter() - started)
