@@ -4,23 +4,52 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+CONSTRAINTS := constraints.txt
+# The drift checks build their own environments and run the suites that prove outputs exact.
+DRIFT_SUITES := tests/unit/test_compat.py tests/unit/test_families.py tests/swarm/test_exactness.py \
+	tests/swarm/test_families.py tests/swarm/test_batches.py
+CPU_TORCH := 2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test check fix demo completions bench clean
+.PHONY: install test test-latest test-oldest constraints check fix demo completions bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Installs exactly the versions of constraints.txt (what the suite last passed with), whatever day it is.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# A plain torch requirement pulls GBs of CUDA wheels: take the local CPU wheel when no torch is present.
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[all,dev]"
+	# A plain torch requirement pulls GBs of CUDA wheels: the constraints name the CPU wheel's version.
+	$(PIP) install -q -c $(CONSTRAINTS) torch
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[all,dev]"
 	touch $(STAMP)
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# Drift: the newest releases pyproject.toml allows (torch stays at the CPU wheel), in a fresh .venv-latest.
+# When it passes, `make constraints` pins what it installed.
+test-latest:
+	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q --upgrade pip
+	echo "torch==$(CPU_TORCH)" > .venv-latest/torch.txt
+	.venv-latest/bin/python -m pip install -q -c .venv-latest/torch.txt -e ".[all,dev]"
+	.venv-latest/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|transformers|hivemind|tokenizers|safetensors|huggingface.hub) "
+	.venv-latest/bin/python -m pytest -q -p no:cacheprovider $(DRIFT_SUITES)
+
+# Drift the other way: every core dependency at the floor of its range (scripts/constraints.py lowest).
+test-oldest:
+	rm -rf .venv-oldest && $(PYTHON) -m venv .venv-oldest
+	.venv-oldest/bin/python -m pip install -q --upgrade pip
+	$(PYTHON) scripts/constraints.py lowest > .venv-oldest/lowest.txt
+	.venv-oldest/bin/python -m pip install -q -c .venv-oldest/lowest.txt -e ".[dev]"
+	.venv-oldest/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|transformers|hivemind|tokenizers|safetensors|huggingface.hub) "
+	.venv-oldest/bin/python -m pytest -q -p no:cacheprovider $(DRIFT_SUITES)
+
+constraints:
+	test -x .venv-latest/bin/python || { echo "run make test-latest first: constraints pin what it tested"; exit 2; }
+	$(PYTHON) scripts/constraints.py freeze .venv-latest/bin/python > $(CONSTRAINTS)
 
 check: install
 	$(PY) -m ruff check petals_cli commands tests benchmarks
@@ -47,4 +76,4 @@ bench: install
 	$(VENV)/bin/petals bench .models/bench-tiny --local-swarm 2 --compare-local --mode inference
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-oldest .demo .pytest_cache
