@@ -8,7 +8,6 @@ import json
 import shutil
 import signal
 import subprocess
-import time
 
 import msgpack
 import pytest
@@ -168,11 +167,11 @@ def test_generate_names_the_missing_blocks_in_one_line(sharded):
     command = petals_command(
         "generate", str(model), "--prompt", "hello", "--route-wait", "1", "--initial-peers", *swarm.initial_peers
     )
-    started = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    assert time.monotonic() - started < 30
-    assert result.returncode == 5
-    assert f"blocks {late_start}:{NUM_LAYERS}" in result.stderr
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)  # the timeout only bounds a hang
+    assert result.returncode == 5  # NoRouteError's exit code
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    # It gave up because those blocks have no live server: not a full or unreachable swarm, nor a crash.
+    assert errors[0].startswith(f"error: no live server holds blocks {late_start}:{NUM_LAYERS} of tiny-sharded")
     assert "hint:" in result.stderr
     assert "Traceback" not in result.stderr
-    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
