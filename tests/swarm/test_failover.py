@@ -11,7 +11,7 @@ from petals_cli import AutoDistributedModelForCausalLM
 from petals_cli.config import ClientConfig
 from petals_cli.errors import NoRouteError
 from petals_cli.routing import RouteSpan
-from petals_cli.session import _RemoteChain
+from petals_cli.session import InferenceSession, _RemoteChain
 from petals_cli.testing import make_tiny_model
 from tests.conftest import Swarm
 
@@ -175,13 +175,33 @@ def test_eight_concurrent_sessions_give_the_same_tokens_as_one_by_one(swarm, mod
         assert result.tolist() == reference.tolist()
 
 
+class FirstOpenOn(InferenceSession):
+    """Opens its first streams on a chosen server, whatever the client's snapshot says; real routing afterwards."""
+
+    def __init__(self, *args, first_peer: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.first_peer = first_peer
+
+    async def _route(self, start, end, wait=None):
+        if self.first_peer:
+            peer, self.first_peer = self.first_peer, ""
+            return [RouteSpan(peer, start, end)]
+        return await super()._route(start, end, wait)
+
+
 def test_a_full_server_refuses_cleanly_and_sessions_go_elsewhere(swarm, model_path, local):
     small = swarm.start("0:6", "--cache-tokens", "64")
-    swarm.start("0:6")
+    big = swarm.start("0:6")
+    small_peer, big_peer = (server.addresses()[0].rsplit("/p2p/", 1)[1] for server in (small, big))
     model = connect(model_path, swarm)
     prompts = [torch.tensor([[1, 40 + index, 41, 42 + index]]) for index in range(3)]
     try:
-        sessions = [model.inference_session(max_length=60) for _ in prompts]
+        # Each session asks the small server first: a client whose snapshot shows it full (or the other server
+        # cheaper) would never ask it. 64 tokens fit the first session of 60, not the next two.
+        sessions = [
+            FirstOpenOn(model.petals_client, model.petals_prefix, NUM_LAYERS, max_length=60, first_peer=small_peer)
+            for _ in prompts
+        ]
         first = [
             model.generate(prompt, max_new_tokens=10, do_sample=False, session=session)
             for prompt, session in zip(prompts, sessions, strict=True)
@@ -192,11 +212,18 @@ def test_a_full_server_refuses_cleanly_and_sessions_go_elsewhere(swarm, model_pa
             for output, session in zip(first, sessions, strict=True)
         ]
         routes = [session.route for session in sessions]
+        failovers = [session.failovers for session in sessions]
         for session in sessions:
             session.close()
     finally:
         model.close()
-    small_peer = small.addresses()[0].rsplit("/p2p/", 1)[1]
-    assert sum(route[0].peer_id == small_peer for route in routes) <= 1  # 64 tokens fit one session of 60
+    assert [route[0].peer_id for route in routes] == [small_peer, big_peer, big_peer]
+    assert failovers == [0, 0, 0]  # the refusals came at opening; no open session was disturbed
+    # The small server itself refused the other two, with the typed error, while the first one held its tokens.
+    refusals = [line for line in small.log().splitlines() if "session refused" in line]
+    assert len(refusals) == 2
+    assert all(
+        "CacheExhaustedError: session needs 60 cache tokens, this server has 4 of 64 left" in line for line in refusals
+    )
     for prompt, output in zip(prompts, second, strict=True):
         assert output.tolist() == local.generate(prompt, max_new_tokens=20, do_sample=False).tolist()
