@@ -84,7 +84,7 @@ def materialize(module: nn.Module, tensors: dict, config, device: str, dtype: to
         raise UnsupportedModelError(f"checkpoint lacks tensors: {still_meta[:4]}")
     for path, sub in list(module.named_modules()):
         if any(buffer.is_meta for buffer in sub.buffers(recurse=False)):
-            rebuilt = _rebuild_buffers_module(sub, config, device)
+            rebuilt = _rebuild_buffers_module(sub, config)
             if rebuilt is None:
                 _init_buffers(module, sub, device)
             else:
@@ -93,14 +93,13 @@ def materialize(module: nn.Module, tensors: dict, config, device: str, dtype: to
     module.requires_grad_(False)
 
 
-def _rebuild_buffers_module(module: nn.Module, config, device: str) -> nn.Module | None:
-    # Rotary embeddings and the like compute their buffers from the config in __init__.
-    for kwargs in ({"config": config, "device": device}, {"config": config}):
-        try:
-            return type(module)(**kwargs)
-        except TypeError:
-            continue
-    return None
+def _rebuild_buffers_module(module: nn.Module, config) -> nn.Module | None:
+    # Rotary embeddings and the like compute their buffers from the config in __init__ (on the CPU; moved with the
+    # rest below). Their ``device`` argument is deprecated from transformers 5.17 and gone later, so it is not used.
+    try:
+        return type(module)(config=config)
+    except TypeError:
+        return None
 
 
 def _init_buffers(root: nn.Module, module: nn.Module, device: str) -> None:
