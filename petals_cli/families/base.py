@@ -82,6 +82,7 @@ def materialize(module: nn.Module, tensors: dict, config, device: str, dtype: to
     still_meta = [name for name, param in module.named_parameters() if param.is_meta]
     if still_meta:
         raise UnsupportedModelError(f"checkpoint lacks tensors: {still_meta[:4]}")
+    computed = []  # (module, buffer name, tensor) of rebuilt modules: they keep the dtype they were computed in
     for path, sub in list(module.named_modules()):
         if any(buffer.is_meta for buffer in sub.buffers(recurse=False)):
             rebuilt = _rebuild_buffers_module(sub, config)
@@ -89,7 +90,11 @@ def materialize(module: nn.Module, tensors: dict, config, device: str, dtype: to
                 _init_buffers(module, sub, device)
             else:
                 set_module(module, path, rebuilt)
+                computed += [(rebuilt, name, buffer) for name, buffer in rebuilt.named_buffers(recurse=False)]
     module.to(device=device, dtype=dtype)
+    # as in transformers, rotary frequencies stay float32 in a bfloat16 model (rounded, they shift every angle)
+    for owner, name, buffer in computed:
+        owner._buffers[name] = buffer.to(device)
     module.requires_grad_(False)
 
 

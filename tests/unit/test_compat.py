@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from transformers import AutoModelForCausalLM
 
 from petals_cli import compat
 from petals_cli.checkpoint import resolve_model
@@ -136,3 +137,17 @@ def test_the_client_self_check_catches_a_local_module_left_out(tiny_llama, monke
     plain = super(type(model).__mro__[1], model).forward
     with pytest.raises(SelfCheckError, match="local modules"):
         selfcheck.check_local_modules(model, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_spans_keep_their_buffers_as_transformers_does(tiny, dtype):
+    # transformers keeps rotary frequencies in float32 in a half-precision model; cast, they shift every angle
+    local = dict(AutoModelForCausalLM.from_pretrained(tiny, dtype=dtype).named_buffers())
+    span = span_of(tiny, 0, 4, dtype=dtype)
+    prefix = f"{span.base.base_model_prefix}."
+    for name, buffer in span.base.named_buffers():
+        expected = local.get(prefix + name, local.get(name))
+        if expected is not None:
+            assert buffer.dtype == expected.dtype, name
+            assert torch.equal(buffer, expected), name
+    assert selfcheck.check_span(span) <= selfcheck.tolerance_for(dtype)
