@@ -149,7 +149,7 @@ class DistributedModelForCausalLM:
                 hidden = session.step(hidden, attention_mask=new_mask, position_ids=position_ids)
             else:
                 hidden = session.step(hidden)
-            hidden = hidden.to(inputs_embeds.dtype)
+            hidden = hidden.to(inputs_embeds)
         else:
             if attention_mask is not None and not bool(attention_mask.all()):
                 raise ConfigError("padding is supported in generation (inference sessions), not in forward passes")

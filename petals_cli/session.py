@@ -157,7 +157,7 @@ class InferenceSession:
         output = self.client.run(self._step(hidden.detach().cpu(), extras))
         self.position += tokens
         self._mask, self._positions = mask, positions
-        return output
+        return output.to(hidden.device)  # a client's local modules may live on a GPU
 
     def _extend_mask(self, batch: int, tokens: int, attention_mask, position_ids):
         """The session's mask and positions after this step; (None, None) while nothing was ever padded."""
@@ -455,8 +455,8 @@ class RemoteBlocks(torch.autograd.Function):
         sent_prompts = None if prompts is None else prompts.detach().cpu()
         hops, output = client.run(chain.forward(hidden.detach().cpu(), 0, num_blocks, sent_prompts))
         ctx.chain, ctx.hops, ctx.prompts = chain, hops, sent_prompts
-        ctx.prompts_dtype = None if prompts is None else prompts.dtype
-        return output.to(hidden.dtype)
+        ctx.prompts_to = None if prompts is None else {"dtype": prompts.dtype, "device": prompts.device}
+        return output.to(hidden)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -465,5 +465,5 @@ class RemoteBlocks(torch.autograd.Function):
             ctx.chain.backward(ctx.hops, grad_output.detach().cpu(), ctx.prompts, grad_prompts)
         )
         if grad_prompts is not None:
-            grad_prompts = grad_prompts.to(ctx.prompts_dtype)
-        return grad.to(grad_output.dtype), grad_prompts, None, None, None
+            grad_prompts = grad_prompts.to(**ctx.prompts_to)
+        return grad.to(grad_output), grad_prompts, None, None, None
