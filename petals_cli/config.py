@@ -7,6 +7,7 @@ The CLI builds these from its options (passing ``None`` for options the user did
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from petals_cli.errors import ConfigError
 QUANT_MODES = ("none", "int8", "nf4")
 
 ENV_PREFIX = "PETALS_"
+logger = logging.getLogger(__name__)
 
 
 def split_peers(text: str | None) -> tuple[str, ...]:
@@ -38,16 +40,32 @@ def _env_value(name: str, default: Any) -> Any:
         raise ConfigError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {type(default).__name__}") from None
 
 
+def _given(value: Any) -> bool:
+    return value is not None and value != ()
+
+
 class _FromSources:
+    # options that exclude each other: one given as a flag keeps the others from being read from the environment
+    _EXCLUSIVE: tuple[tuple[str, ...], ...] = ()
+
     @classmethod
     def from_sources(cls, **flags: Any):
         """Build from CLI flags; a flag given as None falls back to the environment, then the default."""
+        unread = set()
+        for group in cls._EXCLUSIVE:
+            flagged = [name for name in group if _given(flags.get(name)) and flags.get(name) is not False]
+            unread |= {name for name in group if flagged and not _given(flags.get(name))}
         values = {}
         for field in dataclasses.fields(cls):
             given = flags.pop(field.name, None)
             default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-            if given is None or given == ():
-                values[field.name] = _env_value(field.name, default)
+            if not _given(given):
+                variable = ENV_PREFIX + field.name.upper()
+                if field.name in unread and variable in os.environ:
+                    logger.info("%s ignored: a flag on the command line excludes it", variable)
+                    values[field.name] = default
+                else:
+                    values[field.name] = _env_value(field.name, default)
             else:
                 values[field.name] = tuple(given) if isinstance(default, tuple) else given
         if flags:
@@ -81,6 +99,9 @@ class ClientConfig(_FromSources):
 @dataclass(frozen=True)
 class ServerConfig(_FromSources):
     """What a server hosts and how it joins the swarm."""
+
+    # `--new-swarm` with PETALS_INITIAL_PEERS exported (as README's Usage does) starts a swarm, and vice versa
+    _EXCLUSIVE = (("new_swarm", "initial_peers"),)
 
     model: str = ""
     blocks: str = ""

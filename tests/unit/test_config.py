@@ -39,3 +39,22 @@ def test_parse_blocks(spec, expected):
 def test_parse_blocks_rejects_bad_ranges(spec):
     with pytest.raises(ConfigError):
         parse_blocks(spec, 8)
+
+
+def test_a_swarm_flag_wins_over_the_other_swarm_option_from_the_environment(monkeypatch, caplog):
+    # README's Usage exports PETALS_INITIAL_PEERS; `petals serve --new-swarm` must still start a swarm
+    monkeypatch.setenv("PETALS_INITIAL_PEERS", "/ip4/127.0.0.1/tcp/1/p2p/A")
+    with caplog.at_level("INFO", logger="petals_cli.config"):
+        config = ServerConfig.from_sources(model="m", new_swarm=True, initial_peers=())
+    assert config.new_swarm and config.initial_peers == ()
+    assert [record.getMessage() for record in caplog.records] == [
+        "PETALS_INITIAL_PEERS ignored: a flag on the command line excludes it"
+    ]
+    assert ServerConfig.from_sources(model="m", new_swarm=None).initial_peers == ("/ip4/127.0.0.1/tcp/1/p2p/A",)
+    monkeypatch.delenv("PETALS_INITIAL_PEERS")
+    monkeypatch.setenv("PETALS_NEW_SWARM", "1")
+    joined = ServerConfig.from_sources(model="m", new_swarm=None, initial_peers=("/ip4/127.0.0.1/tcp/2/p2p/B",))
+    assert not joined.new_swarm and joined.initial_peers == ("/ip4/127.0.0.1/tcp/2/p2p/B",)
+    monkeypatch.setenv("PETALS_INITIAL_PEERS", "/ip4/127.0.0.1/tcp/1/p2p/A")
+    with pytest.raises(ConfigError, match="cannot be combined"):  # both from the environment: still a contradiction
+        ServerConfig.from_sources(model="m", new_swarm=None, initial_peers=())
