@@ -126,6 +126,8 @@ def _command(conversation, line: str) -> bool:
         conversation.save(argument)
         typer.echo(f"saved to {argument}", err=True)
     elif name == "/params":
+        from petals_cli.errors import ConfigError
+
         names = {"temperature": float, "top_p": float, "max_tokens": int}
         for pair in argument.split():
             key, _, value = pair.partition("=")
@@ -136,6 +138,8 @@ def _command(conversation, line: str) -> bool:
                 conversation.set_options(**{"max_new_tokens" if key == "max_tokens" else key: names[key](value)})
             except ValueError:
                 typer.echo(f"{key} needs a number, got {value!r}", err=True)
+            except ConfigError as error:  # the same check as the command-line flags; the old value stays
+                typer.echo(f"{error}; {key} unchanged", err=True)
         options = conversation.options
         typer.echo(
             f"temperature={options.temperature} top_p={options.top_p} max_tokens={options.max_new_tokens}", err=True

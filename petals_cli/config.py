@@ -156,6 +156,9 @@ class ServerConfig(_FromSources):
             raise ConfigError("--max-request-mib, --max-sessions-per-peer and --step-timeout must be positive")
         if self.num_blocks < 0 or self.placement_delay < 0 or self.balance_period < 0 or self.network_rps < 0:
             raise ConfigError("--num-blocks, placement delay, balance period and --network-rps must be >= 0")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port {self.port}: must be from 0 (any free port) to 65535")
+        check_device(self.device)
         if self.quant not in QUANT_MODES:
             raise ConfigError(f"--quant {self.quant!r}: choose one of {', '.join(QUANT_MODES)}")
         if self.announce_period <= 0:
@@ -165,6 +168,25 @@ class ServerConfig(_FromSources):
                 raise ConfigError(
                     f"--adapters {directory}: no adapter_config.json (expected a peft adapter directory)"
                 )
+
+
+def check_device(device: str) -> None:
+    """Refuse, as a bad option, a device that torch does not know or that this machine does not have."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {device!r}: not a torch device", hint="e.g. cpu, cuda, cuda:1 or mps") from None
+    available = {
+        "cpu": lambda: True,
+        "cuda": lambda: torch.cuda.device_count() > (parsed.index or 0),
+        "mps": lambda: torch.backends.mps.is_available(),
+    }.get(parsed.type)
+    if available is None or not available():
+        raise ConfigError(
+            f"--device {device!r}: this machine has no such device", hint="use --device cpu, or a device torch sees"
+        )
 
 
 def parse_blocks(spec: str, num_blocks: int) -> tuple[int, int]:

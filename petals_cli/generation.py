@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from petals_cli.config import ClientConfig
+from petals_cli.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,23 @@ class GenerationOptions:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()  # generation ends at the first of these; the text is cut before it
     seed: int | None = None
+
+    def __post_init__(self):
+        # one check for the flags of generate and chat and for chat's /params
+        problems = [
+            (self.max_new_tokens < 1, f"max new tokens {self.max_new_tokens}: generate at least 1"),
+            (self.temperature < 0, f"temperature {self.temperature}: must be 0 (greedy) or above"),
+            (not 0 < self.top_p <= 1, f"top p {self.top_p}: must be above 0 and at most 1"),
+            (self.top_k < 0, f"top k {self.top_k}: must be 0 (all tokens) or above"),
+            (
+                not self.repetition_penalty > 0,
+                f"repetition penalty {self.repetition_penalty}: must be above 0 "
+                "(1 = none; above 1 discourages repeats)",
+            ),
+        ]
+        for wrong, message in problems:
+            if wrong:
+                raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -183,8 +201,6 @@ def generate_batch(model, tokenizer, prompts: list[str], options: GenerationOpti
 def read_prompts(path: str) -> list[str]:
     """Prompts from a file: one per line, or JSON lines (a string, or an object with "prompt" or "text")."""
     from pathlib import Path
-
-    from petals_cli.errors import ConfigError
 
     try:
         lines = Path(path).read_text().splitlines()

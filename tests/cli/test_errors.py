@@ -78,3 +78,19 @@ def test_finetune_and_serve_reject_bad_datasets_prompts_and_adapters(tmp_path):
     result = run("generate", str(model), "--prompt", "x", "--prompts", str(tmp_path), *peers)
     assert_one_error_line(result, 2, "no saved prompts")
     assert_one_error_line(run("serve", str(model), "--new-swarm", "--adapters", str(tmp_path)), 2, "adapter_config")
+
+
+def test_bad_option_values_are_bad_options_named_in_one_line(tmp_path):
+    import torch
+
+    model = str(make_tiny_model(tmp_path / "tiny", num_layers=2))
+    generate = ("generate", model, "--prompt", "x", "--initial-peers", UNREACHABLE)
+    cases = [
+        ((*generate, "--repetition-penalty", "0"), "repetition penalty 0"),
+        (("serve", model, "--new-swarm", "--port", "99999"), "--port 99999"),
+        (("serve", model, "--new-swarm", "--device", "tpu"), "--device 'tpu'"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((("serve", model, "--new-swarm", "--device", "cuda"), "no such device"))
+    for args, fragment in cases:
+        assert_one_error_line(run(*args), 2, fragment)

@@ -1,4 +1,7 @@
-from petals_cli.generation import _StoppingTextStreamer, cut_at_stop
+import pytest
+
+from petals_cli.errors import ConfigError
+from petals_cli.generation import GenerationOptions, _StoppingTextStreamer, cut_at_stop
 
 
 def test_cut_at_stop_takes_the_earliest_stop_sequence():
@@ -66,3 +69,21 @@ def test_a_finished_batch_row_is_trimmed_like_the_prompt_alone():
     assert _trim_finished([5, 6, 2, 2, 2], eos_id=2, pad_id=2) == [5, 6, 2]
     assert _trim_finished([5, 6, 0, 0], eos_id=2, pad_id=0) == [5, 6]  # stopped by a stop string, then padded
     assert _trim_finished([5, 6, 7], eos_id=2, pad_id=0) == [5, 6, 7]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_new_tokens", 0),
+        ("temperature", -1.0),
+        ("top_p", 0.0),
+        ("top_p", 5.0),
+        ("top_k", -1),
+        ("repetition_penalty", 0.0),
+    ],
+)
+def test_generation_options_refuse_values_generation_cannot_use(field, value):
+    # the flags of generate/chat and chat's /params share this check
+    with pytest.raises(ConfigError, match=field.replace("_", " ")):
+        GenerationOptions(**{field: value})
+    assert GenerationOptions().repetition_penalty == 1.0
