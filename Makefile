@@ -28,24 +28,26 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# A fresh environment in $(1), installed under the constraints that the command $(2) prints, with the extras
+# $(3); then the suites that prove outputs exact.
+define drift_check
+	rm -rf $(1) && $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(2) > $(1)/constraints.txt
+	$(1)/bin/python -m pip install -q -c $(1)/constraints.txt -e ".$(3)"
+	$(1)/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|transformers|hivemind|tokenizers|safetensors|huggingface.hub) "
+	$(1)/bin/python -m pytest -q -p no:cacheprovider $(DRIFT_SUITES)
+endef
+ALL_EXTRAS := [all,dev]
+
 # Drift: the newest releases pyproject.toml allows (torch stays at the CPU wheel), in a fresh .venv-latest.
 # When it passes, `make constraints` pins what it installed.
 test-latest:
-	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
-	.venv-latest/bin/python -m pip install -q --upgrade pip
-	echo "torch==$(CPU_TORCH)" > .venv-latest/torch.txt
-	.venv-latest/bin/python -m pip install -q -c .venv-latest/torch.txt -e ".[all,dev]"
-	.venv-latest/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|transformers|hivemind|tokenizers|safetensors|huggingface.hub) "
-	.venv-latest/bin/python -m pytest -q -p no:cacheprovider $(DRIFT_SUITES)
+	$(call drift_check,.venv-latest,echo torch==$(CPU_TORCH),$(ALL_EXTRAS))
 
 # Drift the other way: every core dependency at the floor of its range (scripts/constraints.py lowest).
 test-oldest:
-	rm -rf .venv-oldest && $(PYTHON) -m venv .venv-oldest
-	.venv-oldest/bin/python -m pip install -q --upgrade pip
-	$(PYTHON) scripts/constraints.py lowest > .venv-oldest/lowest.txt
-	.venv-oldest/bin/python -m pip install -q -c .venv-oldest/lowest.txt -e ".[dev]"
-	.venv-oldest/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|transformers|hivemind|tokenizers|safetensors|huggingface.hub) "
-	.venv-oldest/bin/python -m pytest -q -p no:cacheprovider $(DRIFT_SUITES)
+	$(call drift_check,.venv-oldest,$(PYTHON) scripts/constraints.py lowest,[dev])
 
 constraints:
 	test -x .venv-latest/bin/python || { echo "run make test-latest first: constraints pin what it tested"; exit 2; }

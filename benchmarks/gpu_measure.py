@@ -51,17 +51,21 @@ def local_reference(model, prompt: torch.Tensor, device: str, new_tokens: int) -
 
 def greedy(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """New tokens [new_tokens] and the logits each step chose from [new_tokens, vocab], both on the CPU."""
+    output = greedy_generate(model, input_ids, new_tokens, output_logits=True, return_dict_in_generate=True)
+    return output.sequences[0, input_ids.shape[1] :].cpu(), torch.stack(output.logits, 1)[0].float().cpu()
+
+
+def greedy_generate(model, input_ids: torch.Tensor, new_tokens: int, **options):
+    """transformers' generate(), greedy, exactly ``new_tokens`` new tokens."""
     with torch.no_grad():
-        output = model.generate(
+        return model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
+            **options,
         )
-    return output.sequences[0, input_ids.shape[1] :].cpu(), torch.stack(output.logits, 1)[0].float().cpu()
 
 
 def forward_logits(model, sequence: torch.Tensor, device: str) -> torch.Tensor:
@@ -137,15 +141,7 @@ def local_decode(model, vocab: int, device: str, *, seq_len: int, new_tokens: in
     steps, first_token, totals = [], [], []
     for repeat in range(repeats + 1):  # the first run warms up kernels and allocations
         stamps, started = _Stamps(), time.perf_counter()
-        with torch.no_grad():
-            model.generate(
-                input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                streamer=stamps,
-            )
+        greedy_generate(model, input_ids, new_tokens, streamer=stamps)
         if repeat:
             first_token.append(stamps.times[0] - started)
             steps.append((len(stamps.times) - 1) / (stamps.times[-1] - stamps.times[0]))

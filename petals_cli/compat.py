@@ -51,11 +51,17 @@ def cache_kwargs(model, cache) -> dict:
     return {cache_name_of(type(model).forward): cache}
 
 
+def find_cache(kwargs: dict):
+    """The cache in a call's keyword arguments, whichever name the caller used (None when there is none)."""
+    return next((kwargs[name] for name in (_NEW_NAME, _OLD_NAME) if kwargs.get(name) is not None), None)
+
+
 def pop_cache(kwargs: dict):
-    """Remove and return the cache from a ``forward``'s keyword arguments, whichever name the caller used."""
-    found = [kwargs.pop(name) for name in (_NEW_NAME, _OLD_NAME) if name in kwargs]
-    found = [cache for cache in found if cache is not None]
-    return found[0] if found else None
+    """Remove both names from a ``forward``'s keyword arguments and return the cache they held."""
+    cache = find_cache(kwargs)
+    for name in (_NEW_NAME, _OLD_NAME):
+        kwargs.pop(name, None)
+    return cache
 
 
 def output_cache_kwargs(cache) -> dict:

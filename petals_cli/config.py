@@ -53,8 +53,8 @@ class _FromSources:
         """Build from CLI flags; a flag given as None falls back to the environment, then the default."""
         unread = set()
         for group in cls._EXCLUSIVE:
-            flagged = [name for name in group if _given(flags.get(name)) and flags.get(name) is not False]
-            unread |= {name for name in group if flagged and not _given(flags.get(name))}
+            if any(_given(flags.get(name)) and flags[name] is not False for name in group):
+                unread |= {name for name in group if not _given(flags.get(name))}
         values = {}
         for field in dataclasses.fields(cls):
             given = flags.pop(field.name, None)
@@ -178,12 +178,11 @@ def check_device(device: str) -> None:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
         raise ConfigError(f"--device {device!r}: not a torch device", hint="e.g. cpu, cuda, cuda:1 or mps") from None
-    available = {
-        "cpu": lambda: True,
-        "cuda": lambda: torch.cuda.device_count() > (parsed.index or 0),
-        "mps": lambda: torch.backends.mps.is_available(),
-    }.get(parsed.type)
-    if available is None or not available():
+    if parsed.type == "cuda":
+        present = torch.cuda.device_count() > (parsed.index or 0)
+    else:
+        present = parsed.type == "cpu" or (parsed.type == "mps" and torch.backends.mps.is_available())
+    if not present:
         raise ConfigError(
             f"--device {device!r}: this machine has no such device", hint="use --device cpu, or a device torch sees"
         )

@@ -174,7 +174,7 @@ class DistributedModelForCausalLM:
         Pass ``session=`` to continue an existing session (e.g. across chat turns); otherwise one is opened
         for this call, sized for the prompt plus ``max_new_tokens``.
         """
-        if compat.pop_cache(dict(kwargs)) is not None:  # the caller brought a cache of its own
+        if compat.find_cache(kwargs) is not None:  # the caller brought a cache of its own
             return super().generate(inputs, *args, **kwargs)
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
         if prompt is None:

@@ -94,7 +94,7 @@ def materialize(module: nn.Module, tensors: dict, config, device: str, dtype: to
     module.to(device=device, dtype=dtype)
     # as in transformers, rotary frequencies stay float32 in a bfloat16 model (rounded, they shift every angle)
     for owner, name, buffer in computed:
-        owner._buffers[name] = buffer.to(device)
+        setattr(owner, name, buffer.to(device))
     module.requires_grad_(False)
 
 
