@@ -23,7 +23,6 @@ SwarmModelOpt = Annotated[
     str | None,
     typer.Option("--model", help="Only this model (its DHT prefix, or the model path); default: every model."),
 ]
-STATE_STYLES = {"online": "green", "joining": "yellow", "offline": "red"}
 SERVER_COLUMNS = (
     "peer",
     "name",
@@ -144,6 +143,8 @@ def _render_status(result) -> None:
 
 
 def _server_cells(server) -> list[str]:
+    from petals_cli.tui.render import STATE_STYLES
+
     dtype = server.dtype if server.quantization == "none" else f"{server.dtype}/{server.quantization}"
     pings = " ".join(f"{peer[-8:]}={_milliseconds(rtt)}" for peer, rtt in server.pings.items())
     return [

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from petals_cli import routing, security, transport
 from petals_cli.config import ClientConfig
-from petals_cli.dht import fetch_snapshot, start_dht
+from petals_cli.dht import fetch_snapshot, ping_server, start_dht
 from petals_cli.errors import NoRouteError, SwarmUnreachableError
 from petals_cli.routing import BanList, RouteSpan
 from petals_cli.wire import SwarmSnapshot
@@ -90,6 +90,7 @@ class SwarmClient:
         if snapshot is None or time.monotonic() - read_at > max_age:
             snapshot = await fetch_snapshot(self.node, prefix, num_blocks)
             self._snapshots[prefix] = (time.monotonic(), snapshot)
+            await self._ping_all(snapshot)  # round trips for routing, and no route through a dead server
         if prefix not in self._refreshers:
             self._refreshers[prefix] = asyncio.create_task(self._refresh_forever(prefix, num_blocks))
         return snapshot
@@ -97,13 +98,10 @@ class SwarmClient:
     async def _refresh_forever(self, prefix: str, num_blocks: int) -> None:
         while True:
             try:
-                _, snapshot = self._snapshots[prefix]
-                alive = await asyncio.gather(*(self._ping(peer) for peer in snapshot.online()))
-                for peer, answered in zip(snapshot.online(), alive, strict=True):
-                    if not answered and peer not in self.bans.banned(time.monotonic()):
-                        self.ban(peer)  # announced but not answering: most likely dead, its record not yet expired
                 await asyncio.sleep(self.config.snapshot_refresh)
-                self._snapshots[prefix] = (time.monotonic(), await fetch_snapshot(self.node, prefix, num_blocks))
+                snapshot = await fetch_snapshot(self.node, prefix, num_blocks)
+                self._snapshots[prefix] = (time.monotonic(), snapshot)
+                await self._ping_all(snapshot)
             except asyncio.CancelledError:
                 raise
             except Exception:  # a failed refresh keeps the old snapshot; the next one may work
@@ -112,17 +110,21 @@ class SwarmClient:
 
     async def _ping(self, peer_id: str) -> bool:
         """Time an info RPC to ``peer_id``; False when it fails or takes longer than ``liveness_timeout``."""
-        from hivemind.proto import runtime_pb2
-
-        started = time.perf_counter()
-        try:
-            await self.stub(peer_id).rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=self.config.liveness_timeout)
-        except Exception:  # dead, hung or unreachable: routing will prefer others
+        rtt = await ping_server(self.p2p, peer_id, self.swarm_key, timeout=self.config.liveness_timeout)
+        if rtt is None:  # dead, hung or unreachable: routing will prefer others
             self.rtts[peer_id] = max(self.rtts.get(peer_id, 0.0), self.config.liveness_timeout)
             return False
-        rtt = time.perf_counter() - started
         self.rtts[peer_id] = rtt if peer_id not in self.rtts else 0.7 * self.rtts[peer_id] + 0.3 * rtt
         return True
+
+    async def _ping_all(self, snapshot: SwarmSnapshot) -> None:
+        """Ping every online server of ``snapshot``; ban those that do not answer (announced, most likely dead,
+        their records not yet expired)."""
+        peers = list(snapshot.online())
+        alive = await asyncio.gather(*(self._ping(peer) for peer in peers))
+        for peer, answered in zip(peers, alive, strict=True):
+            if not answered and peer not in self.bans.banned(time.monotonic()):
+                self.ban(peer)
 
     async def is_alive(self, peer_id: str) -> bool:
         return await self._ping(peer_id)

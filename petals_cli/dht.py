@@ -10,7 +10,9 @@ routing decisions live in ``routing.py``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Sequence
 
 from hivemind.dht.node import DHTNode
@@ -18,7 +20,14 @@ from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
 from petals_cli.errors import InvalidRequestError, SwarmUnreachableError
-from petals_cli.security import Identity, PeerRecordValidator, SwarmKey, SwarmKeyAuthorizer, diagnose_refusal
+from petals_cli.security import (
+    Identity,
+    PeerRecordValidator,
+    SwarmKey,
+    SwarmKeyAuthorizer,
+    blocks_stub,
+    diagnose_refusal,
+)
 from petals_cli.wire import MODEL_INDEX_KEY, ModelIndexEntry, ServerInfo, SwarmSnapshot, block_uid
 
 logger = logging.getLogger(__name__)
@@ -116,3 +125,28 @@ async def fetch_snapshot(node: DHTNode, prefix: str, num_blocks: int) -> SwarmSn
         servers={peer: info for peer, (_, info) in servers.items()},
         taken_at=get_dht_time(),
     )
+
+
+async def ping_server(p2p: P2P, peer_id: str, swarm_key: SwarmKey | None, *, timeout: float) -> float | None:
+    """The round trip of an info RPC to ``peer_id`` in seconds; None when it fails or takes over ``timeout``."""
+    from hivemind.proto import runtime_pb2
+
+    started = time.perf_counter()
+    try:
+        await blocks_stub(p2p, peer_id, swarm_key).rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=timeout)
+    except Exception:  # dead, hung or unreachable: the caller decides what that means
+        return None
+    return time.perf_counter() - started
+
+
+async def unreachable_servers(
+    p2p: P2P, snapshot: SwarmSnapshot, swarm_key: SwarmKey | None, *, timeout: float, own: str = ""
+) -> set[str]:
+    """Servers that ``snapshot`` shows online but that do not answer an info RPC within ``timeout``.
+
+    A killed server's records outlive it until they expire; whoever reads the swarm to show it or to act on it
+    asks the servers themselves. (Joining servers are not asked: their RPC handlers start once they have loaded.)
+    """
+    peers = [peer for peer in snapshot.online() if peer != own]
+    rtts = await asyncio.gather(*(ping_server(p2p, peer, swarm_key, timeout=timeout) for peer in peers))
+    return {peer for peer, rtt in zip(peers, rtts, strict=True) if rtt is None}

@@ -22,6 +22,7 @@ from petals_cli.wire import ModelIndexEntry, ServerInfo, ServerState, SwarmSnaps
 
 SCHEMA_VERSION = 1
 DIRECT, RELAYED, UNKNOWN = "direct", "relayed", "unknown"
+UNREACHABLE = "unreachable"  # a server state that only readers assign: its records say online, it did not answer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,7 @@ class ServerStatus:
     public_name: str
     start_block: int
     end_block: int
-    state: str  # "online", "joining" or "offline"
+    state: str  # "online", "joining", "offline", or "unreachable" (announced online, did not answer this reader)
     throughput: float
     inference_rps: float
     forward_rps: float
@@ -64,7 +65,7 @@ class ModelStatus:
     model: str
     family: str
     num_blocks: int
-    coverage: tuple[int, ...]  # per block: how many ONLINE servers hold it
+    coverage: tuple[int, ...]  # per block: how many ONLINE servers that answered hold it
     servers: tuple[ServerStatus, ...]
 
     @property
@@ -137,11 +138,13 @@ def model_status(
     *,
     rtts: dict[str, float] | None = None,
     connections: dict[str, list[str]] | None = None,
+    unreachable: set[str] | frozenset[str] = frozenset(),
 ) -> ModelStatus:
-    """Pure aggregation of one model's snapshot (and this client's measurements) into a ``ModelStatus``."""
+    """Pure aggregation of one model's snapshot (and this client's measurements) into a ``ModelStatus``.
+    Servers in ``unreachable`` (announced online, but they did not answer) are shown so and cover no blocks."""
     rtts, connections = rtts or {}, connections or {}
     servers = tuple(
-        _server_status(peer, info, rtts.get(peer), connections.get(peer))
+        _server_status(peer, info, rtts.get(peer), connections.get(peer), peer in unreachable)
         for peer, info in sorted(snapshot.servers.items(), key=lambda item: (item[1].start_block, item[0]))
     )
     return ModelStatus(
@@ -149,18 +152,21 @@ def model_status(
         model=entry.model,
         family=entry.family,
         num_blocks=snapshot.num_blocks,
-        coverage=tuple(snapshot.block_coverage()),
+        coverage=tuple(snapshot.without(unreachable).block_coverage()),
         servers=servers,
     )
 
 
-def _server_status(peer: str, info: ServerInfo, rtt: float | None, addresses: list[str] | None) -> ServerStatus:
+def _server_status(
+    peer: str, info: ServerInfo, rtt: float | None, addresses: list[str] | None, unreachable: bool
+) -> ServerStatus:
+    state = info.state.name.lower()
     return ServerStatus(
         peer_id=peer,
         public_name=info.public_name,
         start_block=info.start_block,
         end_block=info.end_block,
-        state=info.state.name.lower(),
+        state=UNREACHABLE if unreachable and info.state == ServerState.ONLINE else state,
         throughput=info.throughput,
         inference_rps=info.inference_rps,
         forward_rps=info.forward_rps,
@@ -193,13 +199,15 @@ async def collect_status(client, model_prefix: str | None = None) -> SwarmStatus
     }
     answered = dict(zip(peers, await asyncio.gather(*(client.is_alive(peer) for peer in peers)), strict=True))
     rtts = {peer: client.rtts[peer] for peer, alive in answered.items() if alive and peer in client.rtts}
+    silent = {peer for peer, alive in answered.items() if not alive}
     connections: dict[str, list[str]] = {}
     for peer_info in await client.p2p.list_peers():
         connections.setdefault(peer_info.peer_id.to_base58(), []).extend(str(addr) for addr in peer_info.addrs)
     if not index and not connections:
         raise SwarmUnreachableError("no swarm peer is connected, so the DHT cannot be read")
     models = tuple(
-        model_status(index[snapshot.prefix], snapshot, rtts=rtts, connections=connections) for snapshot in snapshots
+        model_status(index[snapshot.prefix], snapshot, rtts=rtts, connections=connections, unreachable=silent)
+        for snapshot in snapshots
     )
     return SwarmStatus(models=models, taken_at=time.time())
 

@@ -206,6 +206,11 @@ class SwarmSnapshot:
     def online(self) -> dict[str, ServerInfo]:
         return {peer: info for peer, info in self.servers.items() if info.state == ServerState.ONLINE}
 
+    def without(self, peers: set[str] | frozenset[str]) -> SwarmSnapshot:
+        """The same snapshot less ``peers`` (servers that announced but do not answer)."""
+        kept = {peer: info for peer, info in self.servers.items() if peer not in peers}
+        return dataclasses.replace(self, servers=kept)
+
     def block_coverage(self) -> list[int]:
         """How many online servers hold each block."""
         counts = [0] * self.num_blocks

@@ -21,12 +21,17 @@ import signal
 import time
 from pathlib import Path
 
-from hivemind.proto import runtime_pb2
-
 from petals_cli import __version__, compat, security, transport
 from petals_cli.checkpoint import resolve_model
 from petals_cli.config import ServerConfig
-from petals_cli.dht import announce_blocks, announce_model, fetch_snapshot, start_dht
+from petals_cli.dht import (
+    announce_blocks,
+    announce_model,
+    fetch_snapshot,
+    ping_server,
+    start_dht,
+    unreachable_servers,
+)
 from petals_cli.errors import ConfigError
 from petals_cli.families.selfcheck import check_span
 from petals_cli.server.adapters import load_adapters
@@ -131,7 +136,7 @@ class Server:
                     self.config.quant,
                 )
                 self.start, self.end = await choose_initial_span(
-                    node, self.prefix, self.model.num_blocks, length, max_delay=self.config.placement_delay
+                    lambda: self._read_swarm(node, p2p), length, max_delay=self.config.placement_delay
                 )
             await self._announce(node, p2p)  # JOINING: servers choosing blocks now see this span taken
             span, adapters = await self._load(self.start, self.end)
@@ -205,7 +210,7 @@ class Server:
         while True:
             await asyncio.sleep(self.config.balance_period * random.uniform(0.8, 1.2))
             try:
-                snapshot = await fetch_snapshot(node, self.prefix, self.model.num_blocks)
+                snapshot = await self._read_swarm(node, p2p)
                 decision = rebalance(
                     snapshot,
                     own,
@@ -277,6 +282,16 @@ class Server:
                     found = await node.protocol.call_ping(peer) is not None or found
         return found
 
+    async def _read_swarm(self, node, p2p):
+        """The swarm's servers of this model, less those that announce themselves online but do not answer
+        (killed ones, until their records expire): placement and rebalancing must not count them."""
+        snapshot = await fetch_snapshot(node, self.prefix, self.model.num_blocks)
+        own = p2p.peer_id.to_base58()
+        silent = await unreachable_servers(p2p, snapshot, self.swarm_key, timeout=PING_TIMEOUT, own=own)
+        if silent:
+            logger.info("leaving out %d announced server(s) that do not answer", len(silent))
+        return snapshot.without(silent | {own})
+
     async def _ping_next_servers(self, node, p2p) -> None:
         """Round trips to the servers holding block ``end`` (where this server's output goes next)."""
         if self.end >= self.model.num_blocks:
@@ -288,18 +303,9 @@ class Server:
             for peer, info in snapshot.online().items()
             if peer != own and info.start_block <= self.end < info.end_block
         ][:MAX_PINGED]
-        results = await asyncio.gather(*(self._ping(p2p, peer, self.swarm_key) for peer in peers))
-        self._pings = {peer: rtt for peer, rtt in zip(peers, results, strict=True) if rtt is not None}
-
-    @staticmethod
-    async def _ping(p2p, peer: str, swarm_key) -> float | None:
-        started = time.perf_counter()
-        try:
-            stub = security.blocks_stub(p2p, peer, swarm_key)
-            await stub.rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=PING_TIMEOUT)
-        except Exception:  # unreachable servers are simply left out of the published pings
-            return None
-        return round(time.perf_counter() - started, 6)
+        rtts = await asyncio.gather(*(ping_server(p2p, peer, self.swarm_key, timeout=PING_TIMEOUT) for peer in peers))
+        # unreachable servers are simply left out of the published pings
+        self._pings = {peer: round(rtt, 6) for peer, rtt in zip(peers, rtts, strict=True) if rtt is not None}
 
     async def _announce(self, node, p2p) -> None:
         expiration = max(self.config.announce_period * 2.5, 10.0)

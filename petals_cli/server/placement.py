@@ -11,14 +11,15 @@ import asyncio
 import logging
 import random
 import re
+from collections.abc import Awaitable, Callable
 
 import torch
 
 from petals_cli.config import parse_blocks
-from petals_cli.dht import fetch_snapshot
 from petals_cli.errors import ConfigError
 from petals_cli.families.base import text_config
 from petals_cli.server.selection import block_throughputs, choose_span
+from petals_cli.wire import SwarmSnapshot
 
 logger = logging.getLogger(__name__)
 MEMORY_FRACTION = 0.8  # of the free memory a server lets itself use for blocks and caches
@@ -58,9 +59,10 @@ def blocks_that_fit(
     cache_bytes_per_block = cache_tokens * 2 * kv_heads * head_dim * element
     free = free_memory(device)
     count = int(MEMORY_FRACTION * free // (block_bytes + cache_bytes_per_block))
-    logger.info("%.1f GiB free on %s: room for %d of %d blocks", free / 2**30, device, count, layers)
     if count < 1:
         raise ConfigError(f"not even one block fits in the free memory of {device}; lower --cache-tokens")
+    fits = "all of them fit" if count >= layers else f"{count} fit"
+    logger.info("%.1f GiB free on %s for the model's %d blocks: %s", free / 2**30, device, layers, fits)
     return min(count, num_blocks)
 
 
@@ -75,10 +77,14 @@ def free_memory(device: str) -> int:
     raise ConfigError("cannot tell the free memory of this machine; pass --blocks START:END")
 
 
-async def choose_initial_span(node, prefix: str, num_blocks: int, length: int, *, max_delay: float) -> tuple[int, int]:
-    """Wait a random moment, read the swarm, and pick the span of ``length`` blocks it needs most."""
+async def choose_initial_span(
+    read_swarm: Callable[[], Awaitable[SwarmSnapshot]], length: int, *, max_delay: float
+) -> tuple[int, int]:
+    """Wait a random moment, read the swarm (``read_swarm`` leaves out servers that do not answer), and pick the
+    span of ``length`` blocks it needs most."""
     await asyncio.sleep(random.uniform(0, max_delay))
-    snapshot = await fetch_snapshot(node, prefix, num_blocks)
+    snapshot = await read_swarm()
     span = choose_span(block_throughputs(snapshot), length)
-    logger.info("chose blocks %d:%d (swarm has %d servers for this model)", *span, len(snapshot.servers))
+    servers = len(snapshot.servers)
+    logger.info("chose blocks %d:%d (%d other server%s hold this model)", *span, servers, "" if servers == 1 else "s")
     return span

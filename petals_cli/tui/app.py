@@ -30,7 +30,8 @@ HELP = """\
   [b]↑ ↓[/b]     select a server: its details show on the right
   [b]?[/b]       this help (escape or ? closes it)
 
-Coverage map: one row per server, one cell per block: [green]█ online[/] [yellow]█ joining[/] [red]█ offline[/];
+Coverage map: one row per server, one cell per block:
+[green]█ online[/] [yellow]█ joining[/] [red]█ offline[/] [bold red]█ unreachable[/] (announced, did not answer);
 the last row counts the online servers of each block ([red]0[/] = no server: the model is broken)."""
 
 

@@ -10,7 +10,7 @@ from rich.text import Text
 
 from petals_cli.swarm import ModelStatus, ServerStatus, SwarmStatus, format_ranges, short_peer_id
 
-STATE_STYLES = {"online": "green", "joining": "yellow", "offline": "red"}
+STATE_STYLES = {"online": "green", "joining": "yellow", "offline": "red", "unreachable": "bold red"}
 COLUMNS = (
     ("model", "model"),
     ("peer", "peer"),

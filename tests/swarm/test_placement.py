@@ -43,16 +43,19 @@ def peer_of(server):
     return server.addresses()[0].rsplit("/p2p/", 1)[1]
 
 
-def test_num_blocks_servers_tile_an_empty_swarm_and_auto_fills_a_gap(swarm):
+def test_num_blocks_servers_tile_an_empty_swarm_and_auto_fills_a_killed_servers_gap(swarm, monkeypatch):
+    monkeypatch.setenv("PETALS_ANNOUNCE_PERIOD", "30")  # a killed server's records outlive this test
     first = swarm.start("3")
     second = swarm.start("auto", "--num-blocks", "3")
     found = spans(swarm)
     assert {found[peer_of(first)][:2], found[peer_of(second)][:2]} == {(0, 3), (3, 6)}
-    # Leave a gap at 0:3 by stopping the first server cleanly; a newcomer placed automatically fills it.
-    first.process.send_signal(signal.SIGTERM)
+    # Leave a gap at 0:3 by killing the first server: its record still says online, but it does not answer,
+    # so a newcomer placed automatically fills the gap instead of doubling the live server's blocks.
+    first.process.send_signal(signal.SIGKILL)
     first.process.wait(10)
     third = swarm.start("2")
     assert spans(swarm)[peer_of(third)][:2] in {(0, 2), (1, 3)}
+    assert "leaving out 1 announced server(s) that do not answer" in third.log_file.read_text()
 
 
 def test_blocks_auto_takes_what_fits_in_memory(swarm):

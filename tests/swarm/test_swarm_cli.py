@@ -125,6 +125,20 @@ def test_status_of_one_model_after_sigterm_names_the_missing_blocks(private_swar
     assert text.returncode == 0 and "broken" in text.stdout and "blocks 2:4" in text.stdout
 
 
+def test_status_within_seconds_of_a_sigkill_says_broken_and_the_server_unreachable(private_swarm):
+    bootstrap, only = private_swarm["line"].split()[1:], private_swarm["swarm"].servers[2]
+    only_peer = peer_of(only.addresses()[0])
+    only.process.kill()  # no OFFLINE announce: its records stay in the DHT until they expire
+    only.process.wait(10)
+    result = swarm_status(bootstrap, "--json", "--model", "tiny-other")
+    assert result.returncode == 0, result.stderr
+    (model,) = json.loads(result.stdout)["models"]
+    assert model["healthy"] is False and model["missing_blocks"] == [0, 1] and model["coverage"] == [0, 0]
+    assert {server["peer_id"]: server["state"] for server in model["servers"]} == {only_peer: "unreachable"}
+    text = swarm_status(bootstrap, "--model", "tiny-other")
+    assert "unreachable" in text.stdout and "no server for blocks 0:2" in text.stdout
+
+
 def test_bootstrap_restarted_with_its_identity_keeps_its_peer_id(private_swarm):
     root, first = private_swarm["root"], private_swarm["line"].split()[1]
     assert stop(private_swarm["bootstrap"]) == 0

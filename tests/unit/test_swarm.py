@@ -41,6 +41,17 @@ def test_model_status_counts_only_online_servers_and_sorts_by_span():
     assert third.state == "offline"
 
 
+def test_a_server_that_did_not_answer_is_unreachable_and_covers_nothing():
+    snapshot = SwarmSnapshot(
+        prefix="tiny",
+        num_blocks=6,
+        servers={"peer-a": info(0, 3), "peer-b": info(3, 6), "peer-c": info(2, 4, ServerState.JOINING)},
+    )
+    status = model_status(ENTRY, snapshot, unreachable={"peer-b", "peer-c"})
+    assert status.coverage == (1, 1, 1, 0, 0, 0) and status.missing_blocks == (3, 4, 5) and not status.healthy
+    assert [server.state for server in status.servers] == ["online", "joining", "unreachable"]  # joining: not asked
+
+
 def test_json_schema_is_stable():
     snapshot = SwarmSnapshot(prefix="tiny", num_blocks=6, servers={"peer-a": info(0, 6, adapters=("lora",))})
     document = SwarmStatus(models=(model_status(ENTRY, snapshot),), taken_at=12.5).to_json()
