@@ -1,6 +1,7 @@
 """The `petals` Typer app. Sub-commands live one per module and import the core lazily, inside functions."""
 
 import os
+import sys
 
 import typer
 
@@ -44,4 +45,28 @@ def main() -> None:
     # Peers share cores with their libp2p daemons (and, on one machine, with each other): OpenMP threads that
     # spin after every op steal the CPU a waiting peer needs. Must be set before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    app(prog_name="petals")  # also under `python -m petals_cli.commands`, for usage lines and completion
+    # Not standalone: a usage error (unknown option, a value of the wrong type or out of range) is one line and
+    # exit code 2 like every other bad option, instead of a usage banner and a box.
+    try:
+        code = app(prog_name="petals", standalone_mode=False)  # also as `python -m petals_cli.commands`
+    except typer.Abort:
+        typer.echo("error: interrupted", err=True)
+        code = 130
+    except typer.TyperException as error:  # the parser's usage errors and file errors
+        code = getattr(error, "exit_code", 2)
+        show_help = getattr(error, "show", None)
+        if type(error).__name__ == "NoArgsIsHelpError" and show_help is not None:
+            show_help()  # a bare `petals swarm`: its help, as before
+        else:
+            typer.echo(f"error: {_usage_message(error)}", err=True)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_message(error: Exception) -> str:
+    """One line: the parser's message, and where to look for the command's options."""
+    format_message = getattr(error, "format_message", None)
+    message = " ".join((format_message() if format_message else str(error)).split())
+    context = getattr(error, "ctx", None)
+    if context is not None:
+        message += f" (hint: `{context.command_path} -h` lists the options)"
+    return message

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from petals_cli.config import _FromSources
+from petals_cli.config import _FromSources, check_host, check_readable, check_writable_in
 from petals_cli.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -36,8 +36,12 @@ class BootstrapConfig(_FromSources):
     def __post_init__(self):
         if not 0 <= self.port < 65536:
             raise ConfigError(f"--port {self.port}: expected 0..65535")
-        if self.identity_path and not Path(self.identity_path).resolve().parent.is_dir():
-            raise ConfigError(f"--identity {self.identity_path}: its directory does not exist")
+        check_host("--host", self.host)
+        if self.announce_host:
+            check_host("--announce-host", self.announce_host)
+        check_writable_in("--identity", self.identity_path)
+        check_writable_in("--address-file", self.address_file)
+        check_readable("--swarm-key", self.swarm_key)
 
 
 def initial_peers_line(maddrs: list[str]) -> str:

@@ -7,6 +7,7 @@ The CLI builds these from its options (passing ``None`` for options the user did
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import re
@@ -16,6 +17,7 @@ from typing import Any
 from petals_cli.errors import ConfigError
 
 QUANT_MODES = ("none", "int8", "nf4")
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 ENV_PREFIX = "PETALS_"
 logger = logging.getLogger(__name__)
@@ -95,6 +97,20 @@ class ClientConfig(_FromSources):
     blocked_servers: tuple[str, ...] = ()  # never route through these peer ids
     active_adapter: str = ""  # run blocks with this LoRA adapter: only servers announcing it are used
 
+    def __post_init__(self):
+        check_initial_peers(self.initial_peers)
+        check_peer_ids("--allowed-servers", self.allowed_servers)
+        check_peer_ids("--blocked-servers", self.blocked_servers)
+        check_device(self.device, "PETALS_DEVICE")
+        check_readable("--swarm-key", self.swarm_key)
+        if self.dtype not in DTYPE_NAMES[1:]:
+            raise ConfigError(f"PETALS_DTYPE={self.dtype!r}: choose one of {', '.join(DTYPE_NAMES[1:])}")
+        timeouts = (self.connect_timeout, self.request_timeout, self.liveness_interval, self.liveness_timeout)
+        if min(timeouts) <= 0 or self.snapshot_refresh <= 0:
+            raise ConfigError("connect, request and liveness timeouts and the snapshot refresh must be positive")
+        if self.route_wait < 0 or self.max_retries < 0:
+            raise ConfigError(f"--route-wait {self.route_wait:g}: must be >= 0 (0: fail at once)")
+
 
 @dataclass(frozen=True)
 class ServerConfig(_FromSources):
@@ -146,23 +162,45 @@ class ServerConfig(_FromSources):
                 "serve: pass --new-swarm to start a swarm, or --initial-peers MADDR to join one",
                 hint="e.g. `petals serve MODEL --blocks 0:4 --new-swarm --address-file swarm.addr`",
             )
-        if self.cache_tokens < 0 or self.max_session_length <= 0:
-            raise ConfigError("--cache-tokens must be >= 0 and --max-session-length > 0")
-        if self.alloc_timeout < 0 or self.session_idle_timeout <= 0:
-            raise ConfigError("--alloc-timeout must be >= 0 and --session-idle-timeout > 0")
-        if self.kept_graphs_mib < 0:
-            raise ConfigError("--kept-graphs-mib must be >= 0 (0: backward always recomputes the forward)")
-        if self.max_request_mib <= 0 or self.max_sessions_per_peer <= 0 or self.step_timeout <= 0:
-            raise ConfigError("--max-request-mib, --max-sessions-per-peer and --step-timeout must be positive")
-        if self.num_blocks < 0 or self.placement_delay < 0 or self.balance_period < 0 or self.network_rps < 0:
-            raise ConfigError("--num-blocks, placement delay, balance period and --network-rps must be >= 0")
+        at_least = {
+            "--cache-tokens": (self.cache_tokens, 0),
+            "--kept-graphs-mib": (self.kept_graphs_mib, 0),  # 0: backward always recomputes the forward
+            "--alloc-timeout": (self.alloc_timeout, 0),
+            "--num-blocks": (self.num_blocks, 0),
+            "--balance-period": (self.balance_period, 0),  # 0: never move
+            "--balance-quality": (self.balance_quality, 0),
+            "--network-rps": (self.network_rps, 0),  # 0: unknown
+            "placement delay": (self.placement_delay, 0),
+        }
+        above_zero = {
+            "--max-session-length": self.max_session_length,
+            "--session-idle-timeout": self.session_idle_timeout,
+            "--max-request-mib": self.max_request_mib,
+            "--max-sessions-per-peer": self.max_sessions_per_peer,
+            "--step-timeout": self.step_timeout,
+            "announce period": self.announce_period,
+        }
+        for option, (value, least) in at_least.items():
+            if value < least:
+                raise ConfigError(f"{option} {value:g}: must be {least} or more")
+        for option, value in above_zero.items():
+            if value <= 0:
+                raise ConfigError(f"{option} {value:g}: must be above 0")
+        check_initial_peers(self.initial_peers)
+        check_blocks(self.blocks)
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port {self.port}: must be from 0 (any free port) to 65535")
+        check_host("--host", self.host)
+        if self.announce_host:
+            check_host("--announce-host", self.announce_host)
         check_device(self.device)
+        if self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPE_NAMES)}")
         if self.quant not in QUANT_MODES:
             raise ConfigError(f"--quant {self.quant!r}: choose one of {', '.join(QUANT_MODES)}")
-        if self.announce_period <= 0:
-            raise ConfigError("announce period must be positive")
+        check_readable("--swarm-key", self.swarm_key)
+        check_writable_in("--address-file", self.address_file)
+        check_writable_in("--identity", self.identity_path)
         for directory in self.adapters:
             if not os.path.isfile(os.path.join(directory, "adapter_config.json")):
                 raise ConfigError(
@@ -170,21 +208,99 @@ class ServerConfig(_FromSources):
                 )
 
 
-def check_device(device: str) -> None:
+_BASE58 = re.compile(r"[1-9A-HJ-NP-Za-km-z]{30,80}")
+_PEERS_HINT = (
+    "copy the whole line a server or `petals swarm bootstrap` printed, e.g. /ip4/1.2.3.4/tcp/31337/p2p/12D3KooW…"
+)
+
+
+def check_initial_peers(peers: tuple[str, ...]) -> None:
+    """Refuse, as a bad option, what cannot be a peer's multiaddr: it must start with a network address and end
+    with /p2p/PEER_ID. (Addresses that parse but nobody answers are the swarm's problem, found when joining.)"""
+    for peer in peers:
+        parts = peer.split("/")
+        if len(parts) < 4 or parts[0] or parts[1] not in ("ip4", "ip6", "dns", "dns4", "dns6", "dnsaddr"):
+            raise ConfigError(f"--initial-peers {peer!r}: not a multiaddr", hint=_PEERS_HINT)
+        if parts[1] in ("ip4", "ip6"):
+            try:
+                address = ipaddress.ip_address(parts[2])
+            except ValueError:
+                address = None
+            if address is None or address.version != int(parts[1][-1]):
+                raise ConfigError(f"--initial-peers {peer!r}: {parts[2]!r} is not an {parts[1]} address")
+        for protocol, value in zip(parts[3::2], parts[4::2], strict=False):
+            if protocol in ("tcp", "udp") and not (value.isdigit() and 0 < int(value) < 65536):
+                raise ConfigError(f"--initial-peers {peer!r}: {value!r} is not a {protocol} port")
+        if "p2p" not in parts[:-1] or not _BASE58.fullmatch(parts[parts.index("p2p") + 1]):
+            raise ConfigError(f"--initial-peers {peer!r}: no valid /p2p/PEER_ID at its end", hint=_PEERS_HINT)
+
+
+def check_peer_ids(option: str, peer_ids: tuple[str, ...]) -> None:
+    for peer_id in peer_ids:
+        if not _BASE58.fullmatch(peer_id):
+            raise ConfigError(
+                f"{option} {peer_id!r}: not a peer id", hint="peer ids look like 12D3KooW… (see `petals swarm status`)"
+            )
+
+
+def check_host(option: str, host: str) -> None:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(
+            f"{option} {host!r}: not an IP address", hint="e.g. 127.0.0.1, 0.0.0.0 (all interfaces) or ::"
+        ) from None
+
+
+def check_blocks(spec: str) -> None:
+    """The form of --blocks before the model is read: auto, N, or START:END with START < END."""
+    spec = spec.strip()
+    if not spec or spec == "auto":
+        return
+    if re.fullmatch(r"\d+", spec):
+        if int(spec) == 0:
+            raise ConfigError("--blocks 0: a server hosts at least one block")
+        return
+    match = re.fullmatch(r"(\d*)\s*:\s*(\d*)", spec)
+    if match is None:
+        raise ConfigError(f"--blocks {spec!r}: expected auto, N, or START:END, e.g. 0:8")
+    start, end = match.groups()
+    if start and end and int(end) <= int(start):
+        which = "empty" if start == end else "reversed"
+        raise ConfigError(f"--blocks {spec!r}: the range is {which} (END is exclusive and must be above START)")
+
+
+def check_readable(option: str, path: str) -> None:
+    """A file the command will read: it must exist and be readable now, not fail once the model has loaded."""
+    if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+        raise ConfigError(f"{option} {path}: no such readable file")
+
+
+def check_writable_in(option: str, path: str) -> None:
+    """A file the command will write (or read if present): its directory must exist, and it must not be a folder."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder):
+        problem = "is a directory" if os.path.isdir(path) else f"its directory {folder} does not exist"
+        raise ConfigError(f"{option} {path}: {problem}")
+
+
+def check_device(device: str, option: str = "--device") -> None:
     """Refuse, as a bad option, a device that torch does not know or that this machine does not have."""
     import torch
 
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {device!r}: not a torch device", hint="e.g. cpu, cuda, cuda:1 or mps") from None
+        raise ConfigError(f"{option} {device!r}: not a torch device", hint="e.g. cpu, cuda, cuda:1 or mps") from None
     if parsed.type == "cuda":
         present = torch.cuda.device_count() > (parsed.index or 0)
     else:
         present = parsed.type == "cpu" or (parsed.type == "mps" and torch.backends.mps.is_available())
     if not present:
         raise ConfigError(
-            f"--device {device!r}: this machine has no such device", hint="use --device cpu, or a device torch sees"
+            f"{option} {device!r}: this machine has no such device", hint="use cpu, or a device torch sees"
         )
 
 
@@ -230,6 +346,10 @@ class FinetuneConfig(_FromSources):
             raise ConfigError("--steps, --epochs and --save-every must be >= 0")
         if self.steps and self.epochs:
             raise ConfigError("pass --steps or --epochs, not both")
+        if self.output and os.path.exists(self.output) and not os.path.isdir(self.output):
+            raise ConfigError(f"--output {self.output}: is a file (a directory is made there for the checkpoint)")
+        if self.resume and not os.path.isdir(self.resume):
+            raise ConfigError(f"--resume {self.resume}: no such checkpoint directory")
         if self.save_every and not (self.output or self.resume):
             raise ConfigError("--save-every needs --output DIR to save into")
 
