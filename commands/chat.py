@@ -22,7 +22,7 @@ from petals_cli.commands._options import (
 )
 from petals_cli.commands._progress import open_model_with_feedback
 
-HELP = "commands: /reset, /params [temperature=T top_p=P max_tokens=N], /stats, /save FILE, /exit (or Ctrl-D)"
+HELP = "commands: /reset, /params [temperature=T top_p=P max_tokens=N], /stats, /save FILE, /help, /exit (or Ctrl-D)"
 
 
 @handle_errors
@@ -86,12 +86,17 @@ def _read_line() -> str | None:
 
 def _reply(conversation, text: str) -> None:
     from petals_cli.errors import PetalsError
+    from petals_cli.textsafe import for_terminal
 
     errors: list[PetalsError] = []
 
+    def show(piece: str) -> None:  # the model's control characters (ESC, BEL, \r, ...) must not drive the terminal
+        sys.stdout.write(for_terminal(piece))
+        sys.stdout.flush()
+
     def work():
         try:
-            conversation.reply(text, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+            conversation.reply(text, on_text=show)
         except PetalsError as error:
             errors.append(error)
 
@@ -125,6 +130,8 @@ def _command(conversation, line: str) -> bool:
     elif name == "/save" and argument:
         conversation.save(argument)
         typer.echo(f"saved to {argument}", err=True)
+    elif name == "/save":
+        typer.echo(f"/save needs a file name; {HELP}", err=True)
     elif name == "/params":
         from petals_cli.errors import ConfigError
 
@@ -144,6 +151,8 @@ def _command(conversation, line: str) -> bool:
         typer.echo(
             f"temperature={options.temperature} top_p={options.top_p} max_tokens={options.max_new_tokens}", err=True
         )
-    else:
+    elif name == "/help":
         typer.echo(HELP, err=True)
+    else:
+        typer.echo(f"unknown command {name}; {HELP}", err=True)
     return True

@@ -59,7 +59,7 @@ class Conversation:
             self._session.close()
         self._session, self._rendered = None, ""
         self.messages = [message for message in self.messages if message["role"] == "system"]
-        self.token_ids = []
+        self.token_ids, self.sent_last_turn = [], 0
 
     def set_options(self, **changes) -> None:
         self.options = replace(self.options, **changes)

@@ -7,6 +7,7 @@ import sys
 import pexpect
 import pytest
 
+from petals_cli.commands.chat import HELP
 from petals_cli.testing import make_tiny_model
 from tests.conftest import Swarm
 
@@ -60,6 +61,15 @@ def test_two_turns_reuse_one_session_and_reset_opens_a_new_one(swarm):
     assert sessions_opened(swarm) == opened_before + 2  # one session, held by each of the 2 servers
     chat.sendline("/reset")
     chat.expect_exact("conversation reset")
+    chat.expect_exact(PROMPT)
+    assert stats(chat) == (0, 0), "a reset conversation reports a fresh state"
+    for command, answer in [("/foo", "unknown command /foo; commands: "), ("/save", "/save needs a file name; ")]:
+        chat.sendline(command)
+        chat.expect_exact(answer)
+        chat.expect_exact(PROMPT)
+    chat.sendline("/help")
+    chat.expect_exact(HELP)
+    assert "unknown" not in chat.before
     chat.expect_exact(PROMPT)
     chat.sendline("A fresh start")
     chat.expect_exact(PROMPT)
