@@ -16,7 +16,12 @@ _CLIENT_OPTIONS = ("initial_peers", "model_prefix", "json_output", "verbose")
 def finetune(
     model: ModelArg,
     dataset: Annotated[
-        str, typer.Option(help="JSONL, JSON, CSV or text file, or a directory saved by datasets.", show_default=False)
+        list[str],
+        typer.Option(
+            metavar="<str>",
+            help="JSONL, JSON, CSV or text file, or a directory saved by datasets.",
+            show_default=False,
+        ),
     ],
     method: Annotated[
         str, typer.Option(help="ptune (input prefix) or deep_ptune (also per-block prompts).")
@@ -30,7 +35,8 @@ def finetune(
     epochs: Annotated[int | None, typer.Option(min=1, help="Train this many epochs.", show_default="1")] = None,
     seed: Annotated[int, typer.Option(help="Seeds the prompts' initial values and the data order.")] = 0,
     output: Annotated[
-        str | None, typer.Option(help="Save prompts and trainer state here.", show_default=False)
+        str | None,
+        typer.Option(help="Save prompts and trainer state here; without it nothing is saved.", show_default=False),
     ] = None,
     save_every: Annotated[int, typer.Option(min=0, help="Also save to --output every N steps (0 = at the end).")] = 0,
     resume: Annotated[
@@ -47,7 +53,8 @@ def finetune(
     from petals_cli.finetune import finetune as run_finetune
 
     setup_logging(verbose)
-    options.update(steps=steps or 0, epochs=epochs or 0, output=output or "", resume=resume or "")
+    options.update(dataset=_one_dataset(dataset), steps=steps or 0, epochs=epochs or 0)
+    options.update(output=output or "", resume=resume or "")
     config = FinetuneConfig(**options)
     client = ClientConfig.from_sources(initial_peers=tuple(initial_peers or ()), model_prefix=model_prefix)
     with _Progress() as on_step:
@@ -55,8 +62,26 @@ def finetune(
     if json_output:
         typer.echo(json.dumps(result.to_json()))
     else:
-        where = f"; prompts saved to {result.output}" if result.output else ""
+        where = f"; prompts saved to {result.output}" if result.output else "; prompts not saved (no --output)"
         typer.echo(f"trained {result.steps} steps, final loss {result.losses[-1]:.4f}{where}")
+
+
+def _one_dataset(paths: list[str]) -> str:
+    """The one --dataset: a repeated path is harmless, two different ones a mistake that the parser would settle by
+    keeping the last without a word."""
+    from pathlib import Path
+
+    from petals_cli.errors import ConfigError
+
+    distinct: dict[Path, str] = {}
+    for path in paths:
+        distinct.setdefault(Path(path).resolve(), path)
+    if len(distinct) > 1:
+        raise ConfigError(
+            f"--dataset given {len(distinct)} different paths ({', '.join(distinct.values())}); finetune takes one",
+            hint="join them into one file (e.g. `cat a.jsonl b.jsonl > both.jsonl`) and pass that",
+        )
+    return paths[0]
 
 
 class _Progress:

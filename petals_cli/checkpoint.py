@@ -60,7 +60,7 @@ def fetch_file(source: ModelSource, filename: str) -> Path:
     try:
         return Path(hf_hub_download(source.name, filename, revision=source.revision, token=source.token))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
-        raise ModelNotFoundError(f"{source.name}: cannot fetch {filename} ({exc.__class__.__name__})") from exc
+        raise hub_error(source, filename, exc) from exc
 
 
 def metadata_dir(source: ModelSource) -> Path:
@@ -76,7 +76,60 @@ def metadata_dir(source: ModelSource) -> Path:
             )
         )
     except Exception as exc:  # the hub client raises many unrelated types for "unreachable"
-        raise ModelNotFoundError(f"{source.name}: cannot fetch model metadata ({exc.__class__.__name__})") from exc
+        raise hub_error(source, "config and tokenizer files", exc) from exc
+
+
+def hub_error(source: ModelSource, what: str, exc: Exception) -> ModelNotFoundError:
+    """Why a hub download failed, with the next step that fits: offline, unreachable, unknown, or gated."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    name = source.name
+    download = f"download it first while online (`hf download {name}`), or pass a local model directory"
+    if isinstance(exc, LocalEntryNotFoundError | OfflineModeIsEnabled):  # not cached, and no way to the hub
+        if constants.HF_HUB_OFFLINE or _caused_by(exc, OfflineModeIsEnabled):
+            return ModelNotFoundError(
+                f"{name}: not in the local Hugging Face cache ({what} missing), and the hub is offline "
+                "(HF_HUB_OFFLINE=1)",
+                hint=f"{download}, or unset HF_HUB_OFFLINE",
+            )
+        return ModelNotFoundError(
+            f"{name}: not in the local Hugging Face cache ({what} missing), and the hub cannot be reached",
+            hint=f"check the network, or {download}",
+        )
+    if isinstance(exc, GatedRepoError):  # a subclass of RepositoryNotFoundError: test it first
+        return ModelNotFoundError(
+            f"{name}: a gated repository that this token may not read",
+            hint="accept its terms on its hub page, then set HF_TOKEN to a token of that account",
+        )
+    if isinstance(exc, RepositoryNotFoundError):
+        return ModelNotFoundError(
+            f"{name}: no such directory, and no such repository on the hub",
+            hint="check the name; for a private repository set HF_TOKEN",
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return ModelNotFoundError(f"{name}: no revision {source.revision!r}", hint="check the revision (--revision)")
+    if isinstance(exc, EntryNotFoundError):
+        return ModelNotFoundError(f"{name}: the repository has no {what}")
+    if isinstance(exc, HFValidationError):
+        return ModelNotFoundError(f"{name}: no such directory, and not a hub repository id (owner/name)")
+    return ModelNotFoundError(f"{name}: cannot fetch {what} ({exc.__class__.__name__}: {exc})")
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    while exc is not None:
+        if isinstance(exc, kind):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 def weight_map(source: ModelSource) -> dict[str, str]:

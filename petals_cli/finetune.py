@@ -12,6 +12,8 @@ state). Knows nothing about the terminal.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -23,6 +25,8 @@ import torch
 from petals_cli.config import ClientConfig, FinetuneConfig
 from petals_cli.errors import ConfigError
 from petals_cli.prompts import read_prompts_metadata, save_prompts
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 _SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
@@ -63,30 +67,61 @@ def load_texts(path: str, text_field: str = "text") -> list[str]:
     """The texts of a JSONL/JSON, CSV or plain-text file, or of a dataset saved with ``save_to_disk``."""
     import datasets
 
-    source = Path(path)
-    if not source.exists():
+    if not Path(path).exists():
         raise ConfigError(f"--dataset {path}: no such file or directory")
     datasets.disable_progress_bars()
     try:
-        if source.is_dir():
-            if not any((source / marker).exists() for marker in _SAVED_DATASET_MARKERS):
-                raise ConfigError(f"--dataset {path}: a directory must be saved by datasets' save_to_disk")
-            data = datasets.load_from_disk(str(source))
-            if isinstance(data, datasets.DatasetDict):
-                data = data["train"] if "train" in data else next(iter(data.values()))
-        else:
-            builder = {".jsonl": "json", ".json": "json", ".csv": "csv"}.get(source.suffix.lower(), "text")
-            data = datasets.load_dataset(builder, data_files=str(source), split="train")
+        with _quiet_datasets_logging():
+            data = _load_data(path)
     except ConfigError:
         raise
     except Exception as exc:  # datasets raises many unrelated types for unreadable files
-        raise ConfigError(f"--dataset {path}: cannot read it ({type(exc).__name__}: {exc})") from None
+        raise ConfigError(
+            f"--dataset {path}: cannot read it ({_first_cause(exc)})",
+            hint="a .jsonl file holds one JSON object per line, a .csv file starts with a header row; other files "
+            "are read as plain text",
+        ) from None
     if text_field not in data.column_names:
         raise ConfigError(f"--dataset {path} has no field {text_field!r}; its fields: {', '.join(data.column_names)}")
     texts = [text for text in data[text_field] if isinstance(text, str) and text.strip()]
     if not texts:
         raise ConfigError(f"--dataset {path}: no text in field {text_field!r}")
     return texts
+
+
+def _load_data(path: str):
+    import datasets
+
+    source = Path(path)
+    if source.is_dir():
+        if not any((source / marker).exists() for marker in _SAVED_DATASET_MARKERS):
+            raise ConfigError(f"--dataset {path}: a directory must be saved by datasets' save_to_disk")
+        data = datasets.load_from_disk(str(source))
+        if isinstance(data, datasets.DatasetDict):
+            data = data["train"] if "train" in data else next(iter(data.values()))
+        return data
+    builder = {".jsonl": "json", ".json": "json", ".csv": "csv"}.get(source.suffix.lower(), "text")
+    return datasets.load_dataset(builder, data_files=str(source), split="train")
+
+
+@contextlib.contextmanager
+def _quiet_datasets_logging():
+    """datasets logs a parse failure itself (on its own handler and again through the root logger's) before it
+    raises; the ConfigError we raise from it is the one line the user should see."""
+    datasets_logger = logging.getLogger("datasets")
+    level = datasets_logger.level
+    datasets_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets_logger.setLevel(level)
+
+
+def _first_cause(exc: BaseException) -> str:
+    """The innermost explicitly chained error: datasets wraps the parser's precise message in a vague one."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {exc}"
 
 
 def tokenize_texts(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
@@ -98,6 +133,14 @@ def tokenize_texts(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
         ids.extend(tokenizer(text, add_special_tokens=False).input_ids + separator)
     if len(ids) < 2:
         raise ConfigError("the dataset tokenises to fewer than 2 tokens")
+    if seq_len > len(ids):
+        logger.warning(
+            "--seq-len %d is longer than the whole dataset (%d tokens, all examples joined): every step trains on "
+            "that one sequence of %d tokens",
+            seq_len,
+            len(ids),
+            len(ids),
+        )
     length = min(seq_len, len(ids))
     count = len(ids) // length
     return torch.tensor(ids[: count * length]).view(count, length)
@@ -125,7 +168,10 @@ def total_steps(config: FinetuneConfig, num_sequences: int) -> int:
 def finetune(
     config: FinetuneConfig, client_config: ClientConfig, on_step: Callable[[StepReport], None] | None = None
 ) -> FinetuneResult:
-    """Train prompts as ``config`` says; returns the loss curve. Saves to ``config.output`` (if set)."""
+    """Train prompts as ``config`` says; returns the loss curve. Saves to ``config.output`` (or the ``resume``
+    directory); with neither, the prompts live only in this process, and a warning says so before anything loads."""
+    if not (config.output or config.resume):
+        logger.warning("no --output: the trained prompts will not be saved (pass --output DIR to keep them)")
     from transformers import AutoTokenizer
 
     from petals_cli.checkpoint import metadata_dir, resolve_model

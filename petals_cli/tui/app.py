@@ -7,7 +7,10 @@ Widgets only render what those messages carry; nothing here talks to the DHT. St
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from textual import work
 from textual.app import App, ComposeResult
@@ -163,6 +166,13 @@ class SwarmTop(App[None]):
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 
+    def deliver_screenshot(
+        self, filename: str | None = None, path: str | None = None, time_format: str | None = None
+    ) -> str | None:
+        """The command palette's "Screenshot": Textual saves into ~/Downloads and fails where that does not exist;
+        save into a directory that does (Textual's notification then names the file)."""
+        return super().deliver_screenshot(filename, path or str(screenshot_directory()), time_format)
+
     def on_input_changed(self, message: Input.Changed) -> None:
         self._set_filter(message.value)
 
@@ -180,3 +190,11 @@ class SwarmTop(App[None]):
             field.value = ""
         field.remove_class("visible")
         self.query_one("#servers", DataTable).focus()
+
+
+def screenshot_directory() -> Path:
+    """The user's downloads directory if it exists, else the current directory, else the temporary one."""
+    from platformdirs import user_downloads_path  # Textual's own source of ~/Downloads (a dependency of it)
+
+    candidates = (user_downloads_path(), Path.cwd(), Path(tempfile.gettempdir()))
+    return next((path for path in candidates if path.is_dir() and os.access(path, os.W_OK)), candidates[-1])

@@ -94,3 +94,65 @@ def test_bad_option_values_are_bad_options_named_in_one_line(tmp_path):
         cases.append((("serve", model, "--new-swarm", "--device", "cuda"), "no such device"))
     for args, fragment in cases:
         assert_one_error_line(run(*args), 2, fragment)
+
+
+def run_here(monkeypatch, capsys, *args):
+    """The real entry point in this process, for checks that need no swarm and no fresh interpreter."""
+    import sys
+
+    import pytest
+
+    from petals_cli.commands import main as main_module
+
+    monkeypatch.setattr(sys, "argv", ["petals", *args])
+    with pytest.raises(SystemExit) as exited:
+        main_module.main()
+    return subprocess.CompletedProcess(args, exited.value.code, "", capsys.readouterr().err)
+
+
+def test_a_hub_id_that_cannot_be_fetched_says_why_and_suggests_a_download(monkeypatch, capsys):
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from petals_cli.checkpoint import ModelSource, hub_error
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    result = run_here(
+        monkeypatch, capsys, "generate", "some-org/some-model", "--prompt", "x", "--initial-peers", UNREACHABLE
+    )
+    assert_one_error_line(
+        result, 3, "not in the local Hugging Face cache", "offline", "hf download some-org/some-model"
+    )
+    assert "local model directory" in result.stderr and "repository id" not in result.stderr
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    unreachable = hub_error(ModelSource("some-org/some-model"), "config.json", LocalEntryNotFoundError("no network"))
+    assert "cannot be reached" in unreachable.message and "check the network" in unreachable.hint
+
+
+def test_finetune_takes_one_dataset(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "two"}\n')
+    monkeypatch.chdir(tmp_path)
+    finetune = ("finetune", str(tmp_path), "--initial-peers", UNREACHABLE)
+    two = run_here(monkeypatch, capsys, *finetune, "--dataset", "a.jsonl", "--dataset", "b.jsonl")
+    assert_one_error_line(two, 2, "2 different paths (a.jsonl, b.jsonl)")
+    same = run_here(monkeypatch, capsys, *finetune, "--dataset", "a.jsonl", "--dataset", "./a.jsonl")
+    assert_one_error_line(same, 3, "config.json")  # past the options, to the model (a directory without one)
+
+
+def test_make_model_speaks_in_its_option_names(tmp_path, capsys):
+    import pytest
+
+    from petals_cli.testing.__main__ import main as make_model
+
+    with pytest.raises(SystemExit):
+        make_model(["make-model", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--kv-heads N" in help_text and "falcon-rw" in help_text
+    assert not [name for name in ("``", "num_kv_heads", "_config", "INIT_STD", "KV_HEADS") if name in help_text]
+    assert make_model(["make-model", str(tmp_path / "tiny"), "--layers", "2", "--shards", "3"]) == 2
+    assert_one_error_line(
+        subprocess.CompletedProcess([], 2, "", capsys.readouterr().err),
+        2,
+        "--shards must be between 1 and --layers (2)",
+    )

@@ -188,3 +188,28 @@ def test_top_against_a_real_swarm_shows_both_servers(tmp_path, swarm_factory):
         run(scenario())
     finally:
         feed.close()
+
+
+def test_screenshot_without_a_downloads_directory_lands_in_the_current_one(tmp_path, monkeypatch):
+    """Ctrl-P → Screenshot: Textual's default ~/Downloads may not exist; the file goes where the user can find it."""
+    (tmp_path / "home").mkdir()
+    (tmp_path / "work").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no Downloads in it
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "home" / ".config"))  # no user-dirs.dirs either
+    monkeypatch.chdir(tmp_path / "work")
+
+    async def scenario():
+        app = SwarmTop(FakeStream(HEALTHY))
+        notes = []
+        app.notify = lambda message, **options: notes.append(message)
+        async with app.run_test(size=(140, 40)) as pilot:
+            await until(pilot, lambda: len(table_peers(app)) == 2)
+            await pilot.press("ctrl+p", *"screenshot")
+            await pilot.pause(0.3)
+            await pilot.press("enter")
+            await until(pilot, lambda: notes)
+            assert "Saved screenshot" in notes[0], notes
+            [saved] = (tmp_path / "work").glob("*.svg")
+            assert str(saved) in notes[0] and "<svg" in saved.read_text()
+
+    run(scenario())

@@ -1,6 +1,7 @@
 """Dataset reading, tokenising and batching for `petals finetune` (no swarm)."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -40,7 +41,7 @@ def test_bad_datasets_are_clear_config_errors(tmp_path):
         load_texts(str(tmp_path / "empty.txt"))
 
 
-def test_tokenising_joins_texts_with_eos_and_cuts_equal_sequences(tmp_path):
+def test_tokenising_joins_texts_with_eos_and_cuts_equal_sequences(tmp_path, caplog):
     from transformers import AutoTokenizer
 
     save_tokenizer(tmp_path, 512)
@@ -51,8 +52,10 @@ def test_tokenising_joins_texts_with_eos_and_cuts_equal_sequences(tmp_path):
         joined += tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     assert sequences.shape == (len(joined) // 4, 4)
     assert sequences.flatten().tolist() == joined[: sequences.numel()]
-    short = tokenize_texts(["third"], tokenizer, seq_len=1000)
+    with caplog.at_level(logging.WARNING):
+        short = tokenize_texts(["third"], tokenizer, seq_len=1000)
     assert short.shape[0] == 1 and short.shape[1] < 1000
+    assert f"--seq-len 1000 is longer than the whole dataset ({short.shape[1]} tokens," in caplog.text
 
 
 def test_batches_cover_each_epoch_once_and_are_reproducible():
@@ -113,3 +116,37 @@ def test_a_checkpoint_interrupted_while_saving_is_either_absent_or_resumable(
         assert _read_state(config)["step"] == interrupted_save - 1
     else:
         assert interrupted_save == 1
+
+
+def test_an_unreadable_dataset_is_one_error_naming_the_parsers_reason(tmp_path, capfd, caplog):
+    """datasets logs the failure itself, twice (its handler and the root's); only our ConfigError may speak."""
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    (tmp_path / "twice.jsonl").write_text('{"text": "a", "text": "b"}\n')  # the same field twice in one object
+    level = logging.getLogger("datasets").level
+    with (
+        caplog.at_level(logging.DEBUG),
+        pytest.raises(ConfigError, match="cannot read it .*JSON parse error") as error,
+    ):
+        load_texts(str(tmp_path / "broken.jsonl"))
+    assert ".jsonl file holds one JSON object per line" in error.value.hint
+    with caplog.at_level(logging.DEBUG), pytest.raises(ConfigError, match="specified twice"):
+        load_texts(str(tmp_path / "twice.jsonl"))
+    assert capfd.readouterr().err == ""
+    assert not [record for record in caplog.records if record.name.startswith("datasets")]
+    assert logging.getLogger("datasets").level == level
+
+
+def test_finetune_without_output_warns_before_anything_loads(tmp_path, caplog):
+    from petals_cli.config import ClientConfig
+    from petals_cli.errors import ModelNotFoundError
+    from petals_cli.finetune import finetune
+
+    for output, warned in (("", True), (str(tmp_path / "prompts"), False)):
+        caplog.clear()
+        config = FinetuneConfig(model=str(tmp_path / "no-model"), dataset="d.jsonl", output=output)
+        with pytest.raises(ModelNotFoundError):
+            finetune(config, ClientConfig())
+        warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+        assert warnings == (
+            ["no --output: the trained prompts will not be saved (pass --output DIR to keep them)"] * warned
+        )
