@@ -6,14 +6,15 @@ process start per option. A tripwire on the first network action (starting the P
 and on `bench`'s local servers turns a bad value that slipped through into a failure here instead of a hang.
 """
 
-import logging
-import sys
+import os
 
 import pytest
+import torch
 import typer
 
 from petals_cli.commands import main as main_module
 from petals_cli.testing import make_tiny_model
+from tests.cli.inprocess import run_here
 
 PEER = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWSgkAoWJFgBH71fVzHEnTqmJ45a7xqon4oLTzn8oSgPsN"
 MISSING = "/nonexistent/petals-test"
@@ -159,24 +160,28 @@ def tripwires(monkeypatch):
     monkeypatch.setattr(petals_cli.transport, "create_p2p", tripped)
     monkeypatch.setattr(petals_cli.tui, "run_top", tripped)
     monkeypatch.setattr(petals_cli.testing.swarm.Swarm, "start", tripped)
-    for variable in [name for name in __import__("os").environ if name.startswith("PETALS_")]:
-        if variable not in ("PETALS_CACHE_DIR",):
-            monkeypatch.delenv(variable)
-    logging.getLogger().addHandler(logging.NullHandler())  # logs are not what this test reads
+    for variable in [name for name in os.environ if name.startswith("PETALS_") and name != "PETALS_CACHE_DIR"]:
+        monkeypatch.delenv(variable)
+
+
+def check(command, option, value, fragment, files, monkeypatch, capsys):
+    base = [part.format(**files) for part in BASE[command]]
+    if option == "--initial-peers":
+        base = [part for part in base if part not in ("--new-swarm", *PEERS)]
+    args = [*command.split(), *base, option, value.format(**files)]
+    result = run_here(monkeypatch, capsys, *args)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, f"petals {' '.join(args)} -> {result.returncode}:\n{result.stderr}"
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert fragment.format(**files) in errors[0], errors[0]
 
 
 @pytest.mark.parametrize(("command", "option"), list(cases()))
 def test_a_bad_value_is_a_bad_option_in_one_line(command, option, files, tripwires, monkeypatch, capsys):
     value, fragment = BAD_FOR.get(command, {}).get(option) or BAD[option]
-    base = [part.format(**files) for part in BASE[command]]
-    if option == "--initial-peers":
-        base = [part for part in base if part not in ("--new-swarm", *PEERS)]
-    args = [*command.split(), *base, option, value.format(**files)]
-    monkeypatch.setattr(sys, "argv", ["petals", *args])
-    with pytest.raises(SystemExit) as exited:
-        main_module.main()
-    stderr = capsys.readouterr().err
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert exited.value.code == 2, f"petals {' '.join(args)} -> {exited.value.code}:\n{stderr}"
-    assert len(errors) == 1 and "Traceback" not in stderr, stderr
-    assert fragment.format(**files) in errors[0], errors[0]
+    check(command, option, value, fragment, files, monkeypatch, capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_device_this_machine_lacks_is_a_bad_option(files, tripwires, monkeypatch, capsys):
+    check("serve", "--device", "cuda", "no such device", files, monkeypatch, capsys)

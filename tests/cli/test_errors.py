@@ -1,11 +1,18 @@
-"""Bad input to `petals generate` and `petals serve` gives one clear line, a hint and a fixed exit code."""
+"""Bad input to `petals generate` and `petals serve` gives one clear line, a hint and a fixed exit code.
+
+What fails before the network runs in this process (tests/cli/inprocess.py); what needs a swarm, the absence of
+one, or a traceback runs `petals` as a child process."""
 
 import subprocess
 
+import pytest
+
 from petals_cli.testing import make_tiny_model
+from tests.cli.inprocess import run_here
 from tests.conftest import petals_command
 
 UNREACHABLE = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWSgkAoWJFgBH71fVzHEnTqmJ45a7xqon4oLTzn8oSgPsN"
+PEERS = ("--initial-peers", UNREACHABLE)
 
 
 def run(*args, env=None):
@@ -22,8 +29,13 @@ def assert_one_error_line(result, exit_code, *fragments):
         assert fragment in errors[0]
 
 
-def test_bad_model_path(tmp_path):
-    result = run("generate", str(tmp_path / "missing"), "--prompt", "x", "--initial-peers", UNREACHABLE)
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(make_tiny_model(tmp_path_factory.mktemp("errors") / "tiny", num_layers=2))
+
+
+def test_bad_model_path(tmp_path, monkeypatch, capsys):
+    result = run_here(monkeypatch, capsys, "generate", str(tmp_path / "missing"), "--prompt", "x", *PEERS)
     assert_one_error_line(result, 3, "missing")
 
 
@@ -40,10 +52,9 @@ def test_no_initial_peers_explains_how_to_start_a_swarm(tmp_path, monkeypatch):
     assert_one_error_line(result, 4, "no initial peers", "--new-swarm")
 
 
-def test_serve_rejects_bad_block_ranges_and_missing_swarm_choice(tmp_path):
-    model = make_tiny_model(tmp_path / "tiny", num_layers=2)
-    assert_one_error_line(run("serve", str(model), "--blocks", "1:5", "--new-swarm"), 2, "0:2")
-    assert_one_error_line(run("serve", str(model), "--blocks", "0:1"), 2, "--new-swarm")
+def test_serve_rejects_bad_block_ranges_and_missing_swarm_choice(model, monkeypatch, capsys):
+    assert_one_error_line(run_here(monkeypatch, capsys, "serve", model, "--blocks", "1:5", "--new-swarm"), 2, "0:2")
+    assert_one_error_line(run_here(monkeypatch, capsys, "serve", model, "--blocks", "0:1"), 2, "--new-swarm")
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -55,59 +66,27 @@ def test_debug_shows_the_traceback(tmp_path):
     assert "Traceback" in result.stderr
 
 
-def test_generate_needs_exactly_one_prompt_source(tmp_path):
-    model = make_tiny_model(tmp_path / "tiny", num_layers=2)
+def test_generate_needs_exactly_one_prompt_source(model, tmp_path, monkeypatch, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello\n")
-    both = run("generate", str(model), "--prompt", "x", "--prompts-file", str(prompts), "--initial-peers", UNREACHABLE)
+    both = run_here(monkeypatch, capsys, "generate", model, "--prompt", "x", "--prompts-file", str(prompts), *PEERS)
     assert_one_error_line(both, 2, "--prompts-file")
-    assert_one_error_line(run("generate", str(model), "--initial-peers", UNREACHABLE), 2, "--prompt")
+    assert_one_error_line(run_here(monkeypatch, capsys, "generate", model, *PEERS), 2, "--prompt")
     prompts.write_text("\n")
-    empty = run("generate", str(model), "--prompts-file", str(prompts), "--initial-peers", UNREACHABLE)
+    empty = run_here(monkeypatch, capsys, "generate", model, "--prompts-file", str(prompts), *PEERS)
     assert_one_error_line(empty, 2, "no prompts")
 
 
-def test_finetune_and_serve_reject_bad_datasets_prompts_and_adapters(tmp_path):
-    model = make_tiny_model(tmp_path / "tiny", num_layers=2)
+def test_finetune_and_serve_reject_bad_datasets_prompts_and_adapters(model, tmp_path, monkeypatch, capsys):
     (tmp_path / "data.jsonl").write_text('{"body": "x"}\n')
-    peers = ("--initial-peers", UNREACHABLE)
-    result = run("finetune", str(model), "--dataset", str(tmp_path / "data.jsonl"), *peers)
+    result = run_here(monkeypatch, capsys, "finetune", model, "--dataset", str(tmp_path / "data.jsonl"), *PEERS)
     assert_one_error_line(result, 2, "no field 'text'", "body")
-    result = run("finetune", str(model), "--dataset", "d.txt", "--steps", "2", "--epochs", "2", *peers)
+    result = run_here(monkeypatch, capsys, "finetune", model, "--dataset", "d.txt", "--steps", "2", "--epochs", "2")
     assert_one_error_line(result, 2, "--steps or --epochs")
-    result = run("generate", str(model), "--prompt", "x", "--prompts", str(tmp_path), *peers)
+    result = run_here(monkeypatch, capsys, "generate", model, "--prompt", "x", "--prompts", str(tmp_path), *PEERS)
     assert_one_error_line(result, 2, "no saved prompts")
-    assert_one_error_line(run("serve", str(model), "--new-swarm", "--adapters", str(tmp_path)), 2, "adapter_config")
-
-
-def test_bad_option_values_are_bad_options_named_in_one_line(tmp_path):
-    import torch
-
-    model = str(make_tiny_model(tmp_path / "tiny", num_layers=2))
-    generate = ("generate", model, "--prompt", "x", "--initial-peers", UNREACHABLE)
-    cases = [
-        ((*generate, "--repetition-penalty", "0"), "repetition penalty 0"),
-        (("serve", model, "--new-swarm", "--port", "99999"), "--port 99999"),
-        (("serve", model, "--new-swarm", "--device", "tpu"), "--device 'tpu'"),
-    ]
-    if not torch.cuda.is_available():
-        cases.append((("serve", model, "--new-swarm", "--device", "cuda"), "no such device"))
-    for args, fragment in cases:
-        assert_one_error_line(run(*args), 2, fragment)
-
-
-def run_here(monkeypatch, capsys, *args):
-    """The real entry point in this process, for checks that need no swarm and no fresh interpreter."""
-    import sys
-
-    import pytest
-
-    from petals_cli.commands import main as main_module
-
-    monkeypatch.setattr(sys, "argv", ["petals", *args])
-    with pytest.raises(SystemExit) as exited:
-        main_module.main()
-    return subprocess.CompletedProcess(args, exited.value.code, "", capsys.readouterr().err)
+    result = run_here(monkeypatch, capsys, "serve", model, "--new-swarm", "--adapters", str(tmp_path))
+    assert_one_error_line(result, 2, "adapter_config")
 
 
 def test_a_hub_id_that_cannot_be_fetched_says_why_and_suggests_a_download(monkeypatch, capsys):
@@ -141,8 +120,6 @@ def test_finetune_takes_one_dataset(tmp_path, monkeypatch, capsys):
 
 
 def test_make_model_speaks_in_its_option_names(tmp_path, capsys):
-    import pytest
-
     from petals_cli.testing.__main__ import main as make_model
 
     with pytest.raises(SystemExit):
