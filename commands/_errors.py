@@ -15,8 +15,10 @@ def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose or os.environ.get(DEBUG_VARIABLE) == "1" else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("hivemind").setLevel(logging.WARNING if level > logging.DEBUG else logging.DEBUG)
-    for noisy in ("httpx", "urllib3", "filelock", "asyncio"):
+    for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # asyncio warns about event loops that hivemind's daemon left behind at exit: nothing a user can act on
+    logging.getLogger("asyncio").setLevel(logging.ERROR if level > logging.DEBUG else logging.DEBUG)
 
 
 def handle_errors(function):

@@ -295,8 +295,8 @@ class InferenceSession:
             for stream in streams:
                 stream.close()
             raise
-        if failed.peer_id:
-            logger.info(
+        if failed.peer_id:  # the failure's own warning is the user's one line per failover
+            logger.debug(
                 "replaced blocks %d:%d with %s in %.2fs",
                 failed.start,
                 failed.end,

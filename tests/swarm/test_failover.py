@@ -1,6 +1,7 @@
 """Servers killed for real (SIGKILL) while a client uses them: the client routes around them, exactly."""
 
 import signal
+import subprocess
 import threading
 
 import pytest
@@ -9,11 +10,10 @@ from transformers import AutoModelForCausalLM
 
 from petals_cli import AutoDistributedModelForCausalLM
 from petals_cli.config import ClientConfig
-from petals_cli.errors import NoRouteError
 from petals_cli.routing import RouteSpan
 from petals_cli.session import InferenceSession, _RemoteChain
 from petals_cli.testing import make_tiny_model
-from tests.conftest import Swarm
+from tests.conftest import Swarm, petals_command
 
 pytestmark = pytest.mark.slow
 NUM_LAYERS = 6
@@ -79,21 +79,25 @@ def test_sigkill_mid_generation_with_a_replica_gives_identical_tokens(swarm, mod
     assert output.tolist() == local.generate(PROMPT_IDS, max_new_tokens=40, do_sample=False).tolist()
 
 
-def test_sigkill_without_a_replica_raises_no_route_naming_the_blocks(swarm, model_path):
+def test_generate_losing_the_only_server_of_a_span_exits_5_naming_its_blocks_in_few_lines(swarm, model_path):
     swarm.start_many("0:3", "3:6")
-    model = connect(model_path, swarm, route_wait=2.0)
+    command = petals_command(
+        "generate", str(model_path), "--prompt", "hello", "--max-new-tokens", "1000", "--stream", "--route-wait", "1",
+        "--initial-peers", *swarm.initial_peers,
+    )  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        with model.inference_session(max_length=PROMPT_IDS.shape[1] + 40) as session:
-            streamer = KillAt(swarm, session, 5)
-            with pytest.raises(NoRouteError, match="3:6") as raised:
-                model.generate(PROMPT_IDS, max_new_tokens=40, do_sample=False, session=session, streamer=streamer)
-        assert raised.value.missing_blocks == (3, 4, 5)
-        # The kill ended it: no token came after the one that triggered it (the prompt, then 4 tokens), and the
-        # client holds the killed server as failed.
-        assert streamer.count == 5
-        assert streamer.killed in model.petals_client.bans.failures
+        assert process.stdout.read(4)  # tokens are streaming: the session runs through both servers
+        swarm.servers[1].process.send_signal(signal.SIGKILL)
+        _, stderr = process.communicate(timeout=60)  # the timeout only bounds a hang
     finally:
-        model.close()
+        process.kill()
+    lines = stderr.decode(errors="replace").splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert process.returncode == 5, lines  # NoRouteError, not a server error nor "a bug"
+    assert len(errors) == 1 and errors[0].startswith("error: no live server holds blocks 3:6"), lines
+    # One line said the server failed and a failover began; no retry, ban or transport chatter besides.
+    assert len(lines) <= 2 and "failing over" in lines[0], lines
 
 
 class FirstRouteThrough(_RemoteChain):
