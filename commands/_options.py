@@ -1,6 +1,6 @@
 """Options shared by several commands, defined once as ``Annotated`` aliases."""
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -14,7 +14,10 @@ InitialPeersOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[str | None, typer.Option(help="Torch device, e.g. cpu or cuda:0.", show_default="cpu")]
-DtypeOpt = Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16.", show_default=False)]
+DtypeOpt = Annotated[
+    Literal["auto", "float32", "bfloat16", "float16"] | None,
+    typer.Option(help="Weights' dtype; auto: the checkpoint's own.", show_default="auto"),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of text.")]
 ModelPrefixOpt = Annotated[
     str | None, typer.Option(help="DHT name of the model (default: the last part of MODEL).", show_default=False)

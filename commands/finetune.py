@@ -2,7 +2,7 @@
 
 import json
 import sys
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -18,13 +18,14 @@ def finetune(
     dataset: Annotated[
         list[str],
         typer.Option(
-            metavar="<str>",
+            metavar="PATH",
             help="JSONL, JSON, CSV or text file, or a directory saved by datasets.",
             show_default=False,
         ),
     ],
     method: Annotated[
-        str, typer.Option(help="ptune (input prefix) or deep_ptune (also per-block prompts).")
+        Literal["ptune", "deep_ptune"],
+        typer.Option(help="ptune: an input prefix; deep_ptune: per-block prompts too."),
     ] = "ptune",
     text_field: Annotated[str, typer.Option(help="The field holding the text (JSONL, CSV, saved datasets).")] = "text",
     seq_len: Annotated[int, typer.Option(min=1, help="Tokens per training sequence.")] = 64,

@@ -48,7 +48,7 @@ def main() -> None:
     # Not standalone: a usage error (unknown option, a value of the wrong type or out of range) is one line and
     # exit code 2 like every other bad option, instead of a usage banner and a box.
     try:
-        code = app(prog_name="petals", standalone_mode=False)  # also as `python -m petals_cli.commands`
+        code = command()(prog_name="petals", standalone_mode=False)  # also as `python -m petals_cli.commands`
     except typer.Abort:
         typer.echo("error: interrupted", err=True)
         code = 130
@@ -60,6 +60,35 @@ def main() -> None:
         else:
             typer.echo(f"error: {_usage_message(error)}", err=True)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+# How --help names a value, by its Python type; choices show as <a|b|c> and flags take no value.
+VALUE_NAMES = {"int": "INTEGER", "float": "NUMBER", "str": "TEXT", "list[str]": "TEXT"}
+
+
+def command():
+    """The app as the parser sees it, with plain value names in --help (INTEGER, TEXT, MODEL) instead of Typer's
+    <int>, <str> and <bool> on flags."""
+    import typer.core
+
+    root = typer.main.get_command(app)
+    pending = [root]
+    while pending:
+        current = pending.pop()
+        pending.extend(getattr(current, "commands", {}).values())
+        context = typer.core._click.Context(current, **root.context_settings)  # -h and --help, as when it runs
+        help_option = current.get_help_option(context)
+        for param in [*current.params, *([help_option] if help_option is not None else [])]:
+            if param.metavar is not None:
+                continue
+            if param.param_type_name == "argument":
+                param.metavar = param.name.upper()
+                param.display_type_rich = lambda ctx: None  # the name says it; Typer would add <str>
+            elif getattr(param, "is_flag", False):
+                param.metavar = ""
+            elif not param.type_descriptor.is_choice:
+                param.metavar = VALUE_NAMES.get(param.bare_type(), param.bare_type().upper())
+    return root
 
 
 def _usage_message(error: Exception) -> str:

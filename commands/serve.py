@@ -1,6 +1,6 @@
 """`petals serve`: host a span of a model's blocks in the swarm."""
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -41,8 +41,10 @@ def serve(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     quant: Annotated[
-        str | None,
-        typer.Option(help="Quantise the blocks' weights: none, int8 or nf4 (bitsandbytes).", show_default="none"),
+        Literal["none", "int8", "nf4"] | None,
+        typer.Option(
+            help="Quantise the blocks' weights with bitsandbytes: LLM.int8 or 4-bit NF4.", show_default="none"
+        ),
     ] = None,
     public_name: Annotated[str | None, typer.Option(help="A name shown to others in swarm listings.")] = None,
     address_file: Annotated[

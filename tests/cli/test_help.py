@@ -57,3 +57,18 @@ def test_every_swarm_subcommand_is_covered():
 
     registered = {command.name or command.callback.__name__ for command in swarm_app.registered_commands}
     assert registered == {command[1] for command in COMMANDS if command[:1] == ["swarm"] and len(command) == 2}
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda command: " ".join(command) or "petals")
+def test_help_names_values_plainly_and_lists_choices(command, monkeypatch, capsys):
+    from petals_cli.commands.main import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(sys, "argv", ["petals", *command, "--help"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    text = capsys.readouterr().out
+    assert exited.value.code == 0 and "Usage" in text
+    assert not [noise for noise in ("<bool>", "<str>", "<int>", "<float>", "{model}") if noise in text], text
+    if command == ["serve"]:
+        assert "{MODEL}" in text and "INTEGER" in text and "<none|int8|nf4>" in text and "<auto|float32|" in text
