@@ -128,8 +128,12 @@ def _command(conversation, line: str) -> bool:
             err=True,
         )
     elif name == "/save" and argument:
-        conversation.save(argument)
-        typer.echo(f"saved to {argument}", err=True)
+        try:
+            conversation.save(argument)
+        except OSError as error:  # a bad path must not end the conversation
+            typer.echo(f"cannot save to {argument}: {error.strerror or error}", err=True)
+        else:
+            typer.echo(f"saved to {argument}", err=True)
     elif name == "/save":
         typer.echo(f"/save needs a file name; {HELP}", err=True)
     elif name == "/params":

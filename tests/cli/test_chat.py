@@ -63,7 +63,12 @@ def test_two_turns_reuse_one_session_and_reset_opens_a_new_one(swarm):
     chat.expect_exact("conversation reset")
     chat.expect_exact(PROMPT)
     assert stats(chat) == (0, 0), "a reset conversation reports a fresh state"
-    for command, answer in [("/foo", "unknown command /foo; commands: "), ("/save", "/save needs a file name; ")]:
+    replies = [
+        ("/foo", "unknown command /foo; commands: "),
+        ("/save", "/save needs a file name; "),
+        ("/save /nonexistent/chat.json", "cannot save to /nonexistent/chat.json: "),  # and the chat goes on
+    ]
+    for command, answer in replies:
         chat.sendline(command)
         chat.expect_exact(answer)
         chat.expect_exact(PROMPT)
