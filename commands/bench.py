@@ -1,7 +1,7 @@
 """`petals bench`: throughput through the swarm, side by side with local transformers."""
 
 import json
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -17,16 +17,17 @@ from petals_cli.commands._options import (
     VerboseOpt,
     trust_options,
 )
+from petals_cli.commands._progress import spinner
 
 
 @handle_errors
 def bench(
     model: ModelArg,
-    mode: Annotated[str, typer.Option(help="inference, forward, training or all.")] = "all",
+    mode: Annotated[Literal["inference", "forward", "training", "all"], typer.Option(help="What to measure.")] = "all",
     seq_len: Annotated[int, typer.Option(min=1, help="Prompt / sequence length in tokens.")] = 64,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per request.")] = 1,
     new_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per inference run.")] = 128,
-    repeats: Annotated[int, typer.Option(min=1, help="Measured runs per figure (after one warm-up).")] = 3,
+    repeats: Annotated[int, typer.Option(min=1, help="Measured runs per figure (after a warm-up).")] = 3,
     compare_local: Annotated[
         bool, typer.Option("--compare-local", help="Also run the model locally in transformers; report ratios.")
     ] = False,
@@ -42,7 +43,6 @@ def bench(
     verbose: VerboseOpt = False,
 ) -> None:
     """Measure inference steps/s, time to first token, forward and training tokens/s (medians, min-max)."""
-    from petals_cli.bench import run_bench
     from petals_cli.config import BenchConfig, ClientConfig
 
     setup_logging(verbose)
@@ -56,7 +56,13 @@ def bench(
         from petals_cli.errors import ConfigError
 
         raise ConfigError("bench needs a swarm: pass --initial-peers, or --local-swarm N to start one")
-    report = run_bench(config, client)
+    with spinner("Loading petals…") as feedback:
+        from petals_cli.bench import run_bench
+
+        def on_phase(phase: str) -> None:
+            feedback.say(f"{phase[:1].upper()}{phase[1:]}…")
+
+        report = run_bench(config, client, on_phase=on_phase, on_route_wait=feedback.route_wait)
     if json_output:
         typer.echo(json.dumps(report.to_json()))
         return
@@ -65,20 +71,36 @@ def bench(
 
 def _render(report) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    ratios = report.ratios()
-    table = Table(
-        title=f"petals bench {report.model}" + (f" ({len(report.servers)} local servers)" * bool(report.servers))
-    )
+    from petals_cli.bench import SPREAD_LIMIT
+
+    ratios, unstable, repeats = report.ratios(), report.unstable(), report.config["repeats"]
+    title = escape(f"petals bench {report.model}") + f" ({len(report.servers)} local servers)" * bool(report.servers)
+    table = Table(title=title, caption=f"median of {repeats} run{'s' * (repeats != 1)} ± half their range")
     for column in ("figure", "swarm", "local", "swarm/local"):
         table.add_column(column, justify="left" if column == "figure" else "right")
     for name, measured in report.swarm.items():
         local = report.local.get(name)
         table.add_row(
             f"{measured.name} ({measured.unit})",
-            f"{measured.median:.4g} [{measured.low:.4g}–{measured.high:.4g}]",
-            f"{local.median:.4g} [{local.low:.4g}–{local.high:.4g}]" if local else "—",
+            _cell(measured, f"swarm.{name}" in unstable),
+            _cell(local, f"local.{name}" in unstable) if local else "—",
             f"{ratios[name]:.3f}×" if name in ratios else "—",
         )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if unstable:
+        load, cpus = report.machine.get("load_average"), report.machine.get("cpus")
+        busy = f" on a machine with load {load} on {cpus} CPUs" * (load is not None)
+        console.print(
+            f"[yellow]warning:[/] the runs of {len(unstable)} figure(s) (marked !) differ by more than "
+            f"{SPREAD_LIMIT:.0%} of their median{busy}: not reliable; rerun on an idle machine or with more --repeats"
+        )
+
+
+def _cell(measured, unstable: bool) -> str:
+    """The median ± half the runs' range (as a share of the median), and ! when they differ too much."""
+    median = f"{measured.median:,.0f}" if measured.median >= 1000 else f"{measured.median:.4g}"
+    return f"{median} ±{measured.spread / 2:.0%}" + (" !" if unstable else "")

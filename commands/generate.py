@@ -20,7 +20,7 @@ from petals_cli.commands._options import (
     VerboseOpt,
     trust_options,
 )
-from petals_cli.commands._progress import open_model_with_feedback
+from petals_cli.commands._progress import open_model_with_feedback, spinner
 
 
 @handle_errors
@@ -66,7 +66,10 @@ def generate(
     swarm."""
     from petals_cli.config import ClientConfig
     from petals_cli.errors import ConfigError
-    from petals_cli.generation import GenerationOptions, generate, generate_batch, read_prompts
+
+    with spinner("Loading petals…"):  # torch and transformers: seconds of a blank terminal otherwise
+        from petals_cli.generation import GenerationOptions, generate, generate_batch, read_prompts
+    from petals_cli.textsafe import escape_line, for_terminal
 
     setup_logging(verbose)
     if (prompt is None) == (prompts_file is None):
@@ -87,20 +90,23 @@ def generate(
         try:
             for first in range(0, len(texts), batch_size):
                 results = generate_batch(distributed, tokenizer, texts[first : first + batch_size], options)
-                for index, result in enumerate(results, first):
-                    typer.echo(json.dumps({"index": index, **result.to_json()}) if json_output else result.text)
+                for index, result in enumerate(results, first):  # one line per result, whatever the text holds
+                    line = escape_line(result.text)
+                    typer.echo(json.dumps({"index": index, **result.to_json()}) if json_output else line)
         finally:
             distributed.close()
         return
     prompt = sys.stdin.read() if prompt == "-" else prompt
     stream = sys.stdout.isatty() if stream is None else stream
+    # one result, printed as it is; only a terminal gets control characters as visible escapes
+    show = for_terminal if sys.stdout.isatty() else str
     distributed, tokenizer = open_model_with_feedback(model, config, prompts=prompts)
     try:
-        on_text = (lambda text: (sys.stdout.write(text), sys.stdout.flush())) if stream and not json_output else None
+        on_text = (lambda text: print(show(text), end="", flush=True)) if stream and not json_output else None
         result = generate(distributed, tokenizer, prompt, options, on_text=on_text)
     finally:
         distributed.close()
     if json_output:
         typer.echo(json.dumps(result.to_json()))
-    else:
-        typer.echo("" if on_text else result.text)
+    else:  # print, not typer.echo: echo strips ANSI sequences from redirected text
+        print("" if on_text else show(result.text))

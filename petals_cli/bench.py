@@ -1,8 +1,14 @@
 """Benchmark runners: inference, forward and training throughput through the swarm, and locally.
 
 ``run_bench(config)`` optionally starts a local swarm, measures the distributed model, optionally measures
-the same model in plain transformers (in a separate process, with torch's default threading: local's best
-case), and returns a ``BenchReport`` of medians with their spread. Knows nothing about rendering.
+the same model in plain transformers (in a separate process, its best case: the faster of one thread or all
+cores), and returns a ``BenchReport`` of medians with their spread, flagging figures whose runs disagree.
+``on_phase`` hears what it is doing. Knows nothing about rendering.
+
+Why the care: on a shared machine, one timed call of a few milliseconds is mostly scheduler noise, the first calls
+pay for connections and allocations, and OpenMP threads that spin (torch's default) stall whenever another process
+holds a core: the same local figure moved 10x within one run. So both sides' threads wait passively (as the peers'
+do), everything warms up for a while, and every sample averages enough calls to last ``MIN_SAMPLE_SECONDS``.
 """
 
 from __future__ import annotations
@@ -14,12 +20,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from petals_cli.config import BenchConfig, ClientConfig
+
+SPREAD_LIMIT = 0.3  # runs spanning more of their median (over ±15%) are flagged: a ratio of such figures means little
+WARMUP_SECONDS = 1.0  # of calls after the first: a tiny model's swarm forward still sped up 1.5x over the first second
+MIN_SAMPLE_SECONDS = 0.25  # each sample averages as many calls as fill this
+
+
+def _quiet(_: str) -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -29,10 +44,17 @@ class Measurement:
     median: float
     low: float
     high: float
+    spread: float = 0.0  # (high - low) / median
 
     @classmethod
     def of(cls, name: str, unit: str, samples: list[float]) -> Measurement:
-        return cls(name, unit, round(statistics.median(samples), 4), round(min(samples), 4), round(max(samples), 4))
+        median, low, high = statistics.median(samples), min(samples), max(samples)
+        spread = (high - low) / median if median > 0 else 0.0
+        return cls(name, unit, round(median, 4), round(low, 4), round(high, 4), round(spread, 3))
+
+    @property
+    def unstable(self) -> bool:
+        return self.spread > SPREAD_LIMIT
 
 
 @dataclass
@@ -42,6 +64,7 @@ class BenchReport:
     swarm: dict[str, Measurement] = field(default_factory=dict)
     local: dict[str, Measurement] = field(default_factory=dict)
     servers: list[str] = field(default_factory=list)
+    machine: dict = field(default_factory=dict)  # CPUs, torch threads, OpenMP wait policy, load when it began
 
     def ratios(self) -> dict[str, float]:
         """swarm / local for every figure measured both ways (for times, local / swarm: above 1 is better)."""
@@ -53,15 +76,35 @@ class BenchReport:
                 ratios[name] = round(ratio if higher_is_better else 1 / ratio, 3)
         return ratios
 
+    def unstable(self) -> list[str]:
+        """``side.figure`` for every figure whose runs differ by more than ``SPREAD_LIMIT`` of its median."""
+        sides = {"swarm": self.swarm, "local": self.local}
+        return [
+            f"{side}.{name}" for side, figures in sides.items() for name, value in figures.items() if value.unstable
+        ]
+
     def to_json(self) -> dict:
         return {
             "model": self.model,
             "config": self.config,
             "servers": self.servers,
+            "machine": self.machine,
             "swarm": {name: asdict(value) for name, value in self.swarm.items()},
             "local": {name: asdict(value) for name, value in self.local.items()},
             "swarm_over_local": self.ratios(),
+            "spread_limit": SPREAD_LIMIT,
+            "unstable": self.unstable(),
         }
+
+
+def machine() -> dict:
+    """What the figures depend on beyond the model: cores, threads, how idle threads wait, how busy the machine was."""
+    return {
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
 
 
 class _TokenClock:
@@ -80,30 +123,42 @@ class _TokenClock:
         pass
 
 
-def measure(model, config: BenchConfig) -> dict[str, Measurement]:
+def measure(model, config: BenchConfig, on_step: Callable[[str], None] = _quiet) -> dict[str, Measurement]:
     """Every figure ``config.mode`` asks for, measured on ``model`` (distributed or local, same API)."""
-    generator = torch.Generator().manual_seed(0)
-    vocab = model.get_input_embeddings().weight.shape[0]
-    input_ids = torch.randint(4, vocab, (config.batch_size, config.seq_len), generator=generator)
+    input_ids = _input_ids(model, config)
     results: dict[str, Measurement] = {}
     modes = ("inference", "forward", "training") if config.mode == "all" else (config.mode,)
     if "inference" in modes:
-        results.update(_inference(model, input_ids, config))
+        steps = _steps_per_second(model, input_ids, config, _prefixed("inference, ", on_step))
+        if steps:  # one new token has no step after it
+            results["inference_steps_per_s"] = Measurement.of("inference", "steps/s", steps)
+        step = _prefixed("time to first token, ", on_step)
+        seconds = _seconds_per_call(lambda: _first_token(model, input_ids), config.repeats, step, warmup=0.0)
+        results["time_to_first_token_s"] = Measurement.of("time to first token", "s", seconds)
     tokens = config.batch_size * config.seq_len
     if "forward" in modes:
-        times = [_timed(lambda: _forward(model, input_ids)) for _ in range(config.repeats + 1)][1:]
-        results["forward_tokens_per_s"] = Measurement.of("forward", "tokens/s", [tokens / t for t in times])
+        step = _prefixed("forward, ", on_step)
+        seconds = _seconds_per_call(lambda: _forward(model, input_ids), config.repeats, step)
+        results["forward_tokens_per_s"] = Measurement.of("forward", "tokens/s", [tokens / t for t in seconds])
     if "training" in modes:
-        times = [_timed(lambda: _training_step(model, input_ids)) for _ in range(config.repeats + 1)][1:]
-        results["training_tokens_per_s"] = Measurement.of("training", "tokens/s", [tokens / t for t in times])
+        step = _prefixed("training, ", on_step)
+        seconds = _seconds_per_call(lambda: _training_step(model, input_ids), config.repeats, step)
+        results["training_tokens_per_s"] = Measurement.of("training", "tokens/s", [tokens / t for t in seconds])
     return results
 
 
-def _inference(model, input_ids, config: BenchConfig) -> dict[str, Measurement]:
-    steps, first_token = [], []
+def _input_ids(model, config: BenchConfig) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    return torch.randint(4, vocab, (config.batch_size, config.seq_len), generator=generator)
+
+
+def _steps_per_second(model, input_ids, config: BenchConfig, on_step: Callable[[str], None]) -> list[float]:
+    """Steps/s of each generate() run after the first (the prompt's prefill left out: that is time to first token)."""
+    steps = []
     for repeat in range(config.repeats + 1):  # the first run warms up connections and caches
+        on_step(f"run {repeat}/{config.repeats}" if repeat else "warming up")
         clock = _TokenClock()
-        started = time.perf_counter()
         model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -113,12 +168,45 @@ def _inference(model, input_ids, config: BenchConfig) -> dict[str, Measurement]:
             streamer=clock,
         )
         if repeat and len(clock.times) > 1:
-            first_token.append(clock.times[0] - started)
             steps.append((len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
-    return {
-        "inference_steps_per_s": Measurement.of("inference", "steps/s", steps),
-        "time_to_first_token_s": Measurement.of("time to first token", "s", first_token),
-    }
+    return steps
+
+
+def _first_token(model, input_ids) -> None:
+    """One token: a session opened (through the swarm), the prompt's prefill and one step."""
+    model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=1, do_sample=False)
+
+
+def _prefixed(prefix: str, on_step: Callable[[str], None]) -> Callable[[str], None]:
+    return lambda step: on_step(prefix + step)
+
+
+def _seconds_per_call(
+    function, repeats: int, on_step: Callable[[str], None], *, warmup: float = WARMUP_SECONDS
+) -> list[float]:
+    """``repeats`` samples of the seconds one call takes, each averaged over at least ``MIN_SAMPLE_SECONDS`` of
+    calls, after a first call and ``warmup`` seconds more of them."""
+    on_step("warming up")
+    function()
+    if warmup > 0:
+        _calls_filling(function, warmup)
+    samples = []
+    for repeat in range(1, repeats + 1):
+        on_step(f"run {repeat}/{repeats}")
+        calls, seconds = _calls_filling(function, MIN_SAMPLE_SECONDS)
+        samples.append(seconds / calls)
+    return samples
+
+
+def _calls_filling(function, seconds: float) -> tuple[int, float]:
+    """Call ``function`` until ``seconds`` have passed (once at least): how many calls, how long they took."""
+    calls, started = 0, time.perf_counter()
+    while True:
+        function()
+        calls += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= seconds:
+            return calls, elapsed
 
 
 @torch.no_grad()
@@ -127,22 +215,24 @@ def _forward(model, input_ids):
 
 
 def _training_step(model, input_ids):
+    """Forward and backward to the inputs; the weights are frozen on both sides, as the swarm's blocks are."""
     embeddings = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
     model(inputs_embeds=embeddings, labels=input_ids).loss.backward()
 
 
-def _timed(function) -> float:
-    started = time.perf_counter()
-    function()
-    return time.perf_counter() - started
+def run_bench(
+    config: BenchConfig,
+    client_config: ClientConfig,
+    on_phase: Callable[[str], None] = _quiet,
+    on_route_wait: Callable[[tuple[int, ...], float], None] | None = None,
+) -> BenchReport:
+    """Measure through the swarm (starting a local one if asked), and locally when ``compare_local``.
 
-
-def run_bench(config: BenchConfig, client_config: ClientConfig) -> BenchReport:
-    """Measure through the swarm (starting a local one if asked), and locally when ``compare_local``."""
+    ``on_phase`` hears each phase in words; ``on_route_wait`` becomes the client's ``on_route_wait``."""
     from petals_cli.remote_model import AutoDistributedModelForCausalLM
     from petals_cli.testing.swarm import Swarm, even_spans
 
-    report = BenchReport(model=config.model, config=asdict(config))
+    report = BenchReport(model=config.model, config=asdict(config), machine=machine())
     swarm = None
     try:
         if config.local_swarm:
@@ -151,34 +241,77 @@ def run_bench(config: BenchConfig, client_config: ClientConfig) -> BenchReport:
             num_blocks = AutoConfig.from_pretrained(config.model).num_hidden_layers
             swarm = Swarm(model=Path(config.model), workdir=Path(tempfile.mkdtemp(prefix="petals-bench-")))
             report.servers = even_spans(num_blocks, config.local_swarm)
+            on_phase(f"starting a local swarm of {len(report.servers)} servers")
             swarm.start_many(*report.servers)
             client_config = ClientConfig(**{**asdict(client_config), "initial_peers": tuple(swarm.initial_peers)})
+        on_phase("loading the model and connecting to the swarm")
         model = AutoDistributedModelForCausalLM.from_pretrained(config.model, config=client_config)
+        model.petals_client.on_route_wait = on_route_wait
         try:
-            report.swarm = measure(model, config)
+            report.swarm = measure(model, config, _prefixed("measuring through the swarm: ", on_phase))
         finally:
             model.close()
     finally:
         if swarm is not None:
+            on_phase("stopping the local swarm")
             swarm.stop()
     if config.compare_local:
-        report.local = _measure_locally(config)
+        on_phase("measuring locally in transformers: loading the model")
+        local_phase = _prefixed("measuring locally in transformers: ", on_phase)
+        report.local, report.machine["local_torch_threads"] = _measure_locally(config, local_phase)
     return report
 
 
-def _measure_locally(config: BenchConfig) -> dict[str, Measurement]:
-    environment = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+def _measure_locally(config: BenchConfig, on_step: Callable[[str], None]) -> tuple[dict[str, Measurement], int]:
+    """``measure`` on plain transformers in a child process, which reports its steps as JSON lines; the figures
+    and the torch threads it chose."""
+    environment = dict(os.environ)
+    environment.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the peers wait: spinning threads made local erratic
     command = [sys.executable, "-m", "petals_cli.bench", json.dumps(asdict(config))]
-    output = subprocess.run(command, env=environment, capture_output=True, text=True, check=True).stdout
-    return {name: Measurement(**value) for name, value in json.loads(output).items()}
+    result: dict = {}
+    with tempfile.TemporaryFile() as errors:
+        with subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=errors, text=True) as child:
+            for line in child.stdout:
+                try:
+                    message = json.loads(line)
+                except ValueError:  # not ours (a library printing to stdout)
+                    continue
+                if "step" in message:
+                    on_step(message["step"])
+                result.update(message)
+        if child.returncode != 0 or "figures" not in result:
+            errors.seek(0)
+            stderr = errors.read().decode(errors="replace")
+            raise subprocess.CalledProcessError(child.returncode, command, stderr=stderr)
+    return {name: Measurement(**value) for name, value in result["figures"].items()}, result["threads"]
+
+
+def _fastest_threads(model, input_ids) -> int:
+    """Local's best case while threads wait passively: all cores, or one (a tiny model loses more waking threads
+    than it gains from them: 2x on 2 cores). Picked by timing forward passes with each."""
+    seconds_per_call = {}
+    for threads in sorted({torch.get_num_threads(), 1}, reverse=True):
+        torch.set_num_threads(threads)
+        _forward(model, input_ids)
+        calls, seconds = _calls_filling(lambda: _forward(model, input_ids), MIN_SAMPLE_SECONDS)
+        seconds_per_call[threads] = seconds / calls
+    fastest = min(seconds_per_call, key=seconds_per_call.get)
+    torch.set_num_threads(fastest)
+    return fastest
 
 
 def _local_main(config_json: str) -> None:
     from transformers import AutoModelForCausalLM
 
+    def tell(**message) -> None:
+        print(json.dumps(message), flush=True)
+
     config = BenchConfig(**json.loads(config_json))
-    model = AutoModelForCausalLM.from_pretrained(config.model).eval()
-    print(json.dumps({name: asdict(value) for name, value in measure(model, config).items()}))
+    model = AutoModelForCausalLM.from_pretrained(config.model).eval().requires_grad_(False)
+    tell(step="choosing the number of threads")
+    threads = _fastest_threads(model, _input_ids(model, config))
+    figures = measure(model, config, lambda step: tell(step=step))
+    tell(threads=threads, figures={name: asdict(value) for name, value in figures.items()})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from petals_cli import routing, security, transport
@@ -48,6 +48,9 @@ class SwarmClient:
         self.rtts: dict[str, float] = {}
         self._snapshots: dict[str, tuple[float, SwarmSnapshot]] = {}
         self._refreshers: dict[str, asyncio.Task] = {}
+        # Told while route() waits for servers: (blocks still missing, seconds left), then ((), 0.0) when the wait
+        # ends either way. Called on the client's loop thread; the CLI turns it into a spinner.
+        self.on_route_wait: Callable[[tuple[int, ...], float], None] | None = None
         try:
             self.run(self._start(), timeout=config.connect_timeout)
         except BaseException:
@@ -141,9 +144,9 @@ class SwarmClient:
         wait: float | None = None,
     ) -> list[RouteSpan]:
         """A route over [start, end); waits up to ``wait`` (default ``route_wait``) seconds for missing blocks
-        or bans to clear, then raises NoRouteError."""
+        or bans to clear, then raises NoRouteError. A wait is reported to ``on_route_wait``."""
         deadline = time.monotonic() + (self.config.route_wait if wait is None else wait)
-        max_age = None
+        max_age, waited = None, False
         while True:
             snapshot = await self.snapshot(prefix, num_blocks, max_age=max_age)
             banned = self.bans.banned(time.monotonic()) | routing.untrusted(
@@ -151,7 +154,7 @@ class SwarmClient:
             )
             try:
                 if inference:
-                    return routing.inference_route(
+                    spans = routing.inference_route(
                         snapshot,
                         start,
                         end,
@@ -160,26 +163,36 @@ class SwarmClient:
                         cache_tokens_needed=cache_tokens_needed,
                         adapter=self.config.active_adapter,
                     )
-                return routing.training_route(
-                    snapshot,
-                    start,
-                    end,
-                    rtts=self.rtts,
-                    banned=banned,
-                    rng=self._rng,
-                    adapter=self.config.active_adapter,
-                )
-            except NoRouteError:
+                else:
+                    spans = routing.training_route(
+                        snapshot,
+                        start,
+                        end,
+                        rtts=self.rtts,
+                        banned=banned,
+                        rng=self._rng,
+                        adapter=self.config.active_adapter,
+                    )
+            except NoRouteError as error:
                 if max_age != 0.0:  # servers may have joined since the last read: look again right away
                     max_age = 0.0
                     continue
-                if time.monotonic() >= deadline:
+                seconds_left = deadline - time.monotonic()
+                if self.on_route_wait is not None and (waited or seconds_left > 0):
+                    missing = error.missing_blocks or tuple(range(start, num_blocks if end is None else end))
+                    self.on_route_wait(missing if seconds_left > 0 else (), max(0.0, seconds_left))
+                    waited = seconds_left > 0
+                if seconds_left <= 0:
                     raise
-            await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+                await asyncio.sleep(min(0.5, seconds_left))
+                continue
+            if waited:
+                self.on_route_wait((), 0.0)
+            return spans
 
     def ban(self, peer_id: str) -> None:
         seconds = self.bans.ban(peer_id, time.monotonic())
-        logger.info("server %s failed; avoiding it for %.0fs", peer_id[-8:], seconds)
+        logger.debug("server %s failed; avoiding it for %.0fs", peer_id[-8:], seconds)  # the failover said why
 
     def succeed(self, peer_id: str) -> None:
         if peer_id in self.bans.failures:
