@@ -46,6 +46,9 @@ class ServerStatus:
     connection: str  # how this client reaches it: "direct", "relayed" or "unknown" (not connected)
     pings: dict[str, float]  # peer id of a server holding its next block -> round trip it published, seconds
     rtt: float | None  # this client's own round trip to it, seconds; None when not measured
+    batch_size: int = 0  # sessions in its last step, as announced (more than 1: batched)
+    queue_length: int = 0  # steps waiting for its compute thread, as announced
+    largest_batch: int = 0
 
     @property
     def short_id(self) -> str:
@@ -179,6 +182,9 @@ def _server_status(
         connection=connection_kind(addresses),
         pings={str(key): float(value) for key, value in info.pings.items() if isinstance(value, (int, float))},
         rtt=rtt,
+        batch_size=info.batch_size,
+        queue_length=info.queue_length,
+        largest_batch=info.largest_batch,
     )
 
 

@@ -130,6 +130,9 @@ class ServerInfo(WireRecord):
     forward_rps: float = 0.0
     adapters: tuple[str, ...] = ()
     pings: dict = dataclasses.field(default_factory=dict)
+    batch_size: int = 0  # sessions in the step engine's last step (1 alone, more when batched)
+    queue_length: int = 0  # steps waiting for the compute thread
+    largest_batch: int = 0  # the most sessions one step has run together since the server started
 
 
 @dataclasses.dataclass(frozen=True)

@@ -215,6 +215,57 @@ class SpanRunner(nn.Module):
                 output = view(**inputs, **kwargs)
         return output[0].to(hidden.dtype)
 
+    # Model types whose blocks take explicit positions and a ready 4D mask in the standard way (rotary, no ALiBi, no
+    # soft-capping): their one-token steps of different sessions may run as one batch.
+    BATCHABLE_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma"})
+
+    def can_batch(self, cache) -> bool:
+        from petals_cli.families.kv_cache import batchable
+
+        model_type = getattr(self.base.config, "model_type", "")
+        return model_type in self.BATCHABLE_MODEL_TYPES and self._takes_position_ids and batchable(cache)
+
+    def forward_batched(
+        self,
+        hiddens: list[torch.Tensor],
+        start: int,
+        end: int,
+        caches: list,
+        attention_masks: list[torch.Tensor | None],
+        position_ids: list[torch.Tensor | None],
+    ) -> list[torch.Tensor]:
+        """One-token steps of several sessions over blocks [start, end), run as one batch; each session's output
+        is what ``forward`` would give it alone (up to float rounding of the batched matrix products).
+
+        ``hiddens[i]`` is [b_i, 1, hidden]; ``attention_masks[i]`` [b_i, cached + 1] or None (no padding);
+        ``position_ids[i]`` [b_i, 1] or None (the next position)."""
+        from petals_cli.families.kv_cache import StackedCache
+
+        first, last = start - self.start, end - self.start
+        view = self._view(first, last)
+        self._bind_layer_indices(first, last)
+        lengths = [cache.get_seq_length() + 1 for cache in caches]  # after this step
+        longest = max(lengths)
+        rows = [hidden.shape[0] for hidden in hiddens]
+        allowed = torch.zeros(sum(rows), longest, dtype=torch.bool)
+        positions, row = [], 0
+        for hidden, length, mask, given in zip(hiddens, lengths, attention_masks, position_ids, strict=True):
+            count = hidden.shape[0]
+            allowed[row : row + count, :length] = True if mask is None else mask[:, :length].bool()
+            positions.append(torch.full((count, 1), length - 1) if given is None else given.long())
+            row += count
+        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        device = self.device
+        inputs = dict(
+            inputs_embeds=torch.cat(hiddens).to(device=device, dtype=self.dtype),
+            attention_mask=mask[:, None, None, :].to(device),
+            position_ids=torch.cat(positions).to(device),
+            use_cache=True,
+            **compat.cache_kwargs(view, StackedCache(caches, rows)),
+        )
+        output = view(**inputs)[0]
+        return [part.to(hidden.dtype) for part, hidden in zip(output.split(rows), hiddens, strict=True)]
+
     @contextlib.contextmanager
     def _adding_prompts(self, first: int, last: int, prompts: torch.Tensor):
         prompts = prompts.to(self.dtype)

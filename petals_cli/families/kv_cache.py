@@ -82,3 +82,42 @@ def preallocate(cache, capacity: int):
     """Replace a fresh ``cache``'s plain full-attention layers by ``PreallocatedLayer``s of ``capacity`` positions."""
     cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+class StackedCache:
+    """Several sessions' caches seen as one, for a batched one-token step of the same blocks.
+
+    Rows ``[row, row + b)`` of the batch belong to the session whose cache is listed there. ``update`` writes each
+    session's new keys and values into its own cache (in place) and returns everyone's keys and values stacked
+    and right-padded to the longest; the caller's 4D mask hides the padding. Duck-typed: the attention modules
+    only call ``update`` when they are given a ready 4D mask and explicit positions.
+    """
+
+    def __init__(self, caches: list, rows: list[int]):
+        self.caches, self.rows = caches, rows
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(cache.get_seq_length(layer_idx) for cache in self.caches)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values, row = [], [], 0
+        for cache, count in zip(self.caches, self.rows, strict=True):
+            key, value = cache.layers[layer_idx].update(key_states[row : row + count], value_states[row : row + count])
+            keys.append(key)
+            values.append(value)
+            row += count
+        longest = max(key.shape[-2] for key in keys)
+        stacked = []
+        for parts in (keys, values):
+            out = parts[0].new_zeros(row, *parts[0].shape[1:-2], longest, parts[0].shape[-1])
+            start = 0
+            for part in parts:
+                out[start : start + part.shape[0], ..., : part.shape[-2], :] = part
+                start += part.shape[0]
+            stacked.append(out)
+        return stacked[0], stacked[1]
+
+
+def batchable(cache) -> bool:
+    """Whether a session cache can join a batched step: every layer is a plain full-attention one."""
+    return bool(cache.layers) and all(type(layer) is PreallocatedLayer for layer in cache.layers)

@@ -1,8 +1,9 @@
 """The server's RPC handlers: inference streams with per-session caches, forward, backward and info.
 
 Every request is validated (protocol, model prefix, block range, tensor shapes and dtypes, lengths) before
-any compute; a bad request gets a typed error response and the server carries on. Torch work runs on one
-dedicated thread so the event loop keeps answering (info RPCs, DHT) while a step computes.
+any compute; a bad request gets a typed error response and the server carries on. Torch work runs on the step
+engine's one thread (``engine.py``), which runs the one-token steps of sessions waiting together as one batch;
+the event loop keeps answering (info RPCs, DHT) while a step computes.
 
 Memory is bounded before it is spent: a session's ``batch_size * max_length`` is checked against hard limits
 and reserved in the ``CacheBudget`` before its cache exists, and no step may take it past ``max_length``.
@@ -18,7 +19,6 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import msgpack
@@ -38,6 +38,7 @@ from petals_cli.families.base import SpanRunner
 from petals_cli.server import validation
 from petals_cli.server.adapters import NO_ADAPTERS, SpanAdapters
 from petals_cli.server.cache import CacheBudget
+from petals_cli.server.engine import StepEngine, StepJob
 from petals_cli.server.graphs import KeptGraphs, SavedBytes
 from petals_cli.server.validation import Limits, PeerSessions
 from petals_cli.wire import SpanRequest, StepRequest, StepResponse
@@ -82,13 +83,13 @@ class BlockHandler:
         self.info = info
         self.sessions: dict[str, Session] = {}
         self.graphs = KeptGraphs(max_bytes=limits.max_kept_graph_bytes)
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="petals-compute")
+        self.engine = StepEngine(self._run_group)  # owns the compute thread
 
     def shutdown(self) -> None:
-        self._compute.shutdown(wait=False, cancel_futures=True)
+        self.engine.shutdown()
 
     async def _run(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._compute, function, *args)
+        return await self.engine.run(function, *args)
 
     # --- validation -------------------------------------------------------------------------------------
 
@@ -257,8 +258,19 @@ class BlockHandler:
             positions = extras.get("position_ids")
             if mask is not None and positions is None:
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, session.position :]
-            span_args = (request.start_block, request.end_block, session.cache, mask, positions, prompts)
-            output = await self._deadline(self._run(self._forward, hidden, *span_args, request.adapter))
+            job = StepJob(
+                session.id,
+                session.peer,
+                (request.start_block, request.end_block),
+                request.adapter,
+                hidden,
+                session.cache,
+                attention_mask=mask,
+                position_ids=positions,
+                prompts=prompts,
+                batchable=hidden.shape[1] == 1 and prompts is None and self.span.can_batch(session.cache),
+            )
+            output = await self._deadline(self.engine.submit(job))
             session.position += hidden.shape[1]
             session.attention_mask = mask
             return transport.step_response(output, StepResponse(position=session.position))
@@ -291,6 +303,26 @@ class BlockHandler:
             return ServerError(f"{what} ran out of memory on this server; try a smaller request or another server")
         logger.exception("%s failed", what)
         return ServerError(f"{what} failed: {exc.__class__.__name__}: {exc}")
+
+    @torch.inference_mode()
+    def _run_group(self, group: list[StepJob]) -> list[torch.Tensor]:
+        """The engine's compute: one step alone, or one-token steps of several sessions as one batch."""
+        first = group[0]
+        if len(group) == 1:
+            return [
+                self._forward(
+                    first.hidden, *first.blocks, first.cache, first.attention_mask, first.position_ids,
+                    first.prompts, first.adapter,
+                )
+            ]  # fmt: skip
+        with self.adapters.active(first.adapter):
+            return self.span.forward_batched(
+                [job.hidden for job in group],
+                *first.blocks,
+                [job.cache for job in group],
+                [job.attention_mask for job in group],
+                [job.position_ids for job in group],
+            )
 
     @torch.inference_mode()
     def _forward(

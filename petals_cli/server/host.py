@@ -87,6 +87,7 @@ class Server:
         self._pinged_at = float("-inf")
         self._announce_failed = False
         self.adapter_names: tuple[str, ...] = ()
+        self.handler: BlockHandler | None = None
 
     def info(self) -> ServerInfo:
         return ServerInfo(
@@ -103,7 +104,15 @@ class Server:
             forward_rps=self.throughput.forward_rps if self.throughput else 0.0,
             pings=dict(self._pings),
             adapters=self.adapter_names,
+            **self._engine_figures(),
         )
+
+    def _engine_figures(self) -> dict[str, int]:
+        engine = self.handler.engine if self.handler is not None else None
+        if engine is None:
+            return {}
+        stats = engine.stats
+        return dict(batch_size=stats.last_batch, queue_length=engine.queue_length, largest_batch=stats.largest_batch)
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -156,6 +165,7 @@ class Server:
                 info=self.info,
                 adapters=adapters,
             )
+            self.handler = handler
             service = handler if self.swarm_key is None else security.GatedService(handler, self.swarm_key)
             await transport.BlocksService().add_p2p_handlers(p2p, wrapper=service)
             self.state = ServerState.ONLINE

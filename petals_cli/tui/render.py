@@ -130,6 +130,10 @@ def detail_text(row: Row | None) -> Text:
             f"{server.throughput:.1f} (inference {server.inference_rps:.1f}/s, forward {server.forward_rps:.1f}/s)",
         ),
         ("cache left", f"{server.cache_tokens_left} tokens"),
+        (
+            "step engine",
+            f"last step {server.batch_size} session(s), largest {server.largest_batch}, {server.queue_length} waiting",
+        ),
         ("adapters", ", ".join(server.adapters) or "none"),
         ("link", server.connection),
         ("rtt (this client)", milliseconds(server.rtt)),

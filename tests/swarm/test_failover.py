@@ -172,11 +172,26 @@ def test_eight_concurrent_sessions_give_the_same_tokens_as_one_by_one(swarm, mod
             thread.start()
         for thread in threads:
             thread.join(120)
+        largest = [engine_figures(model, server)["largest_batch"] for server in swarm.servers]
     finally:
         model.close()
     assert not errors
     for result, reference in zip(results, expected, strict=True):
         assert result.tolist() == reference.tolist()
+    assert max(largest) > 1, largest  # the servers' step engines ran steps of several sessions as one batch
+
+
+def engine_figures(model, server) -> dict:
+    """A server's live rpc_info, as a ServerInfo's fields."""
+    import msgpack
+    from hivemind.proto import runtime_pb2
+
+    from petals_cli.wire import ServerInfo
+
+    client, peer = model.petals_client, server.addresses()[0].rsplit("/p2p/", 1)[1]
+    answer = client.run(client.stub(peer).rpc_info(runtime_pb2.ExpertUID(uid="")), timeout=10)
+    info = ServerInfo.from_wire(msgpack.unpackb(answer.serialized_info, raw=False))
+    return {"largest_batch": info.largest_batch, "batch_size": info.batch_size, "queue_length": info.queue_length}
 
 
 class FirstOpenOn(InferenceSession):

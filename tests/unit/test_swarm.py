@@ -87,6 +87,9 @@ def test_json_schema_is_stable():
         "connection",
         "pings",
         "rtt",
+        "batch_size",
+        "queue_length",
+        "largest_batch",
     }
     assert model["servers"][0]["adapters"] == ["lora"]
 

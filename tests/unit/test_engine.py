@@ -1,0 +1,113 @@
+"""The step engine: its grouping and fairness decisions (pure), and batched steps equal to the same steps alone."""
+
+import asyncio
+
+import pytest
+import torch
+
+from petals_cli.checkpoint import resolve_model
+from petals_cli.server.blocks import load_span, read_model_config
+from petals_cli.server.engine import StepEngine, StepJob, plan
+from petals_cli.testing import make_tiny_model
+
+
+def job(session, peer="a", blocks=(0, 4), adapter="", batchable=True):
+    return StepJob(session, peer, blocks, adapter, torch.zeros(1, 1, 8), None, batchable=batchable)
+
+
+def names(groups):
+    return [[item.session for item in group] for group in groups]
+
+
+def test_one_token_steps_of_the_same_blocks_and_adapter_share_a_batch_and_others_run_alone():
+    jobs = [
+        job("s1"),
+        job("prefill", batchable=False),
+        job("s2", peer="b"),
+        job("other-blocks", blocks=(4, 8)),
+        job("lora", adapter="lora"),
+        job("s3", peer="c"),
+    ]
+    groups, waiting = plan(jobs)
+    assert names(groups) == [["s1", "s2", "s3"], ["prefill"], ["other-blocks"], ["lora"]]
+    assert waiting == []
+
+
+def test_a_batch_takes_every_peer_in_turn_and_what_does_not_fit_waits_first_in_line():
+    jobs = [job(f"a{index}", peer="a") for index in range(6)] + [job("b0", peer="b"), job("c0", peer="c")]
+    groups, waiting = plan(jobs, max_batch=4)
+    assert names(groups) == [["a0", "b0", "c0", "a1"]]  # one flooding peer does not crowd out the others
+    assert [item.session for item in waiting] == ["a2", "a3", "a4", "a5"]
+    groups, waiting = plan([*waiting, job("b1", peer="b")], max_batch=4)
+    assert names(groups) == [["a2", "b1", "a3", "a4"]] and [item.session for item in waiting] == ["a5"]
+
+
+def test_the_engine_batches_steps_that_wait_together_and_fails_only_the_failing_group():
+    calls = []
+
+    def run_group(group):
+        calls.append([item.session for item in group])
+        if any(item.session == "bad" for item in group):
+            raise RuntimeError("boom")
+        return [item.hidden + len(group) for item in group]
+
+    async def main():
+        engine = StepEngine(run_group)
+        try:
+            first = asyncio.ensure_future(engine.submit(job("first")))
+            await asyncio.sleep(0.05)  # computing: the next three wait together
+            rest = [asyncio.ensure_future(engine.submit(job(name, peer=name))) for name in ("x", "y", "z")]
+            outputs = await asyncio.gather(first, *rest)
+            bad = await asyncio.gather(engine.submit(job("bad", batchable=False)), return_exceptions=True)
+            return outputs, bad, engine.stats
+        finally:
+            engine.shutdown()
+
+    outputs, bad, stats = asyncio.run(main())
+    assert calls[:2] == [["first"], ["x", "y", "z"]]
+    assert [float(output.sum()) for output in outputs] == [8.0, 24.0, 24.0, 24.0]
+    assert isinstance(bad[0], RuntimeError)
+    assert (stats.batches, stats.batched_steps, stats.largest_batch) == (1, 3, 3)
+
+
+@pytest.fixture(scope="module")
+def span(tmp_path_factory):
+    path = make_tiny_model(tmp_path_factory.mktemp("engine") / "tiny", "llama", num_layers=4)
+    source = resolve_model(str(path))
+    return load_span(source, read_model_config(source), 1, 4, device="cpu", dtype=torch.float32)
+
+
+def test_a_batched_step_of_sessions_at_different_lengths_with_padding_equals_each_step_alone(span):
+    torch.manual_seed(0)
+    hidden = span.config.hidden_size
+    prefills = [torch.randn(1, 5, hidden), torch.randn(2, 9, hidden), torch.randn(1, 2, hidden)]
+    masks = [None, torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9]), None]  # the second is a padded batch
+    alone_caches, batch_caches, expected = [], [], []
+    steps = [torch.randn(prefill.shape[0], 1, hidden) for prefill in prefills]
+    with torch.inference_mode():
+        for prefill, mask, step in zip(prefills, masks, steps, strict=True):
+            outputs = []
+            for caches in (alone_caches, batch_caches):
+                cache = span.make_cache(1, 4, capacity=16)
+                assert span.can_batch(cache) or not caches
+                span(prefill, 1, 4, cache, attention_mask=mask, position_ids=_positions(mask, 0, 9))
+                caches.append(cache)
+            full = None if mask is None else torch.nn.functional.pad(mask, (0, 1), value=1)
+            outputs.append(
+                span(step, 1, 4, alone_caches[-1], attention_mask=full, position_ids=_positions(full, 9, 10))
+            )
+            expected.append(outputs[0])
+        fulls = [None if mask is None else torch.nn.functional.pad(mask, (0, 1), value=1) for mask in masks]
+        positions = [None if full is None else _positions(full, 9, 10) for full in fulls]
+        batched = span.forward_batched(steps, 1, 4, batch_caches, fulls, positions)
+    for output, reference in zip(batched, expected, strict=True):
+        # float32 rounding of differently shaped products: the tiny model's activations reach the hundreds
+        assert float((output - reference).abs().max()) <= 1e-5 * float(reference.abs().max())
+    # the caches went on as they would have alone
+    assert [cache.get_seq_length() for cache in batch_caches] == [cache.get_seq_length() for cache in alone_caches]
+
+
+def _positions(mask, start, end):
+    if mask is None:
+        return None
+    return (mask.cumsum(-1) - 1).clamp(min=0)[:, start:end]
