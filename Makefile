@@ -75,6 +75,8 @@ bench: install
 		--heads 16 --kv-heads 16 --intermediate 2816 --vocab 32000 --reuse >/dev/null
 	$(PY) -m petals_cli.testing make-model .models/bench-tiny --family llama --layers 4 --reuse >/dev/null
 	$(VENV)/bin/petals bench .models/bench-midsize --local-swarm 3 --compare-local --seq-len 64 --new-tokens 128
+	$(VENV)/bin/petals bench .models/bench-midsize --local-swarm 3 --mode inference --seq-len 64 --new-tokens 32 \
+		--sessions 8
 	$(VENV)/bin/petals bench .models/bench-tiny --local-swarm 2 --compare-local --mode inference
 
 clean:

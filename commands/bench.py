@@ -34,6 +34,12 @@ def bench(
     local_swarm: Annotated[
         int, typer.Option(min=0, help="Start N servers on 127.0.0.1 splitting the blocks; stop them after.")
     ] = 0,
+    sessions: Annotated[
+        int,
+        typer.Option(
+            min=1, max=64, help="Also run N inference sessions at once: aggregate tokens/s and step latency."
+        ),
+    ] = 1,
     initial_peers: InitialPeersOpt = None,
     model_prefix: ModelPrefixOpt = None,
     swarm_key: SwarmKeyOpt = None,
@@ -46,7 +52,7 @@ def bench(
     from petals_cli.config import BenchConfig, ClientConfig
 
     setup_logging(verbose)
-    config = BenchConfig(model, mode, seq_len, batch_size, new_tokens, repeats, compare_local, local_swarm)
+    config = BenchConfig(model, mode, seq_len, batch_size, new_tokens, repeats, compare_local, local_swarm, sessions)
     client = ClientConfig.from_sources(
         initial_peers=tuple(initial_peers or ()),
         model_prefix=model_prefix,

@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -71,7 +72,7 @@ class BenchReport:
         ratios = {}
         for name, measured in self.swarm.items():
             if name in self.local and self.local[name].median > 0 and measured.median > 0:
-                higher_is_better = measured.unit != "s"  # "s" = seconds: lower is better
+                higher_is_better = measured.unit not in ("s", "ms")  # times: lower is better
                 ratio = measured.median / self.local[name].median
                 ratios[name] = round(ratio if higher_is_better else 1 / ratio, 3)
         return ratios
@@ -132,6 +133,12 @@ def measure(model, config: BenchConfig, on_step: Callable[[str], None] = _quiet)
         steps = _steps_per_second(model, input_ids, config, _prefixed("inference, ", on_step))
         if steps:  # one new token has no step after it
             results["inference_steps_per_s"] = Measurement.of("inference", "steps/s", steps)
+        if config.sessions > 1:
+            step = _prefixed(f"{config.sessions} sessions at once, ", on_step)
+            rates, p50s, p95s = _concurrent_sessions(model, config, step)
+            results["sessions_tokens_per_s"] = Measurement.of(f"{config.sessions} sessions at once", "tokens/s", rates)
+            results["sessions_step_p50_ms"] = Measurement.of("their step latency, p50", "ms", p50s)
+            results["sessions_step_p95_ms"] = Measurement.of("their step latency, p95", "ms", p95s)
         step = _prefixed("time to first token, ", on_step)
         seconds = _seconds_per_call(lambda: _first_token(model, input_ids), config.repeats, step, warmup=0.0)
         results["time_to_first_token_s"] = Measurement.of("time to first token", "s", seconds)
@@ -170,6 +177,54 @@ def _steps_per_second(model, input_ids, config: BenchConfig, on_step: Callable[[
         if repeat and len(clock.times) > 1:
             steps.append((len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
     return steps
+
+
+def _concurrent_sessions(model, config: BenchConfig, on_step: Callable[[str], None]):
+    """Per run: aggregate new tokens/s of ``config.sessions`` generate() calls at once (threads, each its own
+    prompt and session), and the 50th and 95th percentiles of their steps' latency in ms."""
+    generator = torch.Generator().manual_seed(1)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    shape = (config.batch_size, config.seq_len)
+    prompts = [torch.randint(4, vocab, shape, generator=generator) for _ in range(config.sessions)]
+    rates, p50s, p95s = [], [], []
+    for repeat in range(config.repeats + 1):  # the first run warms up
+        on_step(f"run {repeat}/{config.repeats}" if repeat else "warming up")
+        seconds, clocks = _generate_at_once(model, prompts, config.new_tokens)
+        gaps = sorted(b - a for clock in clocks for a, b in zip(clock.times, clock.times[1:], strict=False))
+        if repeat and gaps:
+            rates.append(len(prompts) * config.batch_size * config.new_tokens / seconds)
+            p50s.append(1000 * gaps[len(gaps) // 2])
+            p95s.append(1000 * gaps[min(len(gaps) - 1, int(0.95 * len(gaps)))])
+    return rates, p50s, p95s
+
+
+def _generate_at_once(model, prompts: list[torch.Tensor], new_tokens: int) -> tuple[float, list[_TokenClock]]:
+    """Greedy generate() of every prompt at the same time, one thread each: wall seconds, and each one's clock."""
+    clocks = [_TokenClock() for _ in prompts]
+    errors: list[BaseException] = []
+
+    def one(prompt: torch.Tensor, clock: _TokenClock) -> None:
+        try:
+            model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                streamer=clock,
+            )
+        except BaseException as error:  # raised below, in the caller's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=one, args=pair, daemon=True) for pair in zip(prompts, clocks, strict=True)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return time.perf_counter() - started, clocks
 
 
 def _first_token(model, input_ids) -> None:

@@ -369,8 +369,11 @@ class BenchConfig(_FromSources):
     repeats: int = 3
     compare_local: bool = False
     local_swarm: int = 0  # start this many servers on 127.0.0.1 splitting the blocks, and stop them after
+    sessions: int = 1  # above 1: also this many inference sessions at once (aggregate tokens/s, step latency)
 
     def __post_init__(self):
+        if not 1 <= self.sessions <= 64:
+            raise ConfigError(f"--sessions {self.sessions}: from 1 to 64 sessions at once")
         if self.mode not in BENCH_MODES:
             raise ConfigError(f"--mode {self.mode!r}: choose one of {', '.join(BENCH_MODES)}")
         if min(self.seq_len, self.batch_size, self.new_tokens, self.repeats) < 1 or self.local_swarm < 0:

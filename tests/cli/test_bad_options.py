@@ -94,6 +94,7 @@ BAD_FOR = {
         "--new-tokens": ("0", "--new-tokens"),
         "--repeats": ("0", "--repeats"),
         "--local-swarm": ("-1", "--local-swarm"),
+        "--sessions": ("0", "--sessions"),
     },
     "swarm top": {"--interval": ("0", "--interval")},
 }

@@ -14,12 +14,13 @@ from tests.conftest import petals_command
 def test_bench_with_a_local_swarm_reports_every_figure_both_ways(tmp_path):
     model = make_tiny_model(tmp_path / "tiny-bench", "llama", num_layers=4)
     args = ["bench", str(model), "--local-swarm", "2", "--compare-local", "--json"]
-    args += ["--repeats", "1", "--new-tokens", "6", "--seq-len", "8", "--batch-size", "2"]
+    args += ["--repeats", "1", "--new-tokens", "6", "--seq-len", "8", "--batch-size", "2", "--sessions", "3"]
     result = subprocess.run(petals_command(*args), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "Measuring" not in result.stderr and "\x1b[" not in result.stderr  # no spinner in a pipe
     report = json.loads(result.stdout)
     figures = {"inference_steps_per_s", "time_to_first_token_s", "forward_tokens_per_s", "training_tokens_per_s"}
+    figures |= {"sessions_tokens_per_s", "sessions_step_p50_ms", "sessions_step_p95_ms"}  # 3 sessions at once
     assert set(report["swarm"]) == set(report["local"]) == set(report["swarm_over_local"]) == figures
     assert report["servers"] == ["0:2", "2:4"]
     for side in ("swarm", "local"):
