@@ -5,7 +5,10 @@ thread. Whenever it is free it takes every step waiting at that moment and ``pla
 steps of different sessions over the same blocks and adapter form one batch (decoding reads every weight once per
 step, so a batch of eight costs little more than one step), bounded in size and filled round-robin across peers
 so that no peer's sessions crowd out another's; every other step runs alone. Steps that arrive while a batch
-computes wait for the next one. Forward and backward requests (training) run on the same thread through ``run``.
+computes wait for the next one. A long step (a prompt) is computed in chunks of ``PREFILL_CHUNK`` tokens with the
+waiting one-token steps of other sessions run between them, so one user's prompt does not stall everyone's
+decoding for its whole length. Forward and backward requests (training) run on the same thread through ``run``,
+each after the inference steps waiting at that moment.
 
 A batch that fails fails every step in it: their caches may be half-extended, so each of those sessions ends and
 its client fails over (replaying its history elsewhere), exactly as after a failed step of its own.
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 
 MAX_BATCH = 8  # sessions per batched step
+PREFILL_CHUNK = 128  # tokens of a long prompt computed at once; other sessions' steps run between the chunks
 
 
 @dataclasses.dataclass(eq=False)
@@ -38,7 +42,21 @@ class StepJob:
     position_ids: torch.Tensor | None = None  # [batch, new tokens]
     prompts: torch.Tensor | None = None
     batchable: bool = False  # a one-token step whose cache and model allow batching with others
+    chunkable: bool = False  # a long step (a prompt) that may be computed in chunks, in order, through the cache
     future: asyncio.Future | None = None
+
+    def chunks(self, size: int) -> list[StepJob]:
+        """This step as consecutive steps of at most ``size`` tokens (the same session, cache and outcome)."""
+        new = self.hidden.shape[1]
+        cached = 0 if self.attention_mask is None else self.attention_mask.shape[1] - new
+        parts = []
+        for begin in range(0, new, size):
+            end = min(begin + size, new)
+            mask = None if self.attention_mask is None else self.attention_mask[:, : cached + end]
+            positions = None if self.position_ids is None else self.position_ids[:, begin:end]
+            parts.append(dataclasses.replace(self, hidden=self.hidden[:, begin:end], attention_mask=mask,
+                                             position_ids=positions, future=None))  # fmt: skip
+        return parts
 
     @property
     def group_key(self) -> tuple:
@@ -92,11 +110,18 @@ class EngineStats:
 class StepEngine:
     """Owns the compute thread; ``submit`` runs an inference step (batched with others when it can)."""
 
-    def __init__(self, run_group: Callable[[list[StepJob]], list[torch.Tensor]], *, max_batch: int = MAX_BATCH):
+    def __init__(
+        self,
+        run_group: Callable[[list[StepJob]], list[torch.Tensor]],
+        *,
+        max_batch: int = MAX_BATCH,
+        prefill_chunk: int = PREFILL_CHUNK,
+    ):
         self._run_group = run_group  # on the compute thread: the outputs of a group's steps, in order
-        self.max_batch = max_batch
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="petals-compute")
         self._waiting: list[StepJob] = []
+        self._calls: list[tuple[Callable, tuple, asyncio.Future]] = []  # forward/backward: after waiting steps
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self.stats = EngineStats()
@@ -106,44 +131,98 @@ class StepEngine:
         return len(self._waiting)
 
     async def run(self, function, *args):
-        """Run ``function(*args)`` on the compute thread (forward and backward requests)."""
-        return await asyncio.get_running_loop().run_in_executor(self._compute, function, *args)
+        """Run ``function(*args)`` on the compute thread (forward and backward requests): after the inference
+        steps waiting at that moment, so that training never holds up interactive sessions for long."""
+        future = self._start().create_future()
+        self._calls.append((function, args, future))
+        self._wake.set()
+        return await future
 
     async def submit(self, job: StepJob) -> torch.Tensor:
-        if self._loop_task is None or self._loop_task.done():
-            self._wake = asyncio.Event()
-            self._loop_task = asyncio.create_task(self._serve())
-        job.future = asyncio.get_running_loop().create_future()
+        job.future = self._start().create_future()
         self._waiting.append(job)
         self._wake.set()
         return await job.future  # cancelled by a deadline: the engine skips the step if it has not started
+
+    def _start(self) -> asyncio.AbstractEventLoop:
+        if self._loop_task is None or self._loop_task.done():
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.create_task(self._serve())
+        return asyncio.get_running_loop()
 
     async def _serve(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._waiting:
-                jobs = [job for job in self._waiting if not job.future.done()]
-                groups, self._waiting = plan(jobs, self.max_batch)
-                for group in groups:
-                    group = [job for job in group if not job.future.done()]
-                    if group:
-                        await self._compute_group(group)
+            while self._waiting or self._calls:
+                await self._run_waiting_steps()
+                if self._calls:  # one forward/backward, then the steps that came meanwhile
+                    function, args, future = self._calls.pop(0)
+                    if not future.done():
+                        await self._settle(future, self._on_thread(function, *args))
 
-    async def _compute_group(self, group: list[StepJob]) -> None:
+    async def _run_waiting_steps(self, *, decodes_only: bool = False) -> None:
+        jobs = [job for job in self._waiting if not job.future.done()]
+        if decodes_only:  # between the chunks of a prompt: only the one-token steps that are waiting
+            jobs, self._waiting = [job for job in jobs if job.batchable], [job for job in jobs if not job.batchable]
+        else:
+            self._waiting = []
+        groups, leftover = plan(jobs, self.max_batch)
+        self._waiting = leftover + self._waiting
+        groups.sort(key=lambda group: not group[0].batchable)  # one-token steps first: they are short
+        for group in groups:
+            group = [job for job in group if not job.future.done()]
+            if len(group) == 1 and group[0].chunkable and group[0].hidden.shape[1] > self.prefill_chunk:
+                await self._compute_in_chunks(group[0])
+            elif group:
+                await self._compute_group(group)
+
+    async def _compute_in_chunks(self, job: StepJob) -> None:
+        outputs = []
+        for index, chunk in enumerate(job.chunks(self.prefill_chunk)):
+            if index:
+                await self._run_waiting_steps(decodes_only=True)
+            if job.future.done():  # its deadline passed: the session ends, the rest is not computed
+                return
+            try:
+                outputs.append((await self._on_thread(self._run_group, [chunk]))[0])
+            except Exception as exc:  # noqa: BLE001 (the step reports it; its session ends)
+                job.future.set_exception(exc)
+                return
+        self._count([job])
+        job.future.set_result(torch.cat(outputs, dim=1))
+
+    async def _on_thread(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._compute, function, *args)
+
+    @staticmethod
+    async def _settle(future: asyncio.Future, awaitable) -> None:
         try:
-            outputs = await self.run(self._run_group, group)
-        except Exception as exc:  # noqa: BLE001 (every step of the group reports it; the handler describes it)
-            for job in group:
-                if not job.future.done():
-                    job.future.set_exception(exc)
+            result = await awaitable
+        except Exception as exc:  # noqa: BLE001 (handed to the caller)
+            if not future.done():
+                future.set_exception(exc)
             return
+        if not future.done():
+            future.set_result(result)
+
+    def _count(self, group: list[StepJob]) -> None:
         self.stats.steps += len(group)
         self.stats.last_batch = len(group)
         self.stats.largest_batch = max(self.stats.largest_batch, len(group))
         if len(group) > 1:
             self.stats.batches += 1
             self.stats.batched_steps += len(group)
+
+    async def _compute_group(self, group: list[StepJob]) -> None:
+        try:
+            outputs = await self._on_thread(self._run_group, group)
+        except Exception as exc:  # noqa: BLE001 (every step of the group reports it; the handler describes it)
+            for job in group:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        self._count(group)
         for job, output in zip(group, outputs, strict=True):
             if not job.future.done():
                 job.future.set_result(output)

@@ -268,8 +268,9 @@ class BlockHandler:
                 attention_mask=mask,
                 position_ids=positions,
                 prompts=prompts,
-                batchable=hidden.shape[1] == 1 and prompts is None and self.span.can_batch(session.cache),
             )
+            if prompts is None and self.span.can_batch(session.cache):  # standard blocks, full-attention cache
+                job.batchable, job.chunkable = hidden.shape[1] == 1, hidden.shape[1] > 1
             output = await self._deadline(self.engine.submit(job))
             session.position += hidden.shape[1]
             session.attention_mask = mask

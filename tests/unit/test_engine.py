@@ -111,3 +111,62 @@ def _positions(mask, start, end):
     if mask is None:
         return None
     return (mask.cumsum(-1) - 1).clamp(min=0)[:, start:end]
+
+
+def test_a_long_prompt_runs_in_chunks_with_other_sessions_steps_between_and_training_waits_its_turn():
+    calls, late = [], []
+
+    def run_group(group):
+        calls.append([(item.session, item.hidden.shape[1]) for item in group])
+        if group[0].session == "prompt" and not late:  # a step arrives while the prompt's first chunk computes
+            late.append(asyncio.run_coroutine_threadsafe(engine.submit(job("late", peer="c")), loop))
+        return [item.hidden * 2 for item in group]
+
+    def training():
+        calls.append([("training", 0)])
+        return "trained"
+
+    async def main():
+        nonlocal engine, loop
+        engine, loop = StepEngine(run_group, prefill_chunk=4), asyncio.get_running_loop()
+        try:
+            prompt = job("prompt", batchable=False)
+            prompt.hidden, prompt.chunkable = torch.arange(10.0).reshape(1, 10, 1), True
+            first = asyncio.ensure_future(engine.submit(prompt))
+            trained = asyncio.ensure_future(engine.run(training))
+            decode = asyncio.ensure_future(engine.submit(job("decode", peer="b")))
+            results = await asyncio.gather(first, trained, decode)
+            await asyncio.wrap_future(late[0])
+            return results
+        finally:
+            engine.shutdown()
+
+    engine = loop = None
+    prompt_output, trained, _ = asyncio.run(main())
+    # one-token steps first; the prompt's 10 tokens in chunks of 4, 4, 2 with the step that came meanwhile
+    # between them; training after the steps that were waiting
+    assert calls == [
+        [("decode", 1)],
+        [("prompt", 4)],
+        [("late", 1)],
+        [("prompt", 4)],
+        [("prompt", 2)],
+        [("training", 0)],
+    ]
+    assert prompt_output.flatten().tolist() == [2.0 * value for value in range(10)] and trained == "trained"
+
+
+def test_a_prompt_computed_in_chunks_through_the_cache_equals_it_computed_at_once(span):
+    torch.manual_seed(1)
+    prompt = torch.randn(2, 11, span.config.hidden_size)
+    mask = torch.tensor([[0, 0, 0] + [1] * 8, [1] * 11])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        whole = span(prompt, 1, 4, span.make_cache(1, 4, capacity=16), attention_mask=mask, position_ids=positions)
+        step = StepJob("s", "a", (1, 4), "", prompt, span.make_cache(1, 4, capacity=16), mask, positions)
+        parts = [
+            span(part.hidden, 1, 4, part.cache, attention_mask=part.attention_mask, position_ids=part.position_ids)
+            for part in step.chunks(4)
+        ]
+    chunked = torch.cat(parts, dim=1)
+    assert float((chunked - whole).abs().max()) <= 1e-5 * float(whole.abs().max())
