@@ -3,12 +3,12 @@
 Handlers submit each validated inference step as a ``StepJob`` and await its output. The engine owns the compute
 thread. Whenever it is free it takes every step waiting at that moment and ``plan`` (pure) groups them: one-token
 steps of different sessions over the same blocks and adapter form one batch (decoding reads every weight once per
-step, so a batch of eight costs little more than one step), bounded in size and filled round-robin across peers
+step, so a batch of eight costs far less than eight steps), bounded in size and filled round-robin across peers
 so that no peer's sessions crowd out another's; every other step runs alone. Steps that arrive while a batch
-computes wait for the next one. A long step (a prompt) is computed in chunks of ``PREFILL_CHUNK`` tokens with the
-waiting one-token steps of other sessions run between them, so one user's prompt does not stall everyone's
-decoding for its whole length. Forward and backward requests (training) run on the same thread through ``run``,
-each after the inference steps waiting at that moment.
+computes wait for the next one. While other sessions are open on the server, a long step (a prompt) is computed in
+chunks of ``PREFILL_CHUNK`` tokens with the waiting one-token steps of other sessions run between them, so one
+user's prompt does not stall everyone's decoding for its whole length (alone, it runs whole). Forward and
+backward requests (training) run on the same thread through ``run``, each after the inference steps waiting then.
 
 A batch that fails fails every step in it: their caches may be half-extended, so each of those sessions ends and
 its client fails over (replaying its history elsewhere), exactly as after a failed step of its own.

@@ -270,7 +270,9 @@ class BlockHandler:
                 prompts=prompts,
             )
             if prompts is None and self.span.can_batch(session.cache):  # standard blocks, full-attention cache
-                job.batchable, job.chunkable = hidden.shape[1] == 1, hidden.shape[1] > 1
+                job.batchable = hidden.shape[1] == 1
+                # a prompt is cut into chunks only while other sessions are open here: alone, it runs whole
+                job.chunkable = hidden.shape[1] > 1 and len(self.sessions) > 1
             output = await self._deadline(self.engine.submit(job))
             session.position += hidden.shape[1]
             session.attention_mask = mask

@@ -65,18 +65,49 @@ class KillAt:
         pass
 
 
-def test_sigkill_mid_generation_with_a_replica_gives_identical_tokens(swarm, model_path, local):
+def test_sigkill_of_a_server_batching_several_sessions_fails_over_exactly_and_spares_the_others(
+    swarm, model_path, local
+):
     swarm.start_many("0:3", "3:6", "3:6")
+    prompts = [PROMPT_IDS, *(torch.tensor([[1, *range(20 + index, 24 + 2 * index)]]) for index in range(3))]
+    expected = [local.generate(prompt, max_new_tokens=40, do_sample=False).tolist() for prompt in prompts]
     model = connect(model_path, swarm)
+    outputs, routes, failovers, errors = [None] * 4, [None] * 4, [0] * 4, []
+    killer_ready = threading.Event()
+
+    def run(index):
+        try:
+            with model.inference_session(max_length=prompts[index].shape[1] + 40) as session:
+                if index == 0:  # the others are generating by the time it kills the server of its blocks 3:6
+                    killer_ready.wait(30)
+                    streamer = KillAt(swarm, session, 15)
+                else:
+                    streamer = FirstRoute(session, killer_ready)
+                outputs[index] = model.generate(
+                    prompts[index], max_new_tokens=40, do_sample=False, session=session, streamer=streamer
+                ).tolist()
+                routes[index] = {streamer.killed} if index == 0 else streamer.peers
+                failovers[index] = session.failovers
+        except Exception as exc:  # reported below with its index
+            errors.append((index, exc))
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(prompts))]
     try:
-        with model.inference_session(max_length=PROMPT_IDS.shape[1] + 40) as session:
-            output = model.generate(
-                PROMPT_IDS, max_new_tokens=40, do_sample=False, session=session, streamer=KillAt(swarm, session, 15)
-            )
-            assert session.failovers >= 1
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        largest = [engine_figures(model, server)["largest_batch"] for server in swarm.servers[:1]]
     finally:
         model.close()
-    assert output.tolist() == local.generate(PROMPT_IDS, max_new_tokens=40, do_sample=False).tolist()
+    assert not errors
+    assert outputs == expected  # every session's tokens equal local transformers, the failed-over one too
+    assert failovers[0] >= 1
+    (killed,) = routes[0]
+    for index in range(1, len(prompts)):
+        if killed not in routes[index]:  # sessions that never used the killed server never failed over
+            assert failovers[index] == 0, (index, failovers)
+    assert largest[0] > 1  # the first server batched the sessions' steps
 
 
 def test_generate_losing_the_only_server_of_a_span_exits_5_naming_its_blocks_in_few_lines(swarm, model_path):
@@ -98,6 +129,21 @@ def test_generate_losing_the_only_server_of_a_span_exits_5_naming_its_blocks_in_
     assert len(errors) == 1 and errors[0].startswith("error: no live server holds blocks 3:6"), lines
     # One line said the server failed and a failover began; no retry, ban or transport chatter besides.
     assert len(lines) <= 2 and "failing over" in lines[0], lines
+
+
+class FirstRoute:
+    """A streamer that notes the servers of a session's route at its first token, and then sets ``ready``."""
+
+    def __init__(self, session, ready: threading.Event):
+        self.session, self.ready, self.peers = session, ready, set()
+
+    def put(self, value):
+        if not self.peers and self.session.route:
+            self.peers = {span.peer_id for span in self.session.route}
+            self.ready.set()
+
+    def end(self):
+        pass
 
 
 class FirstRouteThrough(_RemoteChain):
