@@ -1,4 +1,4 @@
-"""Hostile requests over real RPC to one real server, while an honest session on another peer stays exact.
+"""Hostile requests over real RPC to one real server, while 8 honest sessions on another peer stay exact.
 
 Hypothesis draws batches of attacks: malformed or hostile opening metadata (wrong types, unknown fields,
 foreign prefixes, blocks the server does not hold, negative or huge lengths and batches, garbage bytes),
@@ -40,6 +40,7 @@ HIDDEN_SIZE = 64
 BUDGET = 4096
 EXAMPLES = 180
 ATTACKS_PER_EXAMPLE = 8
+HONEST = 8  # honest sessions stepping at once
 REFUSALS = {
     "InvalidRequestError",
     "ProtocolMismatchError",
@@ -358,7 +359,8 @@ def _refusal(response: runtime_pb2.ExpertResponse) -> str:
 def test_hostile_requests_never_crash_the_server_nor_disturb_an_honest_session(target):
     server, fuzzer, honest = target
     stub = fuzzer.stub(peer_id_of(server))
-    honest_run = asyncio.run_coroutine_threadsafe(honest.run(), honest.client.loop)
+    # eight honest sessions at once: the server's step engine batches their steps, hostile traffic around them
+    honest_runs = [asyncio.run_coroutine_threadsafe(honest.run(), honest.client.loop) for _ in range(HONEST)]
     codes: Counter[str] = Counter()
     abandoned = 0
 
@@ -383,7 +385,8 @@ def test_hostile_requests_never_crash_the_server_nor_disturb_an_honest_session(t
         send()
     finally:
         honest.stopping.set()
-        honest_run.result(timeout=60)
+        for honest_run in honest_runs:
+            honest_run.result(timeout=60)
     hostile = sum(codes.values())
     print(
         f"\nfuzz: {hostile} hostile requests answered with typed refusals {dict(codes)}, {abandoned} abandoned "
@@ -391,10 +394,15 @@ def test_hostile_requests_never_crash_the_server_nor_disturb_an_honest_session(t
     )
     assert hostile >= 1000
     assert server.process.poll() is None
-    assert honest.steps >= 12 and honest.exact == honest.steps
+    assert honest.steps >= HONEST * 12 and honest.exact == honest.steps  # every step of every honest session
+    assert server_info(fuzzer, peer_id_of(server)).largest_batch > 1  # and they were batched together
     assert eventually(lambda: cache_tokens_left(fuzzer, peer_id_of(server)) == BUDGET)
 
 
-def cache_tokens_left(client: SwarmClient, peer_id: str) -> int:
+def server_info(client: SwarmClient, peer_id: str) -> ServerInfo:
     info = client.run(client.stub(peer_id).rpc_info(runtime_pb2.ExpertUID(uid="")), timeout=10)
-    return ServerInfo.from_wire(msgpack.unpackb(info.serialized_info)).cache_tokens_left
+    return ServerInfo.from_wire(msgpack.unpackb(info.serialized_info))
+
+
+def cache_tokens_left(client: SwarmClient, peer_id: str) -> int:
+    return server_info(client, peer_id).cache_tokens_left
