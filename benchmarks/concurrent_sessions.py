@@ -15,66 +15,27 @@ import json
 import os
 import statistics
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the `petals` CLI does for its peers
 import msgpack  # noqa: E402
 import torch  # noqa: E402
 from hivemind.proto import runtime_pb2  # noqa: E402
+from swarm_vs_local import PRESETS as SWARM_VS_LOCAL  # noqa: E402 (this folder: the same models and spans)
 
 from petals_cli import AutoDistributedModelForCausalLM  # noqa: E402
+from petals_cli.bench import generate_at_once  # noqa: E402
 from petals_cli.config import ClientConfig  # noqa: E402
 from petals_cli.testing import ensure_tiny_model  # noqa: E402
 from petals_cli.testing.swarm import Swarm  # noqa: E402
 from petals_cli.wire import ServerInfo  # noqa: E402
 
-PRESETS = {
-    "midsize": dict(
-        model=dict(
-            num_layers=12, hidden_size=1024, num_heads=16, num_kv_heads=16, intermediate_size=2816, vocab_size=32000
-        ),
-        spans=("0:4", "4:8", "8:12"),
-        prompt_tokens=64,
-        new_tokens=32,
-    ),
-    "tiny": dict(model=dict(num_layers=4), spans=("0:2", "2:4"), prompt_tokens=16, new_tokens=32),
-}
-
-
-class StepTimer:
-    """A generate() streamer that records when each new token arrives."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value):
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
+PRESETS = {name: {**preset, "new_tokens": 32} for name, preset in SWARM_VS_LOCAL.items()}
 
 
 def run_sessions(model, prompts: list[torch.Tensor], new_tokens: int) -> dict:
-    timers = [StepTimer() for _ in prompts]
-    errors: list[BaseException] = []
-
-    def one(index: int) -> None:
-        try:
-            model.generate(prompts[index], max_new_tokens=new_tokens, do_sample=False, streamer=timers[index])
-        except BaseException as exc:  # reported in the result
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one, args=(index,)) for index in range(len(prompts))]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - started
-    # the streamer gets the prompt first, then each new token: steps are the gaps between new tokens
-    steps = [later - earlier for timer in timers for earlier, later in itertools.pairwise(timer.times[1:])]
+    seconds, clocks = generate_at_once(model, prompts, new_tokens)
+    steps = [later - earlier for clock in clocks for earlier, later in itertools.pairwise(clock.times)]
     quantiles = statistics.quantiles(steps, n=20) if len(steps) > 1 else [0.0] * 19
     return {
         "sessions": len(prompts),
@@ -82,7 +43,6 @@ def run_sessions(model, prompts: list[torch.Tensor], new_tokens: int) -> dict:
         "aggregate_tokens_per_s": round(len(prompts) * new_tokens / seconds, 2),
         "step_ms_p50": round(1000 * statistics.median(steps), 1) if steps else None,
         "step_ms_p95": round(1000 * quantiles[18], 1),
-        "errors": [repr(error) for error in errors],
     }
 
 

@@ -91,8 +91,9 @@ def generate(
             for first in range(0, len(texts), batch_size):
                 results = generate_batch(distributed, tokenizer, texts[first : first + batch_size], options)
                 for index, result in enumerate(results, first):  # one line per result, whatever the text holds
-                    line = escape_line(result.text)
-                    typer.echo(json.dumps({"index": index, **result.to_json()}) if json_output else line)
+                    typer.echo(
+                        json.dumps({"index": index, **result.to_json()}) if json_output else escape_line(result.text)
+                    )
         finally:
             distributed.close()
         return

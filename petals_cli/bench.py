@@ -189,7 +189,7 @@ def _concurrent_sessions(model, config: BenchConfig, on_step: Callable[[str], No
     rates, p50s, p95s = [], [], []
     for repeat in range(config.repeats + 1):  # the first run warms up
         on_step(f"run {repeat}/{config.repeats}" if repeat else "warming up")
-        seconds, clocks = _generate_at_once(model, prompts, config.new_tokens)
+        seconds, clocks = generate_at_once(model, prompts, config.new_tokens)
         gaps = sorted(b - a for clock in clocks for a, b in zip(clock.times, clock.times[1:], strict=False))
         if repeat and gaps:
             rates.append(len(prompts) * config.batch_size * config.new_tokens / seconds)
@@ -198,7 +198,7 @@ def _concurrent_sessions(model, config: BenchConfig, on_step: Callable[[str], No
     return rates, p50s, p95s
 
 
-def _generate_at_once(model, prompts: list[torch.Tensor], new_tokens: int) -> tuple[float, list[_TokenClock]]:
+def generate_at_once(model, prompts: list[torch.Tensor], new_tokens: int) -> tuple[float, list[_TokenClock]]:
     """Greedy generate() of every prompt at the same time, one thread each: wall seconds, and each one's clock."""
     clocks = [_TokenClock() for _ in prompts]
     errors: list[BaseException] = []

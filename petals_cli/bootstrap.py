@@ -16,8 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from petals_cli.config import _FromSources, check_host, check_readable, check_writable_in
-from petals_cli.errors import ConfigError
+from petals_cli.config import _FromSources, check_host, check_port, check_readable, check_writable_in
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +33,7 @@ class BootstrapConfig(_FromSources):
     swarm_key: str = ""
 
     def __post_init__(self):
-        if not 0 <= self.port < 65536:
-            raise ConfigError(f"--port {self.port}: expected 0..65535")
+        check_port(self.port)
         check_host("--host", self.host)
         if self.announce_host:
             check_host("--announce-host", self.announce_host)

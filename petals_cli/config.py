@@ -108,8 +108,10 @@ class ClientConfig(_FromSources):
         timeouts = (self.connect_timeout, self.request_timeout, self.liveness_interval, self.liveness_timeout)
         if min(timeouts) <= 0 or self.snapshot_refresh <= 0:
             raise ConfigError("connect, request and liveness timeouts and the snapshot refresh must be positive")
-        if self.route_wait < 0 or self.max_retries < 0:
+        if self.route_wait < 0:
             raise ConfigError(f"--route-wait {self.route_wait:g}: must be >= 0 (0: fail at once)")
+        if self.max_retries < 0:
+            raise ConfigError(f"PETALS_MAX_RETRIES={self.max_retries}: must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -162,15 +164,15 @@ class ServerConfig(_FromSources):
                 "serve: pass --new-swarm to start a swarm, or --initial-peers MADDR to join one",
                 hint="e.g. `petals serve MODEL --blocks 0:4 --new-swarm --address-file swarm.addr`",
             )
-        at_least = {
-            "--cache-tokens": (self.cache_tokens, 0),
-            "--kept-graphs-mib": (self.kept_graphs_mib, 0),  # 0: backward always recomputes the forward
-            "--alloc-timeout": (self.alloc_timeout, 0),
-            "--num-blocks": (self.num_blocks, 0),
-            "--balance-period": (self.balance_period, 0),  # 0: never move
-            "--balance-quality": (self.balance_quality, 0),
-            "--network-rps": (self.network_rps, 0),  # 0: unknown
-            "placement delay": (self.placement_delay, 0),
+        never_negative = {
+            "--cache-tokens": self.cache_tokens,
+            "--kept-graphs-mib": self.kept_graphs_mib,  # 0: backward always recomputes the forward
+            "--alloc-timeout": self.alloc_timeout,
+            "--num-blocks": self.num_blocks,
+            "--balance-period": self.balance_period,  # 0: never move
+            "--balance-quality": self.balance_quality,
+            "--network-rps": self.network_rps,  # 0: unknown
+            "placement delay": self.placement_delay,
         }
         above_zero = {
             "--max-session-length": self.max_session_length,
@@ -180,16 +182,15 @@ class ServerConfig(_FromSources):
             "--step-timeout": self.step_timeout,
             "announce period": self.announce_period,
         }
-        for option, (value, least) in at_least.items():
-            if value < least:
-                raise ConfigError(f"{option} {value:g}: must be {least} or more")
+        for option, value in never_negative.items():
+            if value < 0:
+                raise ConfigError(f"{option} {value:g}: must be 0 or more")
         for option, value in above_zero.items():
             if value <= 0:
                 raise ConfigError(f"{option} {value:g}: must be above 0")
         check_initial_peers(self.initial_peers)
         check_blocks(self.blocks)
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"--port {self.port}: must be from 0 (any free port) to 65535")
+        check_port(self.port)
         check_host("--host", self.host)
         if self.announce_host:
             check_host("--announce-host", self.announce_host)
@@ -241,6 +242,11 @@ def check_peer_ids(option: str, peer_ids: tuple[str, ...]) -> None:
             raise ConfigError(
                 f"{option} {peer_id!r}: not a peer id", hint="peer ids look like 12D3KooW… (see `petals swarm status`)"
             )
+
+
+def check_port(port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: must be from 0 (any free port) to 65535")
 
 
 def check_host(option: str, host: str) -> None:

@@ -72,19 +72,19 @@ def plan(jobs: list[StepJob], max_batch: int = MAX_BATCH) -> tuple[list[list[Ste
     """
     groups: list[list[StepJob]] = []
     waiting: list[StepJob] = []
-    by_key: dict[tuple, list[StepJob]] = {}
+    batches: dict[tuple, list[StepJob]] = {}  # blocks and adapter -> its batchable steps, in arrival order
     for job in jobs:
-        if job.batchable:
-            if job.group_key not in by_key:
-                by_key[job.group_key] = []
-                groups.append(by_key[job.group_key])  # keeps the position of the key's first step
-        else:
+        if not job.batchable:
             groups.append([job])
-    for key, group in by_key.items():
-        candidates = [job for job in jobs if job.batchable and job.group_key == key]
-        group.extend(_round_robin(candidates)[:max_batch])
-        chosen = set(map(id, group))
-        waiting.extend(job for job in candidates if id(job) not in chosen)
+        elif job.group_key in batches:
+            batches[job.group_key].append(job)
+        else:
+            batches[job.group_key] = [job]
+            groups.append(batches[job.group_key])  # the batch keeps the place of its first step
+    for batch in batches.values():
+        chosen = _round_robin(batch)[:max_batch]
+        waiting.extend(job for job in batch if job not in chosen)  # identity: StepJob compares by identity
+        batch[:] = chosen
     return groups, waiting
 
 

@@ -108,9 +108,9 @@ class Server:
         )
 
     def _engine_figures(self) -> dict[str, int]:
-        engine = self.handler.engine if self.handler is not None else None
-        if engine is None:
+        if self.handler is None:  # not serving yet
             return {}
+        engine = self.handler.engine
         stats = engine.stats
         return dict(batch_size=stats.last_batch, queue_length=engine.queue_length, largest_batch=stats.largest_batch)
 
