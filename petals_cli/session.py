@@ -34,7 +34,8 @@ from petals_cli.errors import (
     SessionLengthError,
 )
 from petals_cli.routing import RouteSpan
-from petals_cli.wire import PROTOCOL_VERSION, SpanRequest, StepRequest
+from petals_cli.step import Step, extend_mask, positions_from_mask
+from petals_cli.wire import PROTOCOL_VERSION, SpanRequest
 
 logger = logging.getLogger(__name__)
 _TRANSPORT_ERRORS = (P2PDaemonError, P2PHandlerError, ConnectionError, OSError, asyncio.IncompleteReadError)
@@ -163,16 +164,12 @@ class InferenceSession:
         """The session's mask and positions after this step; (None, None) while nothing was ever padded."""
         if self._mask is None and (attention_mask is None or bool(attention_mask.all())):
             return None, None
-        earlier_mask, earlier_positions = self._mask, self._positions
-        if earlier_mask is None:
-            earlier_mask = torch.ones(batch, self.position, dtype=torch.long)
-            earlier_positions = torch.arange(self.position).expand(batch, -1)
-        new_mask = torch.ones(batch, tokens, dtype=torch.long) if attention_mask is None else attention_mask
-        mask = torch.cat([earlier_mask, new_mask.detach().cpu().long()], dim=1)
+        new = None if attention_mask is None else attention_mask.detach().cpu().long()
+        mask = extend_mask(self._mask, self.position, new, batch, tokens)
         if position_ids is None:
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        position_ids = position_ids[..., -tokens:]
-        positions = torch.cat([earlier_positions, position_ids.detach().cpu().long().expand(batch, -1)], dim=1)
+            position_ids = positions_from_mask(mask, tokens)
+        earlier = self._positions if self._positions is not None else torch.arange(self.position).expand(batch, -1)
+        positions = torch.cat([earlier, position_ids[..., -tokens:].detach().cpu().long().expand(batch, -1)], dim=1)
         return mask, positions
 
     async def _step(self, hidden: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -251,12 +248,10 @@ class InferenceSession:
     async def _exchange(
         self, stream: _SpanStream, hidden: torch.Tensor, position: int, extras: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        tensors = [hidden, *extras.values()]
-        with_prompts = self.prompts is not None and position < self.prompts.shape[1]
-        if with_prompts:  # deep prompts matter only to steps that reach into the prefix
-            tensors.append(self.prompts[stream.span.start : stream.span.end])
-        meta = transport.pack(StepRequest(position=position, extra_tensors=tuple(extras), prompts=with_prompts))
-        stream.outbox.put_nowait(transport.step_request(tensors, meta))
+        prompts = None
+        if self.prompts is not None and position < self.prompts.shape[1]:  # only steps reaching into the prefix
+            prompts = self.prompts[stream.span.start : stream.span.end]
+        stream.outbox.put_nowait(Step(position, hidden, **extras, prompts=prompts).to_message())
         response = await self._receive(stream)
         if len(response.tensors) != 1:
             raise ServerFailure(stream.span, f"sent {len(response.tensors)} tensors")

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from petals_cli.errors import InvalidRequestError, PeerLimitError, RequestTooLargeError
+from petals_cli.step import Step
 from petals_cli.wire import SpanRequest
 
 MAX_BATCH_SIZE = 1024
@@ -100,26 +101,42 @@ class PeerSessions:
             del self.open[peer]
 
 
-STEP_EXTRAS = ("attention_mask", "position_ids")
-
-
-def check_step_extras(
-    names: tuple[str, ...], tensors: list[torch.Tensor], shape: tuple[int, int], max_length: int
-) -> dict[str, torch.Tensor]:
-    """The named extra tensors of an inference step (padded batches), each [batch, tokens] like its hidden
-    states: a 0/1 ``attention_mask`` and ``position_ids`` within the session's length; returned as int64."""
-    extras = {}
-    for name, tensor in zip(names, tensors, strict=True):
-        if name not in STEP_EXTRAS or name in extras:
-            raise InvalidRequestError(f"unexpected extra tensor {name[:64]!r} in an inference step")
-        if tuple(tensor.shape) != tuple(shape):
-            raise InvalidRequestError(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
-        if tensor.is_floating_point() or tensor.is_complex():
-            raise InvalidRequestError(f"{name} must be integer or bool, got {tensor.dtype}")
-        tensor = tensor.long()
-        if name == "attention_mask" and not bool(((tensor == 0) | (tensor == 1)).all()):
+def check_step(step: Step, request: SpanRequest, hidden_size: int, limits: Limits) -> Step:
+    """A decoded step's tensors checked against its session: hidden states [session batch, tokens, hidden];
+    a 0/1 ``attention_mask`` and ``position_ids`` within the session's length, each [batch, tokens] like the hidden
+    states (returned as int64); deep prompts [session's blocks, prefix, hidden]."""
+    hidden = check_hidden(step.hidden, hidden_size, request.batch_size)
+    shape = tuple(hidden.shape[:2])
+    mask, positions = step.attention_mask, step.position_ids
+    if mask is not None:
+        mask = _check_integers("attention_mask", mask, shape)
+        if not bool(((mask == 0) | (mask == 1)).all()):
             raise InvalidRequestError("attention_mask values must be 0 or 1")
-        if name == "position_ids" and not bool(((tensor >= 0) & (tensor < max_length)).all()):
-            raise InvalidRequestError(f"position_ids must be in 0..{max_length - 1}")
-        extras[name] = tensor
-    return extras
+    if positions is not None:
+        positions = _check_integers("position_ids", positions, shape)
+        if not bool(((positions >= 0) & (positions < request.max_length)).all()):
+            raise InvalidRequestError(f"position_ids must be in 0..{request.max_length - 1}")
+    prompts = None if step.prompts is None else check_prompts(step.prompts, request, hidden_size, limits)
+    return dataclasses.replace(step, attention_mask=mask, position_ids=positions, prompts=prompts)
+
+
+def _check_integers(name: str, tensor: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    if tuple(tensor.shape) != shape:
+        raise InvalidRequestError(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
+    if tensor.is_floating_point() or tensor.is_complex():
+        raise InvalidRequestError(f"{name} must be integer or bool, got {tensor.dtype}")
+    return tensor.long()
+
+
+def check_prompts(tensor: torch.Tensor, request: SpanRequest, hidden_size: int, limits: Limits) -> torch.Tensor:
+    """Deep prompts for the request's blocks: [blocks, prefix, hidden], finite floating point."""
+    blocks = request.end_block - request.start_block
+    if tensor.ndim != 3 or tensor.shape[0] != blocks or tensor.shape[2] != hidden_size or 0 in tensor.shape:
+        raise InvalidRequestError(f"prompts must be [{blocks}, prefix, {hidden_size}], got {list(tensor.shape)}")
+    if not tensor.is_floating_point():
+        raise InvalidRequestError(f"prompts must be floating point, got {tensor.dtype}")
+    if tensor.shape[1] > limits.max_session_length:
+        raise InvalidRequestError(f"prompts may be at most {limits.max_session_length} positions long")
+    if not bool(torch.isfinite(tensor).all()):
+        raise InvalidRequestError("prompts contain NaN or infinite values")
+    return tensor

@@ -26,7 +26,7 @@ from petals_cli import transport
 from petals_cli.client import SwarmClient
 from petals_cli.config import ClientConfig
 from petals_cli.errors import PetalsError
-from petals_cli.server.validation import STEP_EXTRAS
+from petals_cli.step import EXTRA_NAMES as STEP_EXTRAS
 from petals_cli.testing import make_tiny_model
 from petals_cli.wire import PROTOCOL_VERSION, ServerInfo, SpanRequest, StepRequest
 from tests.conftest import Swarm

@@ -1,0 +1,96 @@
+"""What runs on a server's compute thread: inference steps (alone or batched), training forwards and backwards.
+
+``SpanCompute`` holds the span, its adapters and the graphs kept between a training forward and its backward;
+the step engine calls ``run_group`` for inference and the handler hands ``forward``/``backward`` to the engine's
+``run``. Every call names its blocks and adapter explicitly: nothing is left selected between calls.
+``describe_failure`` turns an exception from here into the ``ServerError`` a client fails over on (out of memory
+told apart, and torch's cached memory freed). Knows nothing about the network or about sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from petals_cli.errors import ServerError
+from petals_cli.families.base import SpanRunner
+from petals_cli.server.adapters import NO_ADAPTERS, SpanAdapters
+from petals_cli.server.engine import StepJob
+from petals_cli.server.graphs import KeptGraphs, SavedBytes
+from petals_cli.wire import SpanRequest
+
+logger = logging.getLogger(__name__)
+
+
+class SpanCompute:
+    def __init__(self, span: SpanRunner, graphs: KeptGraphs, adapters: SpanAdapters = NO_ADAPTERS):
+        self.span, self.graphs, self.adapters = span, graphs, adapters
+
+    def replace(self, span: SpanRunner, adapters: SpanAdapters = NO_ADAPTERS) -> None:
+        """Compute with other blocks from now on (rebalancing)."""
+        self.span, self.adapters = span, adapters
+
+    @torch.inference_mode()
+    def run_group(self, group: list[StepJob]) -> list[torch.Tensor]:
+        """The engine's compute: one step alone, or one-token steps of several sessions as one batch."""
+        first = group[0]
+        with self.adapters.active(first.adapter):
+            if len(group) == 1:
+                output = self.span(
+                    first.hidden, *first.blocks, first.cache,
+                    attention_mask=first.attention_mask, position_ids=first.position_ids, prompts=first.prompts,
+                )  # fmt: skip
+                return [output]
+            return self.span.forward_batched(
+                [job.hidden for job in group],
+                *first.blocks,
+                [job.cache for job in group],
+                [job.attention_mask for job in group],
+                [job.position_ids for job in group],
+            )
+
+    def forward(self, hidden: torch.Tensor, request: SpanRequest, prompts) -> list[torch.Tensor]:
+        """A forward request; with a ``graph_id`` its graph is kept for the backward that will follow."""
+        start, end, adapter = request.start_block, request.end_block, request.adapter
+        if not request.graph_id:
+            with torch.inference_mode(), self.adapters.active(adapter):
+                return [self.span(hidden, start, end, prompts=prompts)]
+        with SavedBytes(exclude=list(self.span.parameters())) as saved:
+            inputs, outputs = self._differentiable_forward(hidden, request, prompts)
+        self.graphs.keep(request.graph_id, (start, end, adapter), inputs, outputs, saved.nbytes)
+        return [outputs.detach()]
+
+    def backward(self, hidden, grad_output, request: SpanRequest, prompts) -> list[torch.Tensor]:
+        """Gradients for the span's input hidden states and, when sent, for its deep prompts; from the graph the
+        forward kept when there is one, else by recomputing the forward."""
+        sent = [hidden] if prompts is None else [hidden, prompts]
+        key = (request.start_block, request.end_block, request.adapter)
+        kept = self.graphs.take(request.graph_id, key, sent)
+        if kept is not None:
+            inputs, outputs = kept.inputs, kept.outputs
+        else:
+            inputs, outputs = self._differentiable_forward(hidden, request, prompts)
+        with torch.enable_grad(), self.adapters.active(request.adapter):
+            grads = torch.autograd.grad(outputs, inputs, grad_outputs=grad_output.to(outputs.dtype))
+        return list(grads)
+
+    def _differentiable_forward(self, hidden, request: SpanRequest, prompts):
+        with torch.enable_grad(), self.adapters.active(request.adapter):
+            inputs = [hidden.detach().requires_grad_(True)]
+            if prompts is not None:
+                inputs.append(prompts.detach().requires_grad_(True))
+            deep = inputs[1] if prompts is not None else None
+            return inputs, self.span(inputs[0], request.start_block, request.end_block, prompts=deep)
+
+
+def describe_failure(what: str, exc: Exception) -> ServerError:
+    """Log a compute failure and describe it; out of memory frees what torch holds for later requests."""
+    cpu_allocation = isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)  # torch on a CPU
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or cpu_allocation:
+        logger.warning("%s ran out of memory: %s", what, exc)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return ServerError(f"{what} ran out of memory on this server; try a smaller request or another server")
+    logger.exception("%s failed", what)
+    return ServerError(f"{what} failed: {exc.__class__.__name__}: {exc}")

@@ -1,0 +1,133 @@
+"""A server's inference sessions: each one's cache, position and padding mask, and the registry that opens them.
+
+``ServerSession.apply(step, run)`` is the one place a step meets a session's state: it checks the step against
+the session (position, length), grows the padding mask and derives positions (``step.py``, as the client does),
+hands the step to ``run`` (the engine, behind the handler's deadline) as a ``StepJob`` and moves the session
+forward only when that succeeded. A step that failed after compute began leaves the session ``broken``: some
+blocks may have extended the cache, so it ends after reporting the failure and its client replays elsewhere.
+
+``ServerSessions`` opens sessions under the hard limits, the per-peer limit and the ``CacheBudget`` (reserved
+before the cache exists), and returns their tokens when they close. Knows nothing about the RPC protocol.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+
+import torch
+
+from petals_cli.errors import InvalidRequestError, SessionLengthError
+from petals_cli.server import validation
+from petals_cli.server.cache import CacheBudget
+from petals_cli.server.engine import StepJob
+from petals_cli.server.validation import Limits, PeerSessions
+from petals_cli.step import Step, extend_mask, positions_from_mask
+from petals_cli.wire import SpanRequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(eq=False)
+class ServerSession:
+    id: str
+    request: SpanRequest
+    cache: object
+    peer: str = ""
+    position: int = 0
+    attention_mask: torch.Tensor | None = None  # [batch, position], once a step has sent padding
+    broken: bool = False  # a step failed half-way; the session ends after reporting it
+    moved: bool = False  # the server now holds other blocks: the session ends at its next step
+    batchable: bool = False  # its cache and model let its one-token steps join batches
+
+    def job(self, step: Step, *, others_open: bool) -> StepJob:
+        """``step`` (checked by ``validation.check_step``) as the engine's job for this session's state."""
+        if step.position != self.position:
+            raise InvalidRequestError(f"step at position {step.position}, session is at {self.position}")
+        tokens = step.tokens
+        if self.position + tokens > self.request.max_length:
+            raise SessionLengthError(
+                f"step would reach {self.position + tokens} tokens, max_length is {self.request.max_length}"
+            )
+        mask = extend_mask(self.attention_mask, self.position, step.attention_mask, step.hidden.shape[0], tokens)
+        positions = step.position_ids
+        if mask is not None and positions is None:
+            positions = positions_from_mask(mask, tokens)
+        prompts = step.prompts  # only the part of the prefix this step covers
+        if prompts is not None:
+            prompts = prompts[:, step.position :] if step.position < prompts.shape[1] else None
+        job = StepJob(
+            self.id,
+            self.peer,
+            (self.request.start_block, self.request.end_block),
+            self.request.adapter,
+            step.hidden,
+            self.cache,
+            attention_mask=mask,
+            position_ids=positions,
+            prompts=prompts,
+        )
+        if prompts is None and self.batchable:
+            job.batchable = tokens == 1
+            job.chunkable = tokens > 1 and others_open  # alone on the server, a prompt runs whole
+        return job
+
+    async def apply(
+        self, step: Step, run: Callable[[StepJob], Awaitable[torch.Tensor]], *, others_open: bool
+    ) -> torch.Tensor:
+        """Run ``step`` through ``run`` and move the session past it; a refusal before compute changes nothing."""
+        job = self.job(step, others_open=others_open)
+        try:
+            output = await run(job)
+        except BaseException:  # compute may have begun (a failure, the deadline): the cache state is unknown
+            self.broken = True
+            raise
+        self.position += step.tokens
+        self.attention_mask = job.attention_mask
+        return output
+
+
+class ServerSessions:
+    """The open sessions of one server, within its limits and cache budget."""
+
+    def __init__(self, budget: CacheBudget, limits: Limits, *, alloc_timeout: float):
+        self.budget, self.limits, self.alloc_timeout = budget, limits, alloc_timeout
+        self.peers = PeerSessions(limits.max_sessions_per_peer)
+        self._open: dict[str, ServerSession] = {}
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def __iter__(self) -> Iterator[ServerSession]:
+        return iter(list(self._open.values()))
+
+    async def open(self, request: SpanRequest, peer: str, make_cache: Callable[[], object]) -> ServerSession:
+        # Hard limits first, so an absurd request never reaches the budget or allocates anything.
+        tokens = validation.check_session_size(request, self.limits)
+        session_id = uuid.uuid4().hex
+        self.peers.acquire(peer)
+        try:
+            await self.budget.allocate(session_id, tokens, timeout=self.alloc_timeout)
+            cache = make_cache()
+        except BaseException:
+            self.budget.release(session_id)
+            self.peers.release(peer)
+            raise
+        session = ServerSession(id=session_id, request=request, cache=cache, peer=peer)
+        self._open[session_id] = session
+        logger.info(
+            "session %s opened: blocks %d:%d, %d tokens reserved, %d left (peer %s)",
+            session_id[:8], request.start_block, request.end_block, tokens, self.budget.tokens_left, peer[-8:],
+        )  # fmt: skip
+        return session
+
+    def close(self, session: ServerSession, ending: str) -> None:
+        if self._open.pop(session.id, None) is not None:
+            self.peers.release(session.peer)
+        self.budget.release(session.id)
+        logger.info(
+            "session %s %s at %d tokens, %d left (peer %s)",
+            session.id[:8], ending, session.position, self.budget.tokens_left, session.peer[-8:],
+        )  # fmt: skip
