@@ -148,8 +148,6 @@ class SpanRunner(nn.Module):
         self.family, self.base, self.config = family, base, config
         self.start, self.end = start, end
         self._views: dict[tuple[int, int], nn.Module] = {}
-        self._bound: tuple[int, int] | None = None
-        self._indexed = [[sub for sub in layer.modules() if hasattr(sub, "layer_idx")] for layer in self.layers]
         # BLOOM-style models place tokens by the attention mask alone (ALiBi)
         self._takes_position_ids = "position_ids" in inspect.signature(base.forward).parameters
 
@@ -172,11 +170,10 @@ class SpanRunner(nn.Module):
         With ``capacity`` (the session's max tokens), full-attention layers keep their keys and values in
         buffers of that length written in place, instead of growing by concatenation every step.
         """
-        from transformers import DynamicCache
+        from petals_cli.families.kv_cache import SpanCache, preallocate
 
-        from petals_cli.families.kv_cache import preallocate
-
-        cache = DynamicCache(config=self._view(start - self.start, end - self.start).config)
+        first = start - self.start
+        cache = SpanCache(self._view(first, end - self.start).config, first=first)
         return cache if capacity is None else preallocate(cache, capacity)
 
     def forward(
@@ -199,7 +196,6 @@ class SpanRunner(nn.Module):
         """
         first, last = start - self.start, end - self.start
         view = self._view(first, last)
-        self._bind_layer_indices(first, last)
         kwargs = {}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
@@ -243,7 +239,6 @@ class SpanRunner(nn.Module):
 
         first, last = start - self.start, end - self.start
         view = self._view(first, last)
-        self._bind_layer_indices(first, last)
         lengths = [cache.get_seq_length() + 1 for cache in caches]  # after this step
         longest = max(lengths)
         rows = [hidden.shape[0] for hidden in hiddens]
@@ -292,15 +287,6 @@ class SpanRunner(nn.Module):
                 view.config = span_config(self.base.config, last - first, first)
                 self._views[key] = view
         return self._views[key]
-
-    def _bind_layer_indices(self, first: int, last: int) -> None:
-        # Attention modules index the cache by layer_idx; a sub-range's cache starts at 0.
-        if self._bound == (first, last):
-            return
-        for offset, modules in enumerate(self._indexed[first:last]):
-            for sub in modules:
-                sub.layer_idx = offset
-        self._bound = (first, last)
 
 
 def _prompt_adder(prompt: torch.Tensor):

@@ -12,7 +12,23 @@ Sliding-window and other special layers are left as transformers makes them.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+class SpanCache(DynamicCache):
+    """A session's cache for the blocks ``[first, first + len(layers))`` of a server's span.
+
+    The span's attention modules are shared by every session and keep their index within the whole span; this
+    cache holds only its own blocks' layers and maps that index to them, so no module is re-indexed per call.
+    Everything else (lengths, masks) asks by the cache's own layer order, as it does of any ``DynamicCache``.
+    """
+
+    def __init__(self, config, *, first: int = 0):
+        super().__init__(config=config)
+        self.first = first
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return super().update(key_states, value_states, layer_idx - self.first, *args, **kwargs)
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -102,7 +118,8 @@ class StackedCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         keys, values, row = [], [], 0
         for cache, count in zip(self.caches, self.rows, strict=True):
-            key, value = cache.layers[layer_idx].update(key_states[row : row + count], value_states[row : row + count])
+            layer = cache.layers[layer_idx - cache.first]
+            key, value = layer.update(key_states[row : row + count], value_states[row : row + count])
             keys.append(key)
             values.append(value)
             row += count

@@ -62,7 +62,7 @@ def check_span(span, *, quantized: bool = False, seed: int = 0) -> float:
     cuts = [start, end] if end - start < 2 else [start, (start + end) // 2, end]
     served = hidden[:1]
     for first, last in zip(cuts, cuts[1:], strict=False):
-        served = _prefill_then_steps(span, served, first, last, capacity=total)
+        served = _served(span, served, first, last, "a cached span run token by token", capacity=total)
     contribution = plain - hidden[:1]  # errors are measured against what the blocks add, not the residual stream
     worst = max(worst, _compare(served, plain, contribution, "a cached span run token by token", tolerance))
 
@@ -73,10 +73,17 @@ def check_span(span, *, quantized: bool = False, seed: int = 0) -> float:
     mask[1, :PADDING] = 0
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     batch = torch.cat([hidden[:1], torch.cat([real[:, :1].expand(1, PADDING, -1), real], dim=1)])
-    padded = _prefill_then_steps(span, batch, start, end, capacity=total, mask=mask, positions=positions)
+    padded = _served(span, batch, start, end, "a padded batch", capacity=total, mask=mask, positions=positions)
     worst = max(worst, _compare(padded[:1], plain, contribution, "a padded batch's full row", tolerance))
     worst = max(worst, _compare(padded[1:, PADDING:], alone, alone - real, "a padded batch's padded row", tolerance))
     return worst
+
+
+def _served(span, hidden, start: int, end: int, what: str, **kwargs):
+    try:
+        return _prefill_then_steps(span, hidden, start, end, **kwargs)
+    except Exception as exc:  # e.g. a cache indexed other than petals builds it
+        fail(f"{what} raised {exc.__class__.__name__}: {exc}")
 
 
 def _prefill_then_steps(span, hidden, start: int, end: int, *, capacity: int, mask=None, positions=None):

@@ -3,13 +3,15 @@
 An adapter directory is what peft's ``save_pretrained`` writes: ``adapter_config.json`` and
 ``adapter_model.safetensors``. Only the tensors of this server's blocks are read. Each adapted linear layer
 gets one forward hook that adds ``lora_B(lora_A(x)) * scaling`` (peft's LoRA in eval mode) when a request
-names an adapter that has weights for it, and returns at once otherwise. Requests run one at a time on the
-compute thread, so "the active adapter" is a plain attribute. Knows nothing about the network.
+names an adapter that has weights for it, and returns at once otherwise. The adapter a computation uses is a
+context variable set for that call only (``active``): calls on other threads or tasks never see it.
+Knows nothing about the network.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import math
 from dataclasses import dataclass, field
@@ -38,7 +40,7 @@ class SpanAdapters:
     """The adapters a server holds for its span; ``active(name)`` applies one for the duration of a request."""
 
     weights: dict[str, dict[nn.Module, LoraWeights]] = field(default_factory=dict)  # name -> layer -> weights
-    _active: dict[nn.Module, LoraWeights] | None = None
+    _active: contextvars.ContextVar = field(default_factory=lambda: contextvars.ContextVar("adapter", default=None))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -49,16 +51,17 @@ class SpanAdapters:
         if not name:
             yield
             return
-        self._active = self.weights[name]
+        token = self._active.set(self.weights[name])
         try:
             yield
         finally:
-            self._active = None
+            self._active.reset(token)
 
     def _hook(self, module: nn.Module, inputs, output):
-        if self._active is None or module not in self._active:
+        active = self._active.get()
+        if active is None or module not in active:
             return None
-        lora = self._active[module]
+        lora = active[module]
         x = inputs[0].to(lora.down.dtype)
         return output + (nn.functional.linear(nn.functional.linear(x, lora.down), lora.up) * lora.scaling).to(
             output.dtype
