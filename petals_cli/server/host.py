@@ -2,17 +2,13 @@
 
 One process plus its libp2p daemon: the DHT node and the RPC handlers share the daemon and this process's
 event loop; torch runs on the handler's compute thread. On SIGINT/SIGTERM the server announces OFFLINE,
-removes its address file and exits.
-
-Records are re-announced every ``announce_period`` seconds, and sooner (at most once per
-``REANNOUNCE_INTERVAL``) when the cache tokens left have moved by more than ``REANNOUNCE_FRACTION`` of the
-budget since the last announce, so that clients route new sessions by a current figure.
+removes its address file and exits. Its DHT records are kept by ``announcer.py``; its RPCs are answered by
+``handler.py``; servers placed automatically choose and move their blocks here (``placement``, ``selection``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
@@ -24,17 +20,11 @@ from pathlib import Path
 from petals_cli import __version__, compat, security, transport
 from petals_cli.checkpoint import resolve_model
 from petals_cli.config import ServerConfig
-from petals_cli.dht import (
-    announce_blocks,
-    announce_model,
-    fetch_snapshot,
-    ping_server,
-    start_dht,
-    unreachable_servers,
-)
+from petals_cli.dht import announce_blocks, fetch_snapshot, start_dht, unreachable_servers
 from petals_cli.errors import ConfigError
 from petals_cli.families.selfcheck import check_span
 from petals_cli.server.adapters import load_adapters
+from petals_cli.server.announcer import PING_TIMEOUT, Announcer
 from petals_cli.server.blocks import load_span, read_model_config, resolve_dtype
 from petals_cli.server.cache import CacheBudget
 from petals_cli.server.handler import BlockHandler
@@ -47,10 +37,6 @@ from petals_cli.wire import ModelIndexEntry, ServerInfo, ServerState, model_pref
 
 logger = logging.getLogger(__name__)
 OFFLINE_GRACE = 2.0  # seconds to spend announcing OFFLINE on exit
-REANNOUNCE_INTERVAL = 1.0  # seconds between prompt re-announces when the budget moves
-REANNOUNCE_FRACTION = 0.1  # of the cache budget: a smaller move waits for the periodic announce
-MAX_PINGED = 8  # next-block servers pinged per announce
-PING_TIMEOUT = 2.0
 
 
 def run_server(config: ServerConfig) -> None:
@@ -80,12 +66,9 @@ class Server:
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()  # set on stop and whenever the budget changes: the announce loop re-checks
         self.budget = CacheBudget(config.cache_tokens, on_change=self._wake.set)
-        self._announced_at = float("-inf")  # event-loop time of the last announce
-        self._announced_tokens_left = config.cache_tokens
-        self._pings: dict[str, float] = {}  # peer id of a server holding our next block -> round trip, seconds
         self.swarm_key = security.SwarmKey.from_file(config.swarm_key)
-        self._pinged_at = float("-inf")
-        self._announce_failed = False
+        entry = ModelIndexEntry(model=config.model, num_blocks=self.model.num_blocks, family=self.model.family.name)
+        self.announcer = Announcer(config, self.prefix, entry, self.budget, self.swarm_key, self._wake)
         self.adapter_names: tuple[str, ...] = ()
         self.handler: BlockHandler | None = None
 
@@ -102,7 +85,7 @@ class Server:
             throughput=self.throughput.effective if self.throughput else 0.0,
             inference_rps=self.throughput.inference_rps if self.throughput else 0.0,
             forward_rps=self.throughput.forward_rps if self.throughput else 0.0,
-            pings=dict(self._pings),
+            pings=dict(self.announcer.pings),
             adapters=self.adapter_names,
             **self._engine_figures(),
         )
@@ -136,40 +119,15 @@ class Server:
                 p2p, self.config.initial_peers, client_mode=False, swarm_key=self.swarm_key, identity=identity
             )
             if self.fixed_span is None:
-                length = self.placement_count or blocks_that_fit(
-                    self.model.config,
-                    self.model.num_blocks,
-                    self.dtype,
-                    self.config.device,
-                    self.config.cache_tokens,
-                    self.config.quant,
-                )
-                self.start, self.end = await choose_initial_span(
-                    lambda: self._read_swarm(node, p2p), length, max_delay=self.config.placement_delay
-                )
-            await self._announce(node, p2p)  # JOINING: servers choosing blocks now see this span taken
+                self.start, self.end = await self._choose_blocks(node, p2p)
+            # JOINING: servers choosing blocks now see this span taken
+            await self.announcer.announce(node, p2p, self.info)
             span, adapters = await self._load(self.start, self.end)
-            handler = BlockHandler(
-                span,
-                self.prefix,
-                self.budget,
-                limits=Limits(
-                    max_session_length=self.config.max_session_length,
-                    max_request_bytes=self.config.max_request_mib * 2**20,
-                    max_sessions_per_peer=self.config.max_sessions_per_peer,
-                    step_timeout=self.config.step_timeout,
-                    max_kept_graph_bytes=self.config.kept_graphs_mib * 2**20,
-                ),
-                alloc_timeout=self.config.alloc_timeout,
-                session_idle_timeout=self.config.session_idle_timeout,
-                info=self.info,
-                adapters=adapters,
-            )
-            self.handler = handler
+            handler = self.handler = self._make_handler(span, adapters)
             service = handler if self.swarm_key is None else security.GatedService(handler, self.swarm_key)
             await transport.BlocksService().add_p2p_handlers(p2p, wrapper=service)
             self.state = ServerState.ONLINE
-            await self._announce(node, p2p)
+            await self.announcer.announce(node, p2p, self.info)
             maddrs = [str(addr) for addr in await p2p.get_visible_maddrs()]
             self._write_address_file(maddrs)
             logger.info("serving blocks %d:%d of %s as %s", self.start, self.end, self.prefix, p2p.peer_id)
@@ -177,9 +135,9 @@ class Server:
                 print(maddr, flush=True)
             if self.fixed_span is None and self.config.balance_period > 0:
                 rebalancing = asyncio.create_task(self._rebalance_forever(node, p2p, handler))
-            await self._announce_until_stopped(node, p2p)
+            await self.announcer.until_stopped(node, p2p, self.info, self._stop)
             self.state = ServerState.OFFLINE
-            await asyncio.wait_for(self._announce(node, p2p), timeout=OFFLINE_GRACE)
+            await asyncio.wait_for(self.announcer.announce(node, p2p, self.info), timeout=OFFLINE_GRACE)
         except TimeoutError:
             logger.warning("could not announce OFFLINE in time; records will expire by themselves")
         finally:
@@ -190,6 +148,38 @@ class Server:
                 handler.shutdown()
             await p2p.shutdown()
         logger.info("server stopped")
+
+    async def _choose_blocks(self, node, p2p) -> tuple[int, int]:
+        length = self.placement_count or blocks_that_fit(
+            self.model.config,
+            self.model.num_blocks,
+            self.dtype,
+            self.config.device,
+            self.config.cache_tokens,
+            self.config.quant,
+        )
+        return await choose_initial_span(
+            lambda: self._read_swarm(node, p2p), length, max_delay=self.config.placement_delay
+        )
+
+    def _make_handler(self, span, adapters) -> BlockHandler:
+        limits = Limits(
+            max_session_length=self.config.max_session_length,
+            max_request_bytes=self.config.max_request_mib * 2**20,
+            max_sessions_per_peer=self.config.max_sessions_per_peer,
+            step_timeout=self.config.step_timeout,
+            max_kept_graph_bytes=self.config.kept_graphs_mib * 2**20,
+        )
+        return BlockHandler(
+            span,
+            self.prefix,
+            self.budget,
+            limits=limits,
+            alloc_timeout=self.config.alloc_timeout,
+            session_idle_timeout=self.config.session_idle_timeout,
+            info=self.info,
+            adapters=adapters,
+        )
 
     async def _load(self, start: int, end: int):
         """Load blocks [start, end) and their part of the adapters off the event loop, and know (measure once,
@@ -251,46 +241,12 @@ class Server:
         old = dataclasses.replace(self.info(), state=ServerState.OFFLINE)
         handler.replace_span(span, adapters)
         self.start, self.end = new_start, new_end
-        expiration = max(self.config.announce_period * 2.5, 10.0)
-        await announce_blocks(node, self.prefix, p2p.peer_id.to_base58(), old, expiration=expiration)
-        await self._announce(node, p2p)
+        await announce_blocks(node, self.prefix, p2p.peer_id.to_base58(), old, expiration=self.announcer.expiration)
+        await self.announcer.announce(node, p2p, self.info)
 
     def _request_stop(self) -> None:
         self._stop.set()
         self._wake.set()
-
-    async def _announce_until_stopped(self, node, p2p) -> None:
-        loop = asyncio.get_running_loop()
-        while not self._stop.is_set():
-            due = self._announced_at + self.config.announce_period
-            moved = abs(self.budget.tokens_left - self._announced_tokens_left)
-            if moved > REANNOUNCE_FRACTION * self.budget.total_tokens:
-                due = min(due, self._announced_at + REANNOUNCE_INTERVAL)
-            if loop.time() < due:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=due - loop.time())
-                continue
-            try:
-                await self._announce(node, p2p)
-            except Exception:  # the DHT is unreachable: keep serving, retry at the next period
-                logger.warning("announcing failed; serving on and retrying", exc_info=True)
-                self._announced_at, self._announce_failed = loop.time(), True
-            # A node whose peers all left stores records only in itself, which nobody reads: find the swarm again.
-            alone = not node.protocol.routing_table.uid_to_peer_id
-            if (self._announce_failed or alone) and await self._rejoin(node):
-                logger.info("reconnected to the swarm's DHT; announcing again")
-                self._announced_at = float("-inf")
-
-    async def _rejoin(self, node) -> bool:
-        """Ping the initial peers again: after the DHT lost every peer, this is how the node finds it again."""
-        found = False
-        for maddr in self.config.initial_peers:
-            if "/p2p/" in maddr:
-                with contextlib.suppress(Exception):
-                    peer = transport.peer_id_from_string(maddr.rsplit("/p2p/", 1)[1])
-                    found = await node.protocol.call_ping(peer) is not None or found
-        return found
 
     async def _read_swarm(self, node, p2p):
         """The swarm's servers of this model, less those that announce themselves online but do not answer
@@ -301,44 +257,6 @@ class Server:
         if silent:
             logger.info("leaving out %d announced server(s) that do not answer", len(silent))
         return snapshot.without(silent | {own})
-
-    async def _ping_next_servers(self, node, p2p) -> None:
-        """Round trips to the servers holding block ``end`` (where this server's output goes next)."""
-        if self.end >= self.model.num_blocks:
-            return
-        snapshot = await fetch_snapshot(node, self.prefix, self.model.num_blocks)
-        own = p2p.peer_id.to_base58()
-        peers = [
-            peer
-            for peer, info in snapshot.online().items()
-            if peer != own and info.start_block <= self.end < info.end_block
-        ][:MAX_PINGED]
-        rtts = await asyncio.gather(*(ping_server(p2p, peer, self.swarm_key, timeout=PING_TIMEOUT) for peer in peers))
-        # unreachable servers are simply left out of the published pings
-        self._pings = {peer: round(rtt, 6) for peer, rtt in zip(peers, rtts, strict=True) if rtt is not None}
-
-    async def _announce(self, node, p2p) -> None:
-        expiration = max(self.config.announce_period * 2.5, 10.0)
-        peer_id = p2p.peer_id.to_base58()
-        now = asyncio.get_running_loop().time()
-        if self.state == ServerState.ONLINE and now - self._pinged_at >= self.config.announce_period:
-            self._pinged_at = now
-            try:
-                await self._ping_next_servers(node, p2p)
-            except Exception:  # pings are advisory: never let them stop an announce
-                logger.debug("pinging the next servers failed", exc_info=True)
-        info = self.info()
-        self._announced_at = asyncio.get_running_loop().time()
-        self._announced_tokens_left = info.cache_tokens_left
-        ok = await announce_blocks(node, self.prefix, peer_id, info, expiration=expiration)
-        if self.state == ServerState.ONLINE:
-            entry = ModelIndexEntry(
-                model=self.config.model, num_blocks=self.model.num_blocks, family=self.model.family.name
-            )
-            ok = await announce_model(node, self.prefix, peer_id, entry, expiration=expiration) and ok
-        self._announce_failed = not ok
-        if not ok:
-            logger.warning("some DHT records were not stored; will retry at the next announce")
 
     def _write_address_file(self, maddrs: list[str]) -> None:
         if not self.config.address_file:
