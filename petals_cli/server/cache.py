@@ -3,7 +3,7 @@
 A session reserves ``batch_size * max_length`` tokens when it opens and returns them when it closes, so a
 server never promises more cache than its budget. When the budget is full, ``allocate`` waits a little for
 other sessions to end before refusing with ``CacheExhaustedError``, so a client can fail over quickly.
-The caches themselves are transformers ``Cache`` objects owned by the handler; this module only counts.
+The caches themselves are transformers ``Cache`` objects owned by server sessions; this module only counts.
 Everything here runs on the server's event loop: no locks, no polling.
 """
 

@@ -1,10 +1,10 @@
 """The step engine: one compute thread, and the inference steps waiting for it run together.
 
-Handlers submit each validated inference step as a ``StepJob`` and await its output. The engine owns the compute
-thread. Whenever it is free it takes every step waiting at that moment and ``plan`` (pure) groups them: one-token
-steps of different sessions over the same blocks and adapter form one batch (decoding reads every weight once per
-step, so a batch of eight costs far less than eight steps), bounded in size and filled round-robin across peers
-so that no peer's sessions crowd out another's; every other step runs alone. Steps that arrive while a batch
+Server sessions submit each validated inference step as a ``StepJob`` and await its output. The engine owns the
+compute thread. Whenever it is free it takes every step waiting at that moment and ``plan`` (pure) groups them:
+one-token steps of different sessions over the same blocks and adapter form one batch (decoding reads every weight
+once per step, so a batch of eight costs far less than eight steps), bounded in size and filled round-robin across
+peers so that no peer's sessions crowd out another's; every other step runs alone. Steps that arrive while a batch
 computes wait for the next one. While other sessions are open on the server, a long step (a prompt) is computed in
 chunks of ``PREFILL_CHUNK`` tokens with the waiting one-token steps of other sessions run between them, so one
 user's prompt does not stall everyone's decoding for its whole length (alone, it runs whole). Forward and

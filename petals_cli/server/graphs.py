@@ -5,7 +5,7 @@ forward with gradients on and keeps the inputs and outputs under the id, and the
 same id differentiates them directly. Kept graphs are bounded in number, age and the bytes of the activations
 they hold (the oldest go first; a graph larger than the whole allowance is not kept); a
 backward whose graph is gone (evicted, or failed over to another server) recomputes the forward, so keeping
-is only ever an optimisation. Everything here runs on the handler's single compute thread.
+is only ever an optimisation. Everything here runs on the step engine's single compute thread.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What a server checks before it computes anything, and the limits it enforces per request, session and peer.
 
-Pure functions over decoded wire records and tensors, plus ``PeerSessions`` (a counter the handler owns).
+Pure functions over decoded wire records and tensors, plus ``PeerSessions`` (a counter the session registry owns).
 Every failed check raises a typed error naming the problem (``InvalidRequestError`` and its subclasses,
 ``PeerLimitError``); the handler turns it into an error response for that request only. Nothing here
 touches the network, the cache or the compute thread.
