@@ -1,0 +1,385 @@
+"""Generation through a swarm on an emulated wide-area network, next to the physical bound of each figure.
+
+    sudo .venv/bin/python benchmarks/wan.py --preset tiny --rtts 0,50
+    sudo .venv/bin/python benchmarks/wan.py --preset midsize --rtt 50 --mbit 100 --servers 3
+    sudo .venv/bin/python benchmarks/wan.py --preset midsize --rtts 0,20,50,100 --json
+
+The network is ``petals_cli.testing.wan``: one namespace per host joined by a forwarder that delays every packet by
+half the round trip and limits every host's uplink. Host 0 runs the swarm's bootstrap peer, hosts 1..N one
+`petals serve` each, host N+1 the client, which reports per-step latency, time to first token and aggregate
+tokens/s for each number of sessions. The bounds: compute per token is what the same swarm takes at no delay; an
+ideal push chain (client -> s1 -> ... -> sN -> client) adds N+1 one-way delays per token, while a client that
+relays every hidden state (today's) adds N round trips. First the forwarder's own cost: one session at no delay
+and no bandwidth limit, next to the same swarm on plain loopback.
+
+This script owns starting the peers in their hosts, the client's measurements and the table; the network itself
+belongs to the emulator. Without root or /dev/net/tun it says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import itertools
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the `petals` CLI does for its peers
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch  # noqa: E402
+from swarm_vs_local import PRESETS  # noqa: E402 (this folder: the same models)
+
+from petals_cli.testing.wan import Wan, unavailable  # noqa: E402
+
+START_TIMEOUT = 180.0  # seconds for a peer to write its address (midsize servers load while others compete)
+
+
+@dataclass
+class Place:
+    """Where a peer runs: a command prefix (``ip netns exec NS`` or nothing) and the address it binds."""
+
+    prefix: list[str]
+    host: str
+
+
+@dataclass
+class Peers:
+    """The swarm's processes: a bootstrap peer and one server per span; ``stop`` reaps every one."""
+
+    workdir: Path
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def launch(self, place: Place, name: str, *args: str) -> Path:
+        address_file, log = self.workdir / f"{name}.addr", self.workdir / f"{name}.log"
+        command = [*place.prefix, sys.executable, "-m", "petals_cli.commands", *args, "--host", place.host]
+        with open(log, "wb") as output:
+            self.processes.append(
+                subprocess.Popen([*command, "--address-file", str(address_file)], stdout=output, stderr=output)
+            )
+        return address_file
+
+    def wait_address(self, address_file: Path, host: str) -> str:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (address_file.exists() and address_file.read_text().strip()):
+            if time.monotonic() > deadline or any(process.poll() is not None for process in self.processes):
+                raise RuntimeError(f"a peer did not start; logs in {self.workdir}")
+            time.sleep(0.1)
+        return next(address for address in address_file.read_text().split() if f"/{host}/" in address)
+
+    def start(self, model: Path, spans: list[str], bootstrap: Place, servers: list[Place]) -> str:
+        """Start the swarm; returns the bootstrap peer's address (everyone's --initial-peers)."""
+        initial_peer = self.wait_address(self.launch(bootstrap, "bootstrap", "swarm", "bootstrap"), bootstrap.host)
+        files = [
+            self.launch(
+                place, f"server{index}", "serve", str(model), "--blocks", span, "--initial-peers", initial_peer
+            )
+            for index, (span, place) in enumerate(zip(spans, servers, strict=True))
+        ]
+        for address_file, place in zip(files, servers, strict=True):
+            self.wait_address(address_file, place.host)
+        return initial_peer
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+
+
+class Client:
+    """This script in ``--client`` mode on its host: it loads the model once, then measures on request."""
+
+    def __init__(self, place: Place, settings: dict, log: Path):
+        command = [*place.prefix, sys.executable, os.path.abspath(__file__), "--client", json.dumps(settings)]
+        with open(log, "wb") as errors:
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True
+            )
+        self.log = log
+        self._answer()  # loaded and warmed up
+
+    def measure(self, sessions: int, repeats: int) -> dict:
+        self.process.stdin.write(json.dumps({"sessions": sessions, "repeats": repeats}) + "\n")
+        self.process.stdin.flush()
+        return self._answer()
+
+    def _answer(self) -> dict:
+        for line in self.process.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        raise RuntimeError(f"the client exited; its log: {self.log}")
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class TokenClock:
+    """A generate() streamer: when it was made, and when each new token arrived."""
+
+    def __init__(self):
+        self.started, self.times, self.prompt_seen = time.perf_counter(), [], False
+
+    def put(self, _):
+        if self.prompt_seen:
+            self.times.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self):
+        pass
+
+
+def generate_together(model, prompts: list[torch.Tensor], new_tokens: int) -> tuple[float, list[TokenClock]]:
+    """Greedy generate() of every prompt at once, one thread each: wall seconds, and each one's clock."""
+    clocks: list[TokenClock] = [None] * len(prompts)
+    errors: list[BaseException] = []
+
+    def one(index: int) -> None:
+        clocks[index] = clock = TokenClock()
+        try:
+            model.generate(
+                prompts[index], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock
+            )
+        except BaseException as error:  # raised below, in the caller's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=one, args=(index,), daemon=True) for index in range(len(prompts))]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return time.perf_counter() - started, clocks
+
+
+def client_main(settings: dict) -> None:
+    """Load the distributed model, warm up, then answer each {"sessions", "repeats"} line with figures."""
+    from petals_cli import AutoDistributedModelForCausalLM
+    from petals_cli.config import ClientConfig
+
+    config = ClientConfig(initial_peers=tuple(settings["initial_peers"]))
+    model = AutoDistributedModelForCausalLM.from_pretrained(settings["model"], config=config)
+    vocab, generator = model.get_input_embeddings().weight.shape[0], torch.Generator().manual_seed(0)
+    shape = (1, settings["prompt_tokens"])
+    prompts = [torch.randint(4, vocab, shape, generator=generator) for _ in range(max(settings["sessions"]))]
+    generate_together(model, prompts[:1], 4)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        chosen = prompts[: request["sessions"]]
+        generate_together(model, chosen, 4)  # this many sessions' connections and allocations, and the new delay
+        runs = [generate_together(model, chosen, settings["new_tokens"]) for _ in range(request["repeats"])]
+        print(json.dumps(summarize(runs, settings["new_tokens"])), flush=True)
+    model.close()
+
+
+def summarize(runs: list[tuple[float, list[TokenClock]]], new_tokens: int) -> dict:
+    firsts = [clock.times[0] - clock.started for _, clocks in runs for clock in clocks]
+    gaps = sorted(b - a for _, clocks in runs for clock in clocks for a, b in itertools.pairwise(clock.times))
+    rates = [len(clocks) * new_tokens / seconds for seconds, clocks in runs]
+    return {
+        "step_ms": round(1000 * statistics.median(gaps), 2),
+        "step_p95_ms": round(1000 * gaps[min(len(gaps) - 1, int(0.95 * len(gaps)))], 2),
+        "ttft_ms": round(1000 * statistics.median(firsts), 1),
+        "tokens_per_s": round(statistics.median(rates), 2),
+    }
+
+
+def bounds(row: dict, base: dict, servers: int, new_tokens: int) -> dict:
+    """The physical bounds of ``row`` (at its round trip) from ``base`` (the same sessions at no delay): every
+    token, the first included, pays the push chain's one-way delays on top of its compute."""
+    chain_ms = (servers + 1) * row["rtt_ms"] / 2
+    push_step, push_ttft = base["step_ms"] + chain_ms, base["ttft_ms"] + chain_ms
+    tokens = row["sessions"] * new_tokens
+    tokens_per_s = tokens / (tokens / base["tokens_per_s"] + new_tokens * chain_ms / 1000)
+    return {
+        "step_push_bound_ms": round(push_step, 2),
+        "step_relay_model_ms": round(base["step_ms"] + servers * row["rtt_ms"], 2),
+        "ttft_push_bound_ms": round(push_ttft, 1),
+        "tokens_per_s_push_bound": round(tokens_per_s, 2),
+    }
+
+
+def run_loopback(model: Path, spans: list[str], settings: dict, workdir: Path, repeats: int) -> dict:
+    """One session through the same swarm on 127.0.0.1 in this namespace: what the forwarder is compared with."""
+    place, peers = Place([], "127.0.0.1"), Peers(workdir / "loopback")
+    peers.workdir.mkdir()
+    atexit.register(peers.stop)
+    try:
+        initial_peer = peers.start(model, spans, place, [place] * len(spans))
+        client = Client(place, {**settings, "initial_peers": [initial_peer]}, peers.workdir / "client.log")
+        try:
+            return client.measure(1, repeats)
+        finally:
+            client.close()
+    finally:
+        peers.stop()
+
+
+def run_wan(args, model: Path, spans: list[str], settings: dict, workdir: Path, say) -> tuple[dict, list[dict]]:
+    """The swarm on the emulated WAN: one session at no delay and no bandwidth limit (the forwarder's cost),
+    then every round trip with every number of sessions."""
+    wan, peers = Wan(hosts=len(spans) + 2, mtu=args.mtu), Peers(workdir / "wan")
+    peers.workdir.mkdir()
+    atexit.register(wan.close)
+    atexit.register(peers.stop)
+    try:
+        wan.start()
+        places = [Place(wan.exec_prefix(index), wan.address(index)) for index in range(wan.hosts)]
+        say(f"starting the swarm in {wan.hosts} namespaces ({wan.namespace(0)}...)")
+        initial_peer = peers.start(model, spans, places[0], places[1:-1])
+        client = Client(places[-1], {**settings, "initial_peers": [initial_peer]}, peers.workdir / "client.log")
+        try:
+            say("measuring: no delay, no bandwidth limit, 1 session")
+            unlimited = measure_on(wan, client, 0, 0, 1, args)
+            rows = []
+            for rtt in args.rtts:
+                for sessions in args.sessions:
+                    say(f"measuring: RTT {rtt:g} ms, {args.mbit:g} Mbit/s, {sessions} session(s)")
+                    rows.append(measure_on(wan, client, rtt, args.mbit, sessions, args))
+            return unlimited, rows
+        finally:
+            client.close()
+    finally:
+        peers.stop()
+        wan.close()
+
+
+def measure_on(wan: Wan, client: Client, rtt: float, mbit: float, sessions: int, args) -> dict:
+    wan.configure(rtt, mbit, args.queue_kib)
+    figures = client.measure(sessions, args.repeats)
+    forwarder = wan.configure(rtt, mbit, args.queue_kib)  # the counters of this measurement
+    return {"rtt_ms": rtt, "mbit": mbit, "sessions": sessions, **figures, "forwarder": forwarder}
+
+
+COLUMNS = (
+    ("RTT ms", "rtt_ms"),
+    ("sessions", "sessions"),
+    ("step ms", "step_ms"),
+    ("push bound", "step_push_bound_ms"),
+    ("relay model", "step_relay_model_ms"),
+    ("TTFT ms", "ttft_ms"),
+    ("push bound", "ttft_push_bound_ms"),
+    ("tokens/s", "tokens_per_s"),
+    ("push bound", "tokens_per_s_push_bound"),
+)
+
+
+def render(report: dict) -> str:
+    servers, loopback, unlimited = report["servers"], report["loopback"], report["no_delay_unlimited"]
+    mbit = f"{report['mbit']:g} Mbit/s" if report["mbit"] else "unlimited"
+    lines = [
+        f"{report['preset']} model, {len(servers)} servers ({' '.join(servers)}), client on its own host; prompt "
+        f"{report['prompt_tokens']} tokens, {report['new_tokens']} new; uplinks {mbit}, queue "
+        f"{report['queue_kib']} KiB, MTU {report['mtu']}; {report['cpus']} CPUs",
+        f"no delay, no bandwidth limit, 1 session: step {unlimited['step_ms']} ms, TTFT {unlimited['ttft_ms']} ms; "
+        f"forwarder CPU {100 * unlimited['forwarder']['cpu_share']:.1f}%",
+    ]
+    if loopback:
+        lines.append(
+            f"plain loopback, same swarm: step {loopback['step_ms']} ms, TTFT {loopback['ttft_ms']} ms: the "
+            f"forwarder adds {unlimited['step_ms'] - loopback['step_ms']:+.2f} ms per step"
+        )
+    lines.append(
+        f"push bound: compute at no delay + {len(servers) + 1} one-way delays (client -> s1 -> ... -> client); "
+        f"relay model: + {len(servers)} round trips (the client relays each hop)"
+    )
+    header = [title for title, _ in COLUMNS] + ["late ms", "drops", "fwd CPU"]
+    table = [header]
+    for row in report["rows"]:
+        forwarder = row["forwarder"]
+        cells = [f"{row[key]:g}" for _, key in COLUMNS]
+        cells += [
+            f"{forwarder['late_ms_mean']:.2f}",
+            str(forwarder["queue_drops"]),
+            f"{100 * forwarder['cpu_share']:.1f}%",
+        ]
+        table.append(cells)
+    widths = [max(len(line[column]) for line in table) for column in range(len(header))]
+    lines += ["  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in table]
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
+    numbers = lambda text: [float(part) for part in text.split(",") if part]  # noqa: E731
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--servers", type=int, default=3, help="servers, each on its own host (default 3)")
+    parser.add_argument("--rtt", type=float, default=50.0, help="round trip in ms between any two hosts")
+    parser.add_argument("--rtts", type=numbers, help="several round trips, e.g. 0,20,50,100 (0 is always added)")
+    parser.add_argument("--mbit", type=float, default=100.0, help="every host's uplink in Mbit/s (0: unlimited)")
+    parser.add_argument("--sessions", type=lambda text: [int(n) for n in text.split(",")], default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per figure, after a short warm-up")
+    parser.add_argument("--queue-kib", type=int, default=512, help="drop-tail queue of each uplink")
+    parser.add_argument("--mtu", type=int, default=1500)
+    parser.add_argument("--no-loopback", action="store_true", help="skip the plain-loopback comparison")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--models-dir", default=os.path.join(tempfile.gettempdir(), "petals-bench-models"))
+    parser.add_argument("--client", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.rtts = sorted({0.0, *(args.rtts if args.rtts is not None else [args.rtt])})
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.client:
+        client_main(json.loads(args.client))
+        return
+    reason = unavailable()
+    if reason:
+        print(f"benchmarks/wan.py: skipped: an emulated WAN {reason}", file=sys.stderr)
+        return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that every finally and atexit cleanup runs
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    from petals_cli.testing import ensure_tiny_model
+    from petals_cli.testing.swarm import even_spans
+
+    preset = PRESETS[args.preset]
+    model = ensure_tiny_model(Path(args.models_dir) / f"bench-{args.preset}", "llama", **preset["model"])
+    spans = even_spans(preset["model"]["num_layers"], args.servers)
+    settings = dict(model=str(model), prompt_tokens=preset["prompt_tokens"], new_tokens=args.new_tokens)
+    settings["sessions"] = [1, *args.sessions]
+    workdir = Path(tempfile.mkdtemp(prefix="petals-wan-"))
+    say(f"logs in {workdir}")
+    loopback = None
+    if not args.no_loopback:
+        say("measuring the same swarm on plain loopback")
+        loopback = run_loopback(model, spans, settings, workdir, args.repeats)
+    unlimited, rows = run_wan(args, model, spans, settings, workdir, say)
+    for row in rows:
+        base = next(other for other in rows if other["rtt_ms"] == 0 and other["sessions"] == row["sessions"])
+        row.update(bounds(row, base, len(spans), args.new_tokens))
+    report = dict(preset=args.preset, servers=spans, prompt_tokens=preset["prompt_tokens"], new_tokens=args.new_tokens)
+    report.update(mbit=args.mbit, queue_kib=args.queue_kib, mtu=args.mtu, cpus=os.cpu_count())
+    report.update(loopback=loopback, no_delay_unlimited=unlimited, rows=rows)
+    print(json.dumps(report, indent=1) if args.json else render(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""An emulated wide-area network on one machine: hosts in network namespaces joined by a user-space forwarder.
+
+Each host is a network namespace with loopback and one TUN device addressed ``10.77.0.(i+1)/24``. One forwarder
+process in the root namespace holds every TUN's file descriptor and moves IPv4 packets between them by destination
+address: each packet first waits in its sender's uplink (a token bucket behind a bounded drop-tail queue), then
+for the one-way delay (half the round trip), and is then written to the receiver's TUN. ``Wan`` makes and removes
+the namespaces, the devices and the forwarder, and changes the delay and bandwidth while the hosts keep running.
+
+This module owns the network only: it knows nothing about swarms or models, and uses only the standard library,
+since the forwarder runs as this file (``python wan.py CONFIG``) without importing the package. Needs root, ``ip``
+and ``/dev/net/tun`` (``unavailable()`` says which is missing); the kernel's netem qdisc is not needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import heapq
+import itertools
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+SUBNET = "10.77.0"
+TUNSETIFF = 0x400454CA
+IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
+MAX_PACKET = 65536
+READ_BATCH = 64  # packets read from one TUN before the others get their turn
+RELEASE_SLACK = 0.0005  # epoll sleeps in whole milliseconds: release what is due within half of one
+DEFAULT_BURST = 16 * 1024  # the token bucket's depth in bytes (as a tbf qdisc's burst), at least one MTU
+DEFAULT_QUEUE = 512 * 1024  # bytes waiting in an uplink before the next packet is dropped (drop-tail)
+
+
+def unavailable() -> str | None:
+    """Why an emulated WAN cannot run here, or None when it can."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces and TUN devices)"
+    if not os.path.exists("/dev/net/tun"):
+        return "needs /dev/net/tun (TUN devices)"
+    if shutil.which("ip") is None:
+        return "needs the `ip` command (iproute2)"
+    try:
+        os.close(os.open("/dev/net/tun", os.O_RDWR))
+    except OSError as error:
+        return f"cannot open /dev/net/tun ({error.strerror})"
+    return None
+
+
+@dataclass
+class Uplink:
+    """A host's way out: a token bucket filling at ``rate`` bytes/s up to ``burst`` bytes, behind a drop-tail
+    queue of at most ``queue`` bytes. ``rate`` 0 is unlimited. Time is an argument (seconds), never read inside."""
+
+    rate: float = 0.0
+    burst: int = DEFAULT_BURST
+    queue: int = DEFAULT_QUEUE
+    _tokens: float = field(default=-1.0, init=False)
+    _last: float = field(default=0.0, init=False)  # when the last admitted packet leaves
+    _waiting: deque = field(default_factory=deque, init=False)  # (leaves at, bytes) of packets not yet sent
+    _waiting_bytes: int = field(default=0, init=False)
+
+    def admit(self, now: float, size: int) -> float | None:
+        """When a packet of ``size`` bytes arriving at ``now`` leaves, or None if the full queue drops it."""
+        if self.rate <= 0:
+            return now
+        while self._waiting and self._waiting[0][0] <= now:
+            self._waiting_bytes -= self._waiting.popleft()[1]
+        if self._waiting_bytes + size > self.queue:
+            return None
+        start = max(now, self._last)
+        if self._tokens < 0:  # the first packet finds a full bucket
+            tokens = float(self.burst)
+        else:
+            tokens = min(float(self.burst), self._tokens + (start - self._last) * self.rate)
+        leaves = start if tokens >= size else start + (size - tokens) / self.rate
+        self._tokens, self._last = max(tokens - size, 0.0), leaves
+        self._waiting.append((leaves, size))
+        self._waiting_bytes += size
+        return leaves
+
+    @property
+    def waiting_bytes(self) -> int:
+        return self._waiting_bytes
+
+
+def ipv4_destination(packet: bytes) -> bytes | None:
+    """The destination address of an IPv4 packet (4 bytes), or None for anything else."""
+    if len(packet) < 20 or packet[0] >> 4 != 4:
+        return None
+    return packet[16:20]
+
+
+@dataclass
+class ForwarderStats:
+    packets: int = 0
+    bytes: int = 0
+    queue_drops: int = 0
+    unroutable: int = 0
+    write_errors: int = 0
+    lateness_sum: float = 0.0
+    lateness_max: float = 0.0
+    cpu_started: float = field(default_factory=time.process_time)
+    wall_started: float = field(default_factory=time.monotonic)
+
+    def report(self) -> dict:
+        wall = max(time.monotonic() - self.wall_started, 1e-9)
+        return {
+            "packets": self.packets,
+            "bytes": self.bytes,
+            "queue_drops": self.queue_drops,
+            "unroutable": self.unroutable,
+            "write_errors": self.write_errors,
+            "late_ms_mean": round(1000 * self.lateness_sum / max(self.packets, 1), 3),
+            "late_ms_max": round(1000 * self.lateness_max, 3),
+            "cpu_share": round((time.process_time() - self.cpu_started) / wall, 4),
+        }
+
+
+class Forwarder:
+    """Routes packets between TUN descriptors by destination address, with per-uplink bandwidth and a delay."""
+
+    def __init__(self, fds: list[int], addresses: list[str]):
+        self.fds = fds
+        self.route = {socket.inet_aton(address): index for index, address in enumerate(addresses)}
+        self.one_way = 0.0
+        self.uplinks = [Uplink() for _ in fds]
+        self.pending: list[tuple[float, int, int, bytes]] = []  # heap of (release at, sequence, target, packet)
+        self.sequence = itertools.count()
+        self.stats = ForwarderStats()
+
+    def configure(
+        self, rtt_ms: float = 0.0, mbit: float = 0.0, burst: int = DEFAULT_BURST, queue: int = DEFAULT_QUEUE
+    ):
+        """New delay and bandwidth for packets read from now on; starts new counters."""
+        self.one_way = rtt_ms / 2000
+        self.uplinks = [Uplink(rate=mbit * 125_000, burst=burst, queue=queue) for _ in self.fds]
+        self.stats = ForwarderStats()
+
+    def take(self, source: int) -> None:
+        """Read what waits on ``source``'s TUN and schedule each packet's release."""
+        fd, uplink = self.fds[source], self.uplinks[source]
+        for _ in range(READ_BATCH):
+            try:
+                packet = os.read(fd, MAX_PACKET)
+            except BlockingIOError:
+                return
+            target = self.route.get(ipv4_destination(packet) or b"")
+            if target is None:
+                self.stats.unroutable += 1
+                continue
+            leaves = uplink.admit(time.monotonic(), len(packet))
+            if leaves is None:
+                self.stats.queue_drops += 1
+                continue
+            heapq.heappush(self.pending, (leaves + self.one_way, next(self.sequence), target, packet))
+
+    def release(self) -> None:
+        """Write every packet whose time has come to its target's TUN."""
+        now = time.monotonic()
+        stats = self.stats
+        while self.pending and self.pending[0][0] <= now + RELEASE_SLACK:
+            due, _, target, packet = heapq.heappop(self.pending)
+            try:
+                os.write(self.fds[target], packet)
+            except OSError:  # the receiver's queue is full or its device is gone: the packet is lost
+                stats.write_errors += 1
+                continue
+            late = max(now - due, 0.0)
+            stats.packets += 1
+            stats.bytes += len(packet)
+            stats.lateness_sum += late
+            stats.lateness_max = max(stats.lateness_max, late)
+
+    def timeout(self) -> float:
+        """Seconds epoll may sleep: until the next release (less the slack), or -1 (forever) when none waits."""
+        if not self.pending:
+            return -1
+        return max(self.pending[0][0] - time.monotonic() - RELEASE_SLACK, 0.0)
+
+    def serve(self, control: int, answer) -> None:
+        """Forward until ``control`` closes; each JSON line read from it configures, and is answered on ``answer``
+        with the counters since the last one."""
+        poller = select.epoll()
+        sources = {fd: index for index, fd in enumerate(self.fds)}
+        for fd in self.fds:
+            poller.register(fd, select.EPOLLIN)
+        poller.register(control, select.EPOLLIN)
+        buffered = b""
+        while True:
+            for fd, _ in poller.poll(self.timeout()):
+                if fd != control:
+                    self.take(sources[fd])
+                    continue
+                chunk = os.read(control, 65536)
+                if not chunk:
+                    return
+                buffered += chunk
+                while b"\n" in buffered:
+                    line, buffered = buffered.split(b"\n", 1)
+                    report = self.stats.report()
+                    self.configure(**json.loads(line))
+                    answer.write(json.dumps(report) + "\n")
+                    answer.flush()
+            self.release()
+
+
+def open_tun(name: str) -> int:
+    """A non-blocking descriptor of a new TUN device ``name`` (IP packets, no extra header); the device goes
+    away when the last descriptor closes."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"`ip {' '.join(args)}` failed: {done.stderr.strip()}")
+
+
+@dataclass
+class Wan:
+    """``hosts`` namespaces named ``<prefix>-h<i>`` and their forwarder; use as a context manager (or ``start``
+    and ``close``, which is safe to call twice and after a partial start)."""
+
+    hosts: int
+    mtu: int = 1500
+    prefix: str = field(default_factory=lambda: f"pwan{os.getpid()}")
+    namespaces: list[str] = field(default_factory=list)
+    forwarder: subprocess.Popen | None = None
+
+    def namespace(self, index: int) -> str:
+        return f"{self.prefix}-h{index}"
+
+    def address(self, index: int) -> str:
+        return f"{SUBNET}.{index + 1}"
+
+    def exec_prefix(self, index: int) -> list[str]:
+        """Prepend to a command to run it on host ``index``."""
+        return ["ip", "netns", "exec", self.namespace(index)]
+
+    def start(self) -> Wan:
+        fds: list[int] = []
+        try:
+            for index in range(self.hosts):
+                fds.append(self._make_host(index))
+            config = json.dumps({"fds": fds, "addresses": [self.address(i) for i in range(self.hosts)]})
+            self.forwarder = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), config],
+                pass_fds=fds,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        finally:
+            for fd in fds:  # the forwarder holds its own copies now
+                os.close(fd)
+        self.configure()
+        return self
+
+    def _make_host(self, index: int) -> int:
+        namespace, device = self.namespace(index), f"{self.prefix}h{index}"
+        _ip("netns", "add", namespace)
+        self.namespaces.append(namespace)
+        # no IPv6 router solicitations for the forwarder to drop (best effort: it drops them anyway)
+        quiet_ipv6 = "for conf in all default; do echo 1 > /proc/sys/net/ipv6/conf/$conf/disable_ipv6; done"
+        subprocess.run([*self.exec_prefix(index), "sh", "-c", quiet_ipv6], check=False, capture_output=True)
+        fd = open_tun(device)
+        try:
+            _ip("link", "set", "dev", device, "netns", namespace)
+            _ip("-n", namespace, "link", "set", "lo", "up")
+            _ip("-n", namespace, "addr", "add", f"{self.address(index)}/24", "dev", device)
+            _ip("-n", namespace, "link", "set", "dev", device, "mtu", str(self.mtu), "up")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def configure(self, rtt_ms: float = 0.0, mbit: float = 0.0, queue_kib: int = DEFAULT_QUEUE // 1024) -> dict:
+        """Set the round trip between any two hosts and every uplink's bandwidth (0: unlimited); returns the
+        forwarder's counters since the last call."""
+        if self.forwarder is None or self.forwarder.poll() is not None:
+            raise RuntimeError("the WAN's forwarder is not running")
+        burst = max(DEFAULT_BURST, self.mtu)
+        command = {"rtt_ms": rtt_ms, "mbit": mbit, "burst": burst, "queue": max(queue_kib * 1024, burst)}
+        self.forwarder.stdin.write(json.dumps(command) + "\n")
+        self.forwarder.stdin.flush()
+        line = self.forwarder.stdout.readline()
+        if not line:
+            raise RuntimeError("the WAN's forwarder exited")
+        return json.loads(line)
+
+    def close(self) -> None:
+        """End the processes left in our namespaces, the forwarder (and with it the TUNs), then the namespaces."""
+        for namespace in self.namespaces:
+            listed = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True)
+            for pid in listed.stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+        if self.forwarder is not None:
+            with contextlib.suppress(OSError):
+                self.forwarder.stdin.close()
+            try:
+                self.forwarder.wait(5)
+            except subprocess.TimeoutExpired:
+                self.forwarder.kill()
+                self.forwarder.wait()
+            self.forwarder = None
+        while self.namespaces:
+            subprocess.run(["ip", "netns", "del", self.namespaces.pop()], capture_output=True)
+
+    def __enter__(self) -> Wan:
+        return self.start()
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
+
+def _forwarder_main(config_json: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the owner stops us in order
+    with contextlib.suppress(OSError):  # a wire does not wait for a CPU: run ahead of the hosts' computing
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+    config = json.loads(config_json)
+    Forwarder(config["fds"], config["addresses"]).serve(sys.stdin.fileno(), sys.stdout)
+
+
+if __name__ == "__main__":
+    _forwarder_main(sys.argv[1])
