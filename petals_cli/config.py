@@ -96,6 +96,7 @@ class ClientConfig(_FromSources):
     allowed_servers: tuple[str, ...] = ()  # when given, route only through these peer ids
     blocked_servers: tuple[str, ...] = ()  # never route through these peer ids
     active_adapter: str = ""  # run blocks with this LoRA adapter: only servers announcing it are used
+    push: bool = True  # servers pass each step on to the next server themselves (PETALS_PUSH=0: the client relays)
 
     def __post_init__(self):
         check_initial_peers(self.initial_peers)

@@ -335,6 +335,10 @@ class GatedStub:
     async def rpc_backward(self, requests, **kwargs):
         return await self._stub.rpc_backward(self._stamped(requests), **kwargs)
 
+    async def rpc_push(self, request, **kwargs):
+        request.uid = self._token
+        return await self._stub.rpc_push(request, **kwargs)
+
 
 def blocks_stub(p2p, peer_id: str, key: SwarmKey | None):
     """The stub to call ``peer_id``'s BlocksService, gated when this peer holds a swarm key."""
@@ -388,6 +392,11 @@ class GatedService:
 
     def rpc_backward(self, requests, context):
         return self._gate("rpc_backward", requests, context)
+
+    async def rpc_push(self, request, context):
+        if not self._admits(context, request.uid):
+            raise refusal("this server belongs to a private swarm; pass its --swarm-key")
+        return await self.handler.rpc_push(request, context)
 
     async def rpc_info(self, request, context):
         if not self._admits(context, request.uid):

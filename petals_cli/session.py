@@ -35,10 +35,18 @@ from petals_cli.errors import (
 )
 from petals_cli.routing import RouteSpan
 from petals_cli.step import Step, extend_mask, positions_from_mask
-from petals_cli.wire import PROTOCOL_VERSION, SpanRequest
+from petals_cli.wire import PROTOCOL_VERSION, SpanRequest, StepResponse
 
 logger = logging.getLogger(__name__)
 _TRANSPORT_ERRORS = (P2PDaemonError, P2PHandlerError, ConnectionError, OSError, asyncio.IncompleteReadError)
+
+
+class _PushInterrupted(Exception):
+    """A pushed step failed at stream ``index``, whose input was ``inputs``."""
+
+    def __init__(self, index: int, inputs: torch.Tensor, failure: ServerFailure):
+        super().__init__(str(failure))
+        self.index, self.inputs, self.failure = index, inputs, failure
 
 
 class ServerFailure(Exception):
@@ -84,6 +92,7 @@ class _SpanStream:
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     responses: AsyncIterator | None = None
     history: list[torch.Tensor] = field(default_factory=list)
+    session_id: str = ""  # the server's session, where the previous server pushes steps (empty: no push)
 
     async def requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
         while True:
@@ -114,6 +123,7 @@ class InferenceSession:
         self.prompts = None if prompts is None else prompts.detach().cpu()
         self.position = 0
         self.failovers = 0
+        self.relayed_hops = 0  # outputs this client passed from one server to the next itself (push did not)
         # Once a step brings padding, every step sends its mask and positions; kept for replays.
         self._mask: torch.Tensor | None = None  # [batch, position]
         self._positions: torch.Tensor | None = None  # [batch, position]
@@ -175,7 +185,13 @@ class InferenceSession:
     async def _step(self, hidden: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
         if self._streams is None:
             self._streams = await self._reopen(RouteSpan("", 0, self.num_blocks), [])
-        index, failures = 0, 0
+        index, failures = 0, 0  # the stream the step is at, and the failures of this step so far
+        if self._can_push():
+            try:
+                return await self._pushed_step(hidden, extras)
+            except _PushInterrupted as stop:
+                index, hidden, failures = stop.index, stop.inputs, 1
+                self._streams[index:] = await self._reopen_rest(index, stop.failure)
         while index < len(self._streams):
             stream = self._streams[index]
             try:
@@ -193,9 +209,53 @@ class InferenceSession:
                 continue
             self.client.succeed(stream.span.peer_id)
             stream.history.append(hidden)
+            self.relayed_hops += index > 0
             hidden = output
             index += 1
         return hidden
+
+    def _can_push(self) -> bool:
+        """Servers pass the step on themselves when there is a next server to pass it to, each stream knows its
+        server's session, and the step carries no deep prompts (each span has its own)."""
+        streams = self._streams
+        in_prefix = self.prompts is not None and self.position < self.prompts.shape[1]
+        return self.client.config.push and len(streams) > 1 and not in_prefix and all(s.session_id for s in streams)
+
+    async def _pushed_step(self, hidden: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Send the step to the first server only, with the sessions that follow: each server computes and
+        pushes its output on to the next. Every server still answers its own stream with its output, which
+        keeps each span's inputs here for failover; a server that could not push says so, and this hop is
+        relayed from here. Raises ``_PushInterrupted`` at the first stream that failed."""
+        streams = self._streams
+        hops = tuple((stream.span.peer_id, stream.session_id) for stream in streams[1:])
+        streams[0].outbox.put_nowait(Step(self.position, hidden, **extras, next_hops=hops).to_message())
+        inputs = hidden
+        for index, stream in enumerate(streams):
+            try:
+                response, output = await self._answer(stream, inputs)
+            except ServerFailure as failure:
+                raise _PushInterrupted(index, inputs, failure) from failure
+            self.client.succeed(stream.span.peer_id)
+            stream.history.append(inputs)
+            inputs = output
+            if index + 1 < len(streams) and not response.pushed:
+                self.relayed_hops += 1
+                step = Step(self.position, inputs, **extras, next_hops=hops[index + 1 :])
+                streams[index + 1].outbox.put_nowait(step.to_message())
+        return inputs
+
+    async def _reopen_rest(self, index: int, failure: ServerFailure) -> list[_SpanStream]:
+        """After a pushed step failed at stream ``index``: the servers after it may or may not have received
+        the step, so every span from there on is rebuilt from the inputs kept for stream ``index``."""
+        logger.warning("%s; failing over", failure)
+        failed = self._streams[index]
+        if failure.ban:
+            self.client.ban(failed.span.peer_id)
+        for stream in self._streams[index:]:
+            stream.close()
+        self.failovers += 1
+        rest = RouteSpan("", failed.span.start, self._streams[-1].span.end)
+        return await self._reopen(rest, failed.history)
 
     async def _reopen(self, span: RouteSpan, history: list[torch.Tensor]) -> list[_SpanStream]:
         """Streams for blocks [span.start, span.end), their caches rebuilt from ``history``.
@@ -233,7 +293,8 @@ class InferenceSession:
             stream.responses = await _guard(
                 self.client, span, self.client.stub(span.peer_id).rpc_inference(stream.requests())
             )
-            await self._receive(stream)  # the server's acknowledgement, or its refusal
+            _, ack = await self._receive(stream)  # the server's acknowledgement, or its refusal
+            stream.session_id = ack.session_id
         except BaseException:
             stream.close()
             raise
@@ -252,7 +313,11 @@ class InferenceSession:
         if self.prompts is not None and position < self.prompts.shape[1]:  # only steps reaching into the prefix
             prompts = self.prompts[stream.span.start : stream.span.end]
         stream.outbox.put_nowait(Step(position, hidden, **extras, prompts=prompts).to_message())
-        response = await self._receive(stream)
+        return (await self._answer(stream, hidden))[1]
+
+    async def _answer(self, stream: _SpanStream, hidden: torch.Tensor) -> tuple[StepResponse, torch.Tensor]:
+        """A server's answer to a step whose input was ``hidden``: its metadata and its output."""
+        response, meta = await self._receive(stream)
         if len(response.tensors) != 1:
             raise ServerFailure(stream.span, f"sent {len(response.tensors)} tensors")
         try:
@@ -261,31 +326,32 @@ class InferenceSession:
             raise ServerFailure(stream.span, str(exc)) from None
         if output.shape != hidden.shape:
             raise ServerFailure(stream.span, f"returned shape {list(output.shape)} for {list(hidden.shape)}")
-        return output
+        return meta, output
 
-    async def _receive(self, stream: _SpanStream) -> runtime_pb2.ExpertResponse:
+    async def _receive(self, stream: _SpanStream) -> tuple[runtime_pb2.ExpertResponse, StepResponse]:
         response = await _guard(self.client, stream.span, anext(stream.responses))
         try:
-            transport.check_response(response)
+            meta = transport.check_response(response)
         except SessionExpiredError as exc:  # the server reaped an idle session: rebuild it there or elsewhere
             raise ServerFailure(stream.span, str(exc), ban=False) from exc
         except (ServerError, CacheExhaustedError) as exc:
             raise ServerFailure(stream.span, f"{type(exc).__name__}: {exc}") from exc
-        return response
+        return response, meta
 
     async def _open_route(self, failed: RouteSpan, history: list[torch.Tensor], wait: float) -> list[_SpanStream]:
         started = time.perf_counter()
         route = await self._route(failed.start, failed.end, wait=wait)
         inputs = torch.cat(history, dim=1) if history else None
-        streams = []
+        opened = await asyncio.gather(*(self._open(span) for span in route), return_exceptions=True)  # at once
+        streams = [stream for stream in opened if isinstance(stream, _SpanStream)]
         try:
-            for span in route:
-                stream = await self._open(span)
-                streams.append(stream)
-                if inputs is not None:
-                    outputs = await self._exchange(stream, inputs, 0, self._history_extras(inputs.shape[1]))
-                    stream.history.append(inputs)
-                    inputs = outputs
+            for outcome in opened:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            for stream in streams if inputs is not None else ():
+                outputs = await self._exchange(stream, inputs, 0, self._history_extras(inputs.shape[1]))
+                stream.history.append(inputs)
+                inputs = outputs
         except BaseException:
             for stream in streams:
                 stream.close()

@@ -1,10 +1,11 @@
 """One inference step as it travels from a client to a server: a typed payload, encoded and decoded here only.
 
 A ``Step`` carries the new tokens' hidden states and what they need besides (the padding mask and positions of
-the new tokens, the deep prompts of the span) together with the session position it starts at. ``to_message``
-and ``from_message`` are the only code that knows how those become one stream message (``StepRequest``
-metadata naming the tensors that follow the hidden states). New step fields (a rollback point, next hops) are
-added here and nowhere else in the protocol.
+the new tokens, the deep prompts of the span) together with the session position it starts at, and, for push,
+the servers' sessions its output goes on to (``next_hops``; ``pushed_on`` is the step the next one receives).
+``to_message`` and ``from_message`` are the only code that knows how those become one message (``StepRequest``
+metadata naming the tensors that follow the hidden states). New step fields (a rollback point) are added here
+and nowhere else in the protocol.
 
 The padding arithmetic that client and server both need (a session's mask growing step by step, and the
 positions it implies) lives here too, once. Shape and range checks against a server's limits are the server's
@@ -23,6 +24,7 @@ from petals_cli.errors import InvalidRequestError
 from petals_cli.wire import StepRequest
 
 EXTRA_NAMES = ("attention_mask", "position_ids")  # optional [batch, tokens] tensors after the hidden states
+MAX_HOPS = 64  # servers a step may be pushed on to
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +41,13 @@ class Step:
     attention_mask: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
     prompts: torch.Tensor | None = None
+    session_id: str = ""  # set on a step one server pushes to the next: the receiving session
+    next_hops: tuple[tuple[str, str], ...] = ()  # (peer id, session id) of the servers the output goes on to
+
+    def pushed_on(self, output: torch.Tensor) -> Step:
+        """The step the next hop receives: this step's tokens and padding, with ``output`` as its hidden states."""
+        (_, session_id), rest = self.next_hops[0], self.next_hops[1:]
+        return dataclasses.replace(self, hidden=output, prompts=None, session_id=session_id, next_hops=rest)
 
     @property
     def tokens(self) -> int:
@@ -49,7 +58,14 @@ class Step:
         tensors = [self.hidden, *extras.values()]
         if self.prompts is not None:
             tensors.append(self.prompts)
-        meta = StepRequest(position=self.position, extra_tensors=tuple(extras), prompts=self.prompts is not None)
+        meta = StepRequest(
+            position=self.position,
+            extra_tensors=tuple(extras),
+            prompts=self.prompts is not None,
+            session_id=self.session_id,
+            next_peers=tuple(peer for peer, _ in self.next_hops),
+            next_sessions=tuple(session for _, session in self.next_hops),
+        )
         return transport.step_request(tensors, transport.pack(meta))
 
     @classmethod
@@ -63,6 +79,8 @@ class Step:
         if len(set(names)) != len(names) or not set(names) <= set(EXTRA_NAMES):
             unexpected = next((name for name in names if name not in EXTRA_NAMES), names[0] if names else "")
             raise InvalidRequestError(f"unexpected extra tensor {unexpected[:64]!r} in an inference step")
+        if len(meta.next_peers) != len(meta.next_sessions) or len(meta.next_peers) > MAX_HOPS:
+            raise InvalidRequestError(f"next hops: as many sessions as peers, at most {MAX_HOPS}")
         tensors = [transport.deserialize(proto) for proto in message.tensors]
         extras = dict(zip(names, tensors[1 : 1 + len(names)], strict=True))
         return cls(
@@ -71,6 +89,8 @@ class Step:
             attention_mask=extras.get("attention_mask"),
             position_ids=extras.get("position_ids"),
             prompts=tensors[-1] if meta.prompts else None,
+            session_id=meta.session_id,
+            next_hops=tuple(zip(meta.next_peers, meta.next_sessions, strict=True)),
         )
 
 

@@ -184,6 +184,9 @@ class StepRequest(WireRecord):
     position: int
     extra_tensors: tuple[str, ...] = ()
     prompts: bool = False  # deep prompts for the span follow all other tensors (only steps inside the prefix)
+    session_id: str = ""  # a step pushed by another server: the receiving server's session it is for
+    next_peers: tuple[str, ...] = ()  # push the output on to these servers' sessions, in order
+    next_sessions: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +198,8 @@ class StepResponse(WireRecord):
     position: int = 0
     error_code: str = ""
     error_message: str = ""
+    session_id: str = ""  # in a session's acknowledgement: where other servers push its steps
+    pushed: bool = False  # the output also went on to the next server's session
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,6 +37,17 @@ from petals_cli.step import Step
 from petals_cli.wire import SpanRequest, StepResponse
 
 logger = logging.getLogger(__name__)
+PUSH_TIMEOUT = 5.0  # seconds for the next server to accept a pushed step
+
+
+async def _read_into(requests: AsyncIterator[runtime_pb2.ExpertRequest], inbox: asyncio.Queue) -> None:
+    """Queue a client's stream messages for its session (None at the stream's end)."""
+    try:
+        async for message in requests:
+            inbox.put_nowait(message)
+    except Exception:  # noqa: BLE001 (a broken stream ends the session like a closed one)
+        pass
+    inbox.put_nowait(None)
 
 
 class BlockHandler:
@@ -53,11 +64,13 @@ class BlockHandler:
         session_idle_timeout: float,
         info,
         adapters: SpanAdapters = NO_ADAPTERS,
+        connect=None,
     ):
         self.span, self.prefix, self.adapters = span, prefix, adapters
         self.limits = limits
         self.session_idle_timeout = session_idle_timeout
         self.info = info
+        self.connect = connect  # peer id -> a stub of that server's BlocksService (to push steps), or None
         self.sessions = ServerSessions(budget, limits, alloc_timeout=alloc_timeout)
         self.compute = SpanCompute(span, KeptGraphs(max_bytes=limits.max_kept_graph_bytes), adapters)
         self.engine = StepEngine(self.compute.run_group)  # owns the compute thread
@@ -92,10 +105,10 @@ class BlockHandler:
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        session, ending = None, "disconnected"  # unless the stream ends or expires
+        session, reader, ending = None, None, "disconnected"  # unless the stream ends or expires
         try:
             try:
-                opening = await self._next_request(requests)
+                opening = await self._next(requests.__anext__())
                 if opening is None:
                     return
                 request = self._check_span_request(opening.metadata)
@@ -108,31 +121,36 @@ class BlockHandler:
                 logger.warning("session refused: %s: %s", exc.__class__.__name__, exc)
                 yield transport.error_response(ServerError(f"cannot open a session: {exc.__class__.__name__}"))
                 return
-            yield runtime_pb2.ExpertResponse(metadata=transport.pack(StepResponse(position=0)))
+            yield runtime_pb2.ExpertResponse(metadata=transport.pack(StepResponse(position=0, session_id=session.id)))
+            reader = asyncio.create_task(_read_into(requests, session.inbox))
             while True:
                 try:
-                    message = await self._next_request(requests)
+                    item = await self._next(session.inbox.get())
                 except SessionExpiredError as error:
                     ending = "expired"
                     yield transport.error_response(error)
                     return
-                if message is None:
+                if item is None:
                     ending = "ended"
                     return
-                yield await self._inference_step(session, message)
+                yield await self._inference_step(session, item)
                 if session.broken:
                     ending = "failed"
                     return
         finally:
             # Also reached when hivemind cancels this handler because the client disconnected.
+            if reader is not None:
+                reader.cancel()
             if session is not None:
                 self.sessions.close(session, ending)
 
-    async def _next_request(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]):
-        """The next message of an inference stream, None at its end; a silent client expires the session."""
+    async def _next(self, awaitable):
+        """The next message of an inference session (None at its end); a silent client expires the session."""
         try:
             async with asyncio.timeout(self.session_idle_timeout):
-                return await anext(requests, None)
+                return await awaitable
+        except StopAsyncIteration:
+            return None
         except TimeoutError:
             raise SessionExpiredError(
                 f"the session sent nothing for {self.session_idle_timeout:g}s; the server closed it, freeing its cache"
@@ -146,19 +164,51 @@ class BlockHandler:
         session.batchable = span.can_batch(session.cache)  # standard blocks, full-attention cache
         return session
 
-    async def _inference_step(self, session: ServerSession, message) -> runtime_pb2.ExpertResponse:
+    async def _inference_step(self, session: ServerSession, item) -> runtime_pb2.ExpertResponse:
+        """Apply a step from the client's stream (a message) or pushed by the previous server (a checked Step);
+        the answer always goes to the client, and the output on to the next server when the step says so."""
         if session.moved:
             session.broken = True
             return transport.error_response(ServerError("this server moved to other blocks; open a new session"))
         try:
-            validation.check_message_size(message, self.limits)
-            step = validation.check_step(Step.from_message(message), session.request, self.hidden_size, self.limits)
+            step = item if isinstance(item, Step) else self._decode_step(session, item)
             output = await session.apply(step, self._submit, others_open=len(self.sessions) > 1)
-            return transport.step_response(output, StepResponse(position=session.position))
+            pushed = bool(step.next_hops) and await self._push(step.pushed_on(output), step.next_hops[0][0])
+            return transport.step_response(output, StepResponse(position=session.position, pushed=pushed))
         except PetalsError as error:
             return transport.error_response(error)
         except Exception as exc:
             return transport.error_response(describe_failure("inference step", exc))
+
+    def _decode_step(self, session: ServerSession, message) -> Step:
+        validation.check_message_size(message, self.limits)
+        return validation.check_step(Step.from_message(message), session.request, self.hidden_size, self.limits)
+
+    async def _push(self, step: Step, peer: str) -> bool:
+        """Send ``step`` to the next server's session; False (the client relays it) when that fails."""
+        if self.connect is None:
+            return False
+        try:
+            async with asyncio.timeout(PUSH_TIMEOUT):
+                transport.check_response(await self.connect(peer).rpc_push(step.to_message()))
+            return True
+        except Exception as exc:  # unreachable, refused, or a private swarm's gate: the client sends it itself
+            logger.info("push to %s failed (%s: %s); the client relays", peer[-8:], exc.__class__.__name__, exc)
+            return False
+
+    async def rpc_push(self, message: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """A step another server pushes to one of this server's sessions: checked, queued, acknowledged."""
+        try:
+            validation.check_message_size(message, self.limits)
+            step = Step.from_message(message)
+            session = self.sessions.get(step.session_id)
+            if session is None:
+                raise InvalidRequestError("no such session on this server")
+            step = validation.check_step(step, session.request, self.hidden_size, self.limits)
+        except PetalsError as error:
+            return transport.error_response(error)
+        session.inbox.put_nowait(step)
+        return runtime_pb2.ExpertResponse(metadata=transport.pack(StepResponse(position=step.position)))
 
     async def _submit(self, job: StepJob):
         return await self._deadline(self.engine.submit(job))

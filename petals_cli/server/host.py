@@ -123,7 +123,7 @@ class Server:
             # JOINING: servers choosing blocks now see this span taken
             await self.announcer.announce(node, p2p, self.info)
             span, adapters = await self._load(self.start, self.end)
-            handler = self.handler = self._make_handler(span, adapters)
+            handler = self.handler = self._make_handler(span, adapters, p2p)
             service = handler if self.swarm_key is None else security.GatedService(handler, self.swarm_key)
             await transport.BlocksService().add_p2p_handlers(p2p, wrapper=service)
             self.state = ServerState.ONLINE
@@ -162,7 +162,7 @@ class Server:
             lambda: self._read_swarm(node, p2p), length, max_delay=self.config.placement_delay
         )
 
-    def _make_handler(self, span, adapters) -> BlockHandler:
+    def _make_handler(self, span, adapters, p2p) -> BlockHandler:
         limits = Limits(
             max_session_length=self.config.max_session_length,
             max_request_bytes=self.config.max_request_mib * 2**20,
@@ -179,6 +179,7 @@ class Server:
             session_idle_timeout=self.config.session_idle_timeout,
             info=self.info,
             adapters=adapters,
+            connect=lambda peer: security.blocks_stub(p2p, peer, self.swarm_key),
         )
 
     async def _load(self, start: int, end: int):

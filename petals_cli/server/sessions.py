@@ -12,6 +12,7 @@ before the cache exists), and returns their tokens when they close. Knows nothin
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import uuid
@@ -41,6 +42,7 @@ class ServerSession:
     broken: bool = False  # a step failed half-way; the session ends after reporting it
     moved: bool = False  # the server now holds other blocks: the session ends at its next step
     batchable: bool = False  # its cache and model let its one-token steps join batches
+    inbox: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)  # its client's messages, pushed steps
 
     def job(self, step: Step, *, others_open: bool) -> StepJob:
         """``step`` (checked by ``validation.check_step``) as the engine's job for this session's state."""
@@ -102,6 +104,9 @@ class ServerSessions:
 
     def __iter__(self) -> Iterator[ServerSession]:
         return iter(list(self._open.values()))
+
+    def get(self, session_id: str) -> ServerSession | None:
+        return self._open.get(session_id)
 
     async def open(self, request: SpanRequest, peer: str, make_cache: Callable[[], object]) -> ServerSession:
         # Hard limits first, so an absurd request never reaches the budget or allocates anything.

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from petals_cli import AutoDistributedModelForCausalLM
+from petals_cli.session import InferenceSession
 from petals_cli.testing import make_tiny_model
 from tests.conftest import Swarm, petals_command
 from tests.swarm.checks import assert_input_gradients_match
@@ -58,6 +59,24 @@ def test_greedy_generation_equals_local(setup):
     assert streamed.chunks[0] == input_ids[0].tolist() and len(streamed.chunks) == 33
     assert sum(streamed.chunks[1:], []) == remote[0, input_ids.shape[1] :].tolist()
     assert len(set(remote[0, input_ids.shape[1] :].tolist())) > 3, "degenerate test model"
+
+
+def test_a_server_whose_push_is_refused_lets_the_client_relay_that_hop_exactly(setup, monkeypatch):
+    distributed, local, tokenizer, _ = setup
+    input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    opened = InferenceSession._open
+
+    async def open_with_a_wrong_session_id_for_the_last_span(self, span):
+        stream = await opened(self, span)
+        if span.end == NUM_LAYERS:  # the middle server's pushes now go to a session its next server does not have
+            stream.session_id = "0" * 32
+        return stream
+
+    monkeypatch.setattr(InferenceSession, "_open", open_with_a_wrong_session_id_for_the_last_span)
+    with distributed.inference_session(max_length=input_ids.shape[1] + 8) as session:
+        remote = distributed.generate(input_ids, max_new_tokens=8, do_sample=False, session=session)
+        assert session.relayed_hops == 8 and session.failovers == 0  # that hop of all 8 steps (the prompt, 7 tokens)
+    assert remote.tolist() == local.generate(input_ids, max_new_tokens=8, do_sample=False).tolist()
 
 
 def test_sampling_with_a_seed_equals_local_sampling_with_that_seed(setup):

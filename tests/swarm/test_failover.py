@@ -47,16 +47,16 @@ def server_of(swarm, peer_id):
 
 
 class KillAt:
-    """A streamer that SIGKILLs the server holding the last blocks of ``session`` at the n-th token."""
+    """A streamer that SIGKILLs the server of hop ``hop`` (the last by default) of ``session`` at the n-th token."""
 
-    def __init__(self, swarm, session, at: int):
-        self.swarm, self.session, self.at, self.count = swarm, session, at, 0
+    def __init__(self, swarm, session, at: int, hop: int = -1):
+        self.swarm, self.session, self.at, self.hop, self.count = swarm, session, at, hop, 0
         self.killed = ""  # the peer id of the killed server
 
     def put(self, value):
         self.count += 1
         if self.count == self.at:
-            self.killed = self.session.route[-1].peer_id
+            self.killed = self.session.route[self.hop].peer_id
             process = server_of(self.swarm, self.killed).process
             process.send_signal(signal.SIGKILL)
             process.wait()  # dead before the next step is sent
@@ -108,6 +108,29 @@ def test_sigkill_of_a_server_batching_several_sessions_fails_over_exactly_and_sp
         if killed not in routes[index]:  # sessions that never used the killed server never failed over
             assert failovers[index] == 0, (index, failovers)
     assert largest[0] > 1  # the first server batched the sessions' steps
+
+
+def test_steps_pushed_server_to_server_survive_a_sigkill_of_the_middle_server_exactly(swarm, model_path, local):
+    swarm.start_many("0:2", "2:4", "4:6", "2:4")
+    expected = local.generate(PROMPT_IDS, max_new_tokens=30, do_sample=False).tolist()
+    relayed = {}
+    for push in (False, True):
+        model = connect(model_path, swarm, push=push)
+        try:
+            with model.inference_session(max_length=PROMPT_IDS.shape[1] + 30) as session:
+                streamer = KillAt(swarm, session, 12, hop=1) if push else None
+                output = model.generate(
+                    PROMPT_IDS, max_new_tokens=30, do_sample=False, session=session, streamer=streamer
+                )
+                assert output.tolist() == expected, f"push={push}"
+                relayed[push] = session.relayed_hops
+                if push:
+                    assert session.failovers >= 1 and streamer.killed not in {span.peer_id for span in session.route}
+        finally:
+            model.close()
+    assert relayed[False] == 2 * 30  # without push the client passes every step from server to server itself
+    # with push it relays only around the failure: the push to the dead server, then the rebuilt hops of that step
+    assert relayed[True] <= 3
 
 
 def test_generate_losing_the_only_server_of_a_span_exits_5_naming_its_blocks_in_few_lines(swarm, model_path):

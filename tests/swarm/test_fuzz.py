@@ -27,6 +27,7 @@ from petals_cli.client import SwarmClient
 from petals_cli.config import ClientConfig
 from petals_cli.errors import PetalsError
 from petals_cli.step import EXTRA_NAMES as STEP_EXTRAS
+from petals_cli.step import Step
 from petals_cli.testing import make_tiny_model
 from petals_cli.wire import PROTOCOL_VERSION, ServerInfo, SpanRequest, StepRequest
 from tests.conftest import Swarm
@@ -314,8 +315,19 @@ def hostile_unary(draw) -> tuple[str, list[runtime_pb2.ExpertRequest]]:
     return method, [runtime_pb2.ExpertRequest(tensors=protos, metadata=metadata)]
 
 
+@st.composite
+def hostile_push(draw) -> runtime_pb2.ExpertRequest:
+    """A step pushed as if by another server: hostile, or well-formed for a session this server does not have."""
+    if draw(st.booleans()):
+        return draw(hostile_step())
+    hops = draw(st.lists(st.tuples(st.text(max_size=60), st.text(max_size=40)), max_size=3))
+    step = Step(0, torch.randn(1, 2, HIDDEN_SIZE), session_id=draw(st.text(max_size=40)), next_hops=tuple(hops))
+    return step.to_message()
+
+
 ATTACKS = st.one_of(
     st.tuples(st.just("opening"), hostile_span()),
+    st.tuples(st.just("push"), hostile_push()),
     st.tuples(st.just("step"), hostile_step()),
     st.tuples(st.just("step"), hostile_step()),
     st.tuples(st.just("unary"), hostile_unary()),
@@ -333,6 +345,8 @@ async def attack(stub, kind: str, payload) -> list[str]:
         session, answer = await open_raw(stub, runtime_pb2.ExpertRequest(metadata=payload))
         await session.abort()  # the server ended a refused stream already
         return [_refusal(answer)]
+    if kind == "push":
+        return [_refusal(await stub.rpc_push(payload))]
     if kind == "unary":
         method, messages = payload
         _, metadata = await call_stream(stub, method, messages)

@@ -111,3 +111,20 @@ def test_a_step_that_fails_in_compute_breaks_its_session():
     with pytest.raises(RuntimeError):
         asyncio.run(session.apply(Step(0, torch.zeros(2, 1, 8)), run, others_open=False))
     assert session.broken and session.position == 0
+
+
+def test_a_pushed_step_carries_its_hops_and_the_next_one_gets_the_rest():
+    hops = (("peerB", "b" * 32), ("peerC", "c" * 32))
+    step = Step(5, torch.randn(1, 1, 8), attention_mask=torch.ones(1, 1, dtype=torch.long), next_hops=hops)
+    decoded = Step.from_message(step.to_message())
+    assert decoded.next_hops == hops and decoded.session_id == ""
+    output = torch.randn(1, 1, 8)
+    onward = Step.from_message(decoded.pushed_on(output).to_message())
+    assert onward.session_id == "b" * 32 and onward.next_hops == hops[1:] and onward.position == 5
+    assert torch.equal(onward.hidden, output) and torch.equal(onward.attention_mask, step.attention_mask)
+
+
+def test_hops_without_as_many_sessions_are_refused():
+    meta = transport.pack(StepRequest(position=0, next_peers=("a", "b"), next_sessions=("x",)))
+    with pytest.raises(InvalidRequestError, match="as many sessions as peers"):
+        Step.from_message(transport.step_request([torch.zeros(1, 1, 8)], meta))
