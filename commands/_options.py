@@ -18,6 +18,14 @@ DtypeOpt = Annotated[
     Literal["auto", "float32", "bfloat16", "float16"] | None,
     typer.Option(help="Weights' dtype; auto: the checkpoint's own.", show_default="auto"),
 ]
+WireDtypeOpt = Annotated[
+    Literal["auto", "float32", "bfloat16", "float16"] | None,
+    typer.Option(
+        help="Send activations of generation steps in this dtype (auto: as the client computes them; a 16-bit "
+        "dtype halves what a float32 model sends, but is not exact).",
+        show_default="auto",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of text.")]
 ModelPrefixOpt = Annotated[
     str | None, typer.Option(help="DHT name of the model (default: the last part of MODEL).", show_default=False)

@@ -18,6 +18,7 @@ from petals_cli.commands._options import (
     PromptsOpt,
     SwarmKeyOpt,
     VerboseOpt,
+    WireDtypeOpt,
     trust_options,
 )
 from petals_cli.commands._progress import open_model_with_feedback
@@ -41,6 +42,7 @@ def chat(
     blocked_servers: BlockedServersOpt = None,
     prompts: PromptsOpt = None,
     adapter: AdapterOpt = None,
+    wire_dtype: WireDtypeOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Chat with MODEL; replies stream as they are generated. Ctrl-C stops a reply, Ctrl-D leaves."""
@@ -55,6 +57,7 @@ def chat(
         initial_peers=tuple(initial_peers or ()),
         model_prefix=model_prefix,
         active_adapter=adapter,
+        wire_dtype=wire_dtype,
         **trust_options(swarm_key, allowed_servers, blocked_servers),
     )
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)

@@ -18,6 +18,7 @@ from petals_cli.commands._options import (
     PromptsOpt,
     SwarmKeyOpt,
     VerboseOpt,
+    WireDtypeOpt,
     trust_options,
 )
 from petals_cli.commands._progress import open_model_with_feedback, spinner
@@ -56,6 +57,7 @@ def generate(
     blocked_servers: BlockedServersOpt = None,
     prompts: PromptsOpt = None,
     adapter: AdapterOpt = None,
+    wire_dtype: WireDtypeOpt = None,
     route_wait: Annotated[
         float | None, typer.Option(help="Seconds to wait for servers of missing blocks.", show_default="10")
     ] = None,
@@ -79,6 +81,7 @@ def generate(
         model_prefix=model_prefix,
         route_wait=route_wait,
         active_adapter=adapter,
+        wire_dtype=wire_dtype,
         **trust_options(swarm_key, allowed_servers, blocked_servers),
     )
     options = GenerationOptions(max_new_tokens, temperature, top_p, top_k, repetition_penalty, tuple(stop or ()), seed)

@@ -97,6 +97,7 @@ class ClientConfig(_FromSources):
     blocked_servers: tuple[str, ...] = ()  # never route through these peer ids
     active_adapter: str = ""  # run blocks with this LoRA adapter: only servers announcing it are used
     push: bool = True  # servers pass each step on to the next server themselves (PETALS_PUSH=0: the client relays)
+    wire_dtype: str = "auto"  # activations of inference steps travel in this dtype (auto: as the client computes)
 
     def __post_init__(self):
         check_initial_peers(self.initial_peers)
@@ -106,6 +107,8 @@ class ClientConfig(_FromSources):
         check_readable("--swarm-key", self.swarm_key)
         if self.dtype not in DTYPE_NAMES[1:]:
             raise ConfigError(f"PETALS_DTYPE={self.dtype!r}: choose one of {', '.join(DTYPE_NAMES[1:])}")
+        if self.wire_dtype not in DTYPE_NAMES:
+            raise ConfigError(f"--wire-dtype {self.wire_dtype!r}: choose one of {', '.join(DTYPE_NAMES)}")
         timeouts = (self.connect_timeout, self.request_timeout, self.liveness_interval, self.liveness_timeout)
         if min(timeouts) <= 0 or self.snapshot_refresh <= 0:
             raise ConfigError("connect, request and liveness timeouts and the snapshot refresh must be positive")

@@ -165,10 +165,13 @@ class InferenceSession:
             )
         mask, positions = self._extend_mask(hidden.shape[0], tokens, attention_mask, position_ids)
         extras = {} if mask is None else {"attention_mask": mask[:, -tokens:], "position_ids": positions[:, -tokens:]}
-        output = self.client.run(self._step(hidden.detach().cpu(), extras))
+        sent = hidden.detach().cpu()
+        if self.client.config.wire_dtype != "auto":  # smaller on the wire; servers answer in the dtype they got
+            sent = sent.to(getattr(torch, self.client.config.wire_dtype))
+        output = self.client.run(self._step(sent, extras))
         self.position += tokens
         self._mask, self._positions = mask, positions
-        return output.to(hidden.device)  # a client's local modules may live on a GPU
+        return output.to(device=hidden.device, dtype=hidden.dtype)  # a client's local modules may live on a GPU
 
     def _extend_mask(self, batch: int, tokens: int, attention_mask, position_ids):
         """The session's mask and positions after this step; (None, None) while nothing was ever padded."""

@@ -39,6 +39,7 @@ BAD = {
     "--blocked-servers": ("server-1", "not a peer id"),
     "--prompts": (MISSING, "prompts"),
     "--seed": ("one", "--seed"),
+    "--wire-dtype": ("float8", "--wire-dtype"),
     "--max-new-tokens": ("0", "--max-new-tokens"),
     "--temperature": ("-1", "--temperature"),
     "--top-p": ("5", "--top-p"),

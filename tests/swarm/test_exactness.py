@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from petals_cli import AutoDistributedModelForCausalLM
+from petals_cli.config import ClientConfig
 from petals_cli.session import InferenceSession
 from petals_cli.testing import make_tiny_model
 from tests.conftest import Swarm, petals_command
@@ -77,6 +78,24 @@ def test_a_server_whose_push_is_refused_lets_the_client_relay_that_hop_exactly(s
         remote = distributed.generate(input_ids, max_new_tokens=8, do_sample=False, session=session)
         assert session.relayed_hops == 8 and session.failovers == 0  # that hop of all 8 steps (the prompt, 7 tokens)
     assert remote.tolist() == local.generate(input_ids, max_new_tokens=8, do_sample=False).tolist()
+
+
+def test_a_16_bit_wire_dtype_sends_rounded_activations_and_answers_in_the_clients_dtype(setup):
+    distributed, _, _, swarm = setup
+    config = ClientConfig(initial_peers=tuple(swarm.initial_peers), wire_dtype="bfloat16")
+    halved = AutoDistributedModelForCausalLM.from_pretrained(str(swarm.model), config=config)
+    hidden = torch.randn(1, 5, distributed.config.hidden_size)
+    try:
+        outputs = []
+        for model in (distributed, halved):
+            with model.inference_session(max_length=5) as session:
+                outputs.append(session.step(hidden))
+    finally:
+        halved.close()
+    exact, rounded = outputs
+    assert rounded.dtype == torch.float32 and not torch.equal(rounded, exact)  # it did travel as bfloat16
+    # and only bfloat16 rounding apart (8 significant bits, rounded at every hop; these random blocks reach ~500)
+    assert (rounded - exact).abs().max() <= 0.05 * exact.abs().max()
 
 
 def test_sampling_with_a_seed_equals_local_sampling_with_that_seed(setup):
