@@ -178,7 +178,7 @@ def client_main(settings: dict) -> None:
     from petals_cli import AutoDistributedModelForCausalLM
     from petals_cli.config import ClientConfig
 
-    config = ClientConfig(initial_peers=tuple(settings["initial_peers"]))
+    config = ClientConfig.from_sources(initial_peers=tuple(settings["initial_peers"]))  # PETALS_* apply
     model = AutoDistributedModelForCausalLM.from_pretrained(settings["model"], config=config)
     vocab, generator = model.get_input_embeddings().weight.shape[0], torch.Generator().manual_seed(0)
     shape = (1, settings["prompt_tokens"])

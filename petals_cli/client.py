@@ -162,6 +162,7 @@ class SwarmClient:
                         banned=banned,
                         cache_tokens_needed=cache_tokens_needed,
                         adapter=self.config.active_adapter,
+                        push=self.config.push,
                     )
                 else:
                     spans = routing.training_route(

@@ -3,8 +3,9 @@
 No network, no clock, no randomness that was not passed in. A route is a chain of ``RouteSpan`` that
 covers blocks [start, end) in order; each span is served by one online server that holds it.
 
-- ``inference_route``: the minimum expected step latency. Each hop costs the client's round trip to that
-  server plus its per-block compute time; servers without cache room for the session are skipped.
+- ``inference_route``: the minimum expected step latency. Relayed, each hop costs the client's round trip to
+  that server plus its per-block compute time; pushed, the one-way trips of the chain (client, servers in turn
+  by the round trips they publish, client); servers without cache room for the session are skipped.
 - ``training_route``: forward/backward spread over replicas in proportion to their throughput.
 - both take an ``adapter``: only servers announcing that LoRA adapter may serve the route.
 - ``BanList``: peers that failed, excluded with exponential backoff; a success clears a peer.
@@ -92,17 +93,38 @@ def inference_route(
     banned: Collection[str] = (),
     cache_tokens_needed: int = 0,
     adapter: str = "",
+    push: bool = False,
 ) -> list[RouteSpan]:
-    """The route with the least expected step latency for an inference session."""
-    rtts, snapshot = rtts or {}, with_adapter(snapshot, adapter)
+    """The route with the least expected step latency for an inference session.
 
-    def hop_cost(peer: str, info: ServerInfo, blocks: int) -> float:
-        return rtts.get(peer, DEFAULT_RTT) + blocks * block_seconds(info, inference=True)
+    Relayed by the client, each hop costs the client's round trip to that server. Pushed from server to server,
+    a step travels one way from the client to the first server, from each server to the next (half the round
+    trip the sending server publishes in its ``pings``; half the client's round trips to both when it has not
+    measured it) and from the last server back to the client."""
+    rtts, snapshot = rtts or {}, with_adapter(snapshot, adapter)
+    servers = snapshot.servers
+
+    def client_rtt(peer: str) -> float:
+        return rtts.get(peer, DEFAULT_RTT)
+
+    def hop_cost(previous: str | None, peer: str, info: ServerInfo, blocks: int) -> float:
+        compute = blocks * block_seconds(info, inference=True)
+        if not push:
+            return client_rtt(peer) + compute
+        if previous is None:
+            return client_rtt(peer) / 2 + compute
+        between = servers[previous].pings.get(peer)
+        if between is None:
+            between = (client_rtt(previous) + client_rtt(peer)) / 2
+        return between / 2 + compute
 
     def usable(peer: str, info: ServerInfo) -> bool:
         return info.cache_tokens_left >= cache_tokens_needed
 
-    return _cheapest_route(snapshot, start, end, banned, usable, hop_cost)
+    def back_to_client(last: str) -> float:
+        return client_rtt(last) / 2 if push else 0.0
+
+    return _cheapest_route(snapshot, start, end, banned, usable, hop_cost, back_to_client)
 
 
 def training_route(
@@ -123,7 +145,7 @@ def training_route(
     rtts, rng, snapshot = rtts or {}, rng or random.Random(0), with_adapter(snapshot, adapter)
     noise = {peer: rng.expovariate(1.0) for peer in sorted(snapshot.servers)}
 
-    def hop_cost(peer: str, info: ServerInfo, blocks: int) -> float:
+    def hop_cost(previous: str | None, peer: str, info: ServerInfo, blocks: int) -> float:
         return (rtts.get(peer, DEFAULT_RTT) + blocks * block_seconds(info, inference=False)) * noise[peer]
 
     return _cheapest_route(snapshot, start, end, banned, lambda peer, info: True, hop_cost)
@@ -135,7 +157,8 @@ def _cheapest_route(
     end: int | None,
     banned: Collection[str],
     usable: Callable[[str, ServerInfo], bool],
-    hop_cost: Callable[[str, ServerInfo, int], float],
+    hop_cost: Callable[[str | None, str, ServerInfo, int], float],
+    finish_cost: Callable[[str], float] = lambda last: 0.0,
 ) -> list[RouteSpan]:
     end = snapshot.num_blocks if end is None else end
     if not snapshot.servers:
@@ -147,36 +170,42 @@ def _cheapest_route(
         )
     servers = [(peer, info) for peer, info in sorted(snapshot.online().items()) if peer not in banned]
     servers = [(peer, info) for peer, info in servers if usable(peer, info)]
-    # Dijkstra over block positions: a server holding `position` may take the route to any later block it holds.
-    best: dict[int, float] = {start: 0.0}
-    came_from: dict[int, tuple[int, str]] = {}
-    queue = [(0.0, start)]
+    # Dijkstra over (block position, the server that reached it): a hop's cost may depend on where it comes from.
+    origin = (start, "")
+    best: dict[tuple[int, str], float] = {origin: 0.0}
+    came_from: dict[tuple[int, str], tuple[int, str]] = {}
+    queue = [(0.0, origin)]
+    done = None
     while queue:
-        cost, position = heapq.heappop(queue)
-        if position == end:
-            break
-        if cost > best.get(position, float("inf")):
+        cost, state = heapq.heappop(queue)
+        if cost > best.get(state, float("inf")):
             continue
+        position, previous = state
+        if position == end:
+            done = state
+            break
         for peer, info in servers:
             if not info.start_block <= position < info.end_block:
                 continue
             for target in range(position + 1, min(info.end_block, end) + 1):
-                total = cost + hop_cost(peer, info, target - position)
-                if total < best.get(target, float("inf")):
-                    best[target] = total
-                    came_from[target] = (position, peer)
-                    heapq.heappush(queue, (total, target))
-    if end not in came_from and start != end:
+                total = cost + hop_cost(previous or None, peer, info, target - position)
+                if target == end:
+                    total += finish_cost(peer)
+                if total < best.get((target, peer), float("inf")):
+                    best[(target, peer)] = total
+                    came_from[(target, peer)] = state
+                    heapq.heappush(queue, (total, (target, peer)))
+    if done is None and start != end:
         raise NoRouteError(
             f"every server of blocks {start}:{end} of {snapshot.prefix} is full or excluded",
             missing_blocks=tuple(range(start, end)),
             hint="wait for sessions to end, or start another server for these blocks",
         )
-    route, position = [], end
-    while position != start:
-        previous, peer = came_from[position]
-        route.append(RouteSpan(peer, previous, position))
-        position = previous
+    route, state = [], done
+    while state is not None and state != origin:
+        previous = came_from[state]
+        route.append(RouteSpan(state[1], previous[0], state[0]))
+        state = previous
     return route[::-1]
 
 

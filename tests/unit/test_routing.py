@@ -1,3 +1,4 @@
+import dataclasses
 import random
 from collections import Counter
 
@@ -54,6 +55,28 @@ def test_inference_weighs_compute_against_an_extra_hop():
         "fast1",
         "fast2",
     ]
+
+
+def test_pushed_routes_follow_the_round_trips_servers_publish_between_them():
+    # Two replicas of the second half, equally close to the client: only the first server's pings tell them apart.
+    swarm = snapshot(
+        4,
+        a=dataclasses.replace(server(0, 2, rps=1000.0), pings={"near": 0.002, "far": 0.3}),
+        near=server(2, 4, rps=1000.0),
+        far=server(2, 4, rps=1000.0),
+    )
+    rtts = {"a": 0.05, "near": 0.05, "far": 0.04}
+    assert spans(inference_route(swarm, rtts=rtts, push=True)) == [("a", 0, 2), ("near", 2, 4)]
+    # relayed through the client, the server-to-server round trip does not matter: the client's does
+    assert spans(inference_route(swarm, rtts=rtts)) == [("a", 0, 2), ("far", 2, 4)]
+
+
+def test_a_pushed_chain_costs_one_way_trips_so_an_extra_hop_costs_less_than_relayed():
+    # one slower server holding everything vs two faster ones: with push the second hop costs half a round trip
+    swarm = snapshot(8, one=server(0, 8, rps=100.0), half1=server(0, 4, rps=300.0), half2=server(4, 8, rps=300.0))
+    rtts = dict.fromkeys(swarm.servers, 0.06)
+    assert [span.peer_id for span in inference_route(swarm, rtts=rtts)] == ["one"]  # 0.140 s vs 0.147 s relayed
+    assert [span.peer_id for span in inference_route(swarm, rtts=rtts, push=True)] == ["half1", "half2"]  # 0.127 s
 
 
 def test_servers_without_cache_room_are_skipped():
