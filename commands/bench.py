@@ -15,6 +15,7 @@ from petals_cli.commands._options import (
     ModelPrefixOpt,
     SwarmKeyOpt,
     VerboseOpt,
+    WireDtypeOpt,
     trust_options,
 )
 from petals_cli.commands._progress import spinner
@@ -45,6 +46,7 @@ def bench(
     swarm_key: SwarmKeyOpt = None,
     allowed_servers: AllowedServersOpt = None,
     blocked_servers: BlockedServersOpt = None,
+    wire_dtype: WireDtypeOpt = None,
     json_output: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -56,6 +58,7 @@ def bench(
     client = ClientConfig.from_sources(
         initial_peers=tuple(initial_peers or ()),
         model_prefix=model_prefix,
+        wire_dtype=wire_dtype,
         **trust_options(swarm_key, allowed_servers, blocked_servers),
     )
     if not local_swarm and not client.initial_peers:
