@@ -44,10 +44,10 @@ async def _read_into(requests: AsyncIterator[runtime_pb2.ExpertRequest], inbox: 
     """Queue a client's stream messages for its session (None at the stream's end)."""
     try:
         async for message in requests:
-            inbox.put_nowait(message)
+            await inbox.put(message)  # waits while the session is behind: the stream then stops being read
     except Exception:  # noqa: BLE001 (a broken stream ends the session like a closed one)
         pass
-    inbox.put_nowait(None)
+    await inbox.put(None)
 
 
 class BlockHandler:
@@ -207,7 +207,10 @@ class BlockHandler:
             step = validation.check_step(step, session.request, self.hidden_size, self.limits)
         except PetalsError as error:
             return transport.error_response(error)
-        session.inbox.put_nowait(step)
+        try:
+            session.inbox.put_nowait(step)
+        except asyncio.QueueFull:  # the pusher reports it, and the client sends the step itself
+            return transport.error_response(InvalidRequestError("the session has too many steps waiting"))
         return runtime_pb2.ExpertResponse(metadata=transport.pack(StepResponse(position=step.position)))
 
     async def _submit(self, job: StepJob):

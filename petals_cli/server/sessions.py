@@ -29,6 +29,7 @@ from petals_cli.step import Step, extend_mask, positions_from_mask
 from petals_cli.wire import SpanRequest
 
 logger = logging.getLogger(__name__)
+INBOX_SIZE = 4  # messages waiting for a session (an honest client has one step in flight, plus a push)
 
 
 @dataclasses.dataclass(eq=False)
@@ -42,7 +43,8 @@ class ServerSession:
     broken: bool = False  # a step failed half-way; the session ends after reporting it
     moved: bool = False  # the server now holds other blocks: the session ends at its next step
     batchable: bool = False  # its cache and model let its one-token steps join batches
-    inbox: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)  # its client's messages, pushed steps
+    # its client's messages and steps pushed to it; bounded, so a client that sends without waiting is held back
+    inbox: asyncio.Queue = dataclasses.field(default_factory=lambda: asyncio.Queue(INBOX_SIZE))
 
     def job(self, step: Step, *, others_open: bool) -> StepJob:
         """``step`` (checked by ``validation.check_step``) as the engine's job for this session's state."""
