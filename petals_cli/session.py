@@ -55,6 +55,7 @@ class ServerFailure(Exception):
     def __init__(self, span: RouteSpan, reason: str, *, ban: bool = True):
         super().__init__(f"server {span.peer_id[-8:]} (blocks {span.start}:{span.end}): {reason}")
         self.span, self.ban = span, ban
+        self.at_opening = False  # the server refused to open the session: no session of ours was lost there
 
 
 async def _guard(client: SwarmClient, span: RouteSpan, awaitable):
@@ -93,6 +94,7 @@ class _SpanStream:
     responses: AsyncIterator | None = None
     history: list[torch.Tensor] = field(default_factory=list)
     session_id: str = ""  # the server's session, where the previous server pushes steps (empty: no push)
+    acknowledged: bool = True  # False until the server's answer to the opening message has been read
 
     async def requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
         while True:
@@ -203,12 +205,12 @@ class InferenceSession:
                 failures += 1
                 if failures > self.client.config.max_retries:
                     raise ServerError(f"step failed {failures} times; last: {failure}") from failure
-                logger.warning("%s; failing over", failure)
+                logger.warning("%s; %s", failure, "trying another server" if failure.at_opening else "failing over")
                 if failure.ban:
                     self.client.ban(stream.span.peer_id)
                 stream.close()
                 self._streams[index : index + 1] = await self._reopen(stream.span, stream.history)
-                self.failovers += 1
+                self.failovers += not failure.at_opening
                 continue
             self.client.succeed(stream.span.peer_id)
             stream.history.append(hidden)
@@ -250,13 +252,13 @@ class InferenceSession:
     async def _reopen_rest(self, index: int, failure: ServerFailure) -> list[_SpanStream]:
         """After a pushed step failed at stream ``index``: the servers after it may or may not have received
         the step, so every span from there on is rebuilt from the inputs kept for stream ``index``."""
-        logger.warning("%s; failing over", failure)
+        logger.warning("%s; %s", failure, "trying another server" if failure.at_opening else "failing over")
         failed = self._streams[index]
         if failure.ban:
             self.client.ban(failed.span.peer_id)
         for stream in self._streams[index:]:
             stream.close()
-        self.failovers += 1
+        self.failovers += not failure.at_opening
         rest = RouteSpan("", failed.span.start, self._streams[-1].span.end)
         return await self._reopen(rest, failed.history)
 
@@ -281,7 +283,9 @@ class InferenceSession:
         return await self.client.route(self.prefix, self.num_blocks, start, end, cache_tokens_needed=needed, wait=wait)
 
     async def _open(self, span: RouteSpan) -> _SpanStream:
-        stream = _SpanStream(span)
+        """Open a session on ``span``'s server under an id chosen here, so that steps (and the previous server's
+        pushes) can follow at once: the server's acknowledgement, or its refusal, is read before the first answer."""
+        stream = _SpanStream(span, session_id=uuid.uuid4().hex, acknowledged=False)
         request = SpanRequest(
             protocol=PROTOCOL_VERSION,
             prefix=self.prefix,
@@ -290,14 +294,13 @@ class InferenceSession:
             max_length=self.max_length,
             batch_size=self.batch_size,
             adapter=self.client.config.active_adapter,
+            session_id=stream.session_id,
         )
         stream.outbox.put_nowait(runtime_pb2.ExpertRequest(metadata=transport.pack(request)))
         try:
             stream.responses = await _guard(
                 self.client, span, self.client.stub(span.peer_id).rpc_inference(stream.requests())
             )
-            _, ack = await self._receive(stream)  # the server's acknowledgement, or its refusal
-            stream.session_id = ack.session_id
         except BaseException:
             stream.close()
             raise
@@ -320,6 +323,13 @@ class InferenceSession:
 
     async def _answer(self, stream: _SpanStream, hidden: torch.Tensor) -> tuple[StepResponse, torch.Tensor]:
         """A server's answer to a step whose input was ``hidden``: its metadata and its output."""
+        if not stream.acknowledged:  # the session's opening: accepted, or refused (a ServerFailure like any other)
+            try:
+                await self._receive(stream)
+            except ServerFailure as failure:
+                failure.at_opening = True
+                raise
+            stream.acknowledged = True
         response, meta = await self._receive(stream)
         if len(response.tensors) != 1:
             raise ServerFailure(stream.span, f"sent {len(response.tensors)} tensors")

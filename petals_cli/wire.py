@@ -162,6 +162,7 @@ class SpanRequest(WireRecord):
     prompts: bool = False  # forward/backward: deep prompts follow the other tensors (see SpanRunner.forward)
     adapter: str = ""  # run with this LoRA adapter, which the server must announce
     graph_id: str = ""  # forward: keep the autograd graph for the backward with this id (server/graphs.py)
+    session_id: str = ""  # inference: the id the client chose for this session (pushes address it), 32 hex digits
 
     def check_protocol(self) -> None:
         if self.protocol != PROTOCOL_VERSION:

@@ -201,7 +201,7 @@ class BlockHandler:
         try:
             validation.check_message_size(message, self.limits)
             step = Step.from_message(message)
-            session = self.sessions.get(step.session_id)
+            session = await self.sessions.find(step.session_id, wait=1.0)
             if session is None:
                 raise InvalidRequestError("no such session on this server")
             step = validation.check_step(step, session.request, self.hidden_size, self.limits)

@@ -13,6 +13,7 @@ before the cache exists), and returns their tokens when they close. Knows nothin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import uuid
@@ -100,6 +101,7 @@ class ServerSessions:
         self.budget, self.limits, self.alloc_timeout = budget, limits, alloc_timeout
         self.peers = PeerSessions(limits.max_sessions_per_peer)
         self._open: dict[str, ServerSession] = {}
+        self._opened = asyncio.Event()  # set (and replaced) whenever a session opens
 
     def __len__(self) -> int:
         return len(self._open)
@@ -107,13 +109,27 @@ class ServerSessions:
     def __iter__(self) -> Iterator[ServerSession]:
         return iter(list(self._open.values()))
 
-    def get(self, session_id: str) -> ServerSession | None:
+    async def find(self, session_id: str, wait: float) -> ServerSession | None:
+        """The open session ``session_id``, waiting up to ``wait`` seconds for it to open (a client opens a route's
+        sessions at once, so a step pushed from the previous server may arrive before the opening message)."""
+        if not _is_session_id(session_id):
+            return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while session_id not in self._open and loop.time() < deadline:
+            opened = self._opened
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(opened.wait(), deadline - loop.time())
         return self._open.get(session_id)
 
     async def open(self, request: SpanRequest, peer: str, make_cache: Callable[[], object]) -> ServerSession:
         # Hard limits first, so an absurd request never reaches the budget or allocates anything.
         tokens = validation.check_session_size(request, self.limits)
-        session_id = uuid.uuid4().hex
+        session_id = request.session_id or uuid.uuid4().hex
+        if not _is_session_id(session_id):
+            raise InvalidRequestError("session_id must be 32 lowercase hex digits")
+        if session_id in self._open:
+            raise InvalidRequestError("this session_id is in use")
         self.peers.acquire(peer)
         try:
             await self.budget.allocate(session_id, tokens, timeout=self.alloc_timeout)
@@ -124,6 +140,8 @@ class ServerSessions:
             raise
         session = ServerSession(id=session_id, request=request, cache=cache, peer=peer)
         self._open[session_id] = session
+        self._opened.set()  # wakes pushes that arrived before their session
+        self._opened = asyncio.Event()
         logger.info(
             "session %s opened: blocks %d:%d, %d tokens reserved, %d left (peer %s)",
             session_id[:8], request.start_block, request.end_block, tokens, self.budget.tokens_left, peer[-8:],
@@ -138,3 +156,7 @@ class ServerSessions:
             "session %s %s at %d tokens, %d left (peer %s)",
             session.id[:8], ending, session.position, self.budget.tokens_left, session.peer[-8:],
         )  # fmt: skip
+
+
+def _is_session_id(text: str) -> bool:
+    return len(text) == 32 and set(text) <= set("0123456789abcdef")

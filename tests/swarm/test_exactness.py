@@ -70,7 +70,7 @@ def test_a_server_whose_push_is_refused_lets_the_client_relay_that_hop_exactly(s
     async def open_with_a_wrong_session_id_for_the_last_span(self, span):
         stream = await opened(self, span)
         if span.end == NUM_LAYERS:  # the middle server's pushes now go to a session its next server does not have
-            stream.session_id = "0" * 32
+            stream.session_id = "no-such-session"
         return stream
 
     monkeypatch.setattr(InferenceSession, "_open", open_with_a_wrong_session_id_for_the_last_span)
