@@ -75,7 +75,12 @@ async def _guard(client: SwarmClient, span: RouteSpan, awaitable):
                 return task.result()
             if time.monotonic() > deadline:
                 raise ServerFailure(span, f"no answer in {config.request_timeout:.0f}s")
-            if not await client.is_alive(span.peer_id):
+            alive = asyncio.ensure_future(client.is_alive(span.peer_id))
+            done, _ = await asyncio.wait({task, alive}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:  # the answer came during the check: take it now, not a round trip later
+                alive.cancel()
+                return task.result()
+            if not alive.result():
                 raise ServerFailure(span, "stopped answering (liveness check failed)")
     except StopAsyncIteration:
         raise ServerFailure(span, "closed the stream") from None
