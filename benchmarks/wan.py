@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,49 +132,10 @@ class Client:
             self.process.wait()
 
 
-class TokenClock:
-    """A generate() streamer: when it was made, and when each new token arrived."""
-
-    def __init__(self):
-        self.started, self.times, self.prompt_seen = time.perf_counter(), [], False
-
-    def put(self, _):
-        if self.prompt_seen:
-            self.times.append(time.perf_counter())
-        self.prompt_seen = True
-
-    def end(self):
-        pass
-
-
-def generate_together(model, prompts: list[torch.Tensor], new_tokens: int) -> tuple[float, list[TokenClock]]:
-    """Greedy generate() of every prompt at once, one thread each: wall seconds, and each one's clock."""
-    clocks: list[TokenClock] = [None] * len(prompts)
-    errors: list[BaseException] = []
-
-    def one(index: int) -> None:
-        clocks[index] = clock = TokenClock()
-        try:
-            model.generate(
-                prompts[index], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock
-            )
-        except BaseException as error:  # raised below, in the caller's thread
-            errors.append(error)
-
-    threads = [threading.Thread(target=one, args=(index,), daemon=True) for index in range(len(prompts))]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return time.perf_counter() - started, clocks
-
-
 def client_main(settings: dict) -> None:
     """Load the distributed model, warm up, then answer each {"sessions", "repeats"} line with figures."""
     from petals_cli import AutoDistributedModelForCausalLM
+    from petals_cli.bench import generate_at_once
     from petals_cli.config import ClientConfig
 
     config = ClientConfig.from_sources(initial_peers=tuple(settings["initial_peers"]))  # PETALS_* apply
@@ -183,18 +143,18 @@ def client_main(settings: dict) -> None:
     vocab, generator = model.get_input_embeddings().weight.shape[0], torch.Generator().manual_seed(0)
     shape = (1, settings["prompt_tokens"])
     prompts = [torch.randint(4, vocab, shape, generator=generator) for _ in range(max(settings["sessions"]))]
-    generate_together(model, prompts[:1], 4)
+    generate_at_once(model, prompts[:1], 4)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
         chosen = prompts[: request["sessions"]]
-        generate_together(model, chosen, 4)  # this many sessions' connections and allocations, and the new delay
-        runs = [generate_together(model, chosen, settings["new_tokens"]) for _ in range(request["repeats"])]
+        generate_at_once(model, chosen, 4)  # this many sessions' connections and allocations, and the new delay
+        runs = [generate_at_once(model, chosen, settings["new_tokens"]) for _ in range(request["repeats"])]
         print(json.dumps(summarize(runs, settings["new_tokens"])), flush=True)
     model.close()
 
 
-def summarize(runs: list[tuple[float, list[TokenClock]]], new_tokens: int) -> dict:
+def summarize(runs: list[tuple[float, list]], new_tokens: int) -> dict:
     firsts = [clock.times[0] - clock.started for _, clocks in runs for clock in clocks]
     gaps = sorted(b - a for _, clocks in runs for clock in clocks for a, b in itertools.pairwise(clock.times))
     rates = [len(clocks) * new_tokens / seconds for seconds, clocks in runs]

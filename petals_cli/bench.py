@@ -109,9 +109,10 @@ def machine() -> dict:
 
 
 class _TokenClock:
-    """A generate() streamer that records when each new token arrives."""
+    """A generate() streamer that records when it was made and when each new token arrives."""
 
     def __init__(self):
+        self.started = time.perf_counter()
         self.times: list[float] = []
         self.prompt_seen = False
 

@@ -98,7 +98,7 @@ class _SpanStream:
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     responses: AsyncIterator | None = None
     history: list[torch.Tensor] = field(default_factory=list)
-    session_id: str = ""  # the server's session, where the previous server pushes steps (empty: no push)
+    session_id: str = ""  # the server's session (chosen by this client), where the previous server pushes steps
     acknowledged: bool = True  # False until the server's answer to the opening message has been read
 
     async def requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
@@ -210,12 +210,8 @@ class InferenceSession:
                 failures += 1
                 if failures > self.client.config.max_retries:
                     raise ServerError(f"step failed {failures} times; last: {failure}") from failure
-                logger.warning("%s; %s", failure, "trying another server" if failure.at_opening else "failing over")
-                if failure.ban:
-                    self.client.ban(stream.span.peer_id)
-                stream.close()
+                self._leave(failure, [stream])
                 self._streams[index : index + 1] = await self._reopen(stream.span, stream.history)
-                self.failovers += not failure.at_opening
                 continue
             self.client.succeed(stream.span.peer_id)
             stream.history.append(hidden)
@@ -225,11 +221,11 @@ class InferenceSession:
         return hidden
 
     def _can_push(self) -> bool:
-        """Servers pass the step on themselves when there is a next server to pass it to, each stream knows its
-        server's session, and the step carries no deep prompts (each span has its own)."""
+        """Servers pass the step on themselves when there is a next server to pass it to and the step carries no
+        deep prompts (each span has its own)."""
         streams = self._streams
         in_prefix = self.prompts is not None and self.position < self.prompts.shape[1]
-        return self.client.config.push and len(streams) > 1 and not in_prefix and all(s.session_id for s in streams)
+        return self.client.config.push and len(streams) > 1 and not in_prefix
 
     async def _pushed_step(self, hidden: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
         """Send the step to the first server only, with the sessions that follow: each server computes and
@@ -257,15 +253,19 @@ class InferenceSession:
     async def _reopen_rest(self, index: int, failure: ServerFailure) -> list[_SpanStream]:
         """After a pushed step failed at stream ``index``: the servers after it may or may not have received
         the step, so every span from there on is rebuilt from the inputs kept for stream ``index``."""
-        logger.warning("%s; %s", failure, "trying another server" if failure.at_opening else "failing over")
         failed = self._streams[index]
-        if failure.ban:
-            self.client.ban(failed.span.peer_id)
-        for stream in self._streams[index:]:
-            stream.close()
-        self.failovers += not failure.at_opening
+        self._leave(failure, self._streams[index:])
         rest = RouteSpan("", failed.span.start, self._streams[-1].span.end)
         return await self._reopen(rest, failed.history)
+
+    def _leave(self, failure: ServerFailure, streams: list[_SpanStream]) -> None:
+        """Say why, avoid the failed server (unless it is healthy), close ``streams`` and count the failover."""
+        logger.warning("%s; %s", failure, "trying another server" if failure.at_opening else "failing over")
+        if failure.ban:
+            self.client.ban(failure.span.peer_id)
+        for stream in streams:
+            stream.close()
+        self.failovers += not failure.at_opening
 
     async def _reopen(self, span: RouteSpan, history: list[torch.Tensor]) -> list[_SpanStream]:
         """Streams for blocks [span.start, span.end), their caches rebuilt from ``history``.

@@ -171,7 +171,7 @@ class BlockHandler:
             session.broken = True
             return transport.error_response(ServerError("this server moved to other blocks; open a new session"))
         try:
-            step = item if isinstance(item, Step) else self._decode_step(session, item)
+            step = item if isinstance(item, Step) else self._checked(session, self._decoded(item))
             output = await session.apply(step, self._submit, others_open=len(self.sessions) > 1)
             pushed = bool(step.next_hops) and await self._push(step.pushed_on(output), step.next_hops[0][0])
             return transport.step_response(output, StepResponse(position=session.position, pushed=pushed))
@@ -180,9 +180,12 @@ class BlockHandler:
         except Exception as exc:
             return transport.error_response(describe_failure("inference step", exc))
 
-    def _decode_step(self, session: ServerSession, message) -> Step:
+    def _decoded(self, message) -> Step:
         validation.check_message_size(message, self.limits)
-        return validation.check_step(Step.from_message(message), session.request, self.hidden_size, self.limits)
+        return Step.from_message(message)
+
+    def _checked(self, session: ServerSession, step: Step) -> Step:
+        return validation.check_step(step, session.request, self.hidden_size, self.limits)
 
     async def _push(self, step: Step, peer: str) -> bool:
         """Send ``step`` to the next server's session; False (the client relays it) when that fails."""
@@ -199,12 +202,11 @@ class BlockHandler:
     async def rpc_push(self, message: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """A step another server pushes to one of this server's sessions: checked, queued, acknowledged."""
         try:
-            validation.check_message_size(message, self.limits)
-            step = Step.from_message(message)
+            step = self._decoded(message)
             session = await self.sessions.find(step.session_id, wait=1.0)
             if session is None:
                 raise InvalidRequestError("no such session on this server")
-            step = validation.check_step(step, session.request, self.hidden_size, self.limits)
+            step = self._checked(session, step)
         except PetalsError as error:
             return transport.error_response(error)
         try:
