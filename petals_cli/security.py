@@ -339,6 +339,9 @@ class GatedStub:
         request.uid = self._token
         return await self._stub.rpc_push(request, **kwargs)
 
+    async def rpc_push_stream(self, requests, **kwargs):
+        return await self._stub.rpc_push_stream(self._stamped(requests), **kwargs)
+
 
 def blocks_stub(p2p, peer_id: str, key: SwarmKey | None):
     """The stub to call ``peer_id``'s BlocksService, gated when this peer holds a swarm key."""
@@ -397,6 +400,15 @@ class GatedService:
         if not self._admits(context, request.uid):
             raise refusal("this server belongs to a private swarm; pass its --swarm-key")
         return await self.handler.rpc_push(request, context)
+
+    async def rpc_push_stream(self, requests, context):
+        from petals_cli import transport
+        from petals_cli.errors import InvalidRequestError
+
+        request = await anext(requests, None)
+        if request is None:
+            return transport.error_response(InvalidRequestError("a pushed stream carried no step"))
+        return await self.rpc_push(request, context)
 
     async def rpc_info(self, request, context):
         if not self._admits(context, request.uid):

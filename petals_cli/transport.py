@@ -1,7 +1,8 @@
 """RPC names and message packing over hivemind's P2P, shared by client and server.
 
 ``BlocksService`` declares the RPCs (``rpc_inference``, ``rpc_forward``, ``rpc_backward``, ``rpc_push``,
-``rpc_info``; a server pushes a step's output to the next server's session with ``rpc_push``):
+``rpc_info``; a server pushes a step's output to the next server's session with ``rpc_push``, or
+``rpc_push_stream`` when the step is too large for a unary call):
 the server registers its handler object under these names, the client calls them through
 ``BlocksService.get_stub``. Messages are hivemind's ``ExpertRequest``/``ExpertResponse`` protobufs:
 tensors serialised by hivemind, metadata a msgpack dict of one ``wire`` record. Large tensors travel as
@@ -52,6 +53,11 @@ class BlocksService(ServicerBase):
         yield
 
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        raise NotImplementedError
+
+    async def rpc_push_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
         raise NotImplementedError
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:

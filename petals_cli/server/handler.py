@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 
 import msgpack
 from hivemind.p2p import P2PContext
+from hivemind.p2p.p2p_daemon_bindings.control import MAX_UNARY_PAYLOAD_SIZE
 from hivemind.proto import runtime_pb2
 
 from petals_cli import transport
@@ -38,6 +39,13 @@ from petals_cli.wire import SpanRequest, StepResponse
 
 logger = logging.getLogger(__name__)
 PUSH_TIMEOUT = 5.0  # seconds for the next server to accept a pushed step
+# a pushed step larger than this goes on a stream: the daemons refuse unary messages over 4 MiB (hivemind's own
+# client stops at half of that)
+PUSH_UNARY_BYTES = MAX_UNARY_PAYLOAD_SIZE
+
+
+async def _one(message):
+    yield message
 
 
 async def _read_into(requests: AsyncIterator[runtime_pb2.ExpertRequest], inbox: asyncio.Queue) -> None:
@@ -192,12 +200,26 @@ class BlockHandler:
         if self.connect is None:
             return False
         try:
+            message, stub = step.to_message(), self.connect(peer)
             async with asyncio.timeout(PUSH_TIMEOUT):
-                transport.check_response(await self.connect(peer).rpc_push(step.to_message()))
+                if message.ByteSize() <= PUSH_UNARY_BYTES:  # one call on the peers' open connection
+                    response = await stub.rpc_push(message)
+                else:  # a long prompt's hidden states: a stream of its own (no size cap; one more round trip)
+                    response = await stub.rpc_push_stream(_one(message))
+                transport.check_response(response)
             return True
         except Exception as exc:  # unreachable, refused, or a private swarm's gate: the client sends it itself
             logger.info("push to %s failed (%s: %s); the client relays", peer[-8:], exc.__class__.__name__, exc)
             return False
+
+    async def rpc_push_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        """``rpc_push`` of a step too large for a unary call: the stream's one message."""
+        message = await anext(requests, None)
+        if message is None:
+            return transport.error_response(InvalidRequestError("a pushed stream carried no step"))
+        return await self.rpc_push(message, context)
 
     async def rpc_push(self, message: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """A step another server pushes to one of this server's sessions: checked, queued, acknowledged."""

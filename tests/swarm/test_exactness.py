@@ -5,6 +5,7 @@ import subprocess
 
 import pytest
 import torch
+from hivemind.p2p.p2p_daemon_bindings.control import DEFAULT_MAX_MSG_SIZE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from petals_cli import AutoDistributedModelForCausalLM
@@ -96,6 +97,28 @@ def test_a_16_bit_wire_dtype_sends_rounded_activations_and_answers_in_the_client
     assert rounded.dtype == torch.float32 and not torch.equal(rounded, exact)  # it did travel as bfloat16
     # and only bfloat16 rounding apart (8 significant bits, rounded at every hop; these random blocks reach ~500)
     assert (rounded - exact).abs().max() <= 0.05 * exact.abs().max()
+
+
+def test_prompts_too_large_for_a_unary_call_are_still_pushed_server_to_server_exactly(tmp_path):
+    model = make_tiny_model(tmp_path / "wide", "llama", num_layers=2, hidden_size=256, num_heads=4)
+    swarm = Swarm(model=model, workdir=tmp_path / "swarm")
+    (tmp_path / "swarm").mkdir()
+    input_ids = torch.randint(4, 200, (4, 1200), generator=torch.Generator().manual_seed(0))
+    hidden_bytes = input_ids.numel() * 256 * 4  # the prefill's hidden states: 4.9 MB on the wire
+    assert hidden_bytes > DEFAULT_MAX_MSG_SIZE  # more than the daemons carry in one unary call
+    try:
+        swarm.start_many("0:1", "1:2")
+        distributed = AutoDistributedModelForCausalLM.from_pretrained(str(model), initial_peers=swarm.initial_peers)
+        try:
+            with distributed.inference_session(max_length=1202, batch_size=4) as session:
+                remote = distributed.generate(input_ids, max_new_tokens=2, do_sample=False, session=session)
+                assert session.relayed_hops == 0 and session.failovers == 0  # the prefill went server to server
+        finally:
+            distributed.close()
+    finally:
+        swarm.stop()
+    local = AutoModelForCausalLM.from_pretrained(model).eval()
+    assert remote.tolist() == local.generate(input_ids, max_new_tokens=2, do_sample=False).tolist()
 
 
 def test_sampling_with_a_seed_equals_local_sampling_with_that_seed(setup):

@@ -328,6 +328,7 @@ def hostile_push(draw) -> runtime_pb2.ExpertRequest:
 ATTACKS = st.one_of(
     st.tuples(st.just("opening"), hostile_span()),
     st.tuples(st.just("push"), hostile_push()),
+    st.tuples(st.just("push_stream"), st.lists(hostile_push(), max_size=1)),  # as large steps are pushed
     st.tuples(st.just("step"), hostile_step()),
     st.tuples(st.just("step"), hostile_step()),
     st.tuples(st.just("unary"), hostile_unary()),
@@ -347,6 +348,13 @@ async def attack(stub, kind: str, payload) -> list[str]:
         return [_refusal(answer)]
     if kind == "push":
         return [_refusal(await stub.rpc_push(payload))]
+    if kind == "push_stream":
+
+        async def messages():
+            for message in payload:
+                yield message
+
+        return [_refusal(await stub.rpc_push_stream(messages()))]
     if kind == "unary":
         method, messages = payload
         _, metadata = await call_stream(stub, method, messages)
