@@ -56,6 +56,7 @@ class Peers:
 
     workdir: Path
     processes: list[subprocess.Popen] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)  # each process's address file
 
     def launch(self, place: Place, name: str, *args: str) -> Path:
         address_file, log = self.workdir / f"{name}.addr", self.workdir / f"{name}.log"
@@ -64,23 +65,26 @@ class Peers:
             self.processes.append(
                 subprocess.Popen([*command, "--address-file", str(address_file)], stdout=output, stderr=output)
             )
+        self.files.append(address_file)
         return address_file
 
     def wait_address(self, address_file: Path, host: str) -> str:
+        process = self.processes[self.files.index(address_file)]
         deadline = time.monotonic() + START_TIMEOUT
         while not (address_file.exists() and address_file.read_text().strip()):
-            if time.monotonic() > deadline or any(process.poll() is not None for process in self.processes):
-                raise RuntimeError(f"a peer did not start; logs in {self.workdir}")
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"{address_file.stem} did not start; logs in {self.workdir}")
             time.sleep(0.1)
         return next(address for address in address_file.read_text().split() if f"/{host}/" in address)
+
+    def serve(self, model: Path, name: str, span: str, place: Place, initial_peer: str) -> Path:
+        return self.launch(place, name, "serve", str(model), "--blocks", span, "--initial-peers", initial_peer)
 
     def start(self, model: Path, spans: list[str], bootstrap: Place, servers: list[Place]) -> str:
         """Start the swarm; returns the bootstrap peer's address (everyone's --initial-peers)."""
         initial_peer = self.wait_address(self.launch(bootstrap, "bootstrap", "swarm", "bootstrap"), bootstrap.host)
         files = [
-            self.launch(
-                place, f"server{index}", "serve", str(model), "--blocks", span, "--initial-peers", initial_peer
-            )
+            self.serve(model, f"server{index}", span, place, initial_peer)
             for index, (span, place) in enumerate(zip(spans, servers, strict=True))
         ]
         for address_file, place in zip(files, servers, strict=True):
@@ -98,6 +102,7 @@ class Peers:
                 process.kill()
                 process.wait()
         self.processes.clear()
+        self.files.clear()
 
 
 class Client:
@@ -113,9 +118,12 @@ class Client:
         self._answer()  # loaded and warmed up
 
     def measure(self, sessions: int, repeats: int) -> dict:
-        self.process.stdin.write(json.dumps({"sessions": sessions, "repeats": repeats}) + "\n")
-        self.process.stdin.flush()
+        self.ask({"sessions": sessions, "repeats": repeats})
         return self._answer()
+
+    def ask(self, request: dict) -> None:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
 
     def _answer(self) -> dict:
         for line in self.process.stdout:
@@ -144,14 +152,71 @@ def client_main(settings: dict) -> None:
     shape = (1, settings["prompt_tokens"])
     prompts = [torch.randint(4, vocab, shape, generator=generator) for _ in range(max(settings["sessions"]))]
     generate_at_once(model, prompts[:1], 4)
+    expected = None
+    if settings.get("failover"):  # each trial's tokens are compared with local transformers'
+        from transformers import AutoModelForCausalLM
+
+        local = AutoModelForCausalLM.from_pretrained(settings["model"]).eval()
+        expected = generate_tokens(local, prompts[0], settings["new_tokens"])
+        del local
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
+        if "kill_after" in request:
+            print(json.dumps(failover_trial(model, prompts[0], expected, request["kill_after"])), flush=True)
+            continue
         chosen = prompts[: request["sessions"]]
         generate_at_once(model, chosen, 4)  # this many sessions' connections and allocations, and the new delay
         runs = [generate_at_once(model, chosen, settings["new_tokens"]) for _ in range(request["repeats"])]
         print(json.dumps(summarize(runs, settings["new_tokens"])), flush=True)
     model.close()
+
+
+def generate_tokens(model, prompt: torch.Tensor, new_tokens: int, **options) -> list[int]:
+    output = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        **options,
+    )
+    return output[0, prompt.shape[1] :].tolist()
+
+
+class _RouteAt:
+    """A streamer that notes when each new token arrives (on the clock every process of this machine shares) and,
+    at the ``at``-th one, prints the session's route for the orchestrator, which then kills one of its servers."""
+
+    def __init__(self, session, at: int):
+        self.session, self.at, self.times, self.prompt_seen = session, at, [], False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.times.append(time.monotonic())
+        if len(self.times) == self.at:
+            gaps = [b - a for a, b in itertools.pairwise(self.times)]
+            route = [span.peer_id for span in self.session.route]
+            print(json.dumps({"route": route, "step_s": statistics.median(gaps)}), flush=True)
+
+    def end(self) -> None:
+        pass
+
+
+def failover_trial(model, prompt: torch.Tensor, expected: list[int], kill_after: int) -> dict:
+    """One generation during which the orchestrator SIGKILLs a server of its route (after token ``kill_after``)."""
+    new_tokens = len(expected)
+    with model.inference_session(max_length=prompt.shape[1] + new_tokens) as session:
+        streamer = _RouteAt(session, kill_after)
+        tokens = generate_tokens(model, prompt, new_tokens, session=session, streamer=streamer)
+        return {
+            "times": streamer.times,
+            "equal": tokens == expected,
+            "failovers": session.failovers,
+            "relayed_hops": session.relayed_hops,
+        }
 
 
 def summarize(runs: list[tuple[float, list]], new_tokens: int) -> dict:
@@ -233,6 +298,98 @@ def measure_on(wan: Wan, client: Client, rtt: float, mbit: float, sessions: int,
     return {"rtt_ms": rtt, "mbit": mbit, "sessions": sessions, **figures, "forwarder": forwarder}
 
 
+def run_failover(args, model: Path, spans: list[str], settings: dict, workdir: Path, say) -> list[dict]:
+    """``args.failover`` trials on the WAN at ``args.rtt``: two servers per span, each on its own host; in each
+    trial a server of the client's route (the first, the middle, ... in turn) is SIGKILLed at a random moment
+    within a step after token ``args.kill_after``, then started again (a new peer) for the next trial."""
+    import random
+
+    servers = len(spans)
+    wan, peers = Wan(hosts=2 * servers + 2, mtu=args.mtu), Peers(workdir / "failover")
+    peers.workdir.mkdir()
+    atexit.register(wan.close)
+    atexit.register(peers.stop)
+    chooser = random.Random(0)
+    try:
+        wan.start()
+        places = [Place(wan.exec_prefix(index), wan.address(index)) for index in range(wan.hosts)]
+        say(f"starting two servers per span in {wan.hosts} namespaces ({wan.namespace(0)}...)")
+        initial_peer = peers.start(model, spans * 2, places[0], places[1:-1])
+        where = {}  # peer id -> (its process, span, place)
+        for process, address_file, place, span in zip(
+            peers.processes[1:], peers.files[1:], places[1:-1], spans * 2, strict=True
+        ):
+            where[peers.wait_address(address_file, place.host).rsplit("/p2p/", 1)[1]] = (process, span, place)
+        wan.configure(args.rtt, args.mbit, args.queue_kib)
+        client_settings = {**settings, "initial_peers": [initial_peer], "failover": True}
+        client = Client(places[-1], client_settings, peers.workdir / "client.log")
+        trials = []
+        try:
+            for trial in range(args.failover):
+                client.ask({"kill_after": args.kill_after})
+                noted = client._answer()
+                hop = trial % len(noted["route"])
+                victim = noted["route"][hop]
+                process, span, place = where.pop(victim)
+                time.sleep(chooser.uniform(0, noted["step_s"]))  # anywhere within the step now in flight
+                killed_at = time.monotonic()
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                result = client._answer()
+                trials.append(failover_figures(trial, hop, span, killed_at, result))
+                say(f"trial {trial}: " + ", ".join(f"{key} {value}" for key, value in trials[-1].items()))
+                address_file = peers.serve(model, f"server-{span}-{trial}", span, place, initial_peer)
+                where[peers.wait_address(address_file, place.host).rsplit("/p2p/", 1)[1]] = (
+                    peers.processes[-1],
+                    span,
+                    place,
+                )
+        finally:
+            client.close()
+        return trials
+    finally:
+        peers.stop()
+        wan.close()
+
+
+def failover_figures(trial: int, hop: int, span: str, killed_at: float, result: dict) -> dict:
+    """The stall a kill caused: the longest wait for a token after the kill (the step in flight may still pass a
+    server killed after it was done there: then the next step finds the failure), next to the median step."""
+    times = result["times"]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    after = [b - max(a, killed_at) for a, b in itertools.pairwise(times) if b > killed_at]
+    return {
+        "trial": trial,
+        "hop": hop,
+        "blocks": span,
+        "equal": result["equal"],
+        "failovers": result["failovers"],
+        "relayed_hops": result["relayed_hops"],
+        "step_ms": round(1000 * statistics.median(gaps), 1),
+        "stall_ms": round(1000 * max(after), 1) if after else None,
+    }
+
+
+def render_failover(report: dict) -> str:
+    trials = report["trials"]
+    lines = [
+        f"{report['preset']} model, spans {' '.join(report['servers'])}, two servers each on its own host; RTT "
+        f"{report['rtt_ms']:g} ms, uplinks {report['mbit']:g} Mbit/s; {len(trials)} SIGKILLs, one per generation "
+        f"of {report['new_tokens']} tokens, after token {report['kill_after']} at a random moment in the step"
+    ]
+    header = list(trials[0]) if trials else []
+    table = [header] + [[str(trial[key]) for key in header] for trial in trials]
+    widths = [max(len(line[column]) for line in table) for column in range(len(header))]
+    lines += ["  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in table]
+    stalls = [trial["stall_ms"] for trial in trials if trial["stall_ms"] is not None]
+    if stalls:
+        lines.append(
+            f"identical tokens: {sum(trial['equal'] for trial in trials)}/{len(trials)}; stall (longest wait for a "
+            f"token after the kill): median {statistics.median(stalls):g} ms, worst {max(stalls):g} ms"
+        )
+    return "\n".join(lines)
+
+
 COLUMNS = (
     ("RTT ms", "rtt_ms"),
     ("sessions", "sessions"),
@@ -297,6 +454,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-loopback", action="store_true", help="skip the plain-loopback comparison")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--models-dir", default=os.path.join(tempfile.gettempdir(), "petals-bench-models"))
+    parser.add_argument(
+        "--failover",
+        type=int,
+        default=0,
+        metavar="TRIALS",
+        help="instead of the table: this many generations at --rtt, each losing a server of its route to SIGKILL",
+    )
+    parser.add_argument("--kill-after", type=int, default=8, help="with --failover: the token after which to kill")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.rtts = sorted({0.0, *(args.rtts if args.rtts is not None else [args.rtt])})
@@ -327,6 +492,12 @@ def main() -> None:
     settings["sessions"] = [1, *args.sessions]
     workdir = Path(tempfile.mkdtemp(prefix="petals-wan-"))
     say(f"logs in {workdir}")
+    if args.failover:
+        trials = run_failover(args, model, spans, settings, workdir, say)
+        report = dict(preset=args.preset, servers=spans, rtt_ms=args.rtt, mbit=args.mbit, new_tokens=args.new_tokens)
+        report.update(kill_after=args.kill_after, trials=trials)
+        print(json.dumps(report, indent=1) if args.json else render_failover(report))
+        return
     loopback = None
     if not args.no_loopback:
         say("measuring the same swarm on plain loopback")
