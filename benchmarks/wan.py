@@ -154,6 +154,10 @@ def client_main(settings: dict) -> None:
     generate_at_once(model, prompts[:1], 4)
     expected = None
     if settings.get("failover"):  # each trial's tokens are compared with local transformers'
+        import logging
+
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # in the client's log
+        logging.getLogger("petals_cli.session").setLevel(logging.DEBUG)  # how long each replacement took
         from transformers import AutoModelForCausalLM
 
         local = AutoModelForCausalLM.from_pretrained(settings["model"]).eval()
@@ -333,6 +337,7 @@ def run_failover(args, model: Path, spans: list[str], settings: dict, workdir: P
                 process, span, place = where.pop(victim)
                 time.sleep(chooser.uniform(0, noted["step_s"]))  # anywhere within the step now in flight
                 killed_at = time.monotonic()
+                say(f"{time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d} SIGKILL {victim[-8:]}")
                 process.send_signal(signal.SIGKILL)
                 process.wait()
                 result = client._answer()

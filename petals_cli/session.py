@@ -252,11 +252,20 @@ class InferenceSession:
 
     async def _reopen_rest(self, index: int, failure: ServerFailure) -> list[_SpanStream]:
         """After a pushed step failed at stream ``index``: the servers after it may or may not have received
-        the step, so every span from there on is rebuilt from the inputs kept for stream ``index``."""
-        failed = self._streams[index]
-        self._leave(failure, self._streams[index:])
-        rest = RouteSpan("", failed.span.start, self._streams[-1].span.end)
-        return await self._reopen(rest, failed.history)
+        the step, so every span from there on gets a new session (on any server but the failed one), each
+        rebuilt from the inputs this client kept for that span: all at once, since those inputs are known."""
+        rest = self._streams[index:]
+        self._leave(failure, rest)
+        rebuilt = await asyncio.gather(
+            *(self._reopen(stream.span, stream.history) for stream in rest), return_exceptions=True
+        )
+        for outcome in rebuilt:
+            if isinstance(outcome, BaseException):
+                for streams in rebuilt:
+                    for stream in streams if isinstance(streams, list) else ():
+                        stream.close()
+                raise outcome
+        return [stream for streams in rebuilt for stream in streams]
 
     def _leave(self, failure: ServerFailure, streams: list[_SpanStream]) -> None:
         """Say why, avoid the failed server (unless it is healthy), close ``streams`` and count the failover."""
