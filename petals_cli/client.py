@@ -87,8 +87,12 @@ class SwarmClient:
         return self._loop
 
     async def snapshot(self, prefix: str, num_blocks: int, *, max_age: float | None = None) -> SwarmSnapshot:
-        """The swarm as last read (at most ``max_age`` seconds ago); starts background refreshing."""
-        max_age = self.config.snapshot_refresh if max_age is None else max_age
+        """The swarm as last read (at most ``max_age`` seconds ago); starts background refreshing.
+
+        By default a snapshot may be two refresh periods old: the background refresh keeps it younger, and reading
+        the swarm here instead (DHT round trips, then pings that wait ``liveness_timeout`` for each dead server
+        still announced) would stall the caller, typically a failover, for a second on a WAN."""
+        max_age = 2 * self.config.snapshot_refresh if max_age is None else max_age
         read_at, snapshot = self._snapshots.get(prefix, (float("-inf"), None))
         if snapshot is None or time.monotonic() - read_at > max_age:
             snapshot = await fetch_snapshot(self.node, prefix, num_blocks)

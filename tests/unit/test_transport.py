@@ -16,6 +16,7 @@ def test_rpcs_are_registered_with_the_right_streaming_modes():
         "rpc_forward": (True, True),
         "rpc_backward": (True, True),
         "rpc_push": (False, False),
+        "rpc_push_stream": (True, False),
         "rpc_info": (False, False),
     }
 
