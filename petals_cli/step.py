@@ -4,8 +4,9 @@ A ``Step`` carries the new tokens' hidden states and what they need besides (the
 the new tokens, the deep prompts of the span) together with the session position it starts at, and, for push,
 the servers' sessions its output goes on to (``next_hops``; ``pushed_on`` is the step the next one receives).
 ``to_message`` and ``from_message`` are the only code that knows how those become one message (``StepRequest``
-metadata naming the tensors that follow the hidden states). New step fields (a rollback point) are added here
-and nowhere else in the protocol.
+metadata naming the tensors that follow the hidden states). New step fields are added here and nowhere else in the
+protocol, as ``rewind`` was: the rollback point of speculative decoding (the step starts before the session's end,
+and the server first drops what it cached from ``position`` on).
 
 The padding arithmetic that client and server both need (a session's mask growing step by step, and the
 positions it implies) lives here too, once. Shape and range checks against a server's limits are the server's
@@ -33,7 +34,8 @@ class Step:
 
     ``attention_mask`` and ``position_ids`` [batch, tokens] cover the new tokens only (0 marks padding; a server
     remembers the mask for the session's later steps). ``prompts`` [blocks, prefix, hidden] are the deep prompts
-    of the receiving span, sent only while the step reaches into the prefix.
+    of the receiving span, sent only while the step reaches into the prefix. With ``rewind``, ``position`` may be
+    before the session's end: the server first drops every position it cached from there on.
     """
 
     position: int
@@ -43,9 +45,10 @@ class Step:
     prompts: torch.Tensor | None = None
     session_id: str = ""  # set on a step one server pushes to the next: the receiving session
     next_hops: tuple[tuple[str, str], ...] = ()  # (peer id, session id) of the servers the output goes on to
+    rewind: bool = False  # ``position`` may be before the session's end (see above)
 
     def pushed_on(self, output: torch.Tensor) -> Step:
-        """The step the next hop receives: this step's tokens and padding, with ``output`` as its hidden states."""
+        """The step the next hop receives: this step's tokens, padding and rewind, ``output`` as hidden states."""
         (_, session_id), rest = self.next_hops[0], self.next_hops[1:]
         return dataclasses.replace(self, hidden=output, prompts=None, session_id=session_id, next_hops=rest)
 
@@ -65,6 +68,7 @@ class Step:
             session_id=self.session_id,
             next_peers=tuple(peer for peer, _ in self.next_hops),
             next_sessions=tuple(session for _, session in self.next_hops),
+            rewind=self.rewind,
         )
         return transport.step_request(tensors, transport.pack(meta))
 
@@ -91,6 +95,7 @@ class Step:
             prompts=tensors[-1] if meta.prompts else None,
             session_id=meta.session_id,
             next_hops=tuple(zip(meta.next_peers, meta.next_sessions, strict=True)),
+            rewind=meta.rewind,
         )
 
 

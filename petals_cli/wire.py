@@ -188,6 +188,10 @@ class StepRequest(WireRecord):
     session_id: str = ""  # a step pushed by another server: the receiving server's session it is for
     next_peers: tuple[str, ...] = ()  # push the output on to these servers' sessions, in order
     next_sessions: tuple[str, ...] = ()
+    # the step starts at ``position``, which may be before the session's end: the server first drops every cached
+    # position from there on (speculative decoding takes back the tokens it guessed wrong); older servers ignore it
+    # and refuse the step for its position
+    rewind: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,12 +7,15 @@ cache budget, so its full-attention layers can hold one buffer of that length an
 values into the next free positions; attention reads a view of the filled part. Masks, positions and
 everything else see exactly what a ``DynamicLayer`` shows them, so outputs are identical.
 Sliding-window and other special layers are left as transformers makes them.
+
+``can_rewind`` and ``rewind`` take a session's cache back to an earlier length (speculative decoding), as if
+the later positions had never been computed; only layers that still hold every position they need can.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 
 class SpanCache(DynamicCache):
@@ -92,6 +95,33 @@ class PreallocatedLayer(DynamicLayer):
     def _readopt(self) -> None:
         if self.is_initialized:
             self._rebuffer(max(self.capacity, self.keys.shape[-2]))
+
+
+def can_rewind(cache, length: int) -> bool:
+    """Whether ``rewind(cache, length)`` leaves ``cache`` exactly as if it had only ever seen ``length`` positions.
+
+    Full-attention layers keep every position (a ``PreallocatedLayer`` only forgets its tail); a sliding-window layer
+    can while it has dropped nothing yet. Other layers (recurrent states, quantised, indexed) cannot.
+    """
+    if not isinstance(cache, DynamicCache) or not cache.layers or not 0 <= length <= cache.get_seq_length():
+        return False
+    return all(_layer_can_rewind(layer) for layer in cache.layers)
+
+
+def _layer_can_rewind(layer) -> bool:
+    if type(layer) in (DynamicLayer, PreallocatedLayer):
+        return True
+    # the layer keeps its last ``sliding_window - 1`` positions: from ``sliding_window`` on, one is gone
+    return type(layer) is DynamicSlidingWindowLayer and layer.get_seq_length() < layer.sliding_window
+
+
+def rewind(cache, length: int) -> None:
+    """Drop every position of ``cache`` from ``length`` on (checked with ``can_rewind`` first); buffers keep their
+    capacity, and the next update writes after ``length``."""
+    for layer in cache.layers:
+        surplus = layer.get_seq_length() - length
+        if surplus > 0:
+            layer.crop(-surplus)  # a negative crop removes that many positions, in every transformers 5
 
 
 def preallocate(cache, capacity: int):

@@ -3,8 +3,10 @@
 ``ServerSession.apply(step, run)`` is the one place a step meets a session's state: it checks the step against
 the session (position, length), grows the padding mask and derives positions (``step.py``, as the client does),
 hands the step to ``run`` (the engine, behind the handler's deadline) as a ``StepJob`` and moves the session
-forward only when that succeeded. A step that failed after compute began leaves the session ``broken``: some
-blocks may have extended the cache, so it ends after reporting the failure and its client replays elsewhere.
+forward only when that succeeded. A step with ``rewind`` may start before the session's end: once it has passed
+every check, the cache is cut back to its position right before it runs. A step that failed after compute began
+leaves the session ``broken``: some blocks may have extended the cache, so it ends after reporting the failure and
+its client replays elsewhere.
 
 ``ServerSessions`` opens sessions under the hard limits, the per-peer limit and the ``CacheBudget`` (reserved
 before the cache exists), and returns their tokens when they close. Knows nothing about the RPC protocol.
@@ -22,6 +24,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import torch
 
 from petals_cli.errors import InvalidRequestError, SessionLengthError
+from petals_cli.families import kv_cache
 from petals_cli.server import validation
 from petals_cli.server.cache import CacheBudget
 from petals_cli.server.engine import StepJob
@@ -48,15 +51,15 @@ class ServerSession:
     inbox: asyncio.Queue = dataclasses.field(default_factory=lambda: asyncio.Queue(INBOX_SIZE))
 
     def job(self, step: Step, *, others_open: bool) -> StepJob:
-        """``step`` (checked by ``validation.check_step``) as the engine's job for this session's state."""
-        if step.position != self.position:
-            raise InvalidRequestError(f"step at position {step.position}, session is at {self.position}")
-        tokens = step.tokens
-        if self.position + tokens > self.request.max_length:
+        """``step`` (checked by ``validation.check_step``) as the engine's job for this session's state, rewound to
+        the step's position; changes nothing (``apply`` cuts the cache back)."""
+        start, tokens = self._start_of(step), step.tokens
+        if start + tokens > self.request.max_length:
             raise SessionLengthError(
-                f"step would reach {self.position + tokens} tokens, max_length is {self.request.max_length}"
+                f"step would reach {start + tokens} tokens, max_length is {self.request.max_length}"
             )
-        mask = extend_mask(self.attention_mask, self.position, step.attention_mask, step.hidden.shape[0], tokens)
+        earlier = None if self.attention_mask is None else self.attention_mask[:, :start]
+        mask = extend_mask(earlier, start, step.attention_mask, step.hidden.shape[0], tokens)
         positions = step.position_ids
         if mask is not None and positions is None:
             positions = positions_from_mask(mask, tokens)
@@ -79,17 +82,37 @@ class ServerSession:
             job.chunkable = tokens > 1 and others_open  # alone on the server, a prompt runs whole
         return job
 
+    def _start_of(self, step: Step) -> int:
+        """The position ``step`` starts at: the session's end, or with ``rewind`` any earlier one its cache can
+        return to."""
+        start = step.position
+        if start == self.position:
+            return start
+        if not (step.rewind and 0 <= start < self.position):
+            allowed = f"0..{self.position} with rewind" if step.rewind else f"{self.position} without rewind"
+            raise InvalidRequestError(
+                f"step at position {start}, session is at {self.position} (a step may start at {allowed})"
+            )
+        if not kv_cache.can_rewind(self.cache, start):
+            raise InvalidRequestError(
+                f"this model's cache cannot be rewound from position {self.position} to {start}",
+                hint="replay the session's tokens from its start instead (a sliding window may have dropped them)",
+            )
+        return start
+
     async def apply(
         self, step: Step, run: Callable[[StepJob], Awaitable[torch.Tensor]], *, others_open: bool
     ) -> torch.Tensor:
         """Run ``step`` through ``run`` and move the session past it; a refusal before compute changes nothing."""
         job = self.job(step, others_open=others_open)
         try:
+            if step.position < self.position:
+                kv_cache.rewind(self.cache, step.position)
             output = await run(job)
         except BaseException:  # compute may have begun (a failure, the deadline): the cache state is unknown
             self.broken = True
             raise
-        self.position += step.tokens
+        self.position = step.position + step.tokens
         self.attention_mask = job.attention_mask
         return output
 

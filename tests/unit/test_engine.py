@@ -7,8 +7,13 @@ import torch
 
 from petals_cli.checkpoint import resolve_model
 from petals_cli.server.blocks import load_span, read_model_config
+from petals_cli.server.compute import SpanCompute
 from petals_cli.server.engine import StepEngine, StepJob, plan
+from petals_cli.server.graphs import KeptGraphs
+from petals_cli.server.sessions import ServerSession
+from petals_cli.step import Step
 from petals_cli.testing import make_tiny_model
+from petals_cli.wire import PROTOCOL_VERSION, SpanRequest
 
 
 def job(session, peer="a", blocks=(0, 4), adapter="", batchable=True):
@@ -170,3 +175,40 @@ def test_a_prompt_computed_in_chunks_through_the_cache_equals_it_computed_at_onc
         ]
     chunked = torch.cat(parts, dim=1)
     assert float((chunked - whole).abs().max()) <= 1e-5 * float(whole.abs().max())
+
+
+def test_a_session_rewound_to_an_earlier_position_computes_exactly_what_a_fresh_one_does(span):
+    """Speculative decoding: 6 tokens, back to 4, 3 others; as if the session had only ever seen 4 and those 3."""
+    torch.manual_seed(2)
+    hidden = span.config.hidden_size
+    prompt, new, token = torch.randn(2, 6, hidden), torch.randn(2, 3, hidden), torch.randn(2, 1, hidden)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6])  # a left-padded row
+    request = SpanRequest(PROTOCOL_VERSION, "m", 1, 4, max_length=16, batch_size=2)
+    rewound, fresh, other = (ServerSession(name * 32, request, span.make_cache(1, 4, capacity=16)) for name in "rfo")
+    for session in (rewound, fresh, other):
+        session.batchable = span.can_batch(session.cache)
+    compute = SpanCompute(span, KeptGraphs())
+
+    async def alone(job):
+        return compute.run_group([job])[0]
+
+    async def batched(job):  # in one batch with another session's one-token step
+        return compute.run_group([job, other.job(Step(other.position, token), others_open=True)])[0]
+
+    async def main():
+        await rewound.apply(Step(0, prompt, attention_mask=mask), alone, others_open=False)
+        await other.apply(Step(0, prompt[:, :2]), alone, others_open=False)
+        output = await rewound.apply(Step(4, new, rewind=True), alone, others_open=False)
+        await fresh.apply(Step(0, prompt[:, :4], attention_mask=mask[:, :4]), alone, others_open=False)
+        expected = await fresh.apply(Step(4, new), alone, others_open=False)
+        # a rewound one-token step may join a batch, which sees the cache's rewound length
+        step = Step(6, token, rewind=True)
+        assert rewound.job(step, others_open=True).batchable
+        one_batched = await rewound.apply(step, batched, others_open=True)
+        return output, expected, one_batched, await fresh.apply(step, alone, others_open=True)
+
+    with torch.inference_mode():
+        output, expected, one_batched, one_alone = asyncio.run(main())
+    assert torch.equal(output, expected)
+    assert rewound.position == fresh.position == rewound.cache.get_seq_length() == 7
+    assert float((one_batched - one_alone).abs().max()) <= 1e-5 * float(one_alone.abs().max())
