@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from petals_cli import compat
+from petals_cli import compat, speculative
 from petals_cli.checkpoint import load_tensors, locate, metadata_dir, resolve_model, weight_map
 from petals_cli.client import SwarmClient
 from petals_cli.config import ClientConfig
@@ -40,6 +40,17 @@ class RemoteCache(DynamicCache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return max(self.session.position - self.prefix_length, 0)  # the prompt prefix is not the caller's
+
+    is_croppable = True  # speculative decoding: drafts that were not accepted are rolled back on the servers
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` positions (transformers 5); a positive value is the length to keep,
+        as transformers 4's assisted generation calls it."""
+        if tokens_to_remove > 0:
+            length = tokens_to_remove + self.prefix_length
+        else:
+            length = self.session.position + tokens_to_remove
+        self.session.rollback(length)
 
     # It holds no layers here, but stands for attention caches: generate() slices a continued prompt by the
     # length above only for caches that are not all linear (recurrent), and all() of no layers is True.
@@ -172,20 +183,37 @@ class DistributedModelForCausalLM:
         """transformers ``generate()`` with the attention caches kept on the servers.
 
         Pass ``session=`` to continue an existing session (e.g. across chat turns); otherwise one is opened
-        for this call, sized for the prompt plus ``max_new_tokens``.
+        for this call, sized for the prompt plus ``max_new_tokens``. ``speculation=`` (a
+        ``petals_cli.speculative.Speculation``) drafts tokens and checks several in one trip through the swarm;
+        transformers' own ``prompt_lookup_num_tokens=`` and ``assistant_model=`` work too, with a fixed draft length.
         """
         if compat.find_cache(kwargs) is not None:  # the caller brought a cache of its own
             return super().generate(inputs, *args, **kwargs)
         prompt = inputs if inputs is not None else kwargs.get("input_ids")
         if prompt is None:
             raise ConfigError("generate() needs input_ids")
+        speculation = kwargs.pop("speculation", None)
+        if speculation is not None:
+            if prompt.shape[0] != 1:
+                raise ConfigError("speculative decoding continues one prompt at a time, not a batch")
+            kwargs.update(speculation.generate_kwargs())
         context = contextlib.nullcontext(session)
         if session is None:
             length = self._session_length(prompt, kwargs) + self.prefix_length
             context = self.inference_session(length, batch_size=prompt.shape[0])
-        with context as active:
-            cache = RemoteCache(active, self.prefix_length)
-            return super().generate(inputs, *args, **{compat.CACHE_NAME: cache}, **kwargs)
+        token = speculative.active.set(speculation)
+        try:
+            with context as active:
+                cache = RemoteCache(active, self.prefix_length)
+                return super().generate(inputs, *args, **{compat.CACHE_NAME: cache}, **kwargs)
+        finally:
+            speculative.active.reset(token)
+
+    def _get_candidate_generator(self, *args, **kwargs):
+        """transformers' drafts, their length chosen trip by trip when ``generate(speculation=...)`` asked."""
+        drafts = super()._get_candidate_generator(*args, **kwargs)
+        speculation = speculative.active.get()
+        return drafts if speculation is None else speculation.drafts(drafts)
 
     def _session_length(self, prompt: torch.Tensor, kwargs: dict) -> int:
         config = kwargs.get("generation_config") or self.generation_config

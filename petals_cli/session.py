@@ -136,6 +136,7 @@ class InferenceSession:
         self._positions: torch.Tensor | None = None  # [batch, position]
         self._streams: list[_SpanStream] | None = None
         self._closed = False
+        self._rewind = False  # the next step starts before where the servers' caches end (see ``rollback``)
 
     def __enter__(self) -> InferenceSession:
         return self
@@ -172,13 +173,32 @@ class InferenceSession:
             )
         mask, positions = self._extend_mask(hidden.shape[0], tokens, attention_mask, position_ids)
         extras = {} if mask is None else {"attention_mask": mask[:, -tokens:], "position_ids": positions[:, -tokens:]}
+        if self._rewind:
+            extras["rewind"] = True
         sent = hidden.detach().cpu()
         if self.client.config.wire_dtype != "auto":  # smaller on the wire; servers answer in the dtype they got
             sent = sent.to(getattr(torch, self.client.config.wire_dtype))
         output = self.client.run(self._step(sent, extras))
         self.position += tokens
+        self._rewind = False
         self._mask, self._positions = mask, positions
         return output.to(device=hidden.device, dtype=hidden.dtype)  # a client's local modules may live on a GPU
+
+    def rollback(self, position: int) -> None:
+        """Forget every token from ``position`` on (drafts that were not accepted): the next step starts there.
+
+        Nothing is sent now: the next step tells each server to drop its cached positions from ``position`` on
+        before it appends, and the inputs kept for failover are cut to match.
+        """
+        if not 0 <= position <= self.position:
+            raise SessionLengthError(f"cannot roll back to position {position}: the session holds {self.position}")
+        if position == self.position:
+            return
+        self.position, self._rewind = position, True
+        if self._mask is not None:
+            self._mask, self._positions = self._mask[:, :position], self._positions[:, :position]
+        for stream in self._streams or []:
+            stream.history = _first_tokens(stream.history, position)
 
     def _extend_mask(self, batch: int, tokens: int, attention_mask, position_ids):
         """The session's mask and positions after this step; (None, None) while nothing was ever padded."""
@@ -361,6 +381,11 @@ class InferenceSession:
             meta = transport.check_response(response)
         except SessionExpiredError as exc:  # the server reaped an idle session: rebuild it there or elsewhere
             raise ServerFailure(stream.span, str(exc), ban=False) from exc
+        except InvalidRequestError as exc:
+            if not self._rewind:
+                raise
+            # a cache that cannot go back (a sliding window that dropped positions): rebuild it from the inputs
+            raise ServerFailure(stream.span, f"could not roll back ({exc})", ban=False) from exc
         except (ServerError, CacheExhaustedError) as exc:
             raise ServerFailure(stream.span, f"{type(exc).__name__}: {exc}") from exc
         return response, meta
@@ -400,6 +425,19 @@ class InferenceSession:
         if self._streams is not None and not self.client.loop.is_closed():
             for stream in self._streams:
                 self.client.loop.call_soon_threadsafe(stream.close)
+
+
+def _first_tokens(history: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
+    """The inputs ``history`` (steps of [batch, tokens, hidden]) cut to their first ``tokens`` tokens."""
+    kept, total = [], 0
+    for inputs in history:
+        if total + inputs.shape[1] > tokens:
+            if tokens > total:
+                kept.append(inputs[:, : tokens - total])
+            break
+        kept.append(inputs)
+        total += inputs.shape[1]
+    return kept
 
 
 async def _call_unary(
