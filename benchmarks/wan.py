@@ -23,6 +23,7 @@ import atexit
 import itertools
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -164,8 +165,14 @@ def client_main(settings: dict) -> None:
         expected = generate_tokens(local, prompts[0], settings["new_tokens"])
         del local
     print(json.dumps({"ready": True}), flush=True)
+    speculated = settings.get("speculative")
+    if speculated:
+        prompt = speculative_prompt(model, prompts[0], speculated["workload"], settings["new_tokens"])
     for line in sys.stdin:
         request = json.loads(line)
+        if "speculate" in request:
+            print(json.dumps(compare_speculation(model, prompt, speculated, request["speculate"])), flush=True)
+            continue
         if "kill_after" in request:
             print(json.dumps(failover_trial(model, prompts[0], expected, request["kill_after"])), flush=True)
             continue
@@ -186,6 +193,45 @@ def generate_tokens(model, prompt: torch.Tensor, new_tokens: int, **options) -> 
         **options,
     )
     return output[0, prompt.shape[1] :].tolist()
+
+
+def speculative_prompt(model, prompt: torch.Tensor, workload: str, new_tokens: int) -> torch.Tensor:
+    """The prompt of a --speculative workload: ``random`` is the random prompt itself (drafts rarely hit);
+    ``repeat`` is prompt + its continuation + prompt again, whose continuation (on the repeating model) is the
+    continuation already in the prompt, as when a text is edited or quoted back."""
+    if workload == "random":
+        return prompt
+    continuation = torch.tensor([generate_tokens(model, prompt, new_tokens)])
+    return torch.cat([prompt, continuation, prompt], dim=1)
+
+
+def compare_speculation(model, prompt: torch.Tensor, speculated: dict, repeats: int) -> dict:
+    """Plain and speculative greedy generation of the same prompt, alternately ``repeats`` times each."""
+    from petals_cli.speculative import Speculation, SpeculationStats, load_draft_model
+
+    draft = load_draft_model(speculated["draft_model"], model) if speculated.get("draft_model") else None
+    new_tokens, stats = speculated["new_tokens"], SpeculationStats()
+    rates, tokens = {"plain": [], "speculative": []}, {}
+    for _ in range(repeats + 1):  # the first pair warms up
+        for kind in ("plain", "speculative"):
+            options = {}
+            if kind == "speculative":
+                mode = "model" if draft is not None else "ngram"
+                options["speculation"] = Speculation(
+                    mode, speculated["draft_tokens"], draft, speculated.get("adaptive", True), stats=stats
+                )
+            started = time.perf_counter()
+            tokens[kind] = generate_tokens(model, prompt, new_tokens, **options)
+            rates[kind].append(new_tokens / (time.perf_counter() - started))
+    plain, fast = (statistics.median(rates[kind][1:]) for kind in ("plain", "speculative"))
+    return {
+        "plain_tokens_per_s": round(plain, 2),
+        "speculative_tokens_per_s": round(fast, 2),
+        "speedup": round(fast / plain, 3),
+        "identical": tokens["plain"] == tokens["speculative"],
+        "prompt_tokens": prompt.shape[1],
+        **stats.to_json(),
+    }
 
 
 class _RouteAt:
@@ -357,6 +403,91 @@ def run_failover(args, model: Path, spans: list[str], settings: dict, workdir: P
         wan.close()
 
 
+def repeating_model(model: Path) -> Path:
+    """A copy of ``model`` whose attention adds nothing (its output projections are zero): each token then follows
+    from the one before alone, so a text it has seen goes on as it went, which is what the ``repeat`` workload
+    needs from a random-weight model (a stand-in for a model trained to copy; the same work per token)."""
+    from safetensors.torch import load_file, save_file
+
+    target = model.with_name(model.name + "-repeating")
+    if (target / "config.json").exists():
+        return target
+    partial = model.with_name(model.name + "-repeating.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(model, partial)
+    for shard in partial.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name, tensor in tensors.items():
+            if name.endswith("self_attn.o_proj.weight"):
+                tensor.zero_()
+        save_file(tensors, shard, metadata={"format": "pt"})
+    partial.rename(target)
+    return target
+
+
+def run_speculative(args, model: Path, spans: list[str], settings: dict, workdir: Path, say) -> list[dict]:
+    """Plain and speculative generation side by side, on plain loopback and on the WAN at every ``--rtts``."""
+    speculated = dict(
+        workload=args.workload,
+        draft_tokens=args.draft_tokens,
+        draft_model=args.draft_model,
+        new_tokens=settings["new_tokens"],
+    )
+    settings = {**settings, "speculative": speculated}
+    rows = []
+    loopback, peers = Place([], "127.0.0.1"), Peers(workdir / "loopback")
+    peers.workdir.mkdir()
+    atexit.register(peers.stop)
+    try:
+        initial_peer = peers.start(model, spans, loopback, [loopback] * len(spans))
+        client = Client(loopback, {**settings, "initial_peers": [initial_peer]}, peers.workdir / "client.log")
+        try:
+            say("measuring on plain loopback")
+            client.ask({"speculate": args.repeats})
+            rows.append({"network": "loopback", **client._answer()})
+        finally:
+            client.close()
+    finally:
+        peers.stop()
+    wan, peers = Wan(hosts=len(spans) + 2, mtu=args.mtu), Peers(workdir / "wan")
+    peers.workdir.mkdir()
+    atexit.register(wan.close)
+    atexit.register(peers.stop)
+    try:
+        wan.start()
+        places = [Place(wan.exec_prefix(index), wan.address(index)) for index in range(wan.hosts)]
+        initial_peer = peers.start(model, spans, places[0], places[1:-1])
+        client = Client(places[-1], {**settings, "initial_peers": [initial_peer]}, peers.workdir / "client.log")
+        try:
+            for rtt in args.rtts:
+                say(f"measuring: RTT {rtt:g} ms, {args.mbit:g} Mbit/s")
+                wan.configure(rtt, args.mbit, args.queue_kib)
+                client.ask({"speculate": args.repeats})
+                rows.append({"network": f"WAN {rtt:g} ms", **client._answer()})
+        finally:
+            client.close()
+    finally:
+        peers.stop()
+        wan.close()
+    return rows
+
+
+def render_speculative(report: dict) -> str:
+    rows = report["rows"]
+    lines = [
+        f"{report['preset']} model{' (repeating)' if report['workload'] == 'repeat' else ''}, servers "
+        f"{' '.join(report['servers'])}; workload {report['workload']}, {report['new_tokens']} new tokens, greedy; "
+        f"--speculative {report['mode']} --draft-tokens {report['draft_tokens']} (adaptive); uplinks "
+        f"{report['mbit']:g} Mbit/s"
+    ]
+    keys = ["network", "plain_tokens_per_s", "speculative_tokens_per_s", "speedup", "identical", "acceptance"]
+    keys += ["tokens_per_trip"]
+    table = [keys] + [[str(row[key]) for key in keys] for row in rows]
+    widths = [max(len(line[column]) for line in table) for column in range(len(keys))]
+    lines += ["  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in table]
+    return "\n".join(lines)
+
+
 def failover_figures(trial: int, hop: int, span: str, killed_at: float, result: dict) -> dict:
     """The stall a kill caused: the longest wait for a token after the kill (the step in flight may still pass a
     server killed after it was done there: then the next step finds the failure), next to the median step."""
@@ -467,9 +598,25 @@ def parse_args() -> argparse.Namespace:
         help="instead of the table: this many generations at --rtt, each losing a server of its route to SIGKILL",
     )
     parser.add_argument("--kill-after", type=int, default=8, help="with --failover: the token after which to kill")
+    parser.add_argument(
+        "--speculative",
+        choices=("ngram", "model"),
+        help="instead of the table: plain vs speculative generation, on loopback and at each --rtts",
+    )
+    parser.add_argument("--draft-tokens", type=int, default=8, help="with --speculative: the most drafts a trip")
+    parser.add_argument("--draft-model", help="with --speculative model: a local causal LM with the same tokenizer")
+    parser.add_argument(
+        "--workload",
+        choices=("repeat", "random"),
+        default="repeat",
+        help="with --speculative: a text whose continuation is in the prompt (on a repeating copy of the model), or "
+        "the random prompt",
+    )
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.rtts = sorted({0.0, *(args.rtts if args.rtts is not None else [args.rtt])})
+    if (args.speculative == "model") != (args.draft_model is not None):
+        parser.error("--speculative model takes --draft-model PATH, and only it does")
     return args
 
 
@@ -497,6 +644,15 @@ def main() -> None:
     settings["sessions"] = [1, *args.sessions]
     workdir = Path(tempfile.mkdtemp(prefix="petals-wan-"))
     say(f"logs in {workdir}")
+    if args.speculative:
+        if args.workload == "repeat":
+            model = repeating_model(model)
+        settings["new_tokens"] = max(settings["new_tokens"], 64)
+        rows = run_speculative(args, model, spans, settings, workdir, say)
+        report = dict(preset=args.preset, servers=spans, workload=args.workload, mode=args.speculative)
+        report.update(draft_tokens=args.draft_tokens, new_tokens=settings["new_tokens"], mbit=args.mbit, rows=rows)
+        print(json.dumps(report, indent=1) if args.json else render_speculative(report))
+        return
     if args.failover:
         trials = run_failover(args, model, spans, settings, workdir, say)
         report = dict(preset=args.preset, servers=spans, rtt_ms=args.rtt, mbit=args.mbit, new_tokens=args.new_tokens)
