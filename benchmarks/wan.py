@@ -647,6 +647,7 @@ def main() -> None:
     if args.speculative:
         if args.workload == "repeat":
             model = repeating_model(model)
+            settings["model"] = str(model)
         settings["new_tokens"] = max(settings["new_tokens"], 64)
         rows = run_speculative(args, model, spans, settings, workdir, say)
         report = dict(preset=args.preset, servers=spans, workload=args.workload, mode=args.speculative)
