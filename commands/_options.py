@@ -60,6 +60,25 @@ BlockedServersOpt = Annotated[
         "--blocked-servers", help="Never route through these server peer ids (repeatable).", show_default=False
     ),
 ]
+SpeculativeOpt = Annotated[
+    Literal["ngram", "model"] | None,
+    typer.Option(
+        help="Speculative decoding: draft tokens and check several in one trip through the swarm (ngram: drafts "
+        "from the text so far; model: from --draft-model). The tokens stay the model's own: greedy output is "
+        "unchanged, sampling keeps the model's distribution.",
+        show_default="off",
+    ),
+]
+DraftTokensOpt = Annotated[
+    int, typer.Option(min=1, help="With --speculative: the most tokens drafted per trip (fewer while drafts miss).")
+]
+DraftModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="With --speculative model: a small local causal LM (a directory or hub id) with MODEL's tokenizer.",
+        show_default=False,
+    ),
+]
 
 
 def trust_options(swarm_key: str | None, allowed_servers: list[str] | None, blocked_servers: list[str] | None) -> dict:
@@ -69,3 +88,15 @@ def trust_options(swarm_key: str | None, allowed_servers: list[str] | None, bloc
         "allowed_servers": tuple(allowed_servers or ()),
         "blocked_servers": tuple(blocked_servers or ()),
     }
+
+
+def speculation_options(speculative: str | None, draft_tokens: int, draft_model: str | None) -> dict:
+    """The GenerationOptions fields of the shared speculation options; --draft-model comes with --speculative model
+    and only with it (checked before anything loads: the draft model itself loads once MODEL is open)."""
+    from petals_cli.errors import ConfigError
+
+    if speculative == "model" and draft_model is None:
+        raise ConfigError("--speculative model needs --draft-model PATH (a small model with MODEL's tokenizer)")
+    if speculative != "model" and draft_model is not None:
+        raise ConfigError("--draft-model drafts for --speculative model: add that, or leave out --draft-model")
+    return {"speculative": speculative or "", "draft_tokens": draft_tokens}

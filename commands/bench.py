@@ -9,13 +9,17 @@ from petals_cli.commands._errors import handle_errors, setup_logging
 from petals_cli.commands._options import (
     AllowedServersOpt,
     BlockedServersOpt,
+    DraftModelOpt,
+    DraftTokensOpt,
     InitialPeersOpt,
     JsonOpt,
     ModelArg,
     ModelPrefixOpt,
+    SpeculativeOpt,
     SwarmKeyOpt,
     VerboseOpt,
     WireDtypeOpt,
+    speculation_options,
     trust_options,
 )
 from petals_cli.commands._progress import spinner
@@ -41,6 +45,9 @@ def bench(
             min=1, max=64, help="Also run N inference sessions at once: aggregate tokens/s and step latency."
         ),
     ] = 1,
+    speculative: SpeculativeOpt = None,
+    draft_tokens: DraftTokensOpt = 8,
+    draft_model: DraftModelOpt = None,
     initial_peers: InitialPeersOpt = None,
     model_prefix: ModelPrefixOpt = None,
     swarm_key: SwarmKeyOpt = None,
@@ -50,11 +57,16 @@ def bench(
     json_output: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Measure inference steps/s, time to first token, forward and training tokens/s (medians, min-max)."""
+    """Measure inference steps/s, time to first token, forward and training tokens/s (medians, min-max); with
+    --speculative, inference tokens/s and how many drafts were accepted."""
     from petals_cli.config import BenchConfig, ClientConfig
+    from petals_cli.errors import ConfigError
 
     setup_logging(verbose)
     config = BenchConfig(model, mode, seq_len, batch_size, new_tokens, repeats, compare_local, local_swarm, sessions)
+    speculation = speculation_options(speculative, draft_tokens, draft_model)
+    if speculative:
+        _check_speculation(config)
     client = ClientConfig.from_sources(
         initial_peers=tuple(initial_peers or ()),
         model_prefix=model_prefix,
@@ -62,8 +74,6 @@ def bench(
         **trust_options(swarm_key, allowed_servers, blocked_servers),
     )
     if not local_swarm and not client.initial_peers:
-        from petals_cli.errors import ConfigError
-
         raise ConfigError("bench needs a swarm: pass --initial-peers, or --local-swarm N to start one")
     with spinner("Loading petals…") as feedback:
         from petals_cli.bench import run_bench
@@ -71,11 +81,25 @@ def bench(
         def on_phase(phase: str) -> None:
             feedback.say(f"{phase[:1].upper()}{phase[1:]}…")
 
-        report = run_bench(config, client, on_phase=on_phase, on_route_wait=feedback.route_wait)
+        report = run_bench(config, client, on_phase, feedback.route_wait, draft_model=draft_model, **speculation)
     if json_output:
         typer.echo(json.dumps(report.to_json()))
         return
     _render(report)
+
+
+def _check_speculation(config) -> None:
+    """What --speculative cannot go with: it speeds up inference, one prompt at a time, through the swarm."""
+    from petals_cli.errors import ConfigError
+
+    problems = [
+        (config.batch_size > 1, f"--batch-size {config.batch_size}: speculation continues one prompt at a time"),
+        (config.mode not in ("inference", "all"), f"--mode {config.mode}: speculation speeds up inference only"),
+        (config.compare_local, "--compare-local: local transformers runs plain decoding (bench without speculation)"),
+    ]
+    for wrong, message in problems:
+        if wrong:
+            raise ConfigError(f"--speculative with {message}")
 
 
 def _render(report) -> None:
@@ -87,6 +111,10 @@ def _render(report) -> None:
 
     ratios, unstable, repeats = report.ratios(), report.unstable(), report.config["repeats"]
     title = escape(f"petals bench {report.model}") + f" ({len(report.servers)} local servers)" * bool(report.servers)
+    if report.config.get("speculative"):
+        title += (
+            f", speculative {report.config['speculative']} (at most {report.config['draft_tokens']} drafts a trip)"
+        )
     table = Table(title=title, caption=f"median of {repeats} run{'s' * (repeats != 1)} ± half their range")
     for column in ("figure", "swarm", "local", "swarm/local"):
         table.add_column(column, justify="left" if column == "figure" else "right")

@@ -12,16 +12,20 @@ from petals_cli.commands._options import (
     AdapterOpt,
     AllowedServersOpt,
     BlockedServersOpt,
+    DraftModelOpt,
+    DraftTokensOpt,
     InitialPeersOpt,
     ModelArg,
     ModelPrefixOpt,
     PromptsOpt,
+    SpeculativeOpt,
     SwarmKeyOpt,
     VerboseOpt,
     WireDtypeOpt,
+    speculation_options,
     trust_options,
 )
-from petals_cli.commands._progress import open_model_with_feedback
+from petals_cli.commands._progress import open_model_with_feedback, spinner
 
 HELP = "commands: /reset, /params [temperature=T top_p=P max_tokens=N], /stats, /save FILE, /help, /exit (or Ctrl-D)"
 
@@ -35,6 +39,9 @@ def chat(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling probability mass.")] = 1.0,
     max_length: Annotated[int, typer.Option(min=16, help="Longest conversation, in tokens.")] = 2048,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    speculative: SpeculativeOpt = None,
+    draft_tokens: DraftTokensOpt = 8,
+    draft_model: DraftModelOpt = None,
     initial_peers: InitialPeersOpt = None,
     model_prefix: ModelPrefixOpt = None,
     swarm_key: SwarmKeyOpt = None,
@@ -60,11 +67,22 @@ def chat(
         wire_dtype=wire_dtype,
         **trust_options(swarm_key, allowed_servers, blocked_servers),
     )
-    options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    options = GenerationOptions(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        **speculation_options(speculative, draft_tokens, draft_model),
+    )
     distributed, tokenizer = open_model_with_feedback(model, config, prompts=prompts)
     conversation = Conversation(distributed, tokenizer, options, system=system, max_length=max_length)
-    typer.echo(f"chatting with {model}; {HELP}", err=True)
     try:
+        if draft_model is not None:
+            from petals_cli.speculative import load_draft_model
+
+            with spinner(f"Loading the draft model {draft_model}…"):
+                conversation.draft_model = load_draft_model(draft_model, distributed)
+        typer.echo(f"chatting with {model}; {HELP}", err=True)
         while (line := _read_line()) is not None:
             if line.startswith("/"):
                 if not _command(conversation, line):
@@ -130,6 +148,7 @@ def _command(conversation, line: str) -> bool:
             f"last turn sent {conversation.sent_last_turn} new tokens",
             err=True,
         )
+        typer.echo(_speculation_stats(conversation), err=True)
     elif name == "/save" and argument:
         try:
             conversation.save(argument)
@@ -163,3 +182,18 @@ def _command(conversation, line: str) -> bool:
     else:
         typer.echo(f"unknown command {name}; {HELP}", err=True)
     return True
+
+
+def _speculation_stats(conversation) -> str:
+    """/stats' line on speculative decoding: the figures of this conversation's replies."""
+    mode = conversation.options.speculative
+    if not mode:
+        return "speculation off (start the chat with --speculative ngram|model to draft tokens)"
+    figures = conversation.speculation.to_json()
+    if not figures["trips"]:
+        return f"speculation {mode}: no reply yet"
+    acceptance = "-" if figures["acceptance"] is None else f"{figures['acceptance']:.0%}"
+    return (
+        f"speculation {mode}: {figures['trips']} trips, {figures['drafted']} tokens drafted, {figures['accepted']} "
+        f"accepted (acceptance {acceptance}), {figures['tokens_per_trip']} tokens per trip"
+    )

@@ -11,14 +11,18 @@ from petals_cli.commands._options import (
     AdapterOpt,
     AllowedServersOpt,
     BlockedServersOpt,
+    DraftModelOpt,
+    DraftTokensOpt,
     InitialPeersOpt,
     JsonOpt,
     ModelArg,
     ModelPrefixOpt,
     PromptsOpt,
+    SpeculativeOpt,
     SwarmKeyOpt,
     VerboseOpt,
     WireDtypeOpt,
+    speculation_options,
     trust_options,
 )
 from petals_cli.commands._progress import open_model_with_feedback, spinner
@@ -33,7 +37,8 @@ def generate(
     prompts_file: Annotated[
         str | None,
         typer.Option(
-            help="Continue every prompt of FILE (one per line, or JSON lines) in padded batches.",
+            help="Continue every prompt of FILE (one per line, or JSON lines) in padded batches (one prompt at "
+            "a time with --speculative).",
             show_default=False,
         ),
     ] = None,
@@ -50,6 +55,9 @@ def generate(
         bool | None, typer.Option("--stream/--no-stream", help="Print tokens as they come.", show_default="on a tty")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (same seed, same output).")] = None,
+    speculative: SpeculativeOpt = None,
+    draft_tokens: DraftTokensOpt = 8,
+    draft_model: DraftModelOpt = None,
     initial_peers: InitialPeersOpt = None,
     model_prefix: ModelPrefixOpt = None,
     swarm_key: SwarmKeyOpt = None,
@@ -84,15 +92,27 @@ def generate(
         wire_dtype=wire_dtype,
         **trust_options(swarm_key, allowed_servers, blocked_servers),
     )
-    options = GenerationOptions(max_new_tokens, temperature, top_p, top_k, repetition_penalty, tuple(stop or ()), seed)
+    options = GenerationOptions(
+        max_new_tokens,
+        temperature,
+        top_p,
+        top_k,
+        repetition_penalty,
+        tuple(stop or ()),
+        seed,
+        **speculation_options(speculative, draft_tokens, draft_model),
+    )
     if prompts_file is not None:
         texts = read_prompts(prompts_file)
         if not texts:
             raise ConfigError(f"no prompts in {prompts_file}")
         distributed, tokenizer = open_model_with_feedback(model, config, prompts=prompts)
         try:
+            drafting = _drafting(draft_model, distributed)
             for first in range(0, len(texts), batch_size):
-                results = generate_batch(distributed, tokenizer, texts[first : first + batch_size], options)
+                results = generate_batch(
+                    distributed, tokenizer, texts[first : first + batch_size], options, **drafting
+                )
                 for index, result in enumerate(results, first):  # one line per result, whatever the text holds
                     typer.echo(
                         json.dumps({"index": index, **result.to_json()}) if json_output else escape_line(result.text)
@@ -106,11 +126,22 @@ def generate(
     show = for_terminal if sys.stdout.isatty() else str
     distributed, tokenizer = open_model_with_feedback(model, config, prompts=prompts)
     try:
+        drafting = _drafting(draft_model, distributed)
         on_text = (lambda text: print(show(text), end="", flush=True)) if stream and not json_output else None
-        result = generate(distributed, tokenizer, prompt, options, on_text=on_text)
+        result = generate(distributed, tokenizer, prompt, options, on_text=on_text, **drafting)
     finally:
         distributed.close()
     if json_output:
         typer.echo(json.dumps(result.to_json()))
     else:  # print, not typer.echo: echo strips ANSI sequences from redirected text
         print("" if on_text else show(result.text))
+
+
+def _drafting(draft_model: str | None, distributed) -> dict:
+    """generate()'s draft model argument: loaded once, checked against MODEL's vocabulary (none without one)."""
+    if draft_model is None:
+        return {}
+    from petals_cli.speculative import load_draft_model
+
+    with spinner(f"Loading the draft model {draft_model}…"):
+        return {"draft_model": load_draft_model(draft_model, distributed)}

@@ -2,7 +2,9 @@
 
 ``run_bench(config)`` optionally starts a local swarm, measures the distributed model, optionally measures
 the same model in plain transformers (in a separate process, its best case: the faster of one thread or all
-cores), and returns a ``BenchReport`` of medians with their spread, flagging figures whose runs disagree.
+cores), and returns a ``BenchReport`` of medians with their spread, flagging figures whose runs disagree. Asked to
+speculate, the swarm's inference runs draft tokens (a fresh ``Speculation`` per generate() run) and the report adds
+how many drafts were kept and how many tokens a trip brought.
 ``on_phase`` hears what it is doing. Knows nothing about rendering.
 
 Why the care: on a shared machine, one timed call of a few milliseconds is mostly scheduler noise, the first calls
@@ -23,11 +25,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from petals_cli.config import BenchConfig, ClientConfig
+from petals_cli.speculative import Speculation, SpeculationStats, load_draft_model
 
 SPREAD_LIMIT = 0.3  # runs spanning more of their median (over ±15%) are flagged: a ratio of such figures means little
 WARMUP_SECONDS = 1.0  # of calls after the first: a tiny model's swarm forward still sped up 1.5x over the first second
@@ -109,34 +113,46 @@ def machine() -> dict:
 
 
 class _TokenClock:
-    """A generate() streamer that records when it was made and when each new token arrives."""
+    """A generate() streamer that records when it was made, when each step's new tokens arrive and how many a row
+    got (one in plain decoding; with speculation, a trip's accepted drafts and the model's own token)."""
 
     def __init__(self):
         self.started = time.perf_counter()
         self.times: list[float] = []
+        self.tokens: list[int] = []
         self.prompt_seen = False
 
     def put(self, value):
         if self.prompt_seen:
             self.times.append(time.perf_counter())
+            self.tokens.append(value.shape[-1] if value.dim() > 1 else 1)
         self.prompt_seen = True
 
     def end(self):
         pass
 
 
-def measure(model, config: BenchConfig, on_step: Callable[[str], None] = _quiet) -> dict[str, Measurement]:
-    """Every figure ``config.mode`` asks for, measured on ``model`` (distributed or local, same API)."""
+def measure(
+    model,
+    config: BenchConfig,
+    on_step: Callable[[str], None] = _quiet,
+    speculate: Callable[[], Speculation] | None = None,
+) -> dict[str, Measurement]:
+    """Every figure ``config.mode`` asks for, measured on ``model`` (distributed or local, same API); inference
+    with ``speculate()``'s fresh Speculation per generate() run when given (the distributed model only)."""
     input_ids = _input_ids(model, config)
     results: dict[str, Measurement] = {}
     modes = ("inference", "forward", "training") if config.mode == "all" else (config.mode,)
     if "inference" in modes:
-        steps = _steps_per_second(model, input_ids, config, _prefixed("inference, ", on_step))
-        if steps:  # one new token has no step after it
+        steps, speculated = _steps_per_second(model, input_ids, config, _prefixed("inference, ", on_step), speculate)
+        if steps and speculate is None:  # one new token has no step after it
             results["inference_steps_per_s"] = Measurement.of("inference", "steps/s", steps)
+        elif steps:  # a trip brings several tokens: tokens/s, what steps/s is in plain decoding
+            results["inference_tokens_per_s"] = Measurement.of("inference, speculative", "tokens/s", steps)
+        results.update(_speculation_figures(speculated))
         if config.sessions > 1:
             step = _prefixed(f"{config.sessions} sessions at once, ", on_step)
-            rates, p50s, p95s = _concurrent_sessions(model, config, step)
+            rates, p50s, p95s = _concurrent_sessions(model, config, step, speculate)
             results["sessions_tokens_per_s"] = Measurement.of(f"{config.sessions} sessions at once", "tokens/s", rates)
             results["sessions_step_p50_ms"] = Measurement.of("their step latency, p50", "ms", p50s)
             results["sessions_step_p95_ms"] = Measurement.of("their step latency, p95", "ms", p95s)
@@ -161,12 +177,20 @@ def _input_ids(model, config: BenchConfig) -> torch.Tensor:
     return torch.randint(4, vocab, (config.batch_size, config.seq_len), generator=generator)
 
 
-def _steps_per_second(model, input_ids, config: BenchConfig, on_step: Callable[[str], None]) -> list[float]:
-    """Steps/s of each generate() run after the first (the prompt's prefill left out: that is time to first token)."""
-    steps = []
+def _steps_per_second(
+    model,
+    input_ids,
+    config: BenchConfig,
+    on_step: Callable[[str], None],
+    speculate: Callable[[], Speculation] | None = None,
+) -> tuple[list[float], list[SpeculationStats]]:
+    """New tokens per second of each generate() run after the first (the prompt's prefill left out: that is time
+    to first token), steps/s in plain decoding; with ``speculate``, also each measured run's speculation figures."""
+    steps, speculated = [], []
     for repeat in range(config.repeats + 1):  # the first run warms up connections and caches
         on_step(f"run {repeat}/{config.repeats}" if repeat else "warming up")
         clock = _TokenClock()
+        speculation = speculate() if speculate is not None else None
         model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -174,15 +198,33 @@ def _steps_per_second(model, input_ids, config: BenchConfig, on_step: Callable[[
             min_new_tokens=config.new_tokens,
             do_sample=False,
             streamer=clock,
+            **({"speculation": speculation} if speculation is not None else {}),
         )
         if repeat and len(clock.times) > 1:
-            steps.append((len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
-    return steps
+            steps.append(sum(clock.tokens[1:]) / (clock.times[-1] - clock.times[0]))
+        if repeat and speculation is not None:
+            speculated.append(speculation.stats)
+    return steps, speculated
 
 
-def _concurrent_sessions(model, config: BenchConfig, on_step: Callable[[str], None]):
+def _speculation_figures(speculated: list[SpeculationStats]) -> dict[str, Measurement]:
+    """The share of drafts kept and the new tokens a trip brought, over measured runs (none without speculation)."""
+    figures = {}
+    acceptance = [stats.accepted / stats.drafted for stats in speculated if stats.drafted]
+    if acceptance:
+        figures["speculation_acceptance"] = Measurement.of("speculation, drafts accepted", "share", acceptance)
+    per_trip = [stats.tokens / stats.trips for stats in speculated if stats.trips]
+    if per_trip:
+        figures["speculation_tokens_per_trip"] = Measurement.of("speculation, tokens per trip", "tokens", per_trip)
+    return figures
+
+
+def _concurrent_sessions(
+    model, config: BenchConfig, on_step: Callable[[str], None], speculate: Callable[[], Speculation] | None = None
+):
     """Per run: aggregate new tokens/s of ``config.sessions`` generate() calls at once (threads, each its own
-    prompt and session), and the 50th and 95th percentiles of their steps' latency in ms."""
+    prompt and session; speculating with ``speculate``), and the 50th and 95th percentiles of their steps' (or
+    trips') latency in ms."""
     generator = torch.Generator().manual_seed(1)
     vocab = model.get_input_embeddings().weight.shape[0]
     shape = (config.batch_size, config.seq_len)
@@ -190,7 +232,7 @@ def _concurrent_sessions(model, config: BenchConfig, on_step: Callable[[str], No
     rates, p50s, p95s = [], [], []
     for repeat in range(config.repeats + 1):  # the first run warms up
         on_step(f"run {repeat}/{config.repeats}" if repeat else "warming up")
-        seconds, clocks = generate_at_once(model, prompts, config.new_tokens)
+        seconds, clocks = generate_at_once(model, prompts, config.new_tokens, speculate)
         gaps = sorted(b - a for clock in clocks for a, b in zip(clock.times, clock.times[1:], strict=False))
         if repeat and gaps:
             rates.append(len(prompts) * config.batch_size * config.new_tokens / seconds)
@@ -199,12 +241,16 @@ def _concurrent_sessions(model, config: BenchConfig, on_step: Callable[[str], No
     return rates, p50s, p95s
 
 
-def generate_at_once(model, prompts: list[torch.Tensor], new_tokens: int) -> tuple[float, list[_TokenClock]]:
-    """Greedy generate() of every prompt at the same time, one thread each: wall seconds, and each one's clock."""
+def generate_at_once(
+    model, prompts: list[torch.Tensor], new_tokens: int, speculate: Callable[[], Speculation] | None = None
+) -> tuple[float, list[_TokenClock]]:
+    """Greedy generate() of every prompt at the same time, one thread each (each with a fresh ``speculate()`` when
+    given): wall seconds, and each one's clock."""
     clocks = [_TokenClock() for _ in prompts]
     errors: list[BaseException] = []
 
     def one(prompt: torch.Tensor, clock: _TokenClock) -> None:
+        speculation = {"speculation": speculate()} if speculate is not None else {}
         try:
             model.generate(
                 prompt,
@@ -213,6 +259,7 @@ def generate_at_once(model, prompts: list[torch.Tensor], new_tokens: int) -> tup
                 min_new_tokens=new_tokens,
                 do_sample=False,
                 streamer=clock,
+                **speculation,
             )
         except BaseException as error:  # raised below, in the caller's thread
             errors.append(error)
@@ -281,10 +328,16 @@ def run_bench(
     client_config: ClientConfig,
     on_phase: Callable[[str], None] = _quiet,
     on_route_wait: Callable[[tuple[int, ...], float], None] | None = None,
+    *,
+    speculative: str = "",
+    draft_tokens: int = 8,
+    draft_model: str | None = None,
 ) -> BenchReport:
     """Measure through the swarm (starting a local one if asked), and locally when ``compare_local``.
 
-    ``on_phase`` hears each phase in words; ``on_route_wait`` becomes the client's ``on_route_wait``."""
+    ``on_phase`` hears each phase in words; ``on_route_wait`` becomes the client's ``on_route_wait``. With
+    ``speculative`` (a mode of ``petals_cli.speculative``; ``draft_model``: a path, for mode model) the swarm's
+    inference runs speculate, at most ``draft_tokens`` drafts a trip, and the report's config says so."""
     from petals_cli.remote_model import AutoDistributedModelForCausalLM
     from petals_cli.testing.swarm import Swarm, even_spans
 
@@ -304,7 +357,16 @@ def run_bench(
         model = AutoDistributedModelForCausalLM.from_pretrained(config.model, config=client_config)
         model.petals_client.on_route_wait = on_route_wait
         try:
-            report.swarm = measure(model, config, _prefixed("measuring through the swarm: ", on_phase))
+            speculate, draft = None, None
+            if speculative and draft_model:
+                on_phase("loading the draft model")
+                draft = load_draft_model(draft_model, model)
+            if speculative:
+                speculate = partial(Speculation, speculative, draft_tokens, draft)
+                speculate()  # its checks of the settings, before anything is measured
+                report.config.update(speculative=speculative, draft_tokens=draft_tokens, draft_model=draft_model)
+            phase = _prefixed("measuring through the swarm: ", on_phase)
+            report.swarm = measure(model, config, phase, speculate)
         finally:
             model.close()
     finally:

@@ -1,7 +1,8 @@
 """Text in, text out: tokenise a prompt, generate through the swarm, stream decoded text to a callback.
 
-Sampling and decoding are transformers' own ``generate()``; this module chooses its arguments and turns
-token ids into text pieces as they arrive. Knows nothing about the CLI or the terminal.
+Sampling and decoding are transformers' own ``generate()``; this module chooses its arguments (a fresh
+``Speculation`` per call when speculative decoding is asked for) and turns token ids into text pieces as they
+arrive. Knows nothing about the CLI or the terminal.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from petals_cli.config import ClientConfig
 from petals_cli.errors import ConfigError
+from petals_cli.speculative import MODES, Speculation, SpeculationStats
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,8 @@ class GenerationOptions:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()  # generation ends at the first of these; the text is cut before it
     seed: int | None = None
+    speculative: str = ""  # "" (plain decoding) or a speculative mode: ngram, model (see petals_cli.speculative)
+    draft_tokens: int = 8  # the most drafts a trip when speculative
 
     def __post_init__(self):
         # one check for the flags of generate and chat and for chat's /params
@@ -40,6 +44,11 @@ class GenerationOptions:
                 f"repetition penalty {self.repetition_penalty}: must be above 0 "
                 "(1 = none; above 1 discourages repeats)",
             ),
+            (
+                self.speculative not in ("", *MODES),
+                f"speculative {self.speculative!r}: choose one of {', '.join(MODES)} (or none)",
+            ),
+            (self.draft_tokens < 1, f"draft tokens {self.draft_tokens}: draft at least 1"),
         ]
         for wrong, message in problems:
             if wrong:
@@ -53,9 +62,10 @@ class GenerationResult:
     prompt_tokens: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
+    speculation: dict | None = None  # SpeculationStats.to_json() of this call; None when it did not speculate
 
     def to_json(self) -> dict:
-        return {
+        figures = {
             "text": self.text,
             "token_ids": self.token_ids,
             "prompt_tokens": self.prompt_tokens,
@@ -63,6 +73,18 @@ class GenerationResult:
             "seconds": round(self.seconds, 4),
             "tokens_per_second": round(self.new_tokens / self.seconds, 3) if self.seconds > 0 else None,
         }
+        return figures if self.speculation is None else {**figures, "speculation": self.speculation}
+
+
+def new_speculation(
+    options: GenerationOptions, draft_model=None, stats: SpeculationStats | None = None
+) -> Speculation | None:
+    """A fresh ``Speculation`` for one generate() call as ``options`` ask (None: plain decoding); ``draft_model``
+    from ``petals_cli.speculative.load_draft_model`` for mode model; ``stats`` to add up several calls' figures."""
+    if not options.speculative:
+        return None
+    stats = SpeculationStats() if stats is None else stats
+    return Speculation(options.speculative, options.draft_tokens, draft_model, stats=stats)
 
 
 def open_model(
@@ -146,11 +168,21 @@ class _StoppingTextStreamer(_TextStreamer):
 
 
 def generate(
-    model, tokenizer, prompt: str, options: GenerationOptions, on_text: Callable[[str], None] | None = None
+    model,
+    tokenizer,
+    prompt: str,
+    options: GenerationOptions,
+    on_text: Callable[[str], None] | None = None,
+    *,
+    draft_model=None,
 ) -> GenerationResult:
-    """Generate a continuation of ``prompt``; ``on_text`` receives text pieces as tokens arrive."""
+    """Generate a continuation of ``prompt``; ``on_text`` receives text pieces as tokens arrive. With
+    ``options.speculative``, drafts (from ``draft_model`` for mode model) are checked several a trip."""
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids
     kwargs = _generate_kwargs(tokenizer, options)
+    speculation = new_speculation(options, draft_model)
+    if speculation is not None:  # only then: a plain transformers model takes no such argument
+        kwargs["speculation"] = speculation
     streamer = _StoppingTextStreamer(tokenizer, on_text, options.stop) if on_text is not None else None
     started = time.perf_counter()
     output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs)
@@ -162,15 +194,22 @@ def generate(
         prompt_tokens=input_ids.shape[1],
         new_tokens=len(new_ids),
         seconds=seconds,
+        speculation=speculation.stats.to_json() if speculation is not None else None,
     )
 
 
-def generate_batch(model, tokenizer, prompts: list[str], options: GenerationOptions) -> list[GenerationResult]:
+def generate_batch(
+    model, tokenizer, prompts: list[str], options: GenerationOptions, *, draft_model=None
+) -> list[GenerationResult]:
     """Continue several prompts in one pass: left-padded to one batch, one inference session for all.
 
     Greedy outputs equal each prompt's output alone; a row that ends early (end of text or a stop sequence)
-    is padded by transformers and trimmed here. ``seconds`` is the whole batch's time.
+    is padded by transformers and trimmed here. ``seconds`` is the whole batch's time. Speculative decoding
+    continues one prompt at a time, so with ``options.speculative`` each prompt runs alone through ``generate``
+    (its own seconds and speculation figures).
     """
+    if options.speculative:
+        return [generate(model, tokenizer, prompt, options, draft_model=draft_model) for prompt in prompts]
     if not prompts:
         return []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -37,6 +37,7 @@ class RemoteCache(DynamicCache):
     def __init__(self, session: InferenceSession, prefix_length: int = 0):
         super().__init__()
         self.session, self.prefix_length = session, prefix_length
+        self.whole_prompt = 0  # set by generate(): the length of its prompt, until the first forward
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return max(self.session.position - self.prefix_length, 0)  # the prompt prefix is not the caller's
@@ -138,6 +139,15 @@ class DistributedModelForCausalLM:
         **kwargs,
     ) -> CausalLMOutputWithPast:
         cache = compat.pop_cache(kwargs)  # generate() names it as the installed transformers does
+        if isinstance(cache, RemoteCache) and input_ids is not None:
+            whole, cache.whole_prompt = cache.whole_prompt, 0
+            held = cache.get_seq_length()
+            if whole and 0 < held < input_ids.shape[1] and input_ids.shape[1] >= whole:
+                # the whole conversation again (assisted generation's first trip on a continued session): the
+                # servers hold its first ``held`` tokens already
+                input_ids = input_ids[:, held:]
+                if position_ids is not None and position_ids.shape[-1] == held + input_ids.shape[1]:
+                    position_ids = position_ids[..., held:]
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         session = cache.session if isinstance(cache, RemoteCache) else None
@@ -205,6 +215,9 @@ class DistributedModelForCausalLM:
         try:
             with context as active:
                 cache = RemoteCache(active, self.prefix_length)
+                if speculation is not None:
+                    speculation.cache = cache  # drafts are cut to what the session still has room for
+                cache.whole_prompt = prompt.shape[1]  # the first forward may get it all, held tokens included
                 return super().generate(inputs, *args, **{compat.CACHE_NAME: cache}, **kwargs)
         finally:
             speculative.active.reset(token)

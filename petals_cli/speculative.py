@@ -10,8 +10,10 @@ cost of a trip (``DraftLength``), and the figures (``SpeculationStats``).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
+import logging
 import time
 
 from petals_cli.errors import ConfigError
@@ -115,6 +117,7 @@ class Speculation:
     draft_model: object = None
     adaptive: bool = True
     stats: SpeculationStats = dataclasses.field(default_factory=SpeculationStats)
+    cache: object = None  # the RemoteCache of the generate() call (set there): how much room its session has left
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -162,10 +165,24 @@ class _Drafts:
         for name in ("num_output_tokens", "num_assistant_tokens"):  # prompt lookup's, a draft model's
             if hasattr(self.inner, name):
                 setattr(self.inner, name, length)
-        candidates, logits = self.inner.get_candidates(input_ids, **kwargs)
+        with _quiet_drafting():
+            candidates, logits = self.inner.get_candidates(input_ids, **kwargs)
+        room = self._room(input_ids)  # prompt lookup does not keep its drafts within the session's length
+        if candidates.shape[1] - input_ids.shape[1] > room:
+            candidates = candidates[:, : input_ids.shape[1] + room]
+            logits = None if logits is None else logits[:, :room]
         drafted_at = time.perf_counter()
         self.pending = (candidates.shape[1] - input_ids.shape[1], drafted_at - started, drafted_at)
         return candidates, logits
+
+    def _room(self, input_ids) -> int:
+        """Drafts the session can still take after the tokens of ``input_ids`` it does not hold yet."""
+        cache = self.speculation.cache
+        if cache is None:
+            return self.speculation.draft_tokens
+        session = cache.session
+        unsent = input_ids.shape[1] - cache.get_seq_length()
+        return max(session.max_length - session.position - unsent, 0)
 
     def update_candidate_strategy(self, input_ids, scores, num_matches) -> None:
         drafted, draft_seconds, sent = self.pending
@@ -175,6 +192,21 @@ class _Drafts:
             self.length.observe(drafted, accepted, time.perf_counter() - sent, draft_seconds)
         self.first = False
         self.inner.update_candidate_strategy(input_ids, scores, num_matches)
+
+
+@contextlib.contextmanager
+def _quiet_drafting():
+    """A draft model's generate() makes transformers warn about how transformers itself calls it: not the user's."""
+    names = ("transformers.generation.utils", "transformers.generation.logits_process")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def load_draft_model(path: str, target):

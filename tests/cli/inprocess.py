@@ -12,11 +12,12 @@ from petals_cli.commands import main as main_module
 
 
 def run_here(monkeypatch, capsys, *args: str) -> subprocess.CompletedProcess:
-    """``petals ARGS`` through ``main()``: its exit code and stderr, as a CompletedProcess."""
+    """``petals ARGS`` through ``main()``: its exit code, stdout and stderr, as a CompletedProcess."""
     monkeypatch.setattr(sys, "argv", ["petals", *args])
     # The command's logging set-up would bind a handler to this test's captured stderr, which later tests' logs
     # would hit once it is closed: with a handler already present, `logging.basicConfig` does nothing.
     monkeypatch.setattr(logging.getLogger(), "handlers", [logging.NullHandler()])
     with pytest.raises(SystemExit) as exited:
         main_module.main()
-    return subprocess.CompletedProcess(args, exited.value.code, "", capsys.readouterr().err)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, exited.value.code, captured.out, captured.err)

@@ -50,6 +50,9 @@ BAD = {
     "--port": ("99999", "--port 99999"),
     "--identity": (f"{MISSING}/key", "--identity"),
     "--address-file": (f"{MISSING}/swarm.addr", "--address-file"),
+    "--speculative": ("medusa", "--speculative"),
+    "--draft-tokens": ("0", "--draft-tokens"),
+    "--draft-model": (MISSING, "--draft-model"),  # without --speculative model
 }
 BAD_FOR = {
     "serve": {
