@@ -50,8 +50,9 @@ REFUSALS = {
     "CacheExhaustedError",
     "PeerLimitError",
 }
-# A forward/backward stream that ends before any answer: seen once, on a machine running several test suites (the
-# libp2p stream dropped); the real client treats it as that server's failure and fails over. Not an acceptance.
+# A stream that ends before any answer: seen on a machine running several test suites, for a forward/backward (the
+# libp2p stream dropped) and for an empty pushed stream (the server refused and closed it while the fuzzer was still
+# writing its end: a broken pipe). The real client treats either as that server's failure. Not an acceptance.
 NO_ANSWER = "closed without an answer"
 PROMPT = "Hostile peers send garbage while an honest user keeps generating the same tokens"
 
@@ -357,7 +358,10 @@ async def attack(stub, kind: str, payload) -> list[str]:
             for message in payload:
                 yield message
 
-        return [_refusal(await stub.rpc_push_stream(messages()))]
+        try:
+            return [_refusal(await stub.rpc_push_stream(messages()))]
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):  # closed early; ValueError: no answer
+            return [NO_ANSWER]
     if kind == "unary":
         method, messages = payload
         tensors, metadata = await call_stream(stub, method, messages)
@@ -406,7 +410,8 @@ def test_hostile_requests_never_crash_the_server_nor_disturb_an_honest_session(t
             answers = fuzzer.run(attack(stub, kind, payload), timeout=60)
             abandoned += kind == "abandon"
             codes.update(answers)
-            assert set(answers) <= REFUSALS | ({NO_ANSWER} if kind == "unary" else set()), (kind, payload, answers)
+            closed = {NO_ANSWER} if kind in ("unary", "push_stream") else set()
+            assert set(answers) <= REFUSALS | closed, (kind, payload, answers)
 
     try:
         send()
