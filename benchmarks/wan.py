@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import itertools
 import json
 import os
@@ -116,17 +117,17 @@ class Client:
                 command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True
             )
         self.log = log
-        self._answer()  # loaded and warmed up
+        self.answer()  # loaded and warmed up
 
-    def measure(self, sessions: int, repeats: int) -> dict:
-        self.ask({"sessions": sessions, "repeats": repeats})
-        return self._answer()
+    def request(self, request: dict) -> dict:
+        self.ask(request)
+        return self.answer()
 
     def ask(self, request: dict) -> None:
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
 
-    def _answer(self) -> dict:
+    def answer(self) -> dict:
         for line in self.process.stdout:
             if line.startswith("{"):
                 return json.loads(line)
@@ -296,8 +297,9 @@ def bounds(row: dict, base: dict, servers: int, new_tokens: int) -> dict:
     }
 
 
-def run_loopback(model: Path, spans: list[str], settings: dict, workdir: Path, repeats: int) -> dict:
-    """One session through the same swarm on 127.0.0.1 in this namespace: what the forwarder is compared with."""
+def run_loopback(model: Path, spans: list[str], settings: dict, workdir: Path, request: dict) -> dict:
+    """The client's answer to ``request`` through the same swarm on 127.0.0.1 in this namespace: what the
+    forwarder is compared with."""
     place, peers = Place([], "127.0.0.1"), Peers(workdir / "loopback")
     peers.workdir.mkdir()
     atexit.register(peers.stop)
@@ -305,16 +307,17 @@ def run_loopback(model: Path, spans: list[str], settings: dict, workdir: Path, r
         initial_peer = peers.start(model, spans, place, [place] * len(spans))
         client = Client(place, {**settings, "initial_peers": [initial_peer]}, peers.workdir / "client.log")
         try:
-            return client.measure(1, repeats)
+            return client.request(request)
         finally:
             client.close()
     finally:
         peers.stop()
 
 
-def run_wan(args, model: Path, spans: list[str], settings: dict, workdir: Path, say) -> tuple[dict, list[dict]]:
-    """The swarm on the emulated WAN: one session at no delay and no bandwidth limit (the forwarder's cost),
-    then every round trip with every number of sessions."""
+@contextlib.contextmanager
+def wan_swarm(args, model: Path, spans: list[str], settings: dict, workdir: Path, say):
+    """The swarm on the emulated WAN (a bootstrap host, a host per span, the client's host): yields the WAN and
+    the client; stops and removes everything after."""
     wan, peers = Wan(hosts=len(spans) + 2, mtu=args.mtu), Peers(workdir / "wan")
     peers.workdir.mkdir()
     atexit.register(wan.close)
@@ -326,14 +329,7 @@ def run_wan(args, model: Path, spans: list[str], settings: dict, workdir: Path, 
         initial_peer = peers.start(model, spans, places[0], places[1:-1])
         client = Client(places[-1], {**settings, "initial_peers": [initial_peer]}, peers.workdir / "client.log")
         try:
-            say("measuring: no delay, no bandwidth limit, 1 session")
-            unlimited = measure_on(wan, client, 0, 0, 1, args)
-            rows = []
-            for rtt in args.rtts:
-                for sessions in args.sessions:
-                    say(f"measuring: RTT {rtt:g} ms, {args.mbit:g} Mbit/s, {sessions} session(s)")
-                    rows.append(measure_on(wan, client, rtt, args.mbit, sessions, args))
-            return unlimited, rows
+            yield wan, client
         finally:
             client.close()
     finally:
@@ -341,9 +337,23 @@ def run_wan(args, model: Path, spans: list[str], settings: dict, workdir: Path, 
         wan.close()
 
 
+def run_wan(args, model: Path, spans: list[str], settings: dict, workdir: Path, say) -> tuple[dict, list[dict]]:
+    """The swarm on the emulated WAN: one session at no delay and no bandwidth limit (the forwarder's cost),
+    then every round trip with every number of sessions."""
+    with wan_swarm(args, model, spans, settings, workdir, say) as (wan, client):
+        say("measuring: no delay, no bandwidth limit, 1 session")
+        unlimited = measure_on(wan, client, 0, 0, 1, args)
+        rows = []
+        for rtt in args.rtts:
+            for sessions in args.sessions:
+                say(f"measuring: RTT {rtt:g} ms, {args.mbit:g} Mbit/s, {sessions} session(s)")
+                rows.append(measure_on(wan, client, rtt, args.mbit, sessions, args))
+        return unlimited, rows
+
+
 def measure_on(wan: Wan, client: Client, rtt: float, mbit: float, sessions: int, args) -> dict:
     wan.configure(rtt, mbit, args.queue_kib)
-    figures = client.measure(sessions, args.repeats)
+    figures = client.request({"sessions": sessions, "repeats": args.repeats})
     forwarder = wan.configure(rtt, mbit, args.queue_kib)  # the counters of this measurement
     return {"rtt_ms": rtt, "mbit": mbit, "sessions": sessions, **figures, "forwarder": forwarder}
 
@@ -377,7 +387,7 @@ def run_failover(args, model: Path, spans: list[str], settings: dict, workdir: P
         try:
             for trial in range(args.failover):
                 client.ask({"kill_after": args.kill_after})
-                noted = client._answer()
+                noted = client.answer()
                 hop = trial % len(noted["route"])
                 victim = noted["route"][hop]
                 process, span, place = where.pop(victim)
@@ -386,7 +396,7 @@ def run_failover(args, model: Path, spans: list[str], settings: dict, workdir: P
                 say(f"{time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d} SIGKILL {victim[-8:]}")
                 process.send_signal(signal.SIGKILL)
                 process.wait()
-                result = client._answer()
+                result = client.answer()
                 trials.append(failover_figures(trial, hop, span, killed_at, result))
                 say(f"trial {trial}: " + ", ".join(f"{key} {value}" for key, value in trials[-1].items()))
                 address_file = peers.serve(model, f"server-{span}-{trial}", span, place, initial_peer)
@@ -434,41 +444,13 @@ def run_speculative(args, model: Path, spans: list[str], settings: dict, workdir
         new_tokens=settings["new_tokens"],
     )
     settings = {**settings, "speculative": speculated}
-    rows = []
-    loopback, peers = Place([], "127.0.0.1"), Peers(workdir / "loopback")
-    peers.workdir.mkdir()
-    atexit.register(peers.stop)
-    try:
-        initial_peer = peers.start(model, spans, loopback, [loopback] * len(spans))
-        client = Client(loopback, {**settings, "initial_peers": [initial_peer]}, peers.workdir / "client.log")
-        try:
-            say("measuring on plain loopback")
-            client.ask({"speculate": args.repeats})
-            rows.append({"network": "loopback", **client._answer()})
-        finally:
-            client.close()
-    finally:
-        peers.stop()
-    wan, peers = Wan(hosts=len(spans) + 2, mtu=args.mtu), Peers(workdir / "wan")
-    peers.workdir.mkdir()
-    atexit.register(wan.close)
-    atexit.register(peers.stop)
-    try:
-        wan.start()
-        places = [Place(wan.exec_prefix(index), wan.address(index)) for index in range(wan.hosts)]
-        initial_peer = peers.start(model, spans, places[0], places[1:-1])
-        client = Client(places[-1], {**settings, "initial_peers": [initial_peer]}, peers.workdir / "client.log")
-        try:
-            for rtt in args.rtts:
-                say(f"measuring: RTT {rtt:g} ms, {args.mbit:g} Mbit/s")
-                wan.configure(rtt, args.mbit, args.queue_kib)
-                client.ask({"speculate": args.repeats})
-                rows.append({"network": f"WAN {rtt:g} ms", **client._answer()})
-        finally:
-            client.close()
-    finally:
-        peers.stop()
-        wan.close()
+    say("measuring on plain loopback")
+    rows = [{"network": "loopback", **run_loopback(model, spans, settings, workdir, {"speculate": args.repeats})}]
+    with wan_swarm(args, model, spans, settings, workdir, say) as (wan, client):
+        for rtt in args.rtts:
+            say(f"measuring: RTT {rtt:g} ms, {args.mbit:g} Mbit/s")
+            wan.configure(rtt, args.mbit, args.queue_kib)
+            rows.append({"network": f"WAN {rtt:g} ms", **client.request({"speculate": args.repeats})})
     return rows
 
 
@@ -663,7 +645,7 @@ def main() -> None:
     loopback = None
     if not args.no_loopback:
         say("measuring the same swarm on plain loopback")
-        loopback = run_loopback(model, spans, settings, workdir, args.repeats)
+        loopback = run_loopback(model, spans, settings, workdir, {"sessions": 1, "repeats": args.repeats})
     unlimited, rows = run_wan(args, model, spans, settings, workdir, say)
     for row in rows:
         base = next(other for other in rows if other["rtt_ms"] == 0 and other["sessions"] == row["sessions"])
