@@ -5,6 +5,7 @@ import sys
 
 import typer
 
+from petals_cli.commands.api import api
 from petals_cli.commands.bench import bench
 from petals_cli.commands.chat import chat
 from petals_cli.commands.finetune import finetune
@@ -24,6 +25,7 @@ app.command()(chat)
 app.command()(finetune)
 app.add_typer(swarm_app, name="swarm")
 app.command()(bench)
+app.command()(api)
 
 
 @app.callback(invoke_without_command=True)

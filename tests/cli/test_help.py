@@ -15,6 +15,7 @@ COMMANDS = [
     ["bench"],
     ["chat"],
     ["finetune"],
+    ["api"],
     ["swarm"],
     ["swarm", "status"],
     ["swarm", "top"],
