@@ -27,6 +27,7 @@ BASE = {
     "chat": ("{model}", *PEERS),
     "finetune": ("{model}", "--dataset", "{data}", *PEERS),
     "bench": ("{model}", *PEERS),
+    "api": ("{model}", *PEERS),
     "swarm status": PEERS,
     "swarm top": PEERS,
     "swarm bootstrap": (),
@@ -101,9 +102,13 @@ BAD_FOR = {
         "--sessions": ("0", "--sessions"),
     },
     "swarm top": {"--interval": ("0", "--interval")},
+    "api": {"--max-concurrent": ("0", "--max-concurrent"), "--port": ("99999", "--port")},
 }
 # Options whose every value is acceptable (free text, or a name the swarm itself may or may not know).
-FREE = {"--prompt", "--system", "--stop", "--public-name", "--model-prefix", "--revision", "--adapter", "--model"}
+FREE = {
+    "--prompt", "--system", "--stop", "--public-name", "--model-prefix", "--revision", "--adapter", "--model",
+    "--api-key",
+}  # fmt: skip
 FLAGS_SEEN_ONLY = {"--help", "--install-completion", "--show-completion"}
 
 
