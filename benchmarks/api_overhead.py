@@ -19,13 +19,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the `petals` CLI does for its peers
 from swarm_vs_local import PRESETS  # noqa: E402 (this folder: the same models and spans)
 
+from petals_cli.bench import run_at_once  # noqa: E402
 from petals_cli.config import ClientConfig  # noqa: E402
 from petals_cli.generation import GenerationOptions, generate, open_model  # noqa: E402
 from petals_cli.testing import ensure_tiny_model  # noqa: E402
@@ -55,27 +55,6 @@ def start_api(model: Path, initial_peers: list[str], port: int, workdir: Path) -
             time.sleep(0.2)
     process.kill()
     raise RuntimeError("petals api did not start listening")
-
-
-def at_once(work, count: int) -> tuple[float, int]:
-    """Run ``work(index) -> new tokens`` in ``count`` threads at once: wall seconds and all new tokens."""
-    tokens, errors = [0] * count, []
-
-    def one(index: int) -> None:
-        try:
-            tokens[index] = work(index)
-        except BaseException as error:  # raised below, in the caller's thread
-            errors.append(error)
-
-    threads = [threading.Thread(target=one, args=(index,)) for index in range(count)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return time.perf_counter() - started, sum(tokens)
 
 
 def main() -> None:
@@ -120,9 +99,9 @@ def main() -> None:
                 rates = {"library": [], "api": []}
                 for repeat in range(args.repeats + 1):  # the first round warms up
                     for name, work in (("library", library), ("api", through_api)):
-                        seconds, tokens = at_once(work, count)
+                        seconds, tokens = run_at_once(work, count)
                         if repeat:
-                            rates[name].append(tokens / seconds)
+                            rates[name].append(sum(tokens) / seconds)
                 library_rate, api_rate = (statistics.median(rates[name]) for name in ("library", "api"))
                 rows.append(
                     {

@@ -464,9 +464,7 @@ def render_speculative(report: dict) -> str:
     ]
     keys = ["network", "plain_tokens_per_s", "speculative_tokens_per_s", "speedup", "identical", "acceptance"]
     keys += ["tokens_per_trip"]
-    table = [keys] + [[str(row[key]) for key in keys] for row in rows]
-    widths = [max(len(line[column]) for line in table) for column in range(len(keys))]
-    lines += ["  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in table]
+    lines += aligned([keys] + [[str(row[key]) for key in keys] for row in rows])
     return "\n".join(lines)
 
 
@@ -496,9 +494,8 @@ def render_failover(report: dict) -> str:
         f"of {report['new_tokens']} tokens, after token {report['kill_after']} at a random moment in the step"
     ]
     header = list(trials[0]) if trials else []
-    table = [header] + [[str(trial[key]) for key in header] for trial in trials]
-    widths = [max(len(line[column]) for line in table) for column in range(len(header))]
-    lines += ["  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in table]
+    if trials:
+        lines += aligned([header] + [[str(trial[key]) for key in header] for trial in trials])
     stalls = [trial["stall_ms"] for trial in trials if trial["stall_ms"] is not None]
     if stalls:
         lines.append(
@@ -551,9 +548,14 @@ def render(report: dict) -> str:
             f"{100 * forwarder['cpu_share']:.1f}%",
         ]
         table.append(cells)
-    widths = [max(len(line[column]) for line in table) for column in range(len(header))]
-    lines += ["  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in table]
+    lines += aligned(table)
     return "\n".join(lines)
+
+
+def aligned(table: list[list[str]]) -> list[str]:
+    """The rows of ``table`` (its header first) as lines of right-aligned columns."""
+    widths = [max(len(line[column]) for line in table) for column in range(len(table[0]))]
+    return ["  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in table]
 
 
 def parse_args() -> argparse.Namespace:

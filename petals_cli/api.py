@@ -33,7 +33,7 @@ from petals_cli.api_requests import (
     parse_request,
     usage_json,
 )
-from petals_cli.chat import _StopFlag
+from petals_cli.chat import StopFlag
 from petals_cli.errors import ConfigError, PetalsError, SessionLengthError
 from petals_cli.generation import generate
 
@@ -72,7 +72,7 @@ class _Stoppable:
         self.model, self.cancelled = model, cancelled
 
     def generate(self, *args, **kwargs):
-        return self.model.generate(*args, stopping_criteria=[_StopFlag(self.cancelled)], **kwargs)
+        return self.model.generate(*args, stopping_criteria=[StopFlag(self.cancelled)], **kwargs)
 
 
 class _Api:

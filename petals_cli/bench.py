@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -36,6 +37,7 @@ from petals_cli.speculative import Speculation, SpeculationStats, load_draft_mod
 SPREAD_LIMIT = 0.3  # runs spanning more of their median (over ±15%) are flagged: a ratio of such figures means little
 WARMUP_SECONDS = 1.0  # of calls after the first: a tiny model's swarm forward still sped up 1.5x over the first second
 MIN_SAMPLE_SECONDS = 0.25  # each sample averages as many calls as fill this
+T = TypeVar("T")
 
 
 def _quiet(_: str) -> None:
@@ -247,24 +249,37 @@ def generate_at_once(
     """Greedy generate() of every prompt at the same time, one thread each (each with a fresh ``speculate()`` when
     given): wall seconds, and each one's clock."""
     clocks = [_TokenClock() for _ in prompts]
+
+    def one(index: int) -> None:
+        speculation = {"speculation": speculate()} if speculate is not None else {}
+        prompt = prompts[index]
+        model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            streamer=clocks[index],
+            **speculation,
+        )
+
+    seconds, _ = run_at_once(one, len(prompts))
+    return seconds, clocks
+
+
+def run_at_once(work: Callable[[int], T], count: int) -> tuple[float, list[T]]:
+    """``work(0)`` ... ``work(count - 1)`` in threads started together: wall seconds and their results; the first
+    error raised in a thread is raised here."""
+    results: list = [None] * count
     errors: list[BaseException] = []
 
-    def one(prompt: torch.Tensor, clock: _TokenClock) -> None:
-        speculation = {"speculation": speculate()} if speculate is not None else {}
+    def one(index: int) -> None:
         try:
-            model.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                streamer=clock,
-                **speculation,
-            )
+            results[index] = work(index)
         except BaseException as error:  # raised below, in the caller's thread
             errors.append(error)
 
-    threads = [threading.Thread(target=one, args=pair, daemon=True) for pair in zip(prompts, clocks, strict=True)]
+    threads = [threading.Thread(target=one, args=(index,), daemon=True) for index in range(count)]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -272,7 +287,7 @@ def generate_at_once(
         thread.join()
     if errors:
         raise errors[0]
-    return time.perf_counter() - started, clocks
+    return time.perf_counter() - started, results
 
 
 def _first_token(model, input_ids) -> None:

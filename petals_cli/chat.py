@@ -22,7 +22,7 @@ from petals_cli.speculative import SpeculationStats
 USER_TAG, ASSISTANT_TAG = "User:", "Assistant:"
 
 
-class _StopFlag:
+class StopFlag:
     """A transformers stopping criterion that ends generation when ``stop`` has been set."""
 
     def __init__(self, event: threading.Event):
@@ -92,7 +92,7 @@ class Conversation:
             attention_mask=torch.ones_like(input_ids),
             session=self._session,
             streamer=_TextStreamer(self.tokenizer, on_text) if on_text else None,
-            stopping_criteria=[_StopFlag(self.stop)],
+            stopping_criteria=[StopFlag(self.stop)],
             pad_token_id=self.tokenizer.pad_token_id,
             **self._sampling(max_new),
             **({"speculation": speculation} if speculation is not None else {}),
