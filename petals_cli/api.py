@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -35,10 +35,11 @@ from petals_cli.api_requests import (
 )
 from petals_cli.chat import StopFlag
 from petals_cli.errors import ConfigError, PetalsError, SessionLengthError
-from petals_cli.generation import generate
+from petals_cli.generation import GenerationOptions, LogprobRecorder, generate
 
 logger = logging.getLogger(__name__)
 DISCONNECT_POLL = 0.25  # seconds between checks that a client waiting for a whole response is still there
+CHOICE_THREADS = 16  # a request's choices generating at once (each its own session)
 
 
 def make_app(model, tokenizer, *, model_name: str, api_key: str | None = None, max_concurrent: int = 8) -> FastAPI:
@@ -157,7 +158,8 @@ class _Api:
         work = self.workers.submit(self._generate, parsed, cancelled, post if parsed.stream else None)
         work.add_done_callback(release)  # the slot is the generation's, however the response ends
         if not parsed.stream:
-            return JSONResponse(completion_json(ids, await self._wait(request, work, cancelled)))
+            choices = await self._wait(request, work, cancelled)
+            return JSONResponse(completion_json(ids, choices, self._token_text))
         first = await self._first_event(request, events, cancelled)
         if first[0] == "error":
             raise _as_api_error(first[1])
@@ -171,35 +173,60 @@ class _Api:
         self.active -= 1
 
     def _generate(self, parsed: GenerationRequest, cancelled: threading.Event, post) -> list[Choice]:
-        """Runs in a worker thread: the request's choices one after another, each its own inference session."""
-        choices = []
+        """Runs in a worker thread: the request's choices at once, each its own inference session (so the servers
+        batch them); the first failure stops the others."""
+        plans = parsed.choices()
         try:
-            model = _Stoppable(self.model, cancelled)
-            for index in range(parsed.n):
-                if cancelled.is_set():
-                    break
-                on_text = (lambda piece, index=index: post("text", (index, piece))) if post else None
-                result = generate(model, self.tokenizer, parsed.prompt, parsed.options, on_text=on_text)
-                choices.append(
-                    Choice(result.text, result.new_tokens, self._finish_reason(result, parsed), result.prompt_tokens)
-                )
-                if post:
-                    post("choice", (index, choices[-1]))
+            with ThreadPoolExecutor(min(len(plans), CHOICE_THREADS), thread_name_prefix="petals-choice") as pool:
+                futures = [pool.submit(self._choice, parsed, plan, cancelled, post) for plan in plans]
+                wait(futures, return_when=FIRST_EXCEPTION)
+                if any(future.done() and future.exception() for future in futures):
+                    cancelled.set()
+                choices = [future.result() for future in futures]
         except Exception as error:
             if post is None:
                 raise
             post("error", error)
-        else:
-            if post:
-                post("done", choices)
+            return []
+        if post:
+            post("done", choices)
         return choices
 
-    def _finish_reason(self, result, parsed: GenerationRequest) -> str:
+    def _choice(self, parsed: GenerationRequest, plan, cancelled: threading.Event, post) -> Choice:
+        index, prompt_index, prompt, options = plan
+        recorder = LogprobRecorder(parsed.logprobs) if parsed.logprobs is not None else None
+        on_text = None
+        if post:
+            sent = 0
+
+            def on_text(piece: str) -> None:
+                nonlocal sent
+                settled = recorder.settled[sent:] if recorder is not None else None
+                sent += len(settled or ())
+                post("text", (index, piece, settled))
+
+        if cancelled.is_set():  # the client left, or another choice failed: nobody will read this one
+            return Choice("", 0, "stop", prompt_index=prompt_index)
+        result = generate(
+            _Stoppable(self.model, cancelled), self.tokenizer, prompt, options, on_text=on_text, recorder=recorder
+        )
+        finish_reason = self._finish_reason(result, options)
+        choice = Choice(
+            result.text, result.new_tokens, finish_reason, result.prompt_tokens, prompt_index, result.logprobs
+        )
+        if post:
+            post("choice", (index, choice))
+        return choice
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _finish_reason(self, result, options: GenerationOptions) -> str:
         if result.token_ids and result.token_ids[-1] in self.eos_ids:
             return "stop"
         if result.text != self.tokenizer.decode(result.token_ids, skip_special_tokens=True):
             return "stop"  # cut at a stop string
-        return "length" if result.new_tokens >= parsed.options.max_new_tokens else "stop"
+        return "length" if result.new_tokens >= options.max_new_tokens else "stop"
 
     async def _wait(self, request: Request, work, cancelled: threading.Event) -> list[Choice]:
         """The worker's choices; stops it when the client goes away first."""
@@ -224,27 +251,35 @@ class _Api:
                     cancelled.set()
 
     async def _sse(self, ids: ResponseIds, parsed: GenerationRequest, first, events, cancelled: threading.Event):
-        streamed: dict[int, str] = {}
+        streamed: dict[int, str] = {}  # text sent, by choice
+        scored: dict[int, int] = {}  # tokens whose log-probabilities were sent, by choice
         event = first
+
+        def chunk(index: int, text: str, logprobs) -> str:
+            offset = len(streamed.get(index, ""))
+            if logprobs is not None:
+                scored[index] = scored.get(index, 0) + len(logprobs)
+            rendered = chunk_json(ids, index, text=text, logprobs=logprobs, token_text=self._token_text, offset=offset)
+            streamed[index] = streamed.get(index, "") + text
+            return _sse_line(rendered)
+
         try:
             while True:
                 kind, value = event
+                if kind in ("text", "choice") and value[0] not in streamed:
+                    streamed[value[0]] = ""
+                    if ids.chat:
+                        yield _sse_line(chunk_json(ids, value[0], role=True))
                 if kind == "text":
-                    index, piece = value
-                    if index not in streamed:
-                        streamed[index] = ""
-                        if ids.chat:
-                            yield _sse_line(chunk_json(ids, index, role=True))
-                    streamed[index] += piece
-                    yield _sse_line(chunk_json(ids, index, text=piece))
+                    index, piece, logprobs = value
+                    yield chunk(index, piece, logprobs)
                 elif kind == "choice":
                     index, choice = value
-                    if index not in streamed and ids.chat:
-                        yield _sse_line(chunk_json(ids, index, role=True))
-                    sent = streamed.get(index, "")
-                    if choice.text.startswith(sent) and len(choice.text) > len(sent):  # a held-back tail
-                        yield _sse_line(chunk_json(ids, index, text=choice.text[len(sent) :]))
-                    streamed[index] = choice.text
+                    sent = streamed[index]
+                    tail = choice.text[len(sent) :] if choice.text.startswith(sent) else ""  # a held-back tail
+                    rest = choice.logprobs[scored.get(index, 0) :] if choice.logprobs is not None else None
+                    if tail or rest:
+                        yield chunk(index, tail, rest)
                     yield _sse_line(chunk_json(ids, index, finish_reason=choice.finish_reason))
                 elif kind == "done":
                     if parsed.include_usage:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from petals_cli.chat import ASSISTANT_TAG, USER_TAG
-from petals_cli.generation import GenerationOptions
+from petals_cli.generation import GenerationOptions, TokenLogprob
 
 # "user" is accepted and ignored
 COMMON_FIELDS = {
@@ -29,7 +29,9 @@ COMMON_FIELDS = {
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 256}  # OpenAI's completions default; chat has no fixed one
-MAX_CHOICES = 16
+MAX_N = 16  # choices per prompt
+MAX_CHOICES = 64  # choices per request: prompts × n
+MAX_TOP_LOGPROBS = {"completion": 5, "chat": 20}  # as OpenAI's API allows
 ROLES = {"system": "", "developer": "", "user": USER_TAG, "assistant": ASSISTANT_TAG}
 
 
@@ -47,12 +49,24 @@ class ApiError(Exception):
 @dataclass(frozen=True)
 class GenerationRequest:
     chat: bool
-    prompt: str
+    prompts: tuple[str, ...]  # chat: one; completions: one or several, each with its n choices
     options: GenerationOptions
     n: int = 1
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage figures
     model: str = ""
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest tokens
+
+    def choices(self) -> list[tuple[int, int, str, GenerationOptions]]:
+        """(choice index, prompt index, prompt, options) of every choice: prompt by prompt, n each, as OpenAI
+        numbers them; a seed s gives choice i the seed s + i, so n seeded choices differ and each repeats."""
+        plans = []
+        for prompt_index, prompt in enumerate(self.prompts):
+            for copy in range(self.n):
+                index = prompt_index * self.n + copy
+                seed = None if self.options.seed is None else self.options.seed + index
+                plans.append((index, prompt_index, prompt, replace(self.options, seed=seed)))
+        return plans
 
 
 @dataclass
@@ -61,6 +75,8 @@ class Choice:
     completion_tokens: int
     finish_reason: str  # "stop" (end of text, a stop string, the client left) or "length"
     prompt_tokens: int = 0
+    prompt_index: int = 0
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -95,21 +111,16 @@ def parse_request(body, *, chat: bool, tokenizer, model_names: tuple[str, ...]) 
         raise ApiError(
             404, f"model {model!r} is not served here; GET /v1/models lists it", param="model", code="model_not_found"
         )
-    for name in ("logprobs", "top_logprobs"):
-        if body.get(name) not in (None, False, 0):
-            raise ApiError(400, f"{name} is not supported by this server yet", param=name)
     implied_stops: tuple[str, ...] = ()
     if chat:
         prompt, implied_stops = render_chat(tokenizer, _messages(body.get("messages")))
+        prompts = (prompt,)
         max_tokens = _get(body, "max_completion_tokens", int, "an integer")
         max_tokens = _get(body, "max_tokens", int, "an integer") if max_tokens is None else max_tokens
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list):
-            raise ApiError(400, "prompt: a list of prompts is not supported yet; send one string", param="prompt")
-        if not isinstance(prompt, str):
-            raise ApiError(400, "prompt must be a string", param="prompt")
+        prompts = _prompts(body.get("prompt"))
         max_tokens = _get(body, "max_tokens", int, "an integer")
+    logprobs = _logprobs(body, chat)
     max_param = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
     max_tokens = DEFAULT_MAX_TOKENS["chat" if chat else "completion"] if max_tokens is None else max_tokens
     temperature = _get(body, "temperature", float, "a number")
@@ -119,7 +130,12 @@ def parse_request(body, *, chat: bool, tokenizer, model_names: tuple[str, ...]) 
         (max_tokens < 1, max_param, f"{max_param} {max_tokens}: generate at least 1 token"),
         (temperature is not None and temperature < 0, "temperature", f"temperature {temperature}: must be 0 or above"),
         (top_p is not None and not 0 < top_p <= 1, "top_p", f"top_p {top_p}: must be above 0 and at most 1"),
-        (n is not None and not 1 <= n <= MAX_CHOICES, "n", f"n {n}: must be between 1 and {MAX_CHOICES}"),
+        (n is not None and not 1 <= n <= MAX_N, "n", f"n {n}: must be between 1 and {MAX_N}"),
+        (
+            len(prompts) * (n or 1) > MAX_CHOICES,
+            "n" if len(prompts) == 1 else "prompt",
+            f"{len(prompts)} prompts × n {n or 1}: at most {MAX_CHOICES} choices a request",
+        ),
     ]
     for wrong, param, message in checks:
         if wrong:
@@ -135,9 +151,8 @@ def parse_request(body, *, chat: bool, tokenizer, model_names: tuple[str, ...]) 
         stop=_stops(body.get("stop")) + implied_stops,
         seed=_get(body, "seed", int, "an integer"),
     )
-    return GenerationRequest(
-        chat, prompt, options, n or 1, stream, bool(stream_options.get("include_usage")), model=model
-    )
+    include_usage = bool(stream_options.get("include_usage"))
+    return GenerationRequest(chat, prompts, options, n or 1, stream, include_usage, model=model, logprobs=logprobs)
 
 
 def render_chat(tokenizer, messages: list[dict]) -> tuple[str, tuple[str, ...]]:
@@ -154,27 +169,68 @@ def render_chat(tokenizer, messages: list[dict]) -> tuple[str, tuple[str, ...]]:
     return "\n".join([*lines, ASSISTANT_TAG]), (f"\n{USER_TAG}",)
 
 
-def completion_json(ids: ResponseIds, choices: list[Choice]) -> dict:
-    """A whole (not streamed) chat.completion or text_completion object, with usage."""
+def completion_json(ids: ResponseIds, choices: list[Choice], token_text=None) -> dict:
+    """A whole (not streamed) chat.completion or text_completion object, with usage; ``token_text``: a token
+    id's text, for choices with log-probabilities."""
     rendered = []
     for index, choice in enumerate(choices):
         content = {"message": {"role": "assistant", "content": choice.text}} if ids.chat else {"text": choice.text}
-        rendered.append({"index": index, **content, "logprobs": None, "finish_reason": choice.finish_reason})
+        logprobs = logprobs_json(ids.chat, choice.logprobs, token_text)
+        rendered.append({"index": index, **content, "logprobs": logprobs, "finish_reason": choice.finish_reason})
     return {**ids.head(streaming=False), "choices": rendered, "usage": usage_json(choices)}
 
 
-def chunk_json(ids: ResponseIds, index: int, *, text: str | None = None, role=False, finish_reason=None) -> dict:
-    """One streamed chunk of one choice: text (or, for chat, the assistant role), or the finish reason."""
+def chunk_json(
+    ids: ResponseIds,
+    index: int,
+    *,
+    text: str | None = None,
+    role=False,
+    finish_reason=None,
+    logprobs: list[TokenLogprob] | None = None,
+    token_text=None,
+    offset: int = 0,
+) -> dict:
+    """One streamed chunk of one choice: text (or, for chat, the assistant role) with the log-probabilities
+    of the tokens it completes, or the finish reason."""
+    rendered = logprobs_json(ids.chat, logprobs, token_text, offset)
     if ids.chat:
         delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": rendered, "finish_reason": finish_reason}
     else:
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": rendered, "finish_reason": finish_reason}
     return {**ids.head(streaming=True), "choices": [choice]}
 
 
+def logprobs_json(chat: bool, entries: list[TokenLogprob] | None, token_text, offset: int = 0) -> dict | None:
+    """OpenAI's two log-probability shapes: chat's ``{"content": [{token, logprob, bytes, top_logprobs}]}`` and
+    completions' ``{tokens, token_logprobs, top_logprobs, text_offset}`` (offsets count from ``offset``)."""
+    if entries is None:
+        return None
+    if chat:
+
+        def one(token_id: int, logprob: float) -> dict:
+            text = token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        content = [
+            {**one(entry.token_id, entry.logprob), "top_logprobs": [one(*alternative) for alternative in entry.top]}
+            for entry in entries
+        ]
+        return {"content": content}
+    tokens = [token_text(entry.token_id) for entry in entries]
+    offsets = [offset + sum(len(token) for token in tokens[:position]) for position in range(len(tokens))]
+    return {
+        "tokens": tokens,
+        "token_logprobs": [entry.logprob for entry in entries],
+        "top_logprobs": [{token_text(token): logprob for token, logprob in entry.top} for entry in entries],
+        "text_offset": offsets,
+    }
+
+
 def usage_json(choices: list[Choice]) -> dict:
-    prompt_tokens = choices[0].prompt_tokens if choices else 0  # one prompt, however many choices
+    prompts = {choice.prompt_index: choice.prompt_tokens for choice in choices}  # a prompt counts once
+    prompt_tokens = sum(prompts.values())
     completion_tokens = sum(choice.completion_tokens for choice in choices)
     return {
         "prompt_tokens": prompt_tokens,
@@ -193,6 +249,34 @@ def _get(body: dict, name: str, kind: type, described: str):
     if not ok:
         raise ApiError(400, f"{name} must be {described}, not {value!r}", param=name)
     return value
+
+
+def _prompts(value) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and value and all(isinstance(prompt, str) for prompt in value):
+        return tuple(value)
+    if isinstance(value, list) and value and all(isinstance(item, int | list) for item in value):
+        raise ApiError(400, "prompt: token-id prompts are not supported; send text", param="prompt")
+    raise ApiError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many likeliest tokens each token's log-probability comes with (None: no log-probabilities):
+    completions' ``logprobs`` is that number; chat's ``logprobs`` is a switch and ``top_logprobs`` the number."""
+    most = MAX_TOP_LOGPROBS["chat" if chat else "completion"]
+    name = "top_logprobs" if chat else "logprobs"
+    if chat:
+        wanted = _get(body, "logprobs", bool, "true or false")
+        top = _get(body, "top_logprobs", int, "an integer")
+        if top is not None and not wanted:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        top = (0 if top is None else top) if wanted else None
+    else:
+        top = _get(body, "logprobs", int, "an integer")
+    if top is not None and not 0 <= top <= most:
+        raise ApiError(400, f"{name} {top}: must be between 0 and {most}", param=name)
+    return top
 
 
 def _stops(value) -> tuple[str, ...]:

@@ -14,6 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from petals_cli.config import ClientConfig
 from petals_cli.errors import ConfigError
@@ -56,6 +62,74 @@ class GenerationOptions:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token, its log-probability and the ``top`` most likely tokens of that step with theirs."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class LogprobRecorder(LogitsProcessor):
+    """Records the model's log-probabilities at each step of a one-row generate() call (the distribution the
+    model gave, before temperature and top-p; after a repetition penalty, which transformers applies first), and
+    the ``top`` most likely tokens. Which token was chosen is learnt from the streamer (``chose``), the next
+    step's input, or the final output (``entries``); only the latest step's whole distribution is kept."""
+
+    def __init__(self, top: int = 0):
+        self.top = top
+        self.settled: list[TokenLogprob] = []
+        self.pending: tuple[torch.Tensor, tuple] | None = None  # (log-probabilities, top) of the unsettled step
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[0] != 1:
+            raise ConfigError("log-probabilities are recorded for one sequence at a time")
+        if self.pending is not None:
+            self.chose(int(input_ids[0, -1]))
+        logprobs = torch.log_softmax(scores[0].float(), dim=-1)
+        top = ()
+        if self.top:
+            values, ids = logprobs.topk(min(self.top, logprobs.shape[0]))
+            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+        self.pending = (logprobs, top)
+        return scores
+
+    def chose(self, token_id: int) -> None:
+        """The token the latest step produced (a no-op once that step is settled)."""
+        if self.pending is not None:
+            logprobs, top = self.pending
+            self.settled.append(TokenLogprob(token_id, float(logprobs[token_id]), top))
+            self.pending = None
+
+    def entries(self, token_ids: list[int]) -> list[TokenLogprob]:
+        """The records of ``token_ids``, the new tokens of the call."""
+        if len(token_ids) > len(self.settled):
+            self.chose(token_ids[len(self.settled)])
+        return self.settled[: len(token_ids)]
+
+
+class SeededSampler(LogitsProcessor):
+    """Samples the next token itself, from a generator of its own seeded with ``seed`` (temperature, then top-k,
+    then top-p, as transformers orders them) and leaves only that token possible, for greedy selection to take.
+    torch's global generator is shared by every thread of a process; this one is not, so a seeded request
+    repeats however many others generate beside it."""
+
+    def __init__(self, options: GenerationOptions, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.warpers = [TemperatureLogitsWarper(options.temperature)]
+        if options.top_k:
+            self.warpers.append(TopKLogitsWarper(options.top_k))
+        if options.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(options.top_p))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        picked = torch.multinomial(torch.softmax(scores.float(), dim=-1), 1, generator=self.generator)
+        return torch.full_like(scores, float("-inf")).scatter_(1, picked, 0.0)
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     text: str
     token_ids: list[int] = field(default_factory=list)  # new tokens only
@@ -63,6 +137,7 @@ class GenerationResult:
     new_tokens: int = 0
     seconds: float = 0.0
     speculation: dict | None = None  # SpeculationStats.to_json() of this call; None when it did not speculate
+    logprobs: list[TokenLogprob] | None = None  # one per new token when a LogprobRecorder was given
 
     def to_json(self) -> dict:
         figures = {
@@ -113,8 +188,8 @@ def open_model(
 class _TextStreamer:
     """Receives token ids from generate() and emits newly decoded text (skipping the prompt)."""
 
-    def __init__(self, tokenizer, on_text: Callable[[str], None]):
-        self.tokenizer, self.on_text = tokenizer, on_text
+    def __init__(self, tokenizer, on_text: Callable[[str], None], recorder: LogprobRecorder | None = None):
+        self.tokenizer, self.on_text, self.recorder = tokenizer, on_text, recorder
         self.prompt_seen = False
         self.token_ids: list[int] = []
         self.emitted = ""
@@ -124,6 +199,8 @@ class _TextStreamer:
             self.prompt_seen = True
             return
         self.token_ids.extend(value.reshape(-1).tolist())
+        if self.recorder is not None:
+            self.recorder.chose(self.token_ids[-1])
         text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
             return
@@ -144,8 +221,8 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
 class _StoppingTextStreamer(_TextStreamer):
     """Streams text but holds back anything that may be the start of a stop sequence, and never emits one."""
 
-    def __init__(self, tokenizer, on_text: Callable[[str], None], stop: tuple[str, ...]):
-        super().__init__(tokenizer, self._collect)
+    def __init__(self, tokenizer, on_text: Callable[[str], None], stop: tuple[str, ...], recorder=None):
+        super().__init__(tokenizer, self._collect, recorder)
         self.forward, self.stop, self.text, self.shown, self.stopped = on_text, stop, "", 0, False
 
     def _collect(self, piece: str) -> None:
@@ -175,15 +252,22 @@ def generate(
     on_text: Callable[[str], None] | None = None,
     *,
     draft_model=None,
+    recorder: LogprobRecorder | None = None,
 ) -> GenerationResult:
     """Generate a continuation of ``prompt``; ``on_text`` receives text pieces as tokens arrive. With
-    ``options.speculative``, drafts (from ``draft_model`` for mode model) are checked several a trip."""
+    ``options.speculative``, drafts (from ``draft_model`` for mode model) are checked several a trip. A
+    ``recorder`` collects each new token's log-probability (its ``settled`` list grows as ``on_text`` is
+    called) and the result's ``logprobs``."""
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids
-    kwargs = _generate_kwargs(tokenizer, options)
+    if recorder is not None and options.speculative:
+        raise ConfigError("log-probabilities are not recorded while decoding speculatively")
+    kwargs = _generate_kwargs(tokenizer, options, [recorder] if recorder is not None else [])
     speculation = new_speculation(options, draft_model)
     if speculation is not None:  # only then: a plain transformers model takes no such argument
         kwargs["speculation"] = speculation
-    streamer = _StoppingTextStreamer(tokenizer, on_text, options.stop) if on_text is not None else None
+    streamer = None
+    if on_text is not None:
+        streamer = _StoppingTextStreamer(tokenizer, on_text, options.stop, recorder)
     started = time.perf_counter()
     output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs)
     seconds = time.perf_counter() - started
@@ -195,6 +279,7 @@ def generate(
         new_tokens=len(new_ids),
         seconds=seconds,
         speculation=speculation.stats.to_json() if speculation is not None else None,
+        logprobs=recorder.entries(new_ids) if recorder is not None else None,
     )
 
 
@@ -272,8 +357,13 @@ def _trim_finished(row: list[int], eos_id: int | None, pad_id: int | None) -> li
     return row
 
 
-def _generate_kwargs(tokenizer, options: GenerationOptions) -> dict:
-    if options.seed is not None:
+def _generate_kwargs(tokenizer, options: GenerationOptions, processors: list | None = None) -> dict:
+    """generate()'s arguments for ``options``; ``processors``: logits processors that see the model's scores
+    before a seeded sampler picks from them. A seeded sampling call samples with a generator of its own, except
+    when speculative (transformers' speculative sampling draws from torch's global generator, seeded here)."""
+    processors = list(processors or [])
+    private_seed = options.seed is not None and options.temperature > 0 and not options.speculative
+    if options.seed is not None and not private_seed:
         torch.manual_seed(options.seed)
     kwargs = dict(
         max_new_tokens=options.max_new_tokens,
@@ -282,8 +372,12 @@ def _generate_kwargs(tokenizer, options: GenerationOptions) -> dict:
     )
     if options.stop:
         kwargs.update(stop_strings=list(options.stop), tokenizer=tokenizer)
-    if options.temperature > 0:
+    if private_seed:
+        processors.append(SeededSampler(options, options.seed))
+    if options.temperature > 0 and not private_seed:
         kwargs.update(do_sample=True, temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if processors:
+        kwargs["logits_processor"] = processors
     return kwargs

@@ -79,18 +79,23 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def opened(tmp_path_factory):
+def swarm(tmp_path_factory):
     path = make_tiny_model(tmp_path_factory.mktemp("api") / "tiny", "llama", num_layers=2)
     swarm = Swarm(model=path, workdir=tmp_path_factory.mktemp("swarm"))
     try:
         swarm.start("0:2")
-        model, tokenizer = open_model(str(path), ClientConfig(initial_peers=tuple(swarm.initial_peers)))
-        try:
-            yield model, tokenizer
-        finally:
-            model.close()
+        yield swarm
     finally:
         swarm.stop()
+
+
+@pytest.fixture(scope="module")
+def opened(swarm):
+    model, tokenizer = open_model(str(swarm.model), ClientConfig(initial_peers=tuple(swarm.initial_peers)))
+    try:
+        yield model, tokenizer
+    finally:
+        model.close()
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +176,11 @@ def test_errors_are_openai_shaped(served):
         with pytest.raises(openai.BadRequestError) as refused:
             client.completions.create(model=MODEL, prompt="x", **{"max_tokens": 2, field: value})
         assert refused.value.body["param"] == field
-    with pytest.raises(openai.BadRequestError, match="logprobs"):
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], logprobs=True)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="token-id") as refused:
+        client.completions.create(model=MODEL, prompt=[1, 2, 3])
+    assert refused.value.body["param"] == "prompt"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="other", prompt="x")
     with pytest.raises(openai.AuthenticationError):
@@ -217,3 +225,92 @@ def test_eight_concurrent_streams_each_equal_their_own_greedy_answer(opened, ser
     with ThreadPoolExecutor(len(prompts)) as pool:
         texts = list(pool.map(stream, prompts))
     assert texts == [expected(opened, prompt, 6).text for prompt in prompts]
+
+
+@pytest.mark.slow
+def test_logprobs_equal_the_local_models_streamed_or_not(opened, swarm, served):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    client, tokenizer = served[0].client(), opened[1]
+    messages = [{"role": "user", "content": "one two three"}]
+    prompt, _ = render_chat(tokenizer, messages)
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    local = AutoModelForCausalLM.from_pretrained(swarm.model).eval()
+    reference = local.generate(
+        input_ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    tokens = reference.sequences[0, input_ids.shape[1] :].tolist()
+    want = [torch.log_softmax(logits[0].float(), -1) for logits in reference.logits]
+
+    kwargs = dict(model=MODEL, messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    reply = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    streamed = [entry for chunk in chunks if chunk.choices[0].logprobs for entry in chunk.choices[0].logprobs.content]
+    for entries in (reply.choices[0].logprobs.content, streamed):
+        assert [entry.token for entry in entries] == [tokenizer.decode([token]) for token in tokens]
+        for entry, token, row in zip(entries, tokens, want, strict=True):
+            assert entry.logprob == pytest.approx(float(row[token]), abs=1e-4)
+            best = row.topk(3)
+            assert [top.token for top in entry.top_logprobs] == [tokenizer.decode([i]) for i in best.indices.tolist()]
+            assert [top.logprob for top in entry.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-4)
+            assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-6  # greedy took the likeliest
+
+    completion = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=2)
+    logprobs = completion.choices[0].logprobs
+    assert logprobs.token_logprobs == pytest.approx(
+        [float(row[t]) for row, t in zip(want, tokens, strict=True)], abs=1e-4
+    )
+    assert "".join(logprobs.tokens) == tokenizer.decode(tokens)
+    assert all(1 <= len(top) <= 2 for top in logprobs.top_logprobs)  # two tokens may read alike
+    assert logprobs.text_offset == [len("".join(logprobs.tokens[:i])) for i in range(len(tokens))]
+
+
+@pytest.mark.slow
+def test_prompt_lists_and_n_run_at_once_and_seeds_repeat(opened, served):
+    client = served[0].client()
+    prompts = ["one two three", "three two one"]
+    body = dict(model=MODEL, prompt=prompts, n=2, max_tokens=8, temperature=0.9, top_p=0.95, seed=11)
+    reply = client.completions.create(**body)
+    assert [choice.index for choice in reply.choices] == [0, 1, 2, 3]
+    model, tokenizer = opened
+    results = [
+        generate(model, tokenizer, prompts[index // 2], GenerationOptions(8, 0.9, 0.95, seed=11 + index))
+        for index in range(4)
+    ]
+    want = [result.text for result in results]
+    assert [choice.text for choice in reply.choices] == want
+    assert len(set(want)) > 1  # seeds 11..14 sample differently
+    assert reply.usage.prompt_tokens == sum(len(tokenizer(prompt).input_ids) for prompt in prompts)
+    assert reply.usage.completion_tokens == sum(result.new_tokens for result in results)
+    texts = {}
+    for chunk in client.completions.create(**body, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    assert [texts[index] for index in range(4)] == want
+
+
+@pytest.mark.slow
+def test_a_dead_swarm_is_a_503_with_the_typed_errors_message(swarm, opened):
+    from petals_cli.api import make_app
+
+    extra = swarm.start("0:2")
+    peer = extra.addresses()[0].rsplit("/p2p/", 1)[1]
+    config = ClientConfig(initial_peers=tuple(swarm.initial_peers), allowed_servers=(peer,), route_wait=1.0)
+    model, tokenizer = open_model(str(swarm.model), config)
+    served = Served(make_app(model, tokenizer, model_name=MODEL))
+    try:
+        client = served.client()
+        assert client.completions.create(model=MODEL, prompt="one", max_tokens=2).usage.completion_tokens == 2
+        extra.process.kill()
+        extra.process.wait()
+        for stream in (False, True):
+            with pytest.raises(openai.APIStatusError) as failed:
+                list(client.completions.create(model=MODEL, prompt="one", max_tokens=2, stream=stream) or [])
+            assert failed.value.status_code == 503 and failed.value.body["type"] == "service_unavailable"
+            assert failed.value.body["message"]
+        status, report = health(served)
+        assert status == 503 and report["status"] == "unavailable" and report["missing_blocks"] == [0, 1]
+    finally:
+        served.stop()
+        model.close()
