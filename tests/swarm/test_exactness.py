@@ -85,7 +85,7 @@ def test_a_16_bit_wire_dtype_sends_rounded_activations_and_answers_in_the_client
     distributed, _, _, swarm = setup
     config = ClientConfig(initial_peers=tuple(swarm.initial_peers), wire_dtype="bfloat16")
     halved = AutoDistributedModelForCausalLM.from_pretrained(str(swarm.model), config=config)
-    hidden = torch.randn(1, 5, distributed.config.hidden_size)
+    hidden = torch.randn(1, 5, distributed.config.hidden_size, generator=torch.Generator().manual_seed(0))
     try:
         outputs = []
         for model in (distributed, halved):
