@@ -6,6 +6,7 @@ SIGKILLs whatever is left, so no server outlives its owner.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -50,16 +51,29 @@ class Swarm:
                 return server.addresses()[:1]
         raise RuntimeError("no server of this swarm is running")
 
-    def start(self, blocks: str, *extra: str, model: Path | None = None, wait: bool = True) -> ServerProcess:
+    def start(
+        self,
+        blocks: str,
+        *extra: str,
+        model: Path | None = None,
+        wait: bool = True,
+        tamper: tuple[str, ...] = (),
+    ) -> ServerProcess:
+        """Start a server of ``blocks`` (``extra``: more `petals serve` options). ``tamper``, e.g.
+        ``("--mode", "noise")``, makes it a lying server: the options of ``petals_cli.testing.tamper``."""
         index = len(self.servers)
         address_file = self.workdir / f"server{index}.addr"
         log_file = self.workdir / f"server{index}.log"
         swarm_args = ["--initial-peers", *self.initial_peers] if self.servers else ["--new-swarm"]
-        args = ["serve", str(model or self.model), "--blocks", blocks, "--address-file", str(address_file)]
+        args = [str(model or self.model), "--blocks", blocks, "--address-file", str(address_file), *swarm_args]
+        command = petals_command("serve", *args, *extra)
+        environment = None
+        if tamper:
+            command = [sys.executable, "-m", "petals_cli.testing.tamper", *tamper, "--", *args, *extra]
+            # importing petals_cli.testing loads torch before serve could ask OpenMP not to spin
+            environment = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
         with open(log_file, "wb") as log:
-            process = subprocess.Popen(
-                petals_command(*args, *swarm_args, *extra), stdout=log, stderr=subprocess.STDOUT
-            )
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
         server = ServerProcess(blocks, process, address_file, log_file)
         self.servers.append(server)
         if wait:
