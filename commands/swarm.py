@@ -144,15 +144,16 @@ def _render_status(result) -> None:
 
 
 def _server_cells(server) -> list[str]:
-    from petals_cli.tui.render import STATE_STYLES
+    from petals_cli.tui.render import FLAG_STYLE, STATE_STYLES, flag_text
 
     dtype = server.dtype if server.quantization == "none" else f"{server.dtype}/{server.quantization}"
     pings = " ".join(f"{peer[-8:]}={_milliseconds(rtt)}" for peer, rtt in server.pings.items())
+    flag = f" [{FLAG_STYLE}]{flag_text(server.flagged)}[/]" if server.flagged else ""
     return [
         server.short_id,
         server.public_name or "-",
         f"{server.start_block}:{server.end_block}",
-        f"[{STATE_STYLES.get(server.state, 'white')}]{server.state}[/]",
+        f"[{STATE_STYLES.get(server.state, 'white')}]{server.state}[/]{flag}",
         f"{server.throughput:.1f}",
         str(server.cache_tokens_left),
         f"{server.batch_size} q{server.queue_length}",

@@ -1,7 +1,8 @@
 """What the swarm looks like right now: models, block coverage and servers, as plain dataclasses.
 
 ``swarm_status`` reads the DHT model index and each model's block records through a ``SwarmClient``, pings
-the servers it finds, and aggregates everything into a ``SwarmStatus`` (``to_json`` is the documented
+the servers it finds, counts the reports against each server in this machine's evidence log
+(``petals_cli.evidence``), and aggregates everything into a ``SwarmStatus`` (``to_json`` is the documented
 ``petals swarm status --json`` schema). ``StatusFeed`` turns that into a live stream for ``swarm top``: it
 owns its client, yields a status every ``interval`` seconds, and reports failures as a status with an
 ``error`` instead of raising. Rendering belongs to the CLI and the TUI; this module only reads.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +25,7 @@ from petals_cli.wire import ModelIndexEntry, ServerInfo, ServerState, SwarmSnaps
 SCHEMA_VERSION = 1
 DIRECT, RELAYED, UNKNOWN = "direct", "relayed", "unknown"
 UNREACHABLE = "unreachable"  # a server state that only readers assign: its records say online, it did not answer
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +52,7 @@ class ServerStatus:
     batch_size: int = 0  # sessions in its last step, as announced (more than 1: batched)
     queue_length: int = 0  # steps waiting for its compute thread, as announced
     largest_batch: int = 0
+    flagged: int = 0  # validly signed reports of tampering against it in this machine's evidence log
 
     @property
     def short_id(self) -> str:
@@ -142,12 +146,14 @@ def model_status(
     rtts: dict[str, float] | None = None,
     connections: dict[str, list[str]] | None = None,
     unreachable: set[str] | frozenset[str] = frozenset(),
+    flagged: dict[str, int] | None = None,
 ) -> ModelStatus:
     """Pure aggregation of one model's snapshot (and this client's measurements) into a ``ModelStatus``.
-    Servers in ``unreachable`` (announced online, but they did not answer) are shown so and cover no blocks."""
-    rtts, connections = rtts or {}, connections or {}
+    Servers in ``unreachable`` (announced online, but they did not answer) are shown so and cover no blocks;
+    ``flagged`` counts the reports of tampering against each peer."""
+    rtts, connections, flagged = rtts or {}, connections or {}, flagged or {}
     servers = tuple(
-        _server_status(peer, info, rtts.get(peer), connections.get(peer), peer in unreachable)
+        _server_status(peer, info, rtts.get(peer), connections.get(peer), peer in unreachable, flagged.get(peer, 0))
         for peer, info in sorted(snapshot.servers.items(), key=lambda item: (item[1].start_block, item[0]))
     )
     return ModelStatus(
@@ -161,7 +167,7 @@ def model_status(
 
 
 def _server_status(
-    peer: str, info: ServerInfo, rtt: float | None, addresses: list[str] | None, unreachable: bool
+    peer: str, info: ServerInfo, rtt: float | None, addresses: list[str] | None, unreachable: bool, flagged: int
 ) -> ServerStatus:
     state = info.state.name.lower()
     return ServerStatus(
@@ -185,6 +191,7 @@ def _server_status(
         batch_size=info.batch_size,
         queue_length=info.queue_length,
         largest_batch=info.largest_batch,
+        flagged=flagged,
     )
 
 
@@ -211,11 +218,31 @@ async def collect_status(client, model_prefix: str | None = None) -> SwarmStatus
         connections.setdefault(peer_info.peer_id.to_base58(), []).extend(str(addr) for addr in peer_info.addrs)
     if not index and not connections:
         raise SwarmUnreachableError("no swarm peer is connected, so the DHT cannot be read")
+    flags = await asyncio.to_thread(read_flags, [snapshot.prefix for snapshot in snapshots])
     models = tuple(
-        model_status(index[snapshot.prefix], snapshot, rtts=rtts, connections=connections, unreachable=silent)
+        model_status(
+            index[snapshot.prefix],
+            snapshot,
+            rtts=rtts,
+            connections=connections,
+            unreachable=silent,
+            flagged=flags.get(snapshot.prefix),
+        )
         for snapshot in snapshots
     )
     return SwarmStatus(models=models, taken_at=time.time())
+
+
+def read_flags(prefixes: list[str]) -> dict[str, dict[str, int]]:
+    """Model prefix -> peer id -> signed reports against it in the evidence log; none when the log is unreadable
+    (the status still shows the swarm)."""
+    from petals_cli import evidence
+
+    try:
+        return {prefix: evidence.flagged(prefix=prefix) for prefix in prefixes}
+    except OSError as error:
+        logger.warning("cannot read the evidence log %s: %s", evidence.default_log_path(), error)
+        return {}
 
 
 def swarm_status(client, model_prefix: str | None = None, *, timeout: float = 30.0) -> SwarmStatus:

@@ -35,7 +35,10 @@ HELP = """\
 
 Coverage map: one row per server, one cell per block:
 [green]█ online[/] [yellow]█ joining[/] [red]█ offline[/] [bold red]█ unreachable[/] (announced, did not answer);
-the last row counts the online servers of each block ([red]0[/] = no server: the model is broken)."""
+the last row counts the online servers of each block ([red]0[/] = no server: the model is broken).
+
+[bold red]⚠ tampered (N reports)[/] after a server's state: this machine's verification (--verify) signed N reports
+that its outputs disagreed with other replicas' (the evidence log, ~/.cache/petals/verification.jsonl)."""
 
 
 class HelpScreen(ModalScreen[None]):

@@ -11,6 +11,7 @@ from rich.text import Text
 from petals_cli.swarm import ModelStatus, ServerStatus, SwarmStatus, format_ranges, short_peer_id
 
 STATE_STYLES = {"online": "green", "joining": "yellow", "offline": "red", "unreachable": "bold red"}
+FLAG_STYLE = "bold red"
 COLUMNS = (
     ("model", "model"),
     ("peer", "peer"),
@@ -40,6 +41,18 @@ def milliseconds(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
 
 
+def flag_text(flagged: int) -> str:
+    """The marker of a server that this machine's verification reported; "" when there are no reports."""
+    return f"⚠ tampered ({_count(flagged, 'report')})" if flagged > 0 else ""
+
+
+def state_text(server: ServerStatus) -> Text:
+    text = Text(server.state, style=STATE_STYLES.get(server.state, ""))
+    if server.flagged:
+        text.append(f" {flag_text(server.flagged)}", style=FLAG_STYLE)
+    return text
+
+
 def row_key(row: Row) -> str:
     return f"{row[0].prefix}/{row[1].peer_id}"
 
@@ -64,7 +77,7 @@ def table_cells(row: Row) -> tuple[Any, ...]:
         server.short_id,
         server.public_name or "-",
         f"{server.start_block}:{server.end_block}",
-        Text(server.state, style=STATE_STYLES.get(server.state, "")),
+        state_text(server),
         f"{server.throughput:.1f}",
         str(server.cache_tokens_left),
         dtype,
@@ -141,6 +154,9 @@ def detail_text(row: Row | None) -> Text:
     for label, value in lines:
         text.append(f"{label}: ", style="bold")
         text.append(f"{value}\n")
+    if server.flagged:
+        text.append("verification: ", style="bold")
+        text.append(f"{flag_text(server.flagged)} in this machine's evidence log\n", style=FLAG_STYLE)
     text.append("pings to next servers:\n", style="bold")
     if not server.pings:
         text.append("  none\n", style="dim")

@@ -1,6 +1,7 @@
 """`petals swarm top` driven by Textual's pilot: a synthetic status stream (the module boundary), then a real swarm."""
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -162,6 +163,22 @@ def test_unreachable_swarm_is_reported_and_the_app_keeps_running():
             await until(pilot, lambda: not app.latest.error)
             assert "broken: no server for blocks 3:6" in text_of(app, "#models")
             assert app.is_running
+
+    run(scenario())
+
+
+def test_a_flagged_server_is_marked_in_the_table_and_its_detail():
+    async def scenario():
+        first, second = HEALTHY.models[0].servers
+        flagged = status(first, dataclasses.replace(second, flagged=3))
+        app = SwarmTop(FakeStream(flagged))
+        async with app.run_test(size=(140, 40)) as pilot:
+            await until(pilot, lambda: len(table_peers(app)) == 2)
+            table = app.query_one("#servers", DataTable)
+            states = [str(table.get_row_at(index)[4]) for index in range(table.row_count)]
+            assert states == ["online", "online ⚠ tampered (3 reports)"]
+            await pilot.press("down")
+            assert "verification: ⚠ tampered (3 reports)" in text_of(app, "#detail")
 
     run(scenario())
 

@@ -16,6 +16,7 @@ CLIENT_MODULES = [
     "chat.py",
     "prompts.py",
     "bench.py",  # starts local servers through petals_cli.testing.swarm (subprocesses), never server code
+    "evidence.py",  # the verifying client's log of tampering servers; swarm status reads it
 ]
 HEAVY = ("torch", "transformers", "hivemind", "peft", "datasets", "bitsandbytes", "textual")
 
@@ -84,3 +85,24 @@ def test_block_selection_is_pure():
     """No network, no clock, no randomness: snapshots in, spans and decisions out."""
     allowed = {"__future__", "dataclasses", "petals_cli.wire"}
     assert imports_outside(CORE / "server" / "selection.py", allowed) == set()
+
+
+def test_evidence_does_files_and_signatures_only():
+    """No network and no server: records, hashes, RSA signatures and a log file."""
+    allowed = {
+        "__future__",
+        "base64",
+        "collections",
+        "dataclasses",
+        "hashlib",
+        "json",
+        "logging",
+        "os",
+        "pathlib",
+        "typing",
+        "torch",
+        "cryptography.hazmat.primitives",
+        "petals_cli.errors",
+        "petals_cli.security",
+    }
+    assert imports_outside(CORE / "evidence.py", allowed) == set()

@@ -1,7 +1,9 @@
 """Swarm status aggregation (pure) and the live feed's error reporting, without a network."""
 
 import asyncio
+import logging
 
+from petals_cli import evidence
 from petals_cli.errors import SwarmUnreachableError
 from petals_cli.swarm import (
     SCHEMA_VERSION,
@@ -11,6 +13,7 @@ from petals_cli.swarm import (
     connection_kind,
     format_ranges,
     model_status,
+    read_flags,
 )
 from petals_cli.wire import ModelIndexEntry, ServerInfo, ServerState, SwarmSnapshot
 
@@ -90,8 +93,36 @@ def test_json_schema_is_stable():
         "batch_size",
         "queue_length",
         "largest_batch",
+        "flagged",
     }
-    assert model["servers"][0]["adapters"] == ["lora"]
+    assert model["servers"][0]["adapters"] == ["lora"] and model["servers"][0]["flagged"] == 0
+
+
+def test_status_of_a_flagged_server_shows_its_reports(capsys):
+    from commands.swarm import _render_status
+
+    snapshot = SwarmSnapshot(prefix="tiny", num_blocks=6, servers={"peer-a": info(0, 3), "peer-b": info(3, 6)})
+    status = SwarmStatus(models=(model_status(ENTRY, snapshot, flagged={"peer-b": 2}),), taken_at=12.5)
+    assert [server.flagged for server in status.models[0].servers] == [0, 2]
+    assert [server["flagged"] for server in status.to_json()["models"][0]["servers"]] == [0, 2]
+    _render_status(status)
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith(" peer-")}
+    assert "online ⚠ tampered (2 reports)" in rows["peer-b"] and "tampered" not in rows["peer-a"]
+
+
+def test_flags_are_read_from_the_evidence_log_per_model(tmp_path, monkeypatch, caplog):
+    log = tmp_path / "verification.jsonl"
+    monkeypatch.setenv("PETALS_EVIDENCE_LOG", str(log))
+    reporter = evidence.reporter_identity(tmp_path / "reporter.key")
+    for prefix, suspect in (("tiny", "peer-b"), ("tiny", "peer-b"), ("other", "peer-a")):
+        fields = dict(kind="forward", prefix=prefix, start=0, end=2, position=0, inputs_sha256="", suspect=suspect)
+        fields |= dict(suspect_sha256="", witnesses=(), witness_sha256="", max_error=1.0, tolerance=0.1, time=1.0)
+        evidence.append(evidence.sign(evidence.Evidence(**fields), reporter))
+    assert read_flags(["tiny", "other", "empty"]) == {"tiny": {"peer-b": 2}, "other": {"peer-a": 1}, "empty": {}}
+    monkeypatch.setenv("PETALS_EVIDENCE_LOG", str(tmp_path))  # a directory: unreadable as a log
+    with caplog.at_level(logging.WARNING, logger="petals_cli.swarm"):
+        assert read_flags(["tiny"]) == {}
+    assert "cannot read the evidence log" in caplog.text
 
 
 def test_block_ranges_and_connection_kinds():
