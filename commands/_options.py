@@ -60,6 +60,18 @@ BlockedServersOpt = Annotated[
         "--blocked-servers", help="Never route through these server peer ids (repeatable).", show_default=False
     ),
 ]
+VerifyOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--verify",
+        metavar="RATE",
+        min=0.0,
+        max=1.0,
+        help="Check servers: re-run each server's first step and then this share of steps and requests on another "
+        "server holding the same blocks; a server outvoted by a third is banned and reported (0 = off).",
+        show_default="0",
+    ),
+]
 SpeculativeOpt = Annotated[
     Literal["ngram", "model"] | None,
     typer.Option(

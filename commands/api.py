@@ -14,6 +14,7 @@ from petals_cli.commands._options import (
     ModelPrefixOpt,
     SwarmKeyOpt,
     VerboseOpt,
+    VerifyOpt,
     WireDtypeOpt,
     trust_options,
 )
@@ -42,6 +43,7 @@ def api(
     swarm_key: SwarmKeyOpt = None,
     allowed_servers: AllowedServersOpt = None,
     blocked_servers: BlockedServersOpt = None,
+    verify: VerifyOpt = None,
     adapter: AdapterOpt = None,
     wire_dtype: WireDtypeOpt = None,
     verbose: VerboseOpt = False,
@@ -63,6 +65,7 @@ def api(
         model_prefix=model_prefix,
         active_adapter=adapter,
         wire_dtype=wire_dtype,
+        verify_rate=verify,
         **trust_options(swarm_key, allowed_servers, blocked_servers),
     )
     with spinner("Loading petals…"):

@@ -18,6 +18,7 @@ from petals_cli.commands._options import (
     SpeculativeOpt,
     SwarmKeyOpt,
     VerboseOpt,
+    VerifyOpt,
     WireDtypeOpt,
     speculation_options,
     trust_options,
@@ -53,6 +54,7 @@ def bench(
     swarm_key: SwarmKeyOpt = None,
     allowed_servers: AllowedServersOpt = None,
     blocked_servers: BlockedServersOpt = None,
+    verify: VerifyOpt = None,
     wire_dtype: WireDtypeOpt = None,
     json_output: JsonOpt = False,
     verbose: VerboseOpt = False,
@@ -71,6 +73,7 @@ def bench(
         initial_peers=tuple(initial_peers or ()),
         model_prefix=model_prefix,
         wire_dtype=wire_dtype,
+        verify_rate=verify,
         **trust_options(swarm_key, allowed_servers, blocked_servers),
     )
     if not local_swarm and not client.initial_peers:

@@ -21,6 +21,7 @@ from petals_cli.commands._options import (
     SpeculativeOpt,
     SwarmKeyOpt,
     VerboseOpt,
+    VerifyOpt,
     WireDtypeOpt,
     speculation_options,
     trust_options,
@@ -47,6 +48,7 @@ def chat(
     swarm_key: SwarmKeyOpt = None,
     allowed_servers: AllowedServersOpt = None,
     blocked_servers: BlockedServersOpt = None,
+    verify: VerifyOpt = None,
     prompts: PromptsOpt = None,
     adapter: AdapterOpt = None,
     wire_dtype: WireDtypeOpt = None,
@@ -65,6 +67,7 @@ def chat(
         model_prefix=model_prefix,
         active_adapter=adapter,
         wire_dtype=wire_dtype,
+        verify_rate=verify,
         **trust_options(swarm_key, allowed_servers, blocked_servers),
     )
     options = GenerationOptions(

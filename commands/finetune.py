@@ -7,9 +7,9 @@ from typing import Annotated, Literal
 import typer
 
 from petals_cli.commands._errors import handle_errors, setup_logging
-from petals_cli.commands._options import InitialPeersOpt, JsonOpt, ModelArg, ModelPrefixOpt, VerboseOpt
+from petals_cli.commands._options import InitialPeersOpt, JsonOpt, ModelArg, ModelPrefixOpt, VerboseOpt, VerifyOpt
 
-_CLIENT_OPTIONS = ("initial_peers", "model_prefix", "json_output", "verbose")
+_CLIENT_OPTIONS = ("initial_peers", "model_prefix", "verify", "json_output", "verbose")
 
 
 @handle_errors
@@ -45,6 +45,7 @@ def finetune(
     ] = None,
     initial_peers: InitialPeersOpt = None,
     model_prefix: ModelPrefixOpt = None,
+    verify: VerifyOpt = None,
     json_output: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -57,7 +58,9 @@ def finetune(
     options.update(dataset=_one_dataset(dataset), steps=steps or 0, epochs=epochs or 0)
     options.update(output=output or "", resume=resume or "")
     config = FinetuneConfig(**options)
-    client = ClientConfig.from_sources(initial_peers=tuple(initial_peers or ()), model_prefix=model_prefix)
+    client = ClientConfig.from_sources(
+        initial_peers=tuple(initial_peers or ()), model_prefix=model_prefix, verify_rate=verify
+    )
     with _Progress() as on_step:
         result = run_finetune(config, client, on_step=on_step)
     if json_output:

@@ -21,6 +21,7 @@ from petals_cli.commands._options import (
     SpeculativeOpt,
     SwarmKeyOpt,
     VerboseOpt,
+    VerifyOpt,
     WireDtypeOpt,
     speculation_options,
     trust_options,
@@ -63,6 +64,7 @@ def generate(
     swarm_key: SwarmKeyOpt = None,
     allowed_servers: AllowedServersOpt = None,
     blocked_servers: BlockedServersOpt = None,
+    verify: VerifyOpt = None,
     prompts: PromptsOpt = None,
     adapter: AdapterOpt = None,
     wire_dtype: WireDtypeOpt = None,
@@ -90,6 +92,7 @@ def generate(
         route_wait=route_wait,
         active_adapter=adapter,
         wire_dtype=wire_dtype,
+        verify_rate=verify,
         **trust_options(swarm_key, allowed_servers, blocked_servers),
     )
     options = GenerationOptions(

@@ -13,7 +13,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from typing import Any, TypeVar
 
 from petals_cli import routing, security, transport
@@ -45,6 +45,9 @@ class SwarmClient:
         self.p2p = self.node = None
         self.bans = BanList()
         self._rng = random.Random()
+        self.verify_rng = random.Random(config.verify_seed)  # which steps and requests are re-run elsewhere
+        self.verified_peers: set[str] = set()  # servers whose first forward/backward request was checked
+        self._reporter = None  # the identity that signs evidence against servers caught computing wrongly
         self.rtts: dict[str, float] = {}
         self._snapshots: dict[str, tuple[float, SwarmSnapshot]] = {}
         self._refreshers: dict[str, asyncio.Task] = {}
@@ -146,9 +149,10 @@ class SwarmClient:
         inference: bool = True,
         cache_tokens_needed: int = 0,
         wait: float | None = None,
+        exclude: Collection[str] = (),
     ) -> list[RouteSpan]:
-        """A route over [start, end); waits up to ``wait`` (default ``route_wait``) seconds for missing blocks
-        or bans to clear, then raises NoRouteError. A wait is reported to ``on_route_wait``."""
+        """A route over [start, end) avoiding ``exclude``; waits up to ``wait`` (default ``route_wait``) seconds for
+        missing blocks or bans to clear, then raises NoRouteError. A wait is reported to ``on_route_wait``."""
         deadline = time.monotonic() + (self.config.route_wait if wait is None else wait)
         max_age, waited = None, False
         while True:
@@ -156,6 +160,7 @@ class SwarmClient:
             banned = self.bans.banned(time.monotonic()) | routing.untrusted(
                 snapshot, self.config.allowed_servers, self.config.blocked_servers
             )
+            banned |= set(exclude)
             try:
                 if inference:
                     spans = routing.inference_route(
@@ -198,6 +203,39 @@ class SwarmClient:
     def ban(self, peer_id: str) -> None:
         seconds = self.bans.ban(peer_id, time.monotonic())
         logger.debug("server %s failed; avoiding it for %.0fs", peer_id[-8:], seconds)  # the failover said why
+
+    def ban_forever(self, peer_id: str) -> None:
+        """Never route through ``peer_id`` again in this run (it was caught computing wrongly)."""
+        self.bans.ban_forever(peer_id)
+
+    def report(self, prefix: str, kind: str, span: RouteSpan, position: int, inputs, wrong, right, witnesses) -> None:
+        """Write signed evidence that ``span``'s server computed ``wrong`` where ``witnesses`` computed ``right``
+        from ``inputs`` (see ``evidence``); a log that cannot be written is a warning, never a failure."""
+        from petals_cli import evidence
+        from petals_cli.verify import compare
+
+        comparison = compare(wrong, right)
+        try:
+            if self._reporter is None:
+                self._reporter = evidence.reporter_identity()
+            record = evidence.Evidence(
+                kind=kind,
+                prefix=prefix,
+                start=span.start,
+                end=span.end,
+                position=position,
+                inputs_sha256=evidence.tensor_sha256(inputs),
+                suspect=span.peer_id,
+                suspect_sha256=evidence.tensor_sha256(wrong),
+                witnesses=tuple(witnesses),
+                witness_sha256=evidence.tensor_sha256(right),
+                max_error=comparison.max_error,
+                tolerance=comparison.tolerance,
+                time=time.time(),
+            )
+            evidence.append(evidence.sign(record, self._reporter))
+        except Exception as exc:  # a read-only home or a full disk must not stop generation
+            logger.warning("could not write the evidence against %s: %s", span.peer_id[-8:], exc)
 
     def succeed(self, peer_id: str) -> None:
         if peer_id in self.bans.failures:

@@ -98,9 +98,13 @@ class ClientConfig(_FromSources):
     active_adapter: str = ""  # run blocks with this LoRA adapter: only servers announcing it are used
     push: bool = True  # servers pass each step on to the next server themselves (PETALS_PUSH=0: the client relays)
     wire_dtype: str = "auto"  # activations of inference steps travel in this dtype (auto: as the client computes)
+    verify_rate: float = 0.0  # share of steps and forward/backward requests re-run on another replica and compared
+    verify_seed: int | None = None  # seeds the choice of what to verify (tests); None: unpredictable
 
     def __post_init__(self):
         check_initial_peers(self.initial_peers)
+        if not 0.0 <= self.verify_rate <= 1.0:
+            raise ConfigError(f"--verify {self.verify_rate:g}: a share of steps between 0 (off) and 1 (every step)")
         check_peer_ids("--allowed-servers", self.allowed_servers)
         check_peer_ids("--blocked-servers", self.blocked_servers)
         check_device(self.device, "PETALS_DEVICE")

@@ -140,6 +140,13 @@ class SelfCheckError(PetalsError):
     exit_code = 12
 
 
+class VerificationError(PetalsError):
+    """Replicas of the same blocks disagreed and no majority could say which server was wrong."""
+
+    hint = "servers holding these blocks compute differently: report them, or leave them out with --blocked-servers"
+    exit_code = 13
+
+
 WIRE_ERRORS: dict[str, type[PetalsError]] = {
     cls.__name__: cls
     for cls in (

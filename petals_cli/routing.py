@@ -217,6 +217,7 @@ class BanList:
     max_seconds: float = 60.0
     failures: dict[str, int] = field(default_factory=dict)
     until: dict[str, float] = field(default_factory=dict)
+    forever: set[str] = field(default_factory=set)  # caught computing wrongly: never tried again by this client
 
     def ban(self, peer: str, now: float) -> float:
         """Ban ``peer`` after a failure; each consecutive failure doubles the ban. Returns its length."""
@@ -229,5 +230,8 @@ class BanList:
         self.failures.pop(peer, None)
         self.until.pop(peer, None)
 
+    def ban_forever(self, peer: str) -> None:
+        self.forever.add(peer)
+
     def banned(self, now: float) -> set[str]:
-        return {peer for peer, until in self.until.items() if until > now}
+        return {peer for peer, until in self.until.items() if until > now} | self.forever

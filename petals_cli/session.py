@@ -28,13 +28,16 @@ from petals_cli.client import SwarmClient
 from petals_cli.errors import (
     CacheExhaustedError,
     InvalidRequestError,
+    NoRouteError,
     PetalsError,
     ServerError,
     SessionExpiredError,
     SessionLengthError,
+    VerificationError,
 )
 from petals_cli.routing import RouteSpan
 from petals_cli.step import Step, extend_mask, positions_from_mask
+from petals_cli.verify import Comparison, compare
 from petals_cli.wire import PROTOCOL_VERSION, SpanRequest, StepResponse
 
 logger = logging.getLogger(__name__)
@@ -100,6 +103,12 @@ class _SpanStream:
     history: list[torch.Tensor] = field(default_factory=list)
     session_id: str = ""  # the server's session (chosen by this client), where the previous server pushes steps
     acknowledged: bool = True  # False until the server's answer to the opening message has been read
+    # With verification on: what the server answered to each of ``history``, and the replica that checks it
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    replica: list[_SpanStream] | None = None  # sessions on other servers holding the same blocks
+    replica_tokens: int = 0  # tokens the replica's caches hold
+    checked: int = 0  # tokens whose outputs a replica has confirmed (the last verified point)
+    unverifiable: bool = False  # no other server holds these blocks
 
     async def requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
         while True:
@@ -110,6 +119,15 @@ class _SpanStream:
 
     def close(self) -> None:
         self.outbox.put_nowait(None)
+        for replica in self.replica or ():
+            replica.close()
+        self.replica = None
+
+    def record(self, inputs: torch.Tensor, outputs: torch.Tensor | None) -> None:
+        """Keep a step's inputs (for failover) and, when verifying, its outputs (for the next check)."""
+        self.history.append(inputs)
+        if outputs is not None:
+            self.outputs.append(outputs)
 
 
 class InferenceSession:
@@ -137,6 +155,10 @@ class InferenceSession:
         self._streams: list[_SpanStream] | None = None
         self._closed = False
         self._rewind = False  # the next step starts before where the servers' caches end (see ``rollback``)
+        self._verifying = client.config.verify_rate > 0
+        self._full_mask: tuple[torch.Tensor, torch.Tensor] | None = None  # mask, positions including this step
+        self.verified_steps = 0  # checks a replica confirmed
+        self.caught = 0  # servers caught returning wrong outputs and replaced
 
     def __enter__(self) -> InferenceSession:
         return self
@@ -175,6 +197,7 @@ class InferenceSession:
         extras = {} if mask is None else {"attention_mask": mask[:, -tokens:], "position_ids": positions[:, -tokens:]}
         if self._rewind:
             extras["rewind"] = True
+        self._full_mask = None if mask is None else (mask, positions)
         sent = hidden.detach().cpu()
         if self.client.config.wire_dtype != "auto":  # smaller on the wire; servers answer in the dtype they got
             sent = sent.to(getattr(torch, self.client.config.wire_dtype))
@@ -199,6 +222,8 @@ class InferenceSession:
             self._mask, self._positions = self._mask[:, :position], self._positions[:, :position]
         for stream in self._streams or []:
             stream.history = _first_tokens(stream.history, position)
+            stream.outputs = _first_tokens(stream.outputs, position)
+            stream.checked = min(stream.checked, position)  # a replica holding more is rewound at the next check
 
     def _extend_mask(self, batch: int, tokens: int, attention_mask, position_ids):
         """The session's mask and positions after this step; (None, None) while nothing was ever padded."""
@@ -224,9 +249,11 @@ class InferenceSession:
                 self._streams[index:] = await self._reopen_rest(index, stop.failure)
         while index < len(self._streams):
             stream = self._streams[index]
+            check = self._start_check(stream, hidden, extras)
             try:
                 output = await self._exchange(stream, hidden, self.position, extras)
             except ServerFailure as failure:
+                await _abandon(check)
                 failures += 1
                 if failures > self.client.config.max_retries:
                     raise ServerError(f"step failed {failures} times; last: {failure}") from failure
@@ -234,8 +261,13 @@ class InferenceSession:
                 self._streams[index : index + 1] = await self._reopen(stream.span, stream.history)
                 continue
             self.client.succeed(stream.span.peer_id)
-            stream.history.append(hidden)
+            stream.record(hidden, output if self._verifying else None)
             self.relayed_hops += index > 0
+            if check is not None:
+                replaced = await self._settle(stream, check, hidden.shape[1])
+                if replaced is not None:  # a replica's output stands in for this server's from now on
+                    index, hidden, _ = replaced  # the streams after it have not run this step yet
+                    continue
             hidden = output
             index += 1
         return hidden
@@ -252,22 +284,36 @@ class InferenceSession:
         pushes its output on to the next. Every server still answers its own stream with its output, which
         keeps each span's inputs here for failover; a server that could not push says so, and this hop is
         relayed from here. Raises ``_PushInterrupted`` at the first stream that failed."""
-        streams = self._streams
+        streams = list(self._streams)
         hops = tuple((stream.span.peer_id, stream.session_id) for stream in streams[1:])
         streams[0].outbox.put_nowait(Step(self.position, hidden, **extras, next_hops=hops).to_message())
-        inputs = hidden
+        inputs, checks = hidden, []
         for index, stream in enumerate(streams):
+            checks.append(self._start_check(stream, inputs, extras))  # as soon as this span's input is known
             try:
                 response, output = await self._answer(stream, inputs)
             except ServerFailure as failure:
+                for check in checks:
+                    await _abandon(check)
                 raise _PushInterrupted(index, inputs, failure) from failure
             self.client.succeed(stream.span.peer_id)
-            stream.history.append(inputs)
+            stream.record(inputs, output if self._verifying else None)
             inputs = output
             if index + 1 < len(streams) and not response.pushed:
                 self.relayed_hops += 1
                 step = Step(self.position, inputs, **extras, next_hops=hops[index + 1 :])
                 streams[index + 1].outbox.put_nowait(step.to_message())
+        replaced = False
+        for stream, check in zip(streams, checks, strict=True):
+            if check is None:
+                continue
+            if replaced:  # checked on inputs that were wrong: the replica is rewound at its next check
+                await _abandon(check, stream)
+                continue
+            outcome = await self._settle(stream, check, hidden.shape[1])
+            if outcome is not None:
+                _, span_output, final = outcome
+                replaced, inputs = True, span_output if final is None else final
         return inputs
 
     async def _reopen_rest(self, index: int, failure: ServerFailure) -> list[_SpanStream]:
@@ -312,9 +358,11 @@ class InferenceSession:
             f"no server for blocks {span.start}:{span.end} answered after {self.client.config.max_retries} tries"
         )
 
-    async def _route(self, start: int, end: int, wait: float | None = None) -> list[RouteSpan]:
+    async def _route(self, start: int, end: int, wait: float | None = None, exclude=()) -> list[RouteSpan]:
         needed = self.batch_size * self.max_length
-        return await self.client.route(self.prefix, self.num_blocks, start, end, cache_tokens_needed=needed, wait=wait)
+        return await self.client.route(
+            self.prefix, self.num_blocks, start, end, cache_tokens_needed=needed, wait=wait, exclude=exclude
+        )
 
     async def _open(self, span: RouteSpan) -> _SpanStream:
         """Open a session on ``span``'s server under an id chosen here, so that steps (and the previous server's
@@ -402,7 +450,7 @@ class InferenceSession:
                     raise outcome
             for stream in streams if inputs is not None else ():
                 outputs = await self._exchange(stream, inputs, 0, self._history_extras(inputs.shape[1]))
-                stream.history.append(inputs)
+                stream.record(inputs, outputs if self._verifying else None)
                 inputs = outputs
         except BaseException:
             for stream in streams:
@@ -418,6 +466,177 @@ class InferenceSession:
             )
         return streams
 
+    # Verification (``--verify RATE``): a replica re-runs a span's steps and the outputs are compared. A server's
+    # first step is always checked, later ones with probability RATE; a check sends the replica every input the
+    # span got since the last check (its cache catches up), so it compares all of those tokens, not just the
+    # sampled step. The replica runs beside the server, so a check costs compute, not a round trip in series.
+
+    def _start_check(self, stream: _SpanStream, hidden: torch.Tensor, extras: dict) -> asyncio.Task | None:
+        if not self._verifying or stream.unverifiable:
+            return None
+        if stream.checked > 0 and self.client.verify_rng.random() >= self.client.config.verify_rate:
+            return None
+        earlier = list(stream.history)  # the step's own input is appended while the check runs
+        return asyncio.ensure_future(self._run_replica(stream, earlier, hidden, extras))
+
+    async def _run_replica(self, stream: _SpanStream, earlier: list[torch.Tensor], hidden, extras) -> tuple:
+        """The replica's outputs for every token from the last verified point to the end of this step:
+        (first position, outputs). Opens the replica first when there is none (it then catches up from 0)."""
+        if stream.replica is None:
+            route = await self._route(stream.span.start, stream.span.end, wait=0.0, exclude={stream.span.peer_id})
+            opened = await asyncio.gather(*(self._open(span) for span in route), return_exceptions=True)
+            failed = [outcome for outcome in opened if isinstance(outcome, BaseException)]
+            if failed:
+                for outcome in opened:
+                    if isinstance(outcome, _SpanStream):
+                        outcome.close()
+                raise failed[0]
+            stream.replica, stream.replica_tokens, stream.checked = list(opened), 0, 0
+        start = stream.checked
+        inputs = torch.cat([*_tokens_from(earlier, start), hidden], dim=1)
+        end = start + inputs.shape[1]
+        step_extras = self._range_extras(start, end)
+        if stream.replica_tokens > start:  # a rollback or a replaced server upstream: drop what it holds beyond
+            step_extras["rewind"] = True
+        for replica in stream.replica:
+            outputs = await self._exchange(replica, inputs, start, step_extras)
+            replica.history = [*_first_tokens(replica.history, start), inputs]
+            replica.outputs = [*_first_tokens(replica.outputs, start), outputs]
+            inputs = outputs
+        stream.replica_tokens = end
+        return start, inputs
+
+    async def _settle(self, stream: _SpanStream, check: asyncio.Task, tokens: int) -> tuple | None:
+        """Wait for a check of ``stream``'s latest step. None when the server's outputs stand (confirmed, or no
+        replica could check them); when the server was caught and replaced: (index of the stream after the
+        replacement, the replacement's output for this step, the last stream's output for this step when the
+        streams after it had already run this step, else None)."""
+        try:
+            start, expected = await check
+        except NoRouteError:
+            stream.unverifiable = True
+            logger.warning(
+                "blocks %d:%d: no other server holds them, so their outputs are not verified",
+                stream.span.start,
+                stream.span.end,
+            )
+            return None
+        except (ServerFailure, PetalsError) as failure:  # the replica failed, not the server it checks
+            logger.warning("%s (a replica checking another server); checking with another one later", failure)
+            if isinstance(failure, ServerFailure):
+                self.client.ban(failure.span.peer_id)
+            for replica in stream.replica or ():
+                replica.close()
+            stream.replica = None
+            return None
+        answered = torch.cat(_tokens_from(stream.outputs, start), dim=1)
+        comparison = compare(answered, expected)
+        total = start + answered.shape[1]
+        if comparison.agree:
+            stream.checked = total
+            self.verified_steps += 1
+            return None
+        return await self._arbitrate(stream, start, answered, expected, comparison, tokens)
+
+    async def _arbitrate(self, stream: _SpanStream, start: int, answered, expected, comparison: Comparison, tokens):
+        """A server and its replica disagree from ``start + comparison.first_bad`` on: a third replica, run over the
+        span's whole history, decides; whoever it outvotes is banned for the rest of the run and reported."""
+        span, replica = stream.span, stream.replica or []
+        suspects = {span.peer_id, *(member.span.peer_id for member in replica)}
+        total = start + answered.shape[1]
+        first_bad = start + comparison.first_bad
+        names = f"{span.peer_id} and {', '.join(member.span.peer_id for member in replica)}"
+        try:
+            route = await self._route(span.start, span.end, wait=0.0, exclude=suspects)
+        except NoRouteError:
+            raise VerificationError(
+                f"blocks {span.start}:{span.end}: servers {names} disagree from position {first_bad} "
+                f"(relative error {comparison.max_error:.3g} > {comparison.tolerance:g}) and no third server holds "
+                "these blocks to decide which is wrong"
+            ) from None
+        judge = await asyncio.gather(*(self._open(member) for member in route))
+        try:
+            inputs = torch.cat(stream.history, dim=1)
+            extras = self._range_extras(0, total)
+            for member in judge:
+                outputs = await self._exchange(member, inputs, 0, extras)
+                member.record(inputs, outputs)
+                inputs = outputs
+        except ServerFailure as failure:
+            for member in judge:
+                member.close()
+            raise VerificationError(
+                f"blocks {span.start}:{span.end}: servers {names} disagree and the third server failed ({failure})"
+            ) from failure
+        verdict = inputs[:, start:]
+        server_right, replica_right = compare(answered, verdict).agree, compare(expected, verdict).agree
+        if server_right == replica_right:
+            for member in judge:
+                member.close()
+            raise VerificationError(
+                f"blocks {span.start}:{span.end}: servers {names} and {', '.join(m.span.peer_id for m in judge)} "
+                "compute three different outputs"
+            )
+        witnesses = [member.span.peer_id for member in judge]
+        if server_right:  # the replica lied: it goes, the server stays, checked by the judge from now on
+            for member in replica:
+                self._caught(member.span, "inference", first_bad, stream.history, expected, answered, witnesses)
+                member.close()
+            stream.replica, stream.replica_tokens, stream.checked = judge, total, total
+            return None
+        self._caught(span, "inference", first_bad, stream.history, answered, expected, witnesses)
+        for member in judge:
+            member.close()
+        index = self._streams.index(stream)
+        stream.replica = None
+        stream.close()
+        for member in replica:
+            member.checked = total  # confirmed by the judge
+        self._streams[index : index + 1] = replica
+        redone = await self._redo_after(index + len(replica), expected[:, first_bad - start :], first_bad)
+        final = None if redone is None or redone.shape[1] < tokens else redone[:, -tokens:]
+        return index + len(replica), expected[:, -tokens:], final
+
+    async def _redo_after(self, index: int, honest: torch.Tensor, position: int) -> torch.Tensor | None:
+        """The streams from ``index`` on were sent wrong inputs from ``position`` on: each drops its cache from
+        there and gets the right ones (``honest``: the previous span's true outputs from ``position`` on). Returns
+        the last redone stream's outputs from ``position`` on, None when no stream had got that far."""
+        inputs, redone = honest, None
+        for stream in self._streams[index:]:
+            held = sum(step.shape[1] for step in stream.history)
+            if held <= position:
+                break
+            sent = inputs[:, : held - position]
+            extras = {**self._range_extras(position, held), "rewind": True}
+            outputs = await self._exchange(stream, sent, position, extras)
+            stream.history = [*_first_tokens(stream.history, position), sent]
+            if self._verifying:
+                stream.outputs = [*_first_tokens(stream.outputs, position), outputs]
+            stream.checked = min(stream.checked, position)
+            inputs = redone = outputs
+        return redone
+
+    def _caught(self, span: RouteSpan, kind: str, position: int, history, wrong, right, witnesses) -> None:
+        """Ban a server caught computing wrongly for the rest of the run, say so, and keep signed evidence."""
+        self.client.ban_forever(span.peer_id)
+        self.caught += 1
+        logger.warning(
+            "server %s (blocks %d:%d) returned wrong outputs from position %d (outvoted by %s); banned for this run",
+            span.peer_id[-8:],
+            span.start,
+            span.end,
+            position,
+            ", ".join(peer[-8:] for peer in witnesses),
+        )
+        self.client.report(self.prefix, kind, span, position, torch.cat(history, dim=1), wrong, right, witnesses)
+
+    def _range_extras(self, start: int, end: int) -> dict[str, torch.Tensor]:
+        """Mask and positions of tokens [start, end) (this step's included), for sending them again."""
+        if self._full_mask is None:
+            return {}
+        mask, positions = self._full_mask
+        return {"attention_mask": mask[:, start:end], "position_ids": positions[:, start:end]}
+
     def close(self) -> None:
         if self._closed:
             return
@@ -425,6 +644,30 @@ class InferenceSession:
         if self._streams is not None and not self.client.loop.is_closed():
             for stream in self._streams:
                 self.client.loop.call_soon_threadsafe(stream.close)
+
+
+async def _abandon(check: asyncio.Task | None, stream: _SpanStream | None = None) -> None:
+    """Stop waiting for a check whose verdict no longer matters. With ``stream`` (whose replica it feeds), let it
+    finish so the replica's caches stay in step (rewound at the next check), or drop that replica if it failed."""
+    if check is None:
+        return
+    if stream is None:
+        check.cancel()
+    (outcome,) = await asyncio.gather(check, return_exceptions=True)
+    if stream is not None and isinstance(outcome, BaseException):
+        for replica in stream.replica or ():
+            replica.close()
+        stream.replica = None
+
+
+def _tokens_from(history: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
+    """The steps of ``history`` from token ``tokens`` on (the first one cut to start there)."""
+    kept, total = [], 0
+    for inputs in history:
+        if total + inputs.shape[1] > tokens:
+            kept.append(inputs[:, max(0, tokens - total) :])
+        total += inputs.shape[1]
+    return kept
 
 
 def _first_tokens(history: list[torch.Tensor], tokens: int) -> list[torch.Tensor]:
@@ -520,9 +763,7 @@ class _RemoteChain:
             try:
                 for span in route:
                     graph_id = uuid.uuid4().hex if self.keep_graphs else ""
-                    (output,) = await _call_unary(
-                        self.client, self.prefix, span, "rpc_forward", [hidden], prompts, graph_id
-                    )
+                    (output,) = await self._call(span, "rpc_forward", [hidden], prompts, graph_id)
                     self.client.succeed(span.peer_id)
                     hops.append(_Hop(span, hidden, graph_id))
                     hidden, start = output, span.end
@@ -548,9 +789,7 @@ class _RemoteChain:
         span, hidden, graph_id = hop.span, hop.hidden, hop.graph_id
         for _ in range(self.client.config.max_retries + 1):
             try:
-                grads = await _call_unary(
-                    self.client, self.prefix, span, "rpc_backward", [hidden, grad], prompts, graph_id
-                )
+                grads = await self._call(span, "rpc_backward", [hidden, grad], prompts, graph_id)
                 self.client.succeed(span.peer_id)
                 if prompts is not None:
                     grad_prompts[span.start : span.end] += grads[1]
@@ -566,6 +805,100 @@ class _RemoteChain:
         raise ServerError(
             f"backward of blocks {span.start}:{span.end} failed {self.client.config.max_retries + 1} times"
         )
+
+    # Verification of forward and backward requests: a server's first request and then a share ``verify_rate`` of
+    # them are also sent to a replica of the same blocks, at once; a disagreement is settled by a third replica.
+
+    async def _call(self, span: RouteSpan, method: str, tensors, prompts, graph_id: str = "") -> list[torch.Tensor]:
+        """``_call_unary``, checked against a replica when chosen for a check. A server caught computing wrongly is
+        banned for the run and reported, and the request fails over like any failure (ServerFailure)."""
+        config = self.client.config
+        chosen = config.verify_rate > 0 and (
+            span.peer_id not in self.client.verified_peers or self.client.verify_rng.random() < config.verify_rate
+        )
+        check = None
+        if chosen:  # the replica runs beside the server
+            check = asyncio.ensure_future(self._replica_call(span, method, tensors, prompts, {span.peer_id}))
+        try:
+            outputs = await _call_unary(self.client, self.prefix, span, method, tensors, prompts, graph_id)
+        except BaseException:
+            await _abandon(check)
+            raise
+        if check is None:
+            return outputs
+        try:
+            route, expected = await check
+        except NoRouteError:
+            logger.warning("blocks %d:%d: no other server holds them, so they are not verified", span.start, span.end)
+            return outputs
+        except ServerFailure as failure:
+            logger.warning("%s (a replica checking another server)", failure)
+            self.client.ban(failure.span.peer_id)
+            return outputs
+        if all(compare(got, want).agree for got, want in zip(outputs, expected, strict=True)):
+            self.client.verified_peers.add(span.peer_id)
+            return outputs
+        return await self._arbitrate(span, method, tensors, prompts, outputs, route, expected)
+
+    async def _arbitrate(self, span: RouteSpan, method: str, tensors, prompts, outputs, route, expected):
+        suspects = {span.peer_id, *(member.peer_id for member in route)}
+        names = f"{span.peer_id} and {', '.join(member.peer_id for member in route)}"
+        try:
+            judges, verdict = await self._replica_call(span, method, tensors, prompts, suspects)
+        except NoRouteError:
+            raise VerificationError(
+                f"blocks {span.start}:{span.end}: servers {names} disagree on a {method[4:]} request and no third "
+                "server holds these blocks to decide which is wrong"
+            ) from None
+        except ServerFailure as failure:
+            raise VerificationError(
+                f"blocks {span.start}:{span.end}: servers {names} disagree and the third server failed ({failure})"
+            ) from failure
+        server_right = all(compare(got, want).agree for got, want in zip(outputs, verdict, strict=True))
+        replica_right = all(compare(got, want).agree for got, want in zip(expected, verdict, strict=True))
+        if server_right == replica_right:
+            raise VerificationError(
+                f"blocks {span.start}:{span.end}: servers {names} and {', '.join(m.peer_id for m in judges)} "
+                f"compute three different {method[4:]} outputs"
+            )
+        witnesses = [member.peer_id for member in judges]
+        wrong, right = (expected, outputs) if server_right else (outputs, expected)
+        for caught in route if server_right else [span]:
+            self.client.ban_forever(caught.peer_id)
+            logger.warning(
+                "server %s (blocks %d:%d) returned a wrong %s answer (outvoted by %s); banned for this run",
+                caught.peer_id[-8:],
+                caught.start,
+                caught.end,
+                method[4:],
+                ", ".join(peer[-8:] for peer in witnesses),
+            )
+            self.client.report(self.prefix, method[4:], caught, 0, tensors[0], wrong[0], right[0], witnesses)
+        if server_right:
+            self.client.verified_peers.add(span.peer_id)
+            return outputs
+        raise ServerFailure(span, "outvoted by other servers holding its blocks", ban=False)
+
+    async def _replica_call(self, span: RouteSpan, method: str, tensors, prompts, exclude) -> tuple:
+        """The same request run by other servers holding blocks [span.start, span.end): (their route, outputs)."""
+        route = await self.client.route(
+            self.prefix, self.num_blocks, span.start, span.end, inference=False, wait=0.0, exclude=exclude
+        )
+        hidden, inputs = tensors[0], []
+        for member in route if method == "rpc_forward" else route[:-1]:  # a backward needs each hop's input
+            inputs.append(hidden)
+            (hidden,) = await _call_unary(self.client, self.prefix, member, "rpc_forward", [hidden], prompts)
+        if method == "rpc_forward":
+            return route, [hidden]
+        inputs.append(hidden)
+        grad = tensors[1]
+        grad_prompts = None if prompts is None else torch.zeros_like(prompts[span.start : span.end])
+        for member, member_input in zip(reversed(route), reversed(inputs), strict=True):
+            grads = await _call_unary(self.client, self.prefix, member, "rpc_backward", [member_input, grad], prompts)
+            grad = grads[0]
+            if grad_prompts is not None:
+                grad_prompts[member.start - span.start : member.end - span.start] += grads[1]
+        return route, [grad] if grad_prompts is None else [grad, grad_prompts]
 
 
 class RemoteBlocks(torch.autograd.Function):

@@ -41,6 +41,7 @@ BAD = {
     "--prompts": (MISSING, "prompts"),
     "--seed": ("one", "--seed"),
     "--wire-dtype": ("float8", "--wire-dtype"),
+    "--verify": ("1.5", "--verify"),
     "--max-new-tokens": ("0", "--max-new-tokens"),
     "--temperature": ("-1", "--temperature"),
     "--top-p": ("5", "--top-p"),

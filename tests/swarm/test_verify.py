@@ -1,0 +1,155 @@
+"""Verification through a real swarm: servers that tamper with their outputs (``petals_cli.testing.tamper``) are
+caught by replicas of their blocks, outvoted by a third, banned and reported; honest replicas never disagree.
+
+One swarm of four servers, each holding every block of a tiny model: two honest ones, one that tampers with every
+output and one that tampers with 5% of them. Both tamperers announce an inflated throughput (as a server that wants
+traffic would), so routes go through whichever of them a test lets the client use.
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from petals_cli import AutoDistributedModelForCausalLM, evidence
+from petals_cli.config import ClientConfig
+from petals_cli.errors import VerificationError
+from petals_cli.testing import make_tiny_model
+from petals_cli.verify import checks_needed
+from tests.conftest import Swarm
+
+pytestmark = pytest.mark.slow
+PROMPT = torch.tensor([[1, 57, 210, 33, 98, 402, 17]])
+RARE = 0.05  # the share of outputs the second tamperer alters
+
+
+def peer_of(server) -> str:
+    return server.addresses()[0].rsplit("/p2p/", 1)[1]
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    path = make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", "llama", num_layers=2)
+    swarm = Swarm(model=path, workdir=tmp_path_factory.mktemp("swarm"))
+    try:
+        honest = [swarm.start("0:2"), swarm.start("0:2")]
+        always = swarm.start("0:2", tamper=("--mode", "noise", "--scale", "0.05", "--attract"))
+        rare = swarm.start(
+            "0:2", tamper=("--mode", "shift", "--scale", "0.5", "--probability", str(RARE), "--seed", "3", "--attract")
+        )
+        yield swarm, [peer_of(server) for server in honest], peer_of(always), peer_of(rare)
+    finally:
+        swarm.stop()
+
+
+@pytest.fixture
+def log(tmp_path, monkeypatch):
+    path = tmp_path / "verification.jsonl"
+    monkeypatch.setenv("PETALS_EVIDENCE_LOG", str(path))
+    monkeypatch.setenv("PETALS_CACHE_DIR", str(tmp_path))  # the reporter's key
+    return path
+
+
+def open_model(swarm, **config):
+    config = ClientConfig(initial_peers=tuple(swarm[0].initial_peers), **config)
+    return AutoDistributedModelForCausalLM.from_pretrained(str(swarm[0].model), config=config)
+
+
+@pytest.mark.parametrize("push", [True, False])
+def test_a_server_tampering_every_step_is_caught_at_once_and_the_tokens_stay_honest(swarm, log, push):
+    servers, honest, always, rare = swarm
+    model = open_model(swarm, verify_rate=0.1, verify_seed=1, blocked_servers=(rare,), push=push)
+    try:
+        with model.inference_session(max_length=64) as session:
+            output = model.generate(PROMPT, max_new_tokens=20, do_sample=False, session=session)
+            assert session.caught == 1 and always not in [span.peer_id for span in session.route]
+        assert always in model.petals_client.bans.forever
+    finally:
+        model.close()
+    local = AutoModelForCausalLM.from_pretrained(servers.model).eval()
+    assert output.tolist() == local.generate(PROMPT, max_new_tokens=20, do_sample=False).tolist()
+    records = evidence.read(log)
+    assert len(records) == 1 and records[0][1]  # signed by this machine's reporter key
+    record = records[0][0]
+    assert record.suspect == always and set(record.witnesses) <= set(honest) and record.kind == "inference"
+    assert record.max_error > record.tolerance and evidence.flagged(log) == {always: 1}
+
+
+def test_without_a_third_replica_the_client_stops_naming_both_servers(swarm, log):
+    _, honest, always, _ = swarm
+    model = open_model(swarm, verify_rate=0.1, allowed_servers=(always, honest[0]))
+    try:
+        with pytest.raises(VerificationError) as stopped, model.inference_session(max_length=32) as session:
+            model.generate(PROMPT, max_new_tokens=4, do_sample=False, session=session)
+        assert always in str(stopped.value) and honest[0] in str(stopped.value)
+    finally:
+        model.close()
+    assert evidence.read(log) == []  # no majority, no accusation
+
+
+def test_forward_and_backward_of_a_tampering_server_are_caught_and_gradients_stay_exact(swarm, log):
+    """Training routes spread requests over replicas at random; a server's first request is always checked, so the
+    tamperer is caught the first time a route (or a check) uses it, and every result stays exact."""
+    servers, honest, always, rare = swarm
+    model = open_model(swarm, verify_rate=0.1, verify_seed=2, blocked_servers=(rare,))
+    local = AutoModelForCausalLM.from_pretrained(servers.model).eval()
+    reference_embeddings = local.get_input_embeddings()(PROMPT).detach().requires_grad_(True)
+    reference = local(inputs_embeds=reference_embeddings).logits
+    reference.square().mean().backward()
+    try:
+        for _ in range(10):
+            embeddings = model.get_input_embeddings()(PROMPT).detach().requires_grad_(True)
+            remote = model(inputs_embeds=embeddings).logits
+            remote.square().mean().backward()
+            torch.testing.assert_close(remote, reference, atol=1e-4, rtol=0)
+            torch.testing.assert_close(embeddings.grad, reference_embeddings.grad, atol=1e-5, rtol=1e-4)
+            if always in model.petals_client.bans.forever:
+                break
+        assert always in model.petals_client.bans.forever
+    finally:
+        model.close()
+    kinds = {record.kind for record, valid in evidence.read(log) if valid and record.suspect == always}
+    assert kinds and kinds <= {"forward", "backward"}
+
+
+def test_a_server_tampering_rarely_is_caught_within_the_predicted_number_of_steps(swarm, log):
+    """P(caught within n steps) >= 95% for n = checks_needed(rate, p): 20 sessions, each stepping until the
+    tamperer is caught (or n steps pass); with a fixed seed the outcome repeats. Binomial(20, 0.95) falls to 16
+    or fewer successes with probability 1.6%, so 17 is the bar."""
+    _, honest, always, rare = swarm
+    rate = 0.2
+    limit = checks_needed(rate, RARE)
+    model = open_model(swarm, verify_rate=rate, verify_seed=4, blocked_servers=(always,))
+    client, generator = model.petals_client, torch.Generator().manual_seed(0)
+    caught_at = []
+    try:
+        for _ in range(20):
+            client.bans.forever.discard(rare)  # each trial starts trusting it again
+            with model.inference_session(max_length=limit + 8) as session:
+                session.step(torch.randn(1, 4, model.config.hidden_size, generator=generator))
+                steps = 1
+                while not session.caught and steps < limit:
+                    session.step(torch.randn(1, 1, model.config.hidden_size, generator=generator))
+                    steps += 1
+                caught_at.append(steps if session.caught else None)
+    finally:
+        model.close()
+    within = [steps for steps in caught_at if steps is not None]
+    assert len(within) >= 17, (limit, caught_at)
+    assert evidence.flagged(log) == {rare: len(within)}
+
+
+def test_honest_replicas_never_disagree(swarm, log):
+    """Every step checked, padded batches of two, 150 steps: no check may fail (benchmarks/verify.py runs 10,000)."""
+    _, honest, _, _ = swarm
+    model = open_model(swarm, verify_rate=1.0, allowed_servers=tuple(honest))
+    generator = torch.Generator().manual_seed(5)
+    try:
+        with model.inference_session(max_length=160, batch_size=2) as session:
+            mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9])
+            session.step(torch.randn(2, 9, model.config.hidden_size, generator=generator), attention_mask=mask)
+            for _ in range(150):
+                session.step(torch.randn(2, 1, model.config.hidden_size, generator=generator))
+            assert session.caught == 0 and session.verified_steps == 151
+    finally:
+        model.close()
+    assert not log.exists()
