@@ -66,7 +66,7 @@ def cost(path: Path, swarm: Swarm, rate: float, prompt: torch.Tensor, new_tokens
 def false_positives(path: Path, swarm: Swarm, steps: int, session_length: int = 500) -> dict:
     model = open_model(path, swarm, 1.0)
     generator = torch.Generator().manual_seed(0)
-    hidden, done, checks, caught = model.config.hidden_size, 0, 0, 0
+    hidden, done, checks, caught, tokens = model.config.hidden_size, 0, 0, 0, 0
     started = time.perf_counter()
     try:
         while done < steps:
@@ -76,10 +76,12 @@ def false_positives(path: Path, swarm: Swarm, steps: int, session_length: int = 
                 for _ in range(length - 1):
                     session.step(torch.randn(1, 1, hidden, generator=generator))
                 checks, caught = checks + session.verified_steps, caught + session.caught
+                tokens += session.verified_tokens
             done += length
     finally:
         model.close()
-    return {"steps": done, "checks": checks, "mismatches": caught, "seconds": round(time.perf_counter() - started, 1)}
+    seconds = round(time.perf_counter() - started, 1)
+    return {"steps": done, "checks": checks, "tokens_compared": tokens, "mismatches": caught, "seconds": seconds}
 
 
 def main() -> None:

