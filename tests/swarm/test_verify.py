@@ -6,6 +6,8 @@ output and one that tampers with 5% of them. Both tamperers announce an inflated
 traffic would), so routes go through whichever of them a test lets the client use.
 """
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -15,6 +17,7 @@ from petals_cli.config import ClientConfig
 from petals_cli.errors import VerificationError
 from petals_cli.testing import make_tiny_model
 from petals_cli.verify import checks_needed
+from tests.cli.inprocess import run_here
 from tests.conftest import Swarm
 
 pytestmark = pytest.mark.slow
@@ -155,3 +158,25 @@ def test_honest_replicas_never_disagree(swarm, log):
     finally:
         model.close()
     assert not log.exists()
+
+
+def test_the_cli_verifies_and_swarm_status_flags_the_liar(swarm, log, monkeypatch, capsys):
+    servers, honest, always, rare = swarm
+    peers = ("--initial-peers", *servers.initial_peers)
+    result = run_here(
+        monkeypatch, capsys, "generate", str(servers.model), "--prompt", "one two three", "--max-new-tokens", "8",
+        "--verify", "0.1", "--blocked-servers", rare, "--json", *peers,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    expected = run_here(
+        monkeypatch, capsys, "generate", str(servers.model), "--prompt", "one two three", "--max-new-tokens", "8",
+        "--allowed-servers", honest[0], "--allowed-servers", honest[1], "--json", *peers,
+    )  # fmt: skip
+    assert json.loads(result.stdout)["token_ids"] == json.loads(expected.stdout)["token_ids"]
+    status = run_here(monkeypatch, capsys, "swarm", "status", "--json", *peers)
+    flags = {
+        server["peer_id"]: server["flagged"]
+        for model in json.loads(status.stdout)["models"]
+        for server in model["servers"]
+    }
+    assert flags[always] == 1 and flags[honest[0]] == flags[honest[1]] == 0
