@@ -2,11 +2,15 @@
 
     python benchmarks/verify.py --preset midsize             # cost: tokens/s at --verify 0 vs RATE, loopback
     python benchmarks/verify.py --preset tiny --steps 10000  # false positives: every step checked, 10,000 steps
+    python benchmarks/verify.py --preset tiny --tamper 0.01 --rate 0.1 --trials 20  # how fast a liar is caught
 
 Starts two servers per span on 127.0.0.1 (a check needs a replica). Cost: greedy generation of one session with
 verification off and at ``--rate`` (default 0.05), runs taken in turn; prints tokens/s both ways and their ratio.
 False positives: ``--steps`` one-token steps of random hidden states through sessions checked at rate 1 (float32,
-same CPU), counting checks and disagreements. One JSON object on stdout.
+same CPU), counting checks and disagreements. Tamper: a third server of the first span alters each output with
+probability ``--tamper`` (and announces an inflated throughput, so routes use it); ``--trials`` sessions each step
+until it is caught or ``checks_needed(rate, tamper)`` steps pass, and the share caught in time is reported. One JSON
+object on stdout.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from petals_cli import AutoDistributedModelForCausalLM  # noqa: E402
 from petals_cli.config import ClientConfig  # noqa: E402
 from petals_cli.testing import ensure_tiny_model  # noqa: E402
 from petals_cli.testing.swarm import Swarm  # noqa: E402
+from petals_cli.verify import checks_needed  # noqa: E402
 
 
 def open_model(path: Path, swarm: Swarm, rate: float):
@@ -84,12 +89,46 @@ def false_positives(path: Path, swarm: Swarm, steps: int, session_length: int = 
     return {"steps": done, "checks": checks, "tokens_compared": tokens, "mismatches": caught, "seconds": seconds}
 
 
+def catching(path: Path, swarm: Swarm, rate: float, tamper: float, trials: int) -> dict:
+    """Sessions stepping through a swarm with a liar until it is caught or the predicted number of steps passes."""
+    limit = checks_needed(rate, tamper)
+    model = open_model(path, swarm, rate)
+    client, generator, hidden = model.petals_client, torch.Generator().manual_seed(0), model.config.hidden_size
+    caught_at = []
+    try:
+        for _ in range(trials):
+            client.bans.forever.clear()  # each trial starts trusting every server again
+            with model.inference_session(max_length=limit + 8) as session:
+                session.step(torch.randn(1, 8, hidden, generator=generator))
+                steps = 1
+                while not session.caught and steps < limit:
+                    session.step(torch.randn(1, 1, hidden, generator=generator))
+                    steps += 1
+                session.settle_checks()
+                caught_at.append(steps if session.caught else None)
+    finally:
+        model.close()
+    within = [steps for steps in caught_at if steps is not None]
+    return {
+        "rate": rate,
+        "tamper": tamper,
+        "predicted_steps_for_95_percent": limit,
+        "trials": trials,
+        "caught_within": len(within),
+        "share_caught": round(len(within) / trials, 3),
+        "median_steps_to_catch": statistics.median(within) if within else None,
+        "caught_at": caught_at,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--rate", type=float, default=0.05)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs each way, in turn, after a warm-up")
     parser.add_argument("--steps", type=int, default=0, help="instead: this many steps checked at rate 1")
+    parser.add_argument("--tamper", type=float, default=0.0, help="instead: a liar with this probability per output")
+    parser.add_argument("--trials", type=int, default=20, help="sessions with --tamper")
     parser.add_argument("--models-dir", default=os.path.join(tempfile.gettempdir(), "petals-bench-models"))
     args = parser.parse_args()
     preset = PRESETS[args.preset]
@@ -97,7 +136,11 @@ def main() -> None:
     swarm = Swarm(model=path, workdir=Path(tempfile.mkdtemp(prefix="petals-verify-bench-")))
     try:
         swarm.start_many(*preset["spans"], *preset["spans"])  # two replicas of every span
-        if args.steps:
+        if args.tamper:
+            liar = ("--mode", "noise", "--probability", str(args.tamper), "--seed", "1", "--attract")
+            swarm.start(preset["spans"][0], tamper=liar)
+            result = catching(path, swarm, args.rate, args.tamper, args.trials)
+        elif args.steps:
             result = false_positives(path, swarm, args.steps)
         else:
             prompt = torch.randint(4, 200, (1, preset["prompt_tokens"]), generator=torch.Generator().manual_seed(0))
