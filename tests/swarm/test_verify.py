@@ -1,9 +1,10 @@
 """Verification through a real swarm: servers that tamper with their outputs (``petals_cli.testing.tamper``) are
 caught by replicas of their blocks, outvoted by a third, banned and reported; honest replicas never disagree.
 
-One swarm of four servers, each holding every block of a tiny model: two honest ones, one that tampers with every
-output and one that tampers with 5% of them. Both tamperers announce an inflated throughput (as a server that wants
-traffic would), so routes go through whichever of them a test lets the client use.
+One swarm of a tiny two-block model: two honest replicas, each made of two servers (blocks 0:1 and 1:2), and two
+servers holding both blocks, one that tampers with every output and one that tampers with 5% of them. A one-server
+route is cheaper than a two-server one (and the liars announce an inflated throughput, as a server that wants
+traffic would), so routes go through whichever liar a test lets the client use, and replicas are honest pairs.
 """
 
 import json
@@ -13,12 +14,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from petals_cli import AutoDistributedModelForCausalLM, evidence
+from petals_cli.client import SwarmClient
 from petals_cli.config import ClientConfig
 from petals_cli.errors import VerificationError
 from petals_cli.testing import make_tiny_model
 from petals_cli.verify import checks_needed
+from petals_cli.wire import model_prefix_for
 from tests.cli.inprocess import run_here
 from tests.conftest import Swarm
+from tests.swarm.checks import eventually
 
 pytestmark = pytest.mark.slow
 PROMPT = torch.tensor([[1, 57, 210, 33, 98, 402, 17]])
@@ -34,11 +38,24 @@ def swarm(tmp_path_factory):
     path = make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", "llama", num_layers=2)
     swarm = Swarm(model=path, workdir=tmp_path_factory.mktemp("swarm"))
     try:
-        honest = [swarm.start("0:2"), swarm.start("0:2")]
+        # honest replicas are two servers each (0:1 then 1:2): a liar holding both blocks is the one-hop route that
+        # routing prefers, and every check and verdict needs a replica made of two servers
+        honest = [swarm.start("0:1"), swarm.start("1:2"), swarm.start("0:1"), swarm.start("1:2")]
         always = swarm.start("0:2", tamper=("--mode", "noise", "--scale", "0.05", "--attract"))
         rare = swarm.start(
             "0:2", tamper=("--mode", "shift", "--scale", "0.5", "--probability", str(RARE), "--seed", "3", "--attract")
         )
+        everyone = {peer_of(server) for server in swarm.servers}
+        client = SwarmClient(ClientConfig(initial_peers=tuple(swarm.initial_peers)))
+        try:  # every record visible before a test routes (a check that finds no replica would verify nothing)
+            prefix = model_prefix_for(str(path))
+
+            def announced() -> bool:
+                return set(client.run(client.snapshot(prefix, 2, max_age=0)).online()) >= everyone
+
+            assert eventually(announced, timeout=30, interval=0.2)
+        finally:
+            client.close()
         yield swarm, [peer_of(server) for server in honest], peer_of(always), peer_of(rare)
     finally:
         swarm.stop()
@@ -79,7 +96,7 @@ def test_a_server_tampering_every_step_is_caught_at_once_and_the_tokens_stay_hon
 
 def test_without_a_third_replica_the_client_stops_naming_both_servers(swarm, log):
     _, honest, always, _ = swarm
-    model = open_model(swarm, verify_rate=0.1, allowed_servers=(always, honest[0]))
+    model = open_model(swarm, verify_rate=0.1, allowed_servers=(always, honest[0], honest[1]))
     try:
         with pytest.raises(VerificationError) as stopped, model.inference_session(max_length=32) as session:
             model.generate(PROMPT, max_new_tokens=4, do_sample=False, session=session)
