@@ -163,6 +163,12 @@ class SpanRequest(WireRecord):
     adapter: str = ""  # run with this LoRA adapter, which the server must announce
     graph_id: str = ""  # forward: keep the autograd graph for the backward with this id (server/graphs.py)
     session_id: str = ""  # inference: the id the client chose for this session (pushes address it), 32 hex digits
+    # client-sent LoRA (training through frozen blocks): module paths inside one block, as peft names them; for each
+    # block of the span and each target, A [rank, in] and B [out, rank] follow all other tensors of the request (an
+    # inference session's opening message carries them for all its steps); gradients come back in the same order
+    lora_targets: tuple[str, ...] = ()
+    lora_rank: int = 0
+    lora_scaling: float = 0.0  # peft's lora_alpha / r
 
     def check_protocol(self) -> None:
         if self.protocol != PROTOCOL_VERSION:

@@ -4,11 +4,12 @@ Server sessions submit each validated inference step as a ``StepJob`` and await 
 compute thread. Whenever it is free it takes every step waiting at that moment and ``plan`` (pure) groups them:
 one-token steps of different sessions over the same blocks and adapter form one batch (decoding reads every weight
 once per step, so a batch of eight costs far less than eight steps), bounded in size and filled round-robin across
-peers so that no peer's sessions crowd out another's; every other step runs alone. Steps that arrive while a batch
-computes wait for the next one. While other sessions are open on the server, a long step (a prompt) is computed in
-chunks of ``PREFILL_CHUNK`` tokens with the waiting one-token steps of other sessions run between them, so one
-user's prompt does not stall everyone's decoding for its whole length (alone, it runs whole). Forward and
-backward requests (training) run on the same thread through ``run``, each after the inference steps waiting then.
+peers so that no peer's sessions crowd out another's; every other step runs alone, and so does every step of a
+session that brought its own LoRA weights. Steps that arrive while a batch computes wait for the next one. While
+other sessions are open on the server, a long step (a prompt) is computed in chunks of ``PREFILL_CHUNK`` tokens
+with the waiting one-token steps of other sessions run between them, so one user's prompt does not stall
+everyone's decoding for its whole length (alone, it runs whole). Forward and backward requests (training) run on
+the same thread through ``run``, each after the inference steps waiting then.
 
 A batch that fails fails every step in it: their caches may be half-extended, so each of those sessions ends and
 its client fails over (replaying its history elsewhere), exactly as after a failed step of its own.
@@ -41,6 +42,7 @@ class StepJob:
     attention_mask: torch.Tensor | None = None  # [batch, cached + new tokens], when the session has padding
     position_ids: torch.Tensor | None = None  # [batch, new tokens]
     prompts: torch.Tensor | None = None
+    lora: Any = None  # the LoRA weights the session's client sent (adapters.RequestLora): it never joins a batch
     batchable: bool = False  # a one-token step whose cache and model allow batching with others
     chunkable: bool = False  # a long step (a prompt) that may be computed in chunks, in order, through the cache
     future: asyncio.Future | None = None
@@ -60,7 +62,7 @@ class StepJob:
 
     @property
     def group_key(self) -> tuple:
-        return (self.blocks, self.adapter)
+        return (self.blocks, self.adapter, self.lora)  # a client's LoRA compares by identity: one session only
 
 
 def plan(jobs: list[StepJob], max_batch: int = MAX_BATCH) -> tuple[list[list[StepJob]], list[StepJob]]:

@@ -23,8 +23,8 @@ KEPT_GRAPH_BYTES = 512 * 2**20
 
 @dataclass
 class KeptGraph:
-    key: tuple  # (start, end, adapter): a backward must ask for the same computation
-    inputs: list[torch.Tensor]  # hidden states (and prompts), leaves of the graph
+    key: tuple  # (start, end, adapter, LoRA targets/rank/scaling): a backward must ask for the same computation
+    inputs: list[torch.Tensor]  # hidden states (and prompts, and a client's LoRA weights), leaves of the graph
     outputs: torch.Tensor
     expires_at: float
     nbytes: int = 0  # activations the graph holds on to (weights excluded)
@@ -64,7 +64,8 @@ class KeptGraphs:
             self._graphs.popitem(last=False)
 
     def take(self, graph_id: str, key: tuple, inputs: list[torch.Tensor]) -> KeptGraph | None:
-        """The graph kept under ``graph_id`` if it computed exactly this (same blocks, same inputs); removed."""
+        """The graph kept under ``graph_id`` if it computed exactly this (same blocks, same inputs, LoRA weights
+        included); removed."""
         graph = self._graphs.pop(graph_id, None) if graph_id else None
         if graph is None or graph.key != key or graph.expires_at < self.clock() or len(graph.inputs) != len(inputs):
             return None

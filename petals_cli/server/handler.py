@@ -1,11 +1,12 @@
 """The server's RPC handlers: they decode, validate, submit and reply; nothing else.
 
-Every request is validated (protocol, model prefix, block range, tensor shapes and dtypes, lengths) before
-any compute; a bad request gets a typed error response and the server carries on. An inference stream opens a
-``ServerSession`` (``sessions.py``: cache, position, mask, within the cache budget and per-peer limits) and
-each of its messages is decoded as a ``Step`` (``step.py``) and applied to that session; the step engine
-(``engine.py``) owns the compute thread and batches the one-token steps of sessions waiting together; what runs
-on that thread is ``compute.py``. The event loop keeps answering (info RPCs, DHT) while a step computes.
+Every request is validated (protocol, model prefix, block range, tensor shapes and dtypes, lengths, the LoRA
+weights a client sends) before any compute; a bad request gets a typed error response and the server carries on.
+An inference stream opens a ``ServerSession`` (``sessions.py``: cache, position, mask, within the cache budget and
+per-peer limits; the LoRA weights of its opening message, for all its steps) and each of its messages is decoded
+as a ``Step`` (``step.py``) and applied to that session; the step engine (``engine.py``) owns the compute thread
+and batches the one-token steps of sessions waiting together; what runs on that thread is ``compute.py``. The
+event loop keeps answering (info RPCs, DHT) while a step computes.
 
 A session's cache and tokens are returned when its stream ends (closed, disconnected or failed) or when it
 sends no step for ``session_idle_timeout`` seconds. A step that fails (out of memory included) or passes its
@@ -27,7 +28,7 @@ from petals_cli import transport
 from petals_cli.errors import InvalidRequestError, PetalsError, ServerError, SessionExpiredError
 from petals_cli.families.base import SpanRunner
 from petals_cli.server import validation
-from petals_cli.server.adapters import NO_ADAPTERS, SpanAdapters
+from petals_cli.server.adapters import RequestLora, SpanAdapters, request_lora
 from petals_cli.server.cache import CacheBudget
 from petals_cli.server.compute import SpanCompute, describe_failure
 from petals_cli.server.engine import StepEngine, StepJob
@@ -71,26 +72,28 @@ class BlockHandler:
         alloc_timeout: float,
         session_idle_timeout: float,
         info,
-        adapters: SpanAdapters = NO_ADAPTERS,
+        adapters: SpanAdapters | None = None,
         connect=None,
     ):
-        self.span, self.prefix, self.adapters = span, prefix, adapters
+        self.span, self.prefix = span, prefix
+        self.adapters = SpanAdapters() if adapters is None else adapters  # one per span: it hooks the span's layers
         self.limits = limits
         self.session_idle_timeout = session_idle_timeout
         self.info = info
         self.connect = connect  # peer id -> a stub of that server's BlocksService (to push steps), or None
         self.sessions = ServerSessions(budget, limits, alloc_timeout=alloc_timeout)
-        self.compute = SpanCompute(span, KeptGraphs(max_bytes=limits.max_kept_graph_bytes), adapters)
+        self.compute = SpanCompute(span, KeptGraphs(max_bytes=limits.max_kept_graph_bytes), self.adapters)
         self.engine = StepEngine(self.compute.run_group)  # owns the compute thread
 
     def shutdown(self) -> None:
         self.engine.shutdown()
 
-    def replace_span(self, span: SpanRunner, adapters: SpanAdapters = NO_ADAPTERS) -> None:
+    def replace_span(self, span: SpanRunner, adapters: SpanAdapters | None = None) -> None:
         """Serve other blocks from now on (rebalancing). Open sessions end at their next step, with a
         ServerError their clients fail over on; their caches belong to the old blocks."""
-        self.span, self.adapters = span, adapters
-        self.compute.replace(span, adapters)
+        self.span = span
+        self.adapters = SpanAdapters() if adapters is None else adapters
+        self.compute.replace(span, self.adapters)
         for session in self.sessions:
             session.moved = True
 
@@ -119,8 +122,10 @@ class BlockHandler:
                 opening = await self._next(requests.__anext__())
                 if opening is None:
                     return
+                validation.check_message_size(opening, self.limits)
                 request = self._check_span_request(opening.metadata)
-                session = await self._open_session(request, peer=context.remote_id.to_base58())
+                lora = request_lora(self.span, request, [transport.deserialize(part) for part in opening.tensors])
+                session = await self._open_session(request, peer=context.remote_id.to_base58(), lora=lora)
             except PetalsError as error:
                 logger.info("session refused: %s: %s", error.code, error)
                 yield transport.error_response(error)
@@ -164,10 +169,14 @@ class BlockHandler:
                 f"the session sent nothing for {self.session_idle_timeout:g}s; the server closed it, freeing its cache"
             ) from None
 
-    async def _open_session(self, request: SpanRequest, *, peer: str) -> ServerSession:
+    async def _open_session(self, request: SpanRequest, *, peer: str, lora: RequestLora | None) -> ServerSession:
+        """A session with its cache; with the LoRA weights its opening message carried, applied to all its steps."""
         span = self.span
         session = await self.sessions.open(
-            request, peer, lambda: span.make_cache(request.start_block, request.end_block, capacity=request.max_length)
+            request,
+            peer,
+            lambda: span.make_cache(request.start_block, request.end_block, capacity=request.max_length),
+            lora,
         )
         session.batchable = span.can_batch(session.cache)  # standard blocks, full-attention cache
         return session
@@ -269,8 +278,9 @@ class BlockHandler:
             async with asyncio.timeout(self.limits.step_timeout):
                 tensors, metadata = await transport.collect_tensors(requests, self.limits.max_request_bytes)
             request = self._check_span_request(metadata)
-            if len(tensors) != num_tensors + request.prompts:
-                raise InvalidRequestError(f"expected {num_tensors + request.prompts} tensors, got {len(tensors)}")
+            given = num_tensors + request.prompts  # the client's LoRA weights follow
+            if len(tensors) != (expected := given + validation.lora_tensor_count(request)):
+                raise InvalidRequestError(f"expected {expected} tensors, got {len(tensors)}")
             first = validation.check_hidden(tensors[0], self.hidden_size)
             for other in tensors[1:num_tensors]:
                 if other.shape != first.shape:
@@ -279,7 +289,8 @@ class BlockHandler:
             prompts = tensors[num_tensors] if request.prompts else None
             if prompts is not None:
                 prompts = validation.check_prompts(prompts, request, self.hidden_size, self.limits)
-            outputs = await self._deadline(self.engine.run(function, *tensors[:num_tensors], request, prompts))
+            lora = request_lora(self.span, request, tensors[given:])
+            outputs = await self._deadline(self.engine.run(function, *tensors[:num_tensors], request, prompts, lora))
             return transport.response_messages(outputs, StepResponse())
         except TimeoutError:
             return [transport.error_response(InvalidRequestError("the request was not sent in time"))]

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -47,6 +48,7 @@ class ServerSession:
     broken: bool = False  # a step failed half-way; the session ends after reporting it
     moved: bool = False  # the server now holds other blocks: the session ends at its next step
     batchable: bool = False  # its cache and model let its one-token steps join batches
+    lora: Any = None  # the LoRA weights its client sent when opening it (adapters.RequestLora), for every step
     # its client's messages and steps pushed to it; bounded, so a client that sends without waiting is held back
     inbox: asyncio.Queue = dataclasses.field(default_factory=lambda: asyncio.Queue(INBOX_SIZE))
 
@@ -76,9 +78,10 @@ class ServerSession:
             attention_mask=mask,
             position_ids=positions,
             prompts=prompts,
+            lora=self.lora,
         )
         if prompts is None and self.batchable:
-            job.batchable = tokens == 1
+            job.batchable = tokens == 1 and self.lora is None  # one session's own weights: never in a batch
             job.chunkable = tokens > 1 and others_open  # alone on the server, a prompt runs whole
         return job
 
@@ -145,7 +148,9 @@ class ServerSessions:
                 await asyncio.wait_for(opened.wait(), deadline - loop.time())
         return self._open.get(session_id)
 
-    async def open(self, request: SpanRequest, peer: str, make_cache: Callable[[], object]) -> ServerSession:
+    async def open(
+        self, request: SpanRequest, peer: str, make_cache: Callable[[], object], lora: Any = None
+    ) -> ServerSession:
         # Hard limits first, so an absurd request never reaches the budget or allocates anything.
         tokens = validation.check_session_size(request, self.limits)
         session_id = request.session_id or uuid.uuid4().hex
@@ -161,7 +166,7 @@ class ServerSessions:
             self.budget.release(session_id)
             self.peers.release(peer)
             raise
-        session = ServerSession(id=session_id, request=request, cache=cache, peer=peer)
+        session = ServerSession(id=session_id, request=request, cache=cache, peer=peer, lora=lora)
         self._open[session_id] = session
         self._opened.set()  # wakes pushes that arrived before their session
         self._opened = asyncio.Event()

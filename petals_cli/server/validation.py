@@ -9,6 +9,7 @@ touches the network, the cache or the compute thread.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 from typing import Any
 
@@ -20,6 +21,9 @@ from petals_cli.wire import SpanRequest
 
 MAX_BATCH_SIZE = 1024
 MAX_PREFIX_LENGTH = 256
+MAX_LORA_RANK = 64
+MAX_LORA_TARGETS = 16
+MAX_LORA_TARGET_LENGTH = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +49,47 @@ def check_span_request(data: Any, prefix: str, held: tuple[int, int]) -> SpanReq
         raise InvalidRequestError(
             f"blocks {request.start_block}:{request.end_block} are not within this server's {start}:{end}"
         )
+    check_lora_request(request)
     return request
+
+
+def check_lora_request(request: SpanRequest) -> None:
+    """The LoRA a client announces it sends (``lora_targets``): a rank, a few distinct targets, a finite scale, and
+    no served adapter besides. Whether the targets exist is the span's to say (``adapters.request_lora``)."""
+    targets = request.lora_targets
+    if not targets:
+        return
+    if request.adapter:
+        raise InvalidRequestError("a request may use a served adapter or send its own LoRA weights, not both")
+    if not 1 <= request.lora_rank <= MAX_LORA_RANK:
+        raise InvalidRequestError(f"lora_rank must be in 1..{MAX_LORA_RANK}, got {request.lora_rank}")
+    if len(targets) > MAX_LORA_TARGETS:
+        raise InvalidRequestError(f"at most {MAX_LORA_TARGETS} lora_targets, got {len(targets)}")
+    if any(len(target) > MAX_LORA_TARGET_LENGTH for target in targets):
+        raise InvalidRequestError(f"lora_targets may be at most {MAX_LORA_TARGET_LENGTH} characters long")
+    if len(set(targets)) != len(targets):
+        duplicate = next(target for target in targets if targets.count(target) > 1)
+        raise InvalidRequestError(f"lora_targets names {duplicate[:64]!r} twice")
+    if not math.isfinite(request.lora_scaling):
+        raise InvalidRequestError(f"lora_scaling must be finite, got {request.lora_scaling}")
+
+
+def lora_tensor_count(request: SpanRequest) -> int:
+    """How many LoRA tensors follow a request's other tensors: A and B per block and target."""
+    return 2 * (request.end_block - request.start_block) * len(request.lora_targets)
+
+
+def check_lora_tensors(tensors: list[torch.Tensor], expected: list[tuple[str, tuple[int, ...]]]) -> None:
+    """Sent LoRA tensors against the ``(name, shape)`` each must have, in order: floating point, finite."""
+    if len(tensors) != len(expected):
+        raise InvalidRequestError(f"expected {len(expected)} LoRA tensors, got {len(tensors)}")
+    for tensor, (name, shape) in zip(tensors, expected, strict=True):
+        if tuple(tensor.shape) != shape:
+            raise InvalidRequestError(f"LoRA {name} must have shape {list(shape)}, got {list(tensor.shape)}")
+        if not tensor.is_floating_point():
+            raise InvalidRequestError(f"LoRA {name} must be floating point, got {tensor.dtype}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise InvalidRequestError(f"LoRA {name} contains NaN or infinite values")
 
 
 def check_session_size(request: SpanRequest, limits: Limits) -> int:
