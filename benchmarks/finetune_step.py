@@ -1,10 +1,13 @@
-"""Prompt-tuning step time through a local swarm vs the same training step run locally in transformers.
+"""Training step time through a local swarm vs the same training step run locally in transformers (+ peft).
 
     python benchmarks/finetune_step.py --preset midsize   # 12 layers, hidden 1024, 3 servers, batch 4 x 64
     python benchmarks/finetune_step.py --preset tiny      # the per-step overhead, 2 servers
+    python benchmarks/finetune_step.py --preset midsize --method lora   # client-owned LoRA, r 8, q/v projections
 
-One step = forward, backward and an AdamW update of deep_ptune prompts (pre_seq_len 16). Locally the prompts
-are added by forward pre-hooks on transformers' decoder layers, exactly as the servers add them. Starts the
+One step = forward, backward and an AdamW update of deep_ptune prompts (pre_seq_len 16), or with ``--method lora``
+of LoRA weights (``--lora-r``, q_proj and v_proj) that the client sends with every request. Locally the prompts
+are added by forward pre-hooks on transformers' decoder layers, exactly as the servers add them; local LoRA is
+peft's. Starts the
 servers with `petals serve` on 127.0.0.1, measures, stops them, and prints one JSON object.
 
 Local steps run in their own process (torch's default threading, its best case). Measurements alternate in
@@ -101,6 +104,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--pre-seq-len", type=int, default=16)
+    parser.add_argument("--method", choices=("deep_ptune", "lora"), default="deep_ptune")
+    parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="measured steps per block")
     parser.add_argument("--rounds", type=int, default=3, help="local block + swarm block, this many times")
     parser.add_argument("--models-dir", default=".models")
@@ -117,6 +122,15 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(4, 200, (args.batch_size, args.seq_len), generator=generator)
 
+    if args.local_only and args.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=["q_proj", "v_proj"])
+        local = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), lora)
+        trainable = [parameter for parameter in local.parameters() if parameter.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+        serve_local_steps(lambda: swarm_step(local, optimizer, input_ids))  # the same step, on the local model
+        return
     if args.local_only:
         local = AutoModelForCausalLM.from_pretrained(model_path).eval().requires_grad_(False)
         hidden_size, num_layers = local.config.hidden_size, local.config.num_hidden_layers
@@ -132,8 +146,11 @@ def main() -> None:
     try:
         assert local.stdout.readline().strip() == "ready", "the local process failed"
         swarm.start_many(*preset["spans"])
+        tuning = dict(tuning_mode="deep_ptune", pre_seq_len=args.pre_seq_len)
+        if args.method == "lora":
+            tuning = dict(tuning_mode="lora", lora_r=args.lora_r, lora_alpha=2 * args.lora_r)
         distributed = AutoDistributedModelForCausalLM.from_pretrained(
-            str(model_path), initial_peers=swarm.initial_peers, tuning_mode="deep_ptune", pre_seq_len=args.pre_seq_len
+            str(model_path), initial_peers=swarm.initial_peers, **tuning
         )
         optimizer = torch.optim.AdamW(distributed.trainable_parameters(), lr=1e-2)
         swarm_step(distributed, optimizer, input_ids)  # warm-up: connections, routes
@@ -156,8 +173,8 @@ def main() -> None:
         "preset": args.preset,
         "servers": list(preset["spans"]),
         "batch": [args.batch_size, args.seq_len],
-        "pre_seq_len": args.pre_seq_len,
-        "method": "deep_ptune",
+        **({"lora_r": args.lora_r} if args.method == "lora" else {"pre_seq_len": args.pre_seq_len}),
+        "method": args.method,
         "local_step_s": round(local_median, 4),
         "swarm_step_s": round(swarm_median, 4),
         "swarm_over_local": round(swarm_median / local_median, 3),

@@ -24,8 +24,11 @@ def finetune(
         ),
     ],
     method: Annotated[
-        Literal["ptune", "deep_ptune"],
-        typer.Option(help="ptune: an input prefix; deep_ptune: per-block prompts too."),
+        Literal["ptune", "deep_ptune", "lora"],
+        typer.Option(
+            help="ptune: an input prefix; deep_ptune: per-block prompts too; lora: LoRA weights on the remote "
+            "blocks, owned and trained by this client (saved as a peft adapter directory)."
+        ),
     ] = "ptune",
     text_field: Annotated[str, typer.Option(help="The field holding the text (JSONL, CSV, saved datasets).")] = "text",
     seq_len: Annotated[int, typer.Option(min=1, help="Tokens per training sequence.")] = 64,
@@ -43,6 +46,14 @@ def finetune(
     resume: Annotated[
         str | None, typer.Option(help="Continue from this checkpoint directory.", show_default=False)
     ] = None,
+    lora_r: Annotated[int, typer.Option(min=1, max=64, help="--method lora: the rank.")] = 8,
+    lora_alpha: Annotated[float, typer.Option(min=0.0, help="--method lora: alpha (the scale is alpha / r).")] = 16.0,
+    lora_target_modules: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="--method lora: modules to adapt, as peft names them (repeatable).", show_default="q_proj v_proj"
+        ),
+    ] = None,
     initial_peers: InitialPeersOpt = None,
     model_prefix: ModelPrefixOpt = None,
     verify: VerifyOpt = None,
@@ -57,6 +68,7 @@ def finetune(
     setup_logging(verbose)
     options.update(dataset=_one_dataset(dataset), steps=steps or 0, epochs=epochs or 0)
     options.update(output=output or "", resume=resume or "")
+    options.update(lora_target_modules=tuple(lora_target_modules or ("q_proj", "v_proj")))
     config = FinetuneConfig(**options)
     client = ClientConfig.from_sources(
         initial_peers=tuple(initial_peers or ()), model_prefix=model_prefix, verify_rate=verify
@@ -66,7 +78,8 @@ def finetune(
     if json_output:
         typer.echo(json.dumps(result.to_json()))
     else:
-        where = f"; prompts saved to {result.output}" if result.output else "; prompts not saved (no --output)"
+        what = "LoRA adapter" if method == "lora" else "prompts"
+        where = f"; {what} saved to {result.output}" if result.output else f"; {what} not saved (no --output)"
         typer.echo(f"trained {result.steps} steps, final loss {result.losses[-1]:.4f}{where}")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -335,7 +336,7 @@ class FinetuneConfig(_FromSources):
     """What `petals finetune` trains, on what data, and where it keeps its checkpoints."""
 
     model: str = ""
-    method: str = "ptune"  # ptune | deep_ptune
+    method: str = "ptune"  # ptune | deep_ptune | lora
     dataset: str = ""  # JSONL, JSON, CSV, plain text, or a directory saved by `datasets`
     text_field: str = "text"
     seq_len: int = 64
@@ -348,10 +349,19 @@ class FinetuneConfig(_FromSources):
     output: str = ""  # prompts and trainer state go here (at the end and every save_every steps)
     save_every: int = 0
     resume: str = ""  # continue from this checkpoint directory
+    lora_r: int = 8  # --method lora: rank, alpha and target modules (as peft names them)
+    lora_alpha: float = 16.0
+    lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")
 
     def __post_init__(self):
-        if self.method not in ("ptune", "deep_ptune"):
-            raise ConfigError(f"--method {self.method!r}: choose ptune or deep_ptune")
+        if self.method not in ("ptune", "deep_ptune", "lora"):
+            raise ConfigError(f"--method {self.method!r}: choose ptune, deep_ptune or lora")
+        if not 1 <= self.lora_r <= 64:
+            raise ConfigError(f"--lora-r {self.lora_r}: choose a rank from 1 to 64")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ConfigError(f"--lora-alpha {self.lora_alpha:g}: must be above 0")
+        if not self.lora_target_modules or not all(self.lora_target_modules):
+            raise ConfigError("--lora-target-modules: name at least one module, e.g. q_proj")
         if not self.dataset:
             raise ConfigError("finetune: --dataset PATH is required")
         if min(self.seq_len, self.batch_size, self.pre_seq_len) < 1 or self.lr <= 0:

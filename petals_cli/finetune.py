@@ -1,6 +1,7 @@
-"""Prompt tuning through the swarm: data in, trained prompts out.
+"""Prompt tuning and LoRA through the swarm: data in, trained prompts or a peft adapter out.
 
-The client owns the trainable prompts (``petals_cli.prompts``) and an optimizer; every step runs the frozen
+The client owns the trainable prompts (``petals_cli.prompts``) or LoRA weights (``petals_cli.lora``, saved as a
+standard peft adapter directory) and an optimizer; every step runs the frozen
 remote blocks forward and backward through ``RemoteBlocks`` (which fails over like any request). Data comes
 through ``datasets``: every text is tokenised, the texts are joined (separated by EOS) and cut into sequences
 of ``seq_len`` tokens, so batches never need padding. The order of sequences is a permutation drawn from
@@ -189,11 +190,15 @@ def finetune(
 
 
 def _read_state(config: FinetuneConfig) -> dict:
-    metadata = read_prompts_metadata(config.resume)
     state_path = Path(config.resume) / STATE_FILE
     if not state_path.exists():
         raise ConfigError(f"--resume {config.resume}: no {STATE_FILE} (is it a `petals finetune` checkpoint?)")
     state = torch.load(state_path, map_location="cpu", weights_only=True)
+    if config.method == "lora" or "lora" in state:
+        if config.method != "lora" or "lora" not in state:
+            raise ConfigError(f"--resume {config.resume}: trained with another --method; pass the same options")
+        return state
+    metadata = read_prompts_metadata(config.resume)
     if (metadata["method"], metadata["pre_seq_len"]) != (config.method, config.pre_seq_len):
         raise ConfigError(
             f"--resume {config.resume} was trained with --method {metadata['method']} "
@@ -203,10 +208,18 @@ def _read_state(config: FinetuneConfig) -> dict:
 
 
 def _train(model, config: FinetuneConfig, sequences: torch.Tensor, state: dict | None, on_step) -> FinetuneResult:
-    torch.manual_seed(config.seed)  # the prompts' initial values
-    model.enable_prompt_tuning(config.method, config.pre_seq_len)
-    if state is not None:
-        model.prompt_tuning.load_state_dict(state["prompts"])
+    torch.manual_seed(config.seed)  # the prompts' (or LoRA weights') initial values
+    if config.method == "lora":
+        model.enable_lora(config.lora_r, config.lora_alpha, config.lora_target_modules)
+        if state is not None:
+            try:
+                model.client_lora.load_state_dict(state["lora"])
+            except RuntimeError as exc:
+                raise ConfigError(f"--resume {config.resume}: another --lora-r or target modules ({exc})") from None
+    else:
+        model.enable_prompt_tuning(config.method, config.pre_seq_len)
+        if state is not None:
+            model.prompt_tuning.load_state_dict(state["prompts"])
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.lr, weight_decay=0.0)
     result = FinetuneResult(output=config.output or config.resume)
     first_step = 0
@@ -237,19 +250,20 @@ def _train(model, config: FinetuneConfig, sequences: torch.Tensor, state: dict |
 
 
 def save_checkpoint(model, optimizer, step: int, losses: list[float], directory: str, model_name: str) -> None:
-    """The prompts in the saved format, then what resuming needs (one file, written last).
+    """The prompts in the saved format (or the LoRA weights as a peft adapter directory), then what resuming
+    needs (one file, written last).
 
     The state file is the checkpoint's commit mark: a run killed while saving leaves either the previous state
-    (still consistent: it holds its own copy of the prompts) or the new one, never a state without prompts.json.
+    (still consistent: it holds its own copy of the weights) or the new one, never a state without them.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {
-        "prompts": model.prompt_tuning.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "losses": torch.tensor(losses, dtype=torch.float64),
-    }
-    save_prompts(model.prompt_tuning, directory, model=model_name)
+    state = {"optimizer": optimizer.state_dict(), "step": step, "losses": torch.tensor(losses, dtype=torch.float64)}
+    if getattr(model, "client_lora", None) is not None:
+        state["lora"] = model.client_lora.state_dict()
+        model.client_lora.save_pretrained(directory, base_model=model_name)
+    else:
+        state["prompts"] = model.prompt_tuning.state_dict()
+        save_prompts(model.prompt_tuning, directory, model=model_name)
     torch.save(state, directory / (STATE_FILE + ".tmp"))
     (directory / (STATE_FILE + ".tmp")).replace(directory / STATE_FILE)

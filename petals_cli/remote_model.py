@@ -24,6 +24,7 @@ from petals_cli.config import ClientConfig
 from petals_cli.errors import ConfigError
 from petals_cli.families import Family, family_for, selfcheck
 from petals_cli.families.base import get_module, materialize, span_config, text_config
+from petals_cli.lora import ClientLora, block_linear_shapes, resolve_targets
 from petals_cli.prompts import PromptTuning, load_prompts
 from petals_cli.session import InferenceSession, RemoteBlocks
 from petals_cli.wire import model_prefix_for
@@ -72,6 +73,18 @@ class DistributedModelForCausalLM:
     petals_prefix: str
     petals_num_blocks: int
     prompt_tuning: PromptTuning | None  # a submodule once set: no class-level default, which would shadow it
+    client_lora: ClientLora | None  # LoRA weights this client trains on the remote blocks (a submodule once set)
+
+    def enable_lora(self, rank: int = 8, alpha: float = 16.0, target_modules=("q_proj", "v_proj")) -> ClientLora:
+        """Add fresh trainable LoRA weights for every remote block (peft's naming and initialisation): requests
+        carry them, servers apply them for that request only and return their gradients."""
+        shapes = block_linear_shapes(self.config, self.petals_family)
+        targets = resolve_targets(shapes, list(target_modules))
+        lora = ClientLora(
+            self.petals_num_blocks, shapes, targets, rank, alpha, block_prefix=self.petals_family.block_prefix
+        )
+        self.client_lora = lora.to(self.get_input_embeddings().weight.device)
+        return self.client_lora
 
     def enable_prompt_tuning(self, method: str, pre_seq_len: int, *, init_std: float | None = None) -> PromptTuning:
         """Add fresh trainable prompts (every other parameter stays frozen); returns them."""
@@ -92,8 +105,9 @@ class DistributedModelForCausalLM:
         return self.set_prompts(tuning)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """The prompts' parameters (what an optimizer should update)."""
-        return [] if self.prompt_tuning is None else list(self.prompt_tuning.parameters())
+        """The prompts' and client-owned LoRA's parameters (what an optimizer should update)."""
+        prompts = [] if self.prompt_tuning is None else list(self.prompt_tuning.parameters())
+        return prompts + ([] if self.client_lora is None else list(self.client_lora.parameters()))
 
     @property
     def prefix_length(self) -> int:
@@ -112,9 +126,13 @@ class DistributedModelForCausalLM:
 
     def remote_blocks(self, hidden: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states after all remote blocks (differentiable, also in the deep ``prompts``; no cache)."""
+        lora = self.client_lora
+        weights = [] if lora is None else list(lora.weights)
         if not torch.is_grad_enabled():  # servers then keep no graphs for a backward that will not come
             hidden, prompts = hidden.detach(), None if prompts is None else prompts.detach()
-        return RemoteBlocks.apply(hidden, prompts, self.petals_client, self.petals_prefix, self.petals_num_blocks)
+            weights = [weight.detach() for weight in weights]
+        client, prefix, num_blocks = self.petals_client, self.petals_prefix, self.petals_num_blocks
+        return RemoteBlocks.apply(hidden, prompts, client, prefix, num_blocks, lora, *weights)
 
     def inference_session(self, max_length: int, batch_size: int = 1) -> InferenceSession:
         """A session whose server-side caches hold up to ``max_length`` tokens; use as a context manager."""
@@ -125,6 +143,7 @@ class DistributedModelForCausalLM:
             max_length=max_length,
             batch_size=batch_size,
             prompts=self.deep_prompts,
+            lora=self.client_lora,
         )
 
     def forward(
@@ -260,6 +279,9 @@ class AutoDistributedModelForCausalLM:
         token: str | None = None,
         tuning_mode: str | None = None,
         pre_seq_len: int = 16,
+        lora_r: int = 8,
+        lora_alpha: float = 16.0,
+        lora_target_modules=("q_proj", "v_proj"),
         prompts: str | None = None,
         active_adapter: str | None = None,
         on_progress=None,
@@ -268,7 +290,9 @@ class AutoDistributedModelForCausalLM:
         """Load the local modules of ``model`` (a directory or hub repo) and connect to the swarm.
 
         ``tuning_mode="ptune"|"deep_ptune"`` adds ``pre_seq_len`` fresh trainable prompts
-        (``model.trainable_parameters()``); ``prompts=DIR`` uses saved ones instead. ``active_adapter=NAME``
+        (``model.trainable_parameters()``); ``prompts=DIR`` uses saved ones instead. ``tuning_mode="lora"`` adds
+        trainable LoRA weights (``lora_r``, ``lora_alpha``, ``lora_target_modules`` as peft names them) for every
+        remote block, sent with each request; ``loss.backward()`` fills their gradients. ``active_adapter=NAME``
         runs the blocks with a LoRA adapter, through servers that announce it only.
         ``on_progress(bytes_read, bytes_total)`` follows the loading of local weights; the swarm connection is
         made inside the ``connecting()`` context (e.g. a spinner).
@@ -289,7 +313,9 @@ class AutoDistributedModelForCausalLM:
             on_progress=on_progress,
         )
         instance.petals_prefix = client_config.model_prefix or model_prefix_for(model)
-        if tuning_mode is not None:
+        if tuning_mode == "lora":
+            instance.enable_lora(lora_r, lora_alpha, lora_target_modules)
+        elif tuning_mode is not None:
             instance.enable_prompt_tuning(tuning_mode, pre_seq_len)
         elif prompts is not None:
             instance.load_prompts(prompts)
@@ -322,6 +348,7 @@ class AutoDistributedModelForCausalLM:
         instance.eval()
         instance.petals_family = family
         instance.prompt_tuning = None
+        instance.client_lora = None
         instance.petals_num_blocks = text_config(hf_config).num_hidden_layers
         selfcheck.check_local_modules(instance, super(DistributedModelForCausalLM, instance).forward)
         return instance

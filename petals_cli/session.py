@@ -35,6 +35,7 @@ from petals_cli.errors import (
     SessionLengthError,
     VerificationError,
 )
+from petals_cli.lora import ClientLora, SpanLora
 from petals_cli.routing import RouteSpan
 from petals_cli.step import Step, extend_mask, positions_from_mask
 from petals_cli.verify import Comparison, compare
@@ -149,8 +150,12 @@ class InferenceSession:
         max_length: int,
         batch_size: int = 1,
         prompts: torch.Tensor | None = None,
+        lora: ClientLora | None = None,
     ):
         self.client, self.prefix, self.num_blocks = client, prefix, num_blocks
+        # client-owned LoRA: its weights as they are now travel with each span's opening message
+        self.lora = lora
+        self.lora_weights = None if lora is None else [weight.detach().cpu() for weight in lora.weights]
         self.max_length, self.batch_size = max_length, batch_size
         self.prompts = None if prompts is None else prompts.detach().cpu()
         self.position = 0
@@ -379,6 +384,7 @@ class InferenceSession:
         """Open a session on ``span``'s server under an id chosen here, so that steps (and the previous server's
         pushes) can follow at once: the server's acknowledgement, or its refusal, is read before the first answer."""
         stream = _SpanStream(span, session_id=uuid.uuid4().hex, acknowledged=False)
+        lora = None if self.lora is None else self.lora.for_span(self.lora_weights, span.start, span.end)
         request = SpanRequest(
             protocol=PROTOCOL_VERSION,
             prefix=self.prefix,
@@ -388,8 +394,14 @@ class InferenceSession:
             batch_size=self.batch_size,
             adapter=self.client.config.active_adapter,
             session_id=stream.session_id,
+            **(
+                {}
+                if lora is None
+                else {"lora_targets": lora.targets, "lora_rank": lora.rank, "lora_scaling": lora.scaling}
+            ),
         )
-        stream.outbox.put_nowait(runtime_pb2.ExpertRequest(metadata=transport.pack(request)))
+        tensors = [] if lora is None else [transport.serialize(weight) for weight in lora.weights]
+        stream.outbox.put_nowait(runtime_pb2.ExpertRequest(metadata=transport.pack(request), tensors=tensors))
         try:
             stream.responses = await _guard(
                 self.client, span, self.client.stub(span.peer_id).rpc_inference(stream.requests())
@@ -744,8 +756,10 @@ async def _call_unary(
     tensors,
     prompts: torch.Tensor | None = None,
     graph_id: str = "",
+    lora: SpanLora | None = None,
 ) -> list[torch.Tensor]:
-    """One forward or backward request; the answer's tensors have the shapes of ``tensors[0]`` (and ``prompts``)."""
+    """One forward or backward request; the answer's tensors have the shapes of ``tensors[0]`` (and, for a
+    backward, of ``prompts`` and of the ``lora`` weights, whose gradients follow)."""
     request = SpanRequest(
         protocol=PROTOCOL_VERSION,
         prefix=prefix,
@@ -754,10 +768,17 @@ async def _call_unary(
         prompts=prompts is not None,
         adapter=client.config.active_adapter,
         graph_id=graph_id,
+        **(
+            {}
+            if lora is None
+            else {"lora_targets": lora.targets, "lora_rank": lora.rank, "lora_scaling": lora.scaling}
+        ),
     )
     if prompts is not None:
         prompts = prompts[span.start : span.end]
         tensors = [*tensors, prompts]
+    if lora is not None:
+        tensors = [*tensors, *lora.weights]
     messages = transport.request_messages(tensors, transport.pack(request))
 
     async def requests():
@@ -776,7 +797,10 @@ async def _call_unary(
         transport.check_response(runtime_pb2.ExpertResponse(metadata=metadata))
     except (ServerError, CacheExhaustedError) as exc:
         raise ServerFailure(span, f"{type(exc).__name__}: {exc}") from exc
-    expected = [tensors[0].shape] + ([prompts.shape] if prompts is not None and method == "rpc_backward" else [])
+    expected = [tensors[0].shape]
+    if method == "rpc_backward":
+        expected += [prompts.shape] if prompts is not None else []
+        expected += [weight.shape for weight in lora.weights] if lora is not None else []
     if [output.shape for output in outputs] != expected:
         raise ServerFailure(span, "sent a malformed answer")
     return outputs
@@ -797,9 +821,31 @@ class _RemoteChain:
     With ``keep_graphs``, each forward asks its server to keep the autograd graph for the backward that
     follows (saving a recomputation there); a backward that fails over to another server recomputes."""
 
-    def __init__(self, client: SwarmClient, prefix: str, num_blocks: int, *, keep_graphs: bool = False):
+    def __init__(
+        self,
+        client: SwarmClient,
+        prefix: str,
+        num_blocks: int,
+        *,
+        keep_graphs: bool = False,
+        lora: ClientLora | None = None,
+        lora_weights: list[torch.Tensor] | None = None,
+    ):
         self.client, self.prefix, self.num_blocks = client, prefix, num_blocks
         self.keep_graphs = keep_graphs
+        # client-owned LoRA: its structure, the weights sent (in wire order) and their gradients, summed here
+        self.lora, self.lora_weights = lora, lora_weights
+        self.grad_lora = None if lora_weights is None else [torch.zeros_like(weight) for weight in lora_weights]
+
+    def _lora(self, start: int, end: int) -> SpanLora | None:
+        return None if self.lora is None else self.lora.for_span(self.lora_weights, start, end)
+
+    def _add_lora_grads(self, start: int, end: int, grads: list[torch.Tensor]) -> None:
+        if self.grad_lora is not None:
+            for index, grad in zip(
+                range(*self.lora.span_slice(start, end).indices(len(self.grad_lora))), grads, strict=True
+            ):
+                self.grad_lora[index] += grad
 
     async def route(self, start: int, end: int) -> list[RouteSpan]:
         return await self.client.route(self.prefix, self.num_blocks, start, end, inference=False)
@@ -846,6 +892,7 @@ class _RemoteChain:
                 self.client.succeed(span.peer_id)
                 if prompts is not None:
                     grad_prompts[span.start : span.end] += grads[1]
+                self._add_lora_grads(span.start, span.end, grads[1 + (prompts is not None) :])
                 return grads[0]
             except ServerFailure as failure:
                 logger.warning("%s; failing over", failure)
@@ -873,7 +920,8 @@ class _RemoteChain:
         if chosen:  # the replica runs beside the server
             check = asyncio.ensure_future(self._replica_call(span, method, tensors, prompts, {span.peer_id}))
         try:
-            outputs = await _call_unary(self.client, self.prefix, span, method, tensors, prompts, graph_id)
+            lora = self._lora(span.start, span.end)
+            outputs = await _call_unary(self.client, self.prefix, span, method, tensors, prompts, graph_id, lora)
         except BaseException:
             await _abandon(check)
             raise
@@ -940,34 +988,48 @@ class _RemoteChain:
         hidden, inputs = tensors[0], []
         for member in route if method == "rpc_forward" else route[:-1]:  # a backward needs each hop's input
             inputs.append(hidden)
-            (hidden,) = await _call_unary(self.client, self.prefix, member, "rpc_forward", [hidden], prompts)
+            lora = self._lora(member.start, member.end)
+            (hidden,) = await _call_unary(
+                self.client, self.prefix, member, "rpc_forward", [hidden], prompts, lora=lora
+            )
         if method == "rpc_forward":
             return route, [hidden]
         inputs.append(hidden)
         grad = tensors[1]
         grad_prompts = None if prompts is None else torch.zeros_like(prompts[span.start : span.end])
+        grad_lora: dict[int, list[torch.Tensor]] = {}
         for member, member_input in zip(reversed(route), reversed(inputs), strict=True):
-            grads = await _call_unary(self.client, self.prefix, member, "rpc_backward", [member_input, grad], prompts)
+            lora = self._lora(member.start, member.end)
+            grads = await _call_unary(
+                self.client, self.prefix, member, "rpc_backward", [member_input, grad], prompts, lora=lora
+            )
             grad = grads[0]
             if grad_prompts is not None:
                 grad_prompts[member.start - span.start : member.end - span.start] += grads[1]
-        return route, [grad] if grad_prompts is None else [grad, grad_prompts]
+            grad_lora[member.start] = grads[1 + (prompts is not None) :]
+        lora_grads = [tensor for start in sorted(grad_lora) for tensor in grad_lora[start]]
+        return route, [grad, *([] if grad_prompts is None else [grad_prompts]), *lora_grads]
 
 
 class RemoteBlocks(torch.autograd.Function):
     """Differentiable run of all remote blocks: forward RPCs, then backward RPCs in reverse.
 
-    ``prompts`` ([num_blocks, prefix, hidden] deep prompts, or None) get gradients too."""
+    ``prompts`` ([num_blocks, prefix, hidden] deep prompts, or None) get gradients too, and so do the weights of a
+    client-owned ``lora`` (``ClientLora``; its parameters follow as the last arguments, in wire order)."""
 
     @staticmethod
-    def forward(ctx, hidden, prompts, client: SwarmClient, prefix: str, num_blocks: int) -> torch.Tensor:
+    def forward(ctx, hidden, prompts, client: SwarmClient, prefix: str, num_blocks: int, lora=None, *weights):
         # Servers keep their graphs only when a backward will follow (inside apply, grad mode is always off).
-        will_differentiate = any(ctx.needs_input_grad[:2])
-        chain = _RemoteChain(client, prefix, num_blocks, keep_graphs=will_differentiate)
+        will_differentiate = any(ctx.needs_input_grad[:2]) or any(ctx.needs_input_grad[6:])
+        sent_weights = [weight.detach().cpu() for weight in weights] if lora is not None else None
+        chain = _RemoteChain(
+            client, prefix, num_blocks, keep_graphs=will_differentiate, lora=lora, lora_weights=sent_weights
+        )
         sent_prompts = None if prompts is None else prompts.detach().cpu()
         hops, output = client.run(chain.forward(hidden.detach().cpu(), 0, num_blocks, sent_prompts))
         ctx.chain, ctx.hops, ctx.prompts = chain, hops, sent_prompts
         ctx.prompts_to = None if prompts is None else {"dtype": prompts.dtype, "device": prompts.device}
+        ctx.weights_to = [{"dtype": weight.dtype, "device": weight.device} for weight in weights]
         return output.to(hidden)
 
     @staticmethod
@@ -978,4 +1040,7 @@ class RemoteBlocks(torch.autograd.Function):
         )
         if grad_prompts is not None:
             grad_prompts = grad_prompts.to(**ctx.prompts_to)
-        return grad.to(grad_output), grad_prompts, None, None, None
+        grad_weights = [
+            lora_grad.to(**where) for lora_grad, where in zip(ctx.chain.grad_lora or [], ctx.weights_to, strict=True)
+        ]
+        return grad.to(grad_output), grad_prompts, None, None, None, None, *grad_weights

@@ -94,6 +94,9 @@ BAD_FOR = {
         "--save-every": ("-1", "--save-every"),
         "--output": ("{data}", "--output"),  # an existing file, not a directory
         "--resume": (MISSING, "--resume"),
+        "--lora-r": ("65", "--lora-r"),
+        "--lora-alpha": ("0", "--lora-alpha"),
+        "--lora-target-modules": ("", "--lora-target-modules"),
     },
     "bench": {
         "--mode": ("fast", "--mode"),

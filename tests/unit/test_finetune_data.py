@@ -76,7 +76,10 @@ def test_steps_come_from_steps_or_epochs():
     with pytest.raises(ConfigError):
         FinetuneConfig(model="m", dataset="d", steps=2, epochs=2)
     with pytest.raises(ConfigError):
-        FinetuneConfig(model="m", dataset="d", method="lora")
+        FinetuneConfig(model="m", dataset="d", method="lora2")
+    for wrong in ({"lora_r": 0}, {"lora_r": 65}, {"lora_alpha": 0.0}, {"lora_target_modules": ()}):
+        with pytest.raises(ConfigError):
+            FinetuneConfig(model="m", dataset="d", method="lora", **wrong)
     with pytest.raises(ConfigError):
         FinetuneConfig(model="m", dataset="d", save_every=2)
 
