@@ -430,7 +430,9 @@ class InferenceSession:
         """A server's answer to a step whose input was ``hidden``: its metadata and its output."""
         if not stream.acknowledged:  # the session's opening: accepted, or refused (a ServerFailure like any other)
             try:
-                await self._receive(stream)
+                _, acknowledgement = await self._receive(stream)
+                if self.lora is not None and not acknowledgement.lora:  # an older server ignored the weights
+                    raise ServerFailure(stream.span, "does not apply client-sent LoRA weights (an older petals)")
             except ServerFailure as failure:
                 failure.at_opening = True
                 raise

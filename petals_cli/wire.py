@@ -211,6 +211,7 @@ class StepResponse(WireRecord):
     error_message: str = ""
     session_id: str = ""  # in a session's acknowledgement: where other servers push its steps
     pushed: bool = False  # the output also went on to the next server's session
+    lora: bool = False  # in a session's acknowledgement: the LoRA weights its client sent apply to its steps
 
 
 @dataclasses.dataclass(frozen=True)

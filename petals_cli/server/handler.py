@@ -134,7 +134,8 @@ class BlockHandler:
                 logger.warning("session refused: %s: %s", exc.__class__.__name__, exc)
                 yield transport.error_response(ServerError(f"cannot open a session: {exc.__class__.__name__}"))
                 return
-            yield runtime_pb2.ExpertResponse(metadata=transport.pack(StepResponse(position=0, session_id=session.id)))
+            acknowledgement = StepResponse(position=0, session_id=session.id, lora=lora is not None)
+            yield runtime_pb2.ExpertResponse(metadata=transport.pack(acknowledgement))
             reader = asyncio.create_task(_read_into(requests, session.inbox))
             while True:
                 try:
