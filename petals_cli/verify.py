@@ -51,10 +51,10 @@ def compare(output: torch.Tensor, reference: torch.Tensor) -> Comparison:
     if output.shape != reference.shape:
         return Comparison(math.inf, limit, 0)
     error = relative_error(output, reference)
-    if error.dim() >= 2:
+    if error.dim() >= 2:  # [batch, tokens, ...]: the worst of every token position
         worst_per_token = error.reshape(error.shape[0], error.shape[1], -1).amax(dim=(0, 2))
-    else:
-        worst_per_token = error.reshape(1)
+    else:  # a weight's gradient [rows, features] gives one error per row
+        worst_per_token = error.reshape(-1)
     bad = (worst_per_token > limit).nonzero()
     worst = float(worst_per_token.max()) if worst_per_token.numel() else 0.0
     return Comparison(worst, limit, int(bad[0, 0]) if bad.numel() else None)

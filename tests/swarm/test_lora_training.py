@@ -187,3 +187,55 @@ def test_finetune_lora_memorises_like_local_peft_saves_a_peft_adapter_and_resume
         lora_config(path, tmp_path / "data.txt", steps=TRAIN_STEPS, resume=str(tmp_path / "half")), client
     )
     assert resumed.losses == pytest.approx(result.losses, rel=1e-5, abs=1e-6)
+
+
+def test_verification_checks_client_sent_weights_too(setup):
+    """Every request checked on a replica, which gets the same weights: no disagreement, exact gradients."""
+    from petals_cli.config import ClientConfig
+
+    path, swarm, adapter = setup
+    config = ClientConfig(initial_peers=tuple(swarm.initial_peers), verify_rate=1.0)
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        str(path), config=config, tuning_mode="lora", lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"]
+    )
+    reference = local_peft(path, adapter)
+    try:
+        model.client_lora.load_pretrained(adapter)
+        model(PROMPT, labels=PROMPT).loss.backward()
+        reference(PROMPT, labels=PROMPT).loss.backward()
+        local_grads = {
+            name.replace(".default", ""): p.grad for name, p in reference.named_parameters() if "lora_" in name
+        }
+        for name, parameter in model.client_lora.peft_state_dict().items():
+            torch.testing.assert_close(parameter.grad, local_grads[name], atol=1e-5, rtol=1e-4)
+        assert model.petals_client.verified_peers and not model.petals_client.bans.forever
+        with model.inference_session(max_length=32) as session:
+            model.generate(PROMPT, max_new_tokens=6, do_sample=False, session=session)
+            session.settle_checks()
+            assert session.verified_steps > 0 and session.caught == 0
+    finally:
+        model.close()
+
+
+def test_training_with_client_sent_weights_fails_over_exactly(setup):
+    """A server killed between steps: requests routed through it fail over, and gradients stay exact (last in this
+    module: the swarm loses a server)."""
+    import signal
+
+    path, swarm, adapter = setup
+    model = open_model(setup, tuning_mode="lora", lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"])
+    reference = local_peft(path, adapter)
+    reference(PROMPT, labels=PROMPT).loss.backward()
+    local_grads = {name.replace(".default", ""): p.grad for name, p in reference.named_parameters() if "lora_" in name}
+    try:
+        model.client_lora.load_pretrained(adapter)
+        model(PROMPT, labels=PROMPT).loss.backward()  # every route known and used once
+        swarm.servers[0].process.send_signal(signal.SIGKILL)  # blocks 0:2; 0:4 still holds them
+        swarm.servers[0].process.wait()
+        for _ in range(3):
+            model.client_lora.zero_grad()
+            model(PROMPT, labels=PROMPT).loss.backward()
+            for name, parameter in model.client_lora.peft_state_dict().items():
+                torch.testing.assert_close(parameter.grad, local_grads[name], atol=1e-5, rtol=1e-4)
+    finally:
+        model.close()
