@@ -189,6 +189,31 @@ def test_finetune_lora_memorises_like_local_peft_saves_a_peft_adapter_and_resume
     assert resumed.losses == pytest.approx(result.losses, rel=1e-5, abs=1e-6)
 
 
+def test_the_cli_trains_lora_and_saves_a_peft_adapter(setup, tmp_path, monkeypatch, capsys):
+    import json
+
+    from tests.cli.inprocess import run_here
+
+    path, swarm, _ = setup
+    (tmp_path / "data.txt").write_text(MEMORISE * 2)
+    result = run_here(
+        monkeypatch, capsys, "finetune", str(path), "--dataset", str(tmp_path / "data.txt"), "--method", "lora",
+        "--lora-r", "2", "--lora-alpha", "4", "--lora-target-modules", "q_proj", "--seq-len", "16", "--steps", "2",
+        "--output", str(tmp_path / "adapter"), "--json", "--initial-peers", *swarm.initial_peers,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == 2
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 2, 4.0)
+    assert config["target_modules"] == ["self_attn.q_proj"]
+    refused = run_here(
+        monkeypatch, capsys, "finetune", str(path), "--dataset", str(tmp_path / "data.txt"), "--method", "lora",
+        "--lora-target-modules", "gate", "--steps", "1", "--initial-peers", *swarm.initial_peers,
+    )  # fmt: skip
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert refused.returncode == 2 and len(errors) == 1 and "'gate' matches no linear layer" in errors[0]
+
+
 def test_verification_checks_client_sent_weights_too(setup):
     """Every request checked on a replica, which gets the same weights: no disagreement, exact gradients."""
     from petals_cli.config import ClientConfig
