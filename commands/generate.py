@@ -120,6 +120,8 @@ def generate(
                     typer.echo(
                         json.dumps({"index": index, **result.to_json()}) if json_output else escape_line(result.text)
                     )
+            if config.verify_rate > 0:
+                typer.echo(distributed.petals_client.verification.summary(), err=True)
         finally:
             distributed.close()
         return
@@ -134,10 +136,14 @@ def generate(
         result = generate(distributed, tokenizer, prompt, options, on_text=on_text, **drafting)
     finally:
         distributed.close()
+    verification = distributed.petals_client.verification if config.verify_rate > 0 else None
     if json_output:
-        typer.echo(json.dumps(result.to_json()))
+        extra = {} if verification is None else {"verification": verification.to_json()}
+        typer.echo(json.dumps({**result.to_json(), **extra}))
     else:  # print, not typer.echo: echo strips ANSI sequences from redirected text
         print("" if on_text else show(result.text))
+        if verification is not None:
+            typer.echo(verification.summary(), err=True)
 
 
 def _drafting(draft_model: str | None, distributed) -> dict:

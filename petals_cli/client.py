@@ -21,6 +21,7 @@ from petals_cli.config import ClientConfig
 from petals_cli.dht import fetch_snapshot, ping_server, start_dht
 from petals_cli.errors import NoRouteError, SwarmUnreachableError
 from petals_cli.routing import BanList, RouteSpan
+from petals_cli.verify import VerificationCounts
 from petals_cli.wire import SwarmSnapshot
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class SwarmClient:
         self.verify_rng = random.Random(config.verify_seed)  # which steps and requests are re-run elsewhere
         self.verified_peers: set[str] = set()  # servers whose first forward/backward request was checked
         self._reporter = None  # the identity that signs evidence against servers caught computing wrongly
+        self.verification = VerificationCounts()  # what this client's checks found (--verify)
         self.rtts: dict[str, float] = {}
         self._snapshots: dict[str, tuple[float, SwarmSnapshot]] = {}
         self._refreshers: dict[str, asyncio.Task] = {}
@@ -207,6 +209,7 @@ class SwarmClient:
     def ban_forever(self, peer_id: str) -> None:
         """Never route through ``peer_id`` again in this run (it was caught computing wrongly)."""
         self.bans.ban_forever(peer_id)
+        self.verification.caught.append(peer_id)
 
     def report(self, prefix: str, kind: str, span: RouteSpan, position: int, inputs, wrong, right, witnesses) -> None:
         """Write signed evidence that ``span``'s server computed ``wrong`` where ``witnesses`` computed ``right``

@@ -587,6 +587,8 @@ class InferenceSession:
         comparison = compare(answered, expected)
         if comparison.agree:
             self.verified_tokens += end - stream.checked
+            self.client.verification.checks += 1
+            self.client.verification.outputs += end - stream.checked
             stream.checked, stream.confirmed = end, True
             self.verified_steps += 1
             return None
@@ -940,6 +942,8 @@ class _RemoteChain:
             return outputs
         if all(compare(got, want).agree for got, want in zip(outputs, expected, strict=True)):
             self.client.verified_peers.add(span.peer_id)
+            self.client.verification.checks += 1
+            self.client.verification.outputs += tensors[0].shape[:-1].numel()
             return outputs
         return await self._arbitrate(span, method, tensors, prompts, outputs, route, expected)
 

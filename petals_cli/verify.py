@@ -12,7 +12,7 @@ a change of a token's hidden state by 0.1% of its size is caught), 2e-2 for floa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -58,6 +58,22 @@ def compare(output: torch.Tensor, reference: torch.Tensor) -> Comparison:
     bad = (worst_per_token > limit).nonzero()
     worst = float(worst_per_token.max()) if worst_per_token.numel() else 0.0
     return Comparison(worst, limit, int(bad[0, 0]) if bad.numel() else None)
+
+
+@dataclass
+class VerificationCounts:
+    """What one client's checks found so far (``SwarmClient.verification``)."""
+
+    checks: int = 0  # checks that a replica confirmed
+    outputs: int = 0  # token outputs (per span) those checks covered
+    caught: list[str] = field(default_factory=list)  # peer ids outvoted and banned, in order
+
+    def to_json(self) -> dict:
+        return {"checks": self.checks, "outputs_checked": self.outputs, "caught": list(self.caught)}
+
+    def summary(self) -> str:
+        caught = f"caught {len(self.caught)}: {', '.join(self.caught)}" if self.caught else "no server caught"
+        return f"verification: {self.checks} checks confirmed ({self.outputs} token outputs); {caught}"
 
 
 def checks_needed(rate: float, tamper: float, confidence: float = 0.95) -> int:

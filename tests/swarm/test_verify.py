@@ -189,7 +189,10 @@ def test_the_cli_verifies_and_swarm_status_flags_the_liar(swarm, log, monkeypatc
         monkeypatch, capsys, "generate", str(servers.model), "--prompt", "one two three", "--max-new-tokens", "8",
         "--allowed-servers", honest[0], "--allowed-servers", honest[1], "--json", *peers,
     )  # fmt: skip
-    assert json.loads(result.stdout)["token_ids"] == json.loads(expected.stdout)["token_ids"]
+    verified = json.loads(result.stdout)
+    assert verified["token_ids"] == json.loads(expected.stdout)["token_ids"]
+    assert verified["verification"]["caught"] == [always]
+    assert "verification" not in json.loads(expected.stdout)  # only with --verify
     status = run_here(monkeypatch, capsys, "swarm", "status", "--json", *peers)
     flags = {
         server["peer_id"]: server["flagged"]

@@ -45,3 +45,14 @@ def test_the_predicted_number_of_steps_catches_a_liar_95_percent_of_the_time():
                 caught += 1
                 break
     assert 0.94 <= caught / 4000 <= 0.97  # at least 95% (n is the first count that reaches it)
+
+
+def test_the_counts_say_what_the_checks_found():
+    from petals_cli.verify import VerificationCounts
+
+    counts = VerificationCounts()
+    assert counts.summary() == "verification: 0 checks confirmed (0 token outputs); no server caught"
+    counts.checks, counts.outputs = 3, 40
+    counts.caught.append("QmLiar")
+    assert counts.to_json() == {"checks": 3, "outputs_checked": 40, "caught": ["QmLiar"]}
+    assert counts.summary().endswith("caught 1: QmLiar")
