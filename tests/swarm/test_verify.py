@@ -8,6 +8,7 @@ traffic would), so routes go through whichever liar a test lets the client use, 
 """
 
 import json
+import time
 
 import pytest
 import torch
@@ -79,9 +80,15 @@ def test_a_server_tampering_every_step_is_caught_at_once_and_the_tokens_stay_hon
     servers, honest, always, rare = swarm
     model = open_model(swarm, verify_rate=0.1, verify_seed=1, blocked_servers=(rare,), push=push)
     try:
-        with model.inference_session(max_length=64) as session:
-            output = model.generate(PROMPT, max_new_tokens=20, do_sample=False, session=session)
-            assert session.caught == 1 and always not in [span.peer_id for span in session.route]
+        for _ in range(3):  # a liar that missed a ping under load is routed around for a moment: then try again
+            with model.inference_session(max_length=64) as session:
+                output = model.generate(PROMPT, max_new_tokens=20, do_sample=False, session=session)
+                route = [span.peer_id for span in session.route]
+            if session.caught:
+                break
+            assert always not in route, "the liar served the session and was not caught"
+            time.sleep(2)
+        assert session.caught == 1 and always not in route
         assert always in model.petals_client.bans.forever
     finally:
         model.close()
@@ -142,10 +149,16 @@ def test_a_server_tampering_rarely_is_caught_within_the_predicted_number_of_step
     client, generator = model.petals_client, torch.Generator().manual_seed(0)
     caught_at = []
     try:
-        for _ in range(20):
+        for _ in range(40):
+            if len(caught_at) == 20:
+                break
             client.bans.forever.discard(rare)  # each trial starts trusting it again
             with model.inference_session(max_length=limit + 8) as session:
                 session.step(torch.randn(1, 4, model.config.hidden_size, generator=generator))
+                routed_around = rare not in [span.peer_id for span in session.route] and not session.caught
+                if routed_around:  # the liar missed a ping under load: not a trial
+                    time.sleep(1)
+                    continue
                 steps = 1
                 while not session.caught and steps < limit:
                     session.step(torch.randn(1, 1, model.config.hidden_size, generator=generator))
@@ -155,7 +168,7 @@ def test_a_server_tampering_rarely_is_caught_within_the_predicted_number_of_step
     finally:
         model.close()
     within = [steps for steps in caught_at if steps is not None]
-    assert len(within) >= 17, (limit, caught_at)
+    assert len(caught_at) == 20 and len(within) >= 17, (limit, caught_at)
     assert evidence.flagged(log) == {rare: len(within)}
 
 
@@ -180,17 +193,21 @@ def test_honest_replicas_never_disagree(swarm, log):
 def test_the_cli_verifies_and_swarm_status_flags_the_liar(swarm, log, monkeypatch, capsys):
     servers, honest, always, rare = swarm
     peers = ("--initial-peers", *servers.initial_peers)
-    result = run_here(
-        monkeypatch, capsys, "generate", str(servers.model), "--prompt", "one two three", "--max-new-tokens", "8",
-        "--verify", "0.1", "--blocked-servers", rare, "--json", *peers,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
     expected = run_here(
         monkeypatch, capsys, "generate", str(servers.model), "--prompt", "one two three", "--max-new-tokens", "8",
         "--allowed-servers", honest[0], "--allowed-servers", honest[1], "--json", *peers,
     )  # fmt: skip
-    verified = json.loads(result.stdout)
-    assert verified["token_ids"] == json.loads(expected.stdout)["token_ids"]
+    for _ in range(3):  # each run is a new client: under load it may route around a liar that missed a ping
+        result = run_here(
+            monkeypatch, capsys, "generate", str(servers.model), "--prompt", "one two three", "--max-new-tokens", "8",
+            "--verify", "0.1", "--blocked-servers", rare, "--json", *peers,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        verified = json.loads(result.stdout)
+        assert verified["token_ids"] == json.loads(expected.stdout)["token_ids"]
+        if verified["verification"]["caught"]:
+            break
+        time.sleep(2)
     assert verified["verification"]["caught"] == [always]
     assert "verification" not in json.loads(expected.stdout)  # only with --verify
     status = run_here(monkeypatch, capsys, "swarm", "status", "--json", *peers)
