@@ -214,10 +214,19 @@ def read(path: str | os.PathLike | None = None) -> list[tuple[Evidence, bool]]:
     return records
 
 
+def flagged_by_model(path: str | os.PathLike | None = None) -> dict[str, dict[str, int]]:
+    """Model prefix -> peer id -> how many validly signed reports in the log name it as the suspect."""
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for evidence, valid in read(path):
+        if valid:
+            counts[evidence.prefix][evidence.suspect] += 1
+    return {prefix: dict(peers) for prefix, peers in counts.items()}
+
+
 def flagged(path: str | os.PathLike | None = None, prefix: str | None = None) -> dict[str, int]:
     """Peer id -> how many validly signed reports in the log name it as the suspect (of model ``prefix`` only,
     when given)."""
-    counts = collections.Counter(
-        evidence.suspect for evidence, valid in read(path) if valid and (prefix is None or evidence.prefix == prefix)
-    )
-    return dict(counts)
+    by_model = flagged_by_model(path)
+    if prefix is not None:
+        return by_model.get(prefix, {})
+    return dict(sum((collections.Counter(peers) for peers in by_model.values()), collections.Counter()))

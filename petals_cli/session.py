@@ -411,12 +411,6 @@ class InferenceSession:
             raise
         return stream
 
-    def _history_extras(self, tokens: int) -> dict[str, torch.Tensor]:
-        """Mask and positions of the session's first ``tokens`` tokens, for replaying them elsewhere."""
-        if self._mask is None:
-            return {}
-        return {"attention_mask": self._mask[:, :tokens], "position_ids": self._positions[:, :tokens]}
-
     async def _exchange(
         self, stream: _SpanStream, hidden: torch.Tensor, position: int, extras: dict[str, torch.Tensor]
     ) -> torch.Tensor:
@@ -474,7 +468,7 @@ class InferenceSession:
                 if isinstance(outcome, BaseException):
                     raise outcome
             for stream in streams if inputs is not None else ():
-                outputs = await self._exchange(stream, inputs, 0, self._history_extras(inputs.shape[1]))
+                outputs = await self._exchange(stream, inputs, 0, self._range_extras(0, inputs.shape[1]))
                 stream.record(inputs, outputs if self._verifying else None)
                 inputs = outputs
         except BaseException:
@@ -544,16 +538,10 @@ class InferenceSession:
         start = stream.checked
         inputs = torch.cat([*_tokens_from(earlier, start), hidden], dim=1)
         end = start + inputs.shape[1]
-        step_extras = self._range_extras(start, end)
-        if stream.replica_tokens > start:  # a rollback or a replaced server upstream: drop what it holds beyond
-            step_extras["rewind"] = True
-        for replica in stream.replica:
-            outputs = await self._exchange(replica, inputs, start, step_extras)
-            replica.history = [*_first_tokens(replica.history, start), inputs]
-            replica.outputs = [*_first_tokens(replica.outputs, start), outputs]
-            inputs = outputs
+        # a rollback or a replaced server upstream: the replica drops what it holds beyond ``start``
+        outputs = await self._run_chain(stream.replica, inputs, start, rewind=stream.replica_tokens > start)
         stream.replica_tokens = end
-        return start, inputs
+        return start, outputs
 
     async def _settle(self, stream: _SpanStream, check: asyncio.Task, tokens: int = 0) -> tuple | None:
         """Wait for a check of ``stream``. None when the server's outputs stand (confirmed, or no replica could
@@ -656,11 +644,18 @@ class InferenceSession:
         final = None if redone is None or redone.shape[1] < tokens else redone[:, -tokens:]
         return index + len(replica), honest[:, -tokens:], final
 
-    async def _run_chain(self, streams: list[_SpanStream], inputs: torch.Tensor, position: int) -> torch.Tensor:
-        """Send tokens from ``position`` on through ``streams`` in turn (each keeps them); the last one's outputs."""
+    async def _run_chain(
+        self, streams: list[_SpanStream], inputs: torch.Tensor, position: int, *, rewind: bool = False
+    ) -> torch.Tensor:
+        """Send tokens from ``position`` on through ``streams`` in turn (each keeps them in place of anything it
+        held from there; ``rewind``: its server drops those too); the last one's outputs."""
         extras = self._range_extras(position, position + inputs.shape[1])
+        if rewind:
+            extras["rewind"] = True
         for stream in streams:
             outputs = await self._exchange(stream, inputs, position, extras)
+            stream.history = _first_tokens(stream.history, position)
+            stream.outputs = _first_tokens(stream.outputs, position)
             stream.record(inputs, outputs)
             inputs = outputs
         return inputs
@@ -846,9 +841,8 @@ class _RemoteChain:
 
     def _add_lora_grads(self, start: int, end: int, grads: list[torch.Tensor]) -> None:
         if self.grad_lora is not None:
-            for index, grad in zip(
-                range(*self.lora.span_slice(start, end).indices(len(self.grad_lora))), grads, strict=True
-            ):
+            indices = range(len(self.grad_lora))[self.lora.span_slice(start, end)]
+            for index, grad in zip(indices, grads, strict=True):
                 self.grad_lora[index] += grad
 
     async def route(self, start: int, end: int) -> list[RouteSpan]:

@@ -239,7 +239,8 @@ def read_flags(prefixes: list[str]) -> dict[str, dict[str, int]]:
     from petals_cli import evidence
 
     try:
-        return {prefix: evidence.flagged(prefix=prefix) for prefix in prefixes}
+        by_model = evidence.flagged_by_model()  # one read of the log, whatever the number of models
+        return {prefix: by_model.get(prefix, {}) for prefix in prefixes}
     except OSError as error:
         logger.warning("cannot read the evidence log %s: %s", evidence.default_log_path(), error)
         return {}
