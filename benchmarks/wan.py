@@ -159,7 +159,7 @@ def client_main(settings: dict) -> None:
         import logging
 
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # in the client's log
-        logging.getLogger("petals_cli.session").setLevel(logging.DEBUG)  # how long each replacement took
+        logging.getLogger("petals_cli.client.replay").setLevel(logging.DEBUG)  # how long each replacement took
         from transformers import AutoModelForCausalLM
 
         local = AutoModelForCausalLM.from_pretrained(settings["model"]).eval()

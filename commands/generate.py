@@ -121,7 +121,7 @@ def generate(
                         json.dumps({"index": index, **result.to_json()}) if json_output else escape_line(result.text)
                     )
             if config.verify_rate > 0:
-                typer.echo(distributed.petals_client.verification.summary(), err=True)
+                typer.echo(distributed.petals_verification.summary(), err=True)
         finally:
             distributed.close()
         return
@@ -136,7 +136,7 @@ def generate(
         result = generate(distributed, tokenizer, prompt, options, on_text=on_text, **drafting)
     finally:
         distributed.close()
-    verification = distributed.petals_client.verification if config.verify_rate > 0 else None
+    verification = distributed.petals_verification if config.verify_rate > 0 else None
     if json_output:
         extra = {} if verification is None else {"verification": verification.to_json()}
         typer.echo(json.dumps({**result.to_json(), **extra}))

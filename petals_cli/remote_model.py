@@ -20,13 +20,15 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from petals_cli import compat, speculative
 from petals_cli.checkpoint import load_tensors, locate, metadata_dir, resolve_model, weight_map
 from petals_cli.client import SwarmClient
+from petals_cli.client.autograd import RemoteBlocks
+from petals_cli.client.checks import Verifier
+from petals_cli.client.inference import InferenceSession
 from petals_cli.config import ClientConfig
 from petals_cli.errors import ConfigError
 from petals_cli.families import Family, family_for, selfcheck
 from petals_cli.families.base import get_module, materialize, span_config, text_config
 from petals_cli.lora import ClientLora, block_linear_shapes, resolve_targets
 from petals_cli.prompts import PromptTuning, load_prompts
-from petals_cli.session import InferenceSession, RemoteBlocks
 from petals_cli.wire import model_prefix_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -256,6 +258,11 @@ class DistributedModelForCausalLM:
         if config.max_new_tokens is not None:
             return prompt.shape[1] + config.max_new_tokens
         return max(config.max_length or 0, prompt.shape[1] + 1)
+
+    @property
+    def petals_verification(self):
+        """What this model's checks (``--verify``) found so far: a ``VerificationCounts``."""
+        return Verifier.of(self.petals_client).counts
 
     def close(self) -> None:
         """Stop the client's networking (the model can no longer reach the swarm)."""

@@ -9,8 +9,8 @@ from hivemind.p2p.p2p_daemon_bindings.control import DEFAULT_MAX_MSG_SIZE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from petals_cli import AutoDistributedModelForCausalLM
+from petals_cli.client.streams import Opener
 from petals_cli.config import ClientConfig
-from petals_cli.session import InferenceSession
 from petals_cli.testing import make_tiny_model
 from tests.conftest import Swarm, petals_command
 from tests.swarm.checks import assert_input_gradients_match
@@ -66,7 +66,7 @@ def test_greedy_generation_equals_local(setup):
 def test_a_server_whose_push_is_refused_lets_the_client_relay_that_hop_exactly(setup, monkeypatch):
     distributed, local, tokenizer, _ = setup
     input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    opened = InferenceSession._open
+    opened = Opener.open
 
     async def open_with_a_wrong_session_id_for_the_last_span(self, span):
         stream = await opened(self, span)
@@ -74,7 +74,7 @@ def test_a_server_whose_push_is_refused_lets_the_client_relay_that_hop_exactly(s
             stream.session_id = "no-such-session"
         return stream
 
-    monkeypatch.setattr(InferenceSession, "_open", open_with_a_wrong_session_id_for_the_last_span)
+    monkeypatch.setattr(Opener, "open", open_with_a_wrong_session_id_for_the_last_span)
     with distributed.inference_session(max_length=input_ids.shape[1] + 8) as session:
         remote = distributed.generate(input_ids, max_new_tokens=8, do_sample=False, session=session)
         assert session.relayed_hops == 8 and session.failovers == 0  # that hop of all 8 steps (the prompt, 7 tokens)

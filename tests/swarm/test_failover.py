@@ -9,9 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from petals_cli import AutoDistributedModelForCausalLM
+from petals_cli.client.autograd import RemoteChain
+from petals_cli.client.inference import InferenceSession
 from petals_cli.config import ClientConfig
 from petals_cli.routing import RouteSpan
-from petals_cli.session import InferenceSession, _RemoteChain
 from petals_cli.testing import make_tiny_model
 from tests.conftest import Swarm, petals_command
 
@@ -169,7 +170,7 @@ class FirstRoute:
         pass
 
 
-class FirstRouteThrough(_RemoteChain):
+class FirstRouteThrough(RemoteChain):
     """Sends the first request of blocks [3, 6) to a chosen (dead) server; real routing afterwards."""
 
     def __init__(self, *args, first_peer: str):
@@ -263,18 +264,19 @@ def engine_figures(model, server) -> dict:
     return {"largest_batch": info.largest_batch, "batch_size": info.batch_size, "queue_length": info.queue_length}
 
 
-class FirstOpenOn(InferenceSession):
-    """Opens its first streams on a chosen server, whatever the client's snapshot says; real routing afterwards."""
+def FirstOpenOn(*args, first_peer: str, **kwargs) -> InferenceSession:
+    """A session that opens its first streams on ``first_peer``, whatever the client's snapshot says; real routing
+    afterwards."""
+    session = InferenceSession(*args, **kwargs)
+    real_route, first = session.opener.route, [first_peer]
 
-    def __init__(self, *args, first_peer: str, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.first_peer = first_peer
+    async def route(start, end, *, wait=None, exclude=()):
+        if first:
+            return [RouteSpan(first.pop(), start, end)]
+        return await real_route(start, end, wait=wait, exclude=exclude)
 
-    async def _route(self, start, end, wait=None):
-        if self.first_peer:
-            peer, self.first_peer = self.first_peer, ""
-            return [RouteSpan(peer, start, end)]
-        return await super()._route(start, end, wait)
+    session.opener.route = route
+    return session
 
 
 def test_a_full_server_refuses_cleanly_and_sessions_go_elsewhere(swarm, model_path, local):

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from petals_cli import AutoDistributedModelForCausalLM
+from petals_cli.client.checks import Verifier
 from petals_cli.families import family_for
 from petals_cli.lora import ClientLora, block_linear_shapes, resolve_targets
 from petals_cli.testing import make_tiny_model
@@ -233,7 +234,7 @@ def test_verification_checks_client_sent_weights_too(setup):
         }
         for name, parameter in model.client_lora.peft_state_dict().items():
             torch.testing.assert_close(parameter.grad, local_grads[name], atol=1e-5, rtol=1e-4)
-        assert model.petals_client.verified_peers and not model.petals_client.bans.forever
+        assert Verifier.of(model.petals_client).verified_peers and not model.petals_client.bans.forever
         with model.inference_session(max_length=32) as session:
             model.generate(PROMPT, max_new_tokens=6, do_sample=False, session=session)
             session.settle_checks()

@@ -1,15 +1,16 @@
 """The import directions of DESIGN.md, checked on the source (no imports executed)."""
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CORE = ROOT / "petals_cli"
-CLIENT_MODULES = [
-    "client.py",
-    "session.py",
+CLIENT_PACKAGE = CORE / "client"
+# the client package, and the modules over it that only a client uses
+CLIENT_MODULES = sorted(str(path.relative_to(CORE)) for path in CLIENT_PACKAGE.glob("*.py")) + [
     "remote_model.py",
     "generation.py",
     "finetune.py",
@@ -18,6 +19,9 @@ CLIENT_MODULES = [
     "bench.py",  # starts local servers through petals_cli.testing.swarm (subprocesses), never server code
     "evidence.py",  # the verifying client's log of tampering servers; swarm status reads it
 ]
+STDLIB = sys.stdlib_module_names
+# What every client module may use besides the standard library: tensors, hivemind's transport, typed errors.
+BASICS = {"torch", "hivemind", "petals_cli.errors"}
 HEAVY = ("torch", "transformers", "hivemind", "peft", "datasets", "bitsandbytes", "textual")
 
 
@@ -64,8 +68,61 @@ def test_client_code_never_imports_server_code(name):
 
 @pytest.mark.parametrize("path", sorted((CORE / "server").glob("*.py")), ids=lambda path: path.name)
 def test_server_code_never_imports_client_code(path):
-    client = {f"petals_cli.{name[:-3]}" for name in CLIENT_MODULES}
+    client = {f"petals_cli.{name[:-3]}".replace("/", ".").removesuffix(".__init__") for name in CLIENT_MODULES}
     assert not [module for module in imports(path) if module in client or module.startswith(tuple(client))]
+
+
+def test_the_client_module_list_is_the_package():
+    """A module added to the client package is checked like the others without anyone listing it."""
+    names = {path.stem for path in CLIENT_PACKAGE.glob("*.py")}
+    assert {"streams", "replay", "push", "checks", "inference", "autograd", "swarm"} <= names
+    assert not (CORE / "session.py").exists() and not (CORE / "client.py").exists()
+
+
+def client_imports_outside(name: str, allowed: set[str]) -> set[str]:
+    """Modules that the client module ``name`` imports beyond the standard library, BASICS and ``allowed``."""
+    outside = imports_outside(CLIENT_PACKAGE / f"{name}.py", BASICS | allowed | {"__future__"})
+    # ``from petals_cli import transport`` names the package too: what it takes from it is checked by name
+    return {module for module in outside if module.split(".")[0] not in STDLIB and module != "petals_cli"}
+
+
+def test_streams_know_only_the_wire():
+    """One span's stream is built on the wire (transport, wire, step), client LoRA and typed errors; the route is
+    a plain record it reads (RouteSpan), and nothing of the connection, replay, push or verification."""
+    allowed = {"petals_cli.transport", "petals_cli.wire", "petals_cli.step", "petals_cli.lora"}
+    outside = client_imports_outside("streams", allowed)
+    assert outside == {"petals_cli.routing", "petals_cli.routing.RouteSpan"}, outside
+
+
+@pytest.mark.parametrize("name", ["replay", "push"])
+def test_replay_and_push_are_built_on_streams_only(name):
+    allowed = {"petals_cli.client.streams", "petals_cli.step", "petals_cli.routing.RouteSpan", "petals_cli.routing"}
+    assert client_imports_outside(name, allowed) == set()
+
+
+def test_checks_never_import_the_session_replay_or_push():
+    banned = {f"petals_cli.client.{name}" for name in ("inference", "replay", "push", "swarm")}
+    found = imports(CLIENT_PACKAGE / "checks.py")
+    assert not [module for module in found if module in banned or module.startswith(tuple(f"{b}." for b in banned))]
+    assert "petals_cli.client" not in found  # not through the package either
+
+
+def _splices(path: Path) -> list[int]:
+    """Lines that assign to a slice (``route[i:j] = ...``): how a list of streams is spliced."""
+    return [
+        node.lineno
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Subscript) and isinstance(target.slice, ast.Slice)
+    ]
+
+
+def test_only_the_inference_session_splices_a_route():
+    """Checks, replay and push return values (verdicts, replayed streams, pushed outputs); the session applies them."""
+    for name in ("checks", "replay", "push", "streams", "autograd"):
+        assert _splices(CLIENT_PACKAGE / f"{name}.py") == [], name
+    assert _splices(CLIENT_PACKAGE / "inference.py")
 
 
 def test_routing_is_pure():

@@ -3,7 +3,8 @@
 The networking core is async; ``SwarmClient.run`` is the one bridge that sync callers (the model,
 ``generate()``, the CLI) use. The client keeps a snapshot of each model it uses, refreshed in the background
 together with round-trip times to its servers, and a ban list of servers that failed; ``routing`` turns
-them into routes. Sessions and remote forward/backward live in ``session.py``. Never imports server code.
+them into routes. Sessions (``inference``) and remote forward/backward (``autograd``) are built on it; what
+verification keeps per client lives in ``checks.Verifier``. Never imports server code.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from petals_cli.config import ClientConfig
 from petals_cli.dht import fetch_snapshot, ping_server, start_dht
 from petals_cli.errors import NoRouteError, SwarmUnreachableError
 from petals_cli.routing import BanList, RouteSpan
-from petals_cli.verify import VerificationCounts
 from petals_cli.wire import SwarmSnapshot
 
 logger = logging.getLogger(__name__)
@@ -46,10 +46,6 @@ class SwarmClient:
         self.p2p = self.node = None
         self.bans = BanList()
         self._rng = random.Random()
-        self.verify_rng = random.Random(config.verify_seed)  # which steps and requests are re-run elsewhere
-        self.verified_peers: set[str] = set()  # servers whose first forward/backward request was checked
-        self._reporter = None  # the identity that signs evidence against servers caught computing wrongly
-        self.verification = VerificationCounts()  # what this client's checks found (--verify)
         self.rtts: dict[str, float] = {}
         self._snapshots: dict[str, tuple[float, SwarmSnapshot]] = {}
         self._refreshers: dict[str, asyncio.Task] = {}
@@ -209,36 +205,6 @@ class SwarmClient:
     def ban_forever(self, peer_id: str) -> None:
         """Never route through ``peer_id`` again in this run (it was caught computing wrongly)."""
         self.bans.ban_forever(peer_id)
-        self.verification.caught.append(peer_id)
-
-    def report(self, prefix: str, kind: str, span: RouteSpan, position: int, inputs, wrong, right, witnesses) -> None:
-        """Write signed evidence that ``span``'s server computed ``wrong`` where ``witnesses`` computed ``right``
-        from ``inputs`` (see ``evidence``); a log that cannot be written is a warning, never a failure."""
-        from petals_cli import evidence
-        from petals_cli.verify import compare
-
-        comparison = compare(wrong, right)
-        try:
-            if self._reporter is None:
-                self._reporter = evidence.reporter_identity()
-            record = evidence.Evidence(
-                kind=kind,
-                prefix=prefix,
-                start=span.start,
-                end=span.end,
-                position=position,
-                inputs_sha256=evidence.tensor_sha256(inputs),
-                suspect=span.peer_id,
-                suspect_sha256=evidence.tensor_sha256(wrong),
-                witnesses=tuple(witnesses),
-                witness_sha256=evidence.tensor_sha256(right),
-                max_error=comparison.max_error,
-                tolerance=comparison.tolerance,
-                time=time.time(),
-            )
-            evidence.append(evidence.sign(record, self._reporter))
-        except Exception as exc:  # a read-only home or a full disk must not stop generation
-            logger.warning("could not write the evidence against %s: %s", span.peer_id[-8:], exc)
 
     def succeed(self, peer_id: str) -> None:
         if peer_id in self.bans.failures:
