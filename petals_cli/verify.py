@@ -1,6 +1,6 @@
 """Spot checks of remote computation: when two replicas' outputs count as the same, and who was outvoted.
 
-The client re-runs a sample of steps and requests on another replica (``session``) and compares here. Honest
+The client re-runs a sample of steps and requests on another replica (``client/checks.py``) and compares here. Honest
 replicas never agree bit for bit: the step engine batches steps of other sessions with ours, and a replica that
 catches up runs many tokens at once where the first ran them one by one, so matrix products round differently.
 Two outputs agree when, for every token, the norm of their difference is at most ``tolerance(dtype)`` times the
@@ -62,7 +62,7 @@ def compare(output: torch.Tensor, reference: torch.Tensor) -> Comparison:
 
 @dataclass
 class VerificationCounts:
-    """What one client's checks found so far (``SwarmClient.verification``)."""
+    """What one client's checks found so far (``checks.Verifier.counts``; ``model.petals_verification``)."""
 
     checks: int = 0  # checks that a replica confirmed
     outputs: int = 0  # token outputs (per span) those checks covered

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from petals_cli.client.checks import RequestChecks, ServerCaught, Verifier
+from petals_cli.client.checks import RequestChecks, ServerCaught
 from petals_cli.client.streams import Connection, ServerFailure, call_unary
 from petals_cli.errors import ServerError
 from petals_cli.lora import ClientLora, SpanLora
@@ -54,7 +54,7 @@ class RemoteChain:
         # client-owned LoRA: its structure, the weights sent (in wire order) and their gradients, summed here
         self.lora, self.lora_weights = lora, lora_weights
         self.grad_lora = None if lora_weights is None else [torch.zeros_like(weight) for weight in lora_weights]
-        self.checks = RequestChecks(Verifier.of(client), prefix)
+        self.checks = RequestChecks(client, prefix)
 
     def _lora(self, start: int, end: int) -> SpanLora | None:
         return None if self.lora is None else self.lora.for_span(self.lora_weights, start, end)

@@ -104,8 +104,8 @@ class Verifier:
     """What all checks of one client share: the seeded draws, the servers already checked once, what was found,
     and the identity that signs evidence. One per swarm connection (``Verifier.of``)."""
 
-    def __init__(self, conn: Connection, rate: float, seed: int | None):
-        self.conn, self.rate = conn, rate
+    def __init__(self, rate: float, seed: int | None):
+        self.rate = rate
         self.rng = random.Random(seed)  # which steps and requests are re-run elsewhere
         self.verified_peers: set[str] = set()  # servers whose first forward/backward request was checked
         self.counts = VerificationCounts()
@@ -113,21 +113,22 @@ class Verifier:
 
     @classmethod
     def of(cls, conn: Connection) -> Verifier:
-        """The verifier of ``conn``, made at first use (its draws are one sequence for the whole run)."""
+        """The verifier of ``conn``, made at first use (its draws are one sequence for the whole run). It holds no
+        reference to ``conn``, so it goes with the connection."""
         verifier = _VERIFIERS.get(conn)
         if verifier is None:
-            verifier = _VERIFIERS[conn] = cls(conn, conn.config.verify_rate, conn.config.verify_seed)
+            verifier = _VERIFIERS[conn] = cls(conn.config.verify_rate, conn.config.verify_seed)
         return verifier
 
     def confirmed(self, outputs: int) -> None:
         self.counts.checks += 1
         self.counts.outputs += outputs
 
-    def caught(self, prefix: str, span: RouteSpan, what: str, kind: str, position: int, evidence) -> None:
+    def caught(self, conn: Connection, prefix: str, span: RouteSpan, what: str, kind: str, position: int, evidence):
         """Ban a server caught computing wrongly for the rest of the run, say so (it returned ``what``), and keep
         signed evidence: ``evidence`` is (inputs, its outputs, the right outputs, the witnesses' peer ids)."""
         inputs, wrong, right, witnesses = evidence
-        self.conn.ban_forever(span.peer_id)
+        conn.ban_forever(span.peer_id)
         self.counts.caught.append(span.peer_id)
         logger.warning(
             "server %s (blocks %d:%d) returned %s (outvoted by %s); banned for this run",
@@ -450,7 +451,7 @@ class InferenceChecks:
     def _caught(self, span: RouteSpan, position: int, evidence) -> None:
         self.caught += 1
         what = f"wrong outputs from position {position}"
-        self.verifier.caught(self.opener.prefix, span, what, "inference", position, evidence)
+        self.verifier.caught(self.opener.conn, self.opener.prefix, span, what, "inference", position, evidence)
 
 
 def inference_checks(opener: Opener) -> InferenceChecks | NoChecks:
@@ -469,8 +470,9 @@ class RequestChecks:
     """Checks of forward and backward requests: a server's first request and then a share ``verify_rate`` of them
     are also sent to a replica of the same blocks, at once (``rerun(exclude)`` runs one on other servers)."""
 
-    def __init__(self, verifier: Verifier, prefix: str):
-        self.verifier, self.prefix = verifier, prefix
+    def __init__(self, conn: Connection, prefix: str):
+        self.conn, self.prefix = conn, prefix
+        self.verifier = Verifier.of(conn)
 
     def start(self, span: RouteSpan, rerun: Rerun) -> asyncio.Task | None:
         verifier = self.verifier
@@ -495,7 +497,7 @@ class RequestChecks:
             return Unverifiable()
         except ServerFailure as failure:
             logger.warning("%s (a replica checking another server)", failure)
-            self.verifier.conn.ban(failure.span.peer_id)
+            self.conn.ban(failure.span.peer_id)
             return ReplicaFailed(str(failure))
         if _all_agree(outputs, expected):
             self.verifier.verified_peers.add(span.peer_id)
@@ -519,7 +521,7 @@ class RequestChecks:
         wrong, right = (expected, outputs) if decision.server_right else (outputs, expected)
         for caught in route if decision.server_right else [span]:
             evidence = (tensors[0], wrong[0], right[0], decision.witnesses)
-            self.verifier.caught(self.prefix, caught, f"a wrong {kind} answer", kind, 0, evidence)
+            self.verifier.caught(self.conn, self.prefix, caught, f"a wrong {kind} answer", kind, 0, evidence)
         if decision.server_right:
             self.verifier.verified_peers.add(span.peer_id)
             return ReplicaCaught(tuple(member.peer_id for member in route))
