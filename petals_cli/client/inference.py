@@ -147,7 +147,7 @@ class InferenceSession:
             raise SessionLengthError(f"cannot roll back to position {position}: the session holds {self.position}")
         if position == self.position:
             return
-        self.position, self._rewind = position, False  # BROKEN
+        self.position, self._rewind = position, True
         if self._mask is not None:
             self._mask, self._positions = self._mask[:, :position], self._positions[:, :position]
         for stream in self._streams or []:
