@@ -21,8 +21,8 @@ from petals_cli import compat, speculative
 from petals_cli.checkpoint import load_tensors, locate, metadata_dir, resolve_model, weight_map
 from petals_cli.client import SwarmClient
 from petals_cli.client.autograd import RemoteBlocks
-from petals_cli.client.checks import Verifier
 from petals_cli.client.inference import InferenceSession
+from petals_cli.client.verdicts import Verifier
 from petals_cli.config import ClientConfig
 from petals_cli.errors import ConfigError
 from petals_cli.families import Family, family_for, selfcheck

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from petals_cli.client.checks import RequestChecks, ServerCaught
+from petals_cli.client.checks import RequestChecks
 from petals_cli.client.streams import Connection, ServerFailure, call_unary
+from petals_cli.client.verdicts import ServerCaught
 from petals_cli.errors import ServerError
 from petals_cli.lora import ClientLora, SpanLora
 from petals_cli.routing import RouteSpan

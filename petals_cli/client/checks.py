@@ -7,10 +7,11 @@ with probability RATE (one at a time per span), are settled at a later step, so 
 mismatch a third replica decides (``vote``, the same for inference and for forward/backward requests); whoever it
 outvotes is banned for the run, said to be caught and reported with signed evidence (``Verifier.caught``).
 
-Every check ends in a typed ``Verdict``. This module keeps its own state per span (keyed by the span's stream),
-opens and runs its replicas, but never changes a session's route: a ``ServerCaught`` verdict names the
-replacement, the honest outputs and the first wrong position, and the session applies it. With verification
-off, sessions use ``NoChecks``, which does nothing. Forward/backward requests are checked by ``RequestChecks``.
+Every check ends in a typed ``Verdict`` (``verdicts``, with the vote and what one client's checks share). This
+module keeps its own state per span (keyed by the span's stream), opens and runs its replicas, but never changes
+a session's route: a ``ServerCaught`` verdict names the replacement, the honest outputs and the first wrong
+position, and the session applies it. With verification off, sessions use ``NoChecks``, which does nothing.
+Forward/backward requests are checked by ``RequestChecks``.
 
 Never imports the session, replay or push.
 """
@@ -19,9 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import time
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -38,174 +36,24 @@ from petals_cli.client.streams import (
     run_chain,
     tokens_from,
 )
+from petals_cli.client.verdicts import (
+    Confirmed,
+    Outvoted,
+    ReplicaCaught,
+    ReplicaFailed,
+    ServerCaught,
+    Superseded,
+    Unverifiable,
+    Verdict,
+    Verifier,
+    vote,
+)
 from petals_cli.errors import NoRouteError, PetalsError, VerificationError
 from petals_cli.routing import RouteSpan
-from petals_cli.verify import Comparison, VerificationCounts, compare
+from petals_cli.verify import Comparison, compare
 
 logger = logging.getLogger(__name__)
 NO_LIMIT = 1 << 62  # a check's verdict not cut by any rollback
-
-
-# --- verdicts ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Confirmed:
-    """The replica agreed with the server on ``tokens`` more tokens (a request: on its outputs)."""
-
-    tokens: int = 0
-
-
-@dataclass(frozen=True)
-class Unverifiable:
-    """No other server holds these blocks: the server's outputs stand unchecked."""
-
-
-@dataclass(frozen=True)
-class ReplicaFailed:
-    """The replica failed (it is dropped; another one checks later); the server's outputs stand."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class ReplicaCaught:
-    """The replica was outvoted (banned and reported): the server's outputs stand, and the judge checks it now."""
-
-    peers: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Superseded:
-    """The check no longer applies: its tokens were rolled back or redone, or it was abandoned."""
-
-
-@dataclass(frozen=True)
-class ServerCaught:
-    """The server was outvoted (banned and reported). ``replacement`` (the replica's streams; none for a request)
-    takes its place; ``honest`` are the true outputs from ``position``, the first wrong one, to ``end``, where
-    the replacement's caches end (the server may have been sent more since)."""
-
-    replacement: list[SpanStream]
-    honest: torch.Tensor | list[torch.Tensor]
-    position: int
-    end: int = 0
-
-
-Verdict = Confirmed | Unverifiable | ReplicaFailed | ReplicaCaught | Superseded | ServerCaught
-
-
-# --- one client's verification: draws, counts, evidence -----------------------------------------------------
-
-_VERIFIERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-class Verifier:
-    """What all checks of one client share: the seeded draws, the servers already checked once, what was found,
-    and the identity that signs evidence. One per swarm connection (``Verifier.of``)."""
-
-    def __init__(self, rate: float, seed: int | None):
-        self.rate = rate
-        self.rng = random.Random(seed)  # which steps and requests are re-run elsewhere
-        self.verified_peers: set[str] = set()  # servers whose first forward/backward request was checked
-        self.counts = VerificationCounts()
-        self._reporter = None
-
-    @classmethod
-    def of(cls, conn: Connection) -> Verifier:
-        """The verifier of ``conn``, made at first use (its draws are one sequence for the whole run). It holds no
-        reference to ``conn``, so it goes with the connection."""
-        verifier = _VERIFIERS.get(conn)
-        if verifier is None:
-            verifier = _VERIFIERS[conn] = cls(conn.config.verify_rate, conn.config.verify_seed)
-        return verifier
-
-    def confirmed(self, outputs: int) -> None:
-        self.counts.checks += 1
-        self.counts.outputs += outputs
-
-    def caught(self, conn: Connection, prefix: str, span: RouteSpan, what: str, kind: str, position: int, evidence):
-        """Ban a server caught computing wrongly for the rest of the run, say so (it returned ``what``), and keep
-        signed evidence: ``evidence`` is (inputs, its outputs, the right outputs, the witnesses' peer ids)."""
-        inputs, wrong, right, witnesses = evidence
-        conn.ban_forever(span.peer_id)
-        self.counts.caught.append(span.peer_id)
-        logger.warning(
-            "server %s (blocks %d:%d) returned %s (outvoted by %s); banned for this run",
-            span.peer_id[-8:],
-            span.start,
-            span.end,
-            what,
-            ", ".join(peer[-8:] for peer in witnesses),
-        )
-        self._report(prefix, kind, span, position, inputs, wrong, right, witnesses)
-
-    def _report(self, prefix: str, kind: str, span: RouteSpan, position: int, inputs, wrong, right, witnesses):
-        """Write signed evidence that ``span``'s server computed ``wrong`` where ``witnesses`` computed ``right``
-        from ``inputs`` (see ``evidence``); a log that cannot be written is a warning, never a failure."""
-        from petals_cli import evidence
-
-        comparison = compare(wrong, right)
-        try:
-            if self._reporter is None:
-                self._reporter = evidence.reporter_identity()
-            record = evidence.Evidence(
-                kind=kind,
-                prefix=prefix,
-                start=span.start,
-                end=span.end,
-                position=position,
-                inputs_sha256=evidence.tensor_sha256(inputs),
-                suspect=span.peer_id,
-                suspect_sha256=evidence.tensor_sha256(wrong),
-                witnesses=tuple(witnesses),
-                witness_sha256=evidence.tensor_sha256(right),
-                max_error=comparison.max_error,
-                tolerance=comparison.tolerance,
-                time=time.time(),
-            )
-            evidence.append(evidence.sign(record, self._reporter))
-        except Exception as exc:  # a read-only home or a full disk must not stop generation
-            logger.warning("could not write the evidence against %s: %s", span.peer_id[-8:], exc)
-
-
-@dataclass(frozen=True)
-class Vote:
-    """A third replica's decision: whether the server was right, and the judges' peer ids."""
-
-    server_right: bool
-    witnesses: list[str]
-
-
-async def vote(
-    span: RouteSpan,
-    replica_peers: list[str],
-    judge: Callable[[set[str]], Awaitable[tuple[list[str], object]]],
-    agrees: Callable[[object, object], bool],
-    answers: tuple[object, object],
-    *,
-    disagreement: str,
-    outputs: str = "outputs",
-) -> Vote:
-    """``span``'s server and its replica (``replica_peers``) gave ``answers`` (server's, replica's) that disagree:
-    ``judge(exclude)`` runs the same work on other servers and returns (their peer ids, their answer). Without a
-    majority, a ``VerificationError`` that names every server (``disagreement`` says how the two disagree)."""
-    names = f"{span.peer_id} and {', '.join(replica_peers)}"
-    where = f"blocks {span.start}:{span.end}"
-    try:
-        judges, verdict = await judge({span.peer_id, *replica_peers})
-    except NoRouteError:
-        raise VerificationError(
-            f"{where}: servers {names} {disagreement} and no third server holds these blocks to decide which is wrong"
-        ) from None
-    except ServerFailure as failure:
-        raise VerificationError(
-            f"{where}: servers {names} disagree and the third server failed ({failure})"
-        ) from failure
-    server_right, replica_right = (agrees(answer, verdict) for answer in answers)
-    if server_right == replica_right:
-        raise VerificationError(f"{where}: servers {names} and {', '.join(judges)} compute three different {outputs}")
-    return Vote(server_right, judges)
 
 
 # --- inference ----------------------------------------------------------------------------------------------
@@ -223,6 +71,14 @@ class _SpanCheck:
     unverifiable: bool = False  # no other server holds these blocks
     pending: asyncio.Task | None = None  # a check not waited for, settled at a later step
     pending_limit: int = NO_LIMIT  # a check's verdict holds for tokens before this (rollbacks and redos cut it)
+
+
+@dataclass(frozen=True)
+class _ReplicaRun:
+    """A replica's outputs for every token from ``start`` (the last verified point) to the end of a checked step."""
+
+    start: int
+    outputs: torch.Tensor
 
 
 class NoChecks:
@@ -346,8 +202,8 @@ class InferenceChecks:
         return outputs[-1]
 
     async def _run_replica(self, stream: SpanStream, earlier: list[torch.Tensor], hidden, padding: Padding):
-        """The replica's outputs for every token from the last verified point to the end of this step:
-        (first position, outputs). Opens the replica first when there is none (it then catches up from 0)."""
+        """The replica's run of every token from the last verified point to the end of this step. Opens the replica
+        first when there is none (it then catches up from 0)."""
         state = self._of(stream)
         if state.replica is None:
             span = stream.span
@@ -358,7 +214,7 @@ class InferenceChecks:
         # a rollback or a replaced server upstream: the replica drops what it holds beyond ``start``
         outputs = await self._run(state.replica, padding.step(start, inputs, rewind=state.replica_tokens > start))
         state.replica_tokens = start + inputs.shape[1]
-        return start, outputs
+        return _ReplicaRun(start, outputs)
 
     async def settle(self, stream: SpanStream, check: asyncio.Task, padding: Padding) -> Verdict:
         """Wait for a check of ``stream`` and judge it; ``padding`` covers every token the session has sent."""
@@ -366,7 +222,7 @@ class InferenceChecks:
             return Superseded()
         state = self._of(stream)
         try:
-            start, expected = await check
+            run: _ReplicaRun = await check
         except NoRouteError:
             state.unverifiable = True
             logger.warning(
@@ -382,6 +238,7 @@ class InferenceChecks:
             close_all(state.replica or ())
             state.replica = None
             return ReplicaFailed(str(failure))
+        start, expected = run.start, run.outputs
         end = start + expected.shape[1]
         if state.pending_limit < end:  # rolled back or redone meanwhile: its inputs are not this span's now
             return Superseded()
@@ -435,23 +292,23 @@ class InferenceChecks:
         inputs, witnesses = history[:, :end], decision.witnesses
         if decision.server_right:  # the replica lied: it goes, the server stays, checked by the judge from now on
             for member in replica:
-                self._caught(member.span, first_bad, (inputs, expected, answered, witnesses))
+                self._caught(member.span, first_bad, Outvoted(inputs, expected, answered, witnesses))
                 member.close()
             state.replica, state.replica_tokens = judge, end
             state.checked, state.confirmed = end, True
             return ReplicaCaught(tuple(member.span.peer_id for member in replica))
-        self._caught(span, first_bad, (inputs, answered, expected, witnesses))
+        self._caught(span, first_bad, Outvoted(inputs, answered, expected, witnesses))
         close_all(judge)
         state.replica = None  # it takes over: closing the caught server's stream must not close it
         for member in replica:
             member_state = self._of(member)
             member_state.checked, member_state.confirmed = end, True  # confirmed by the judge
-        return ServerCaught(replica, expected[:, first_bad - start :], first_bad, end)
+        return ServerCaught(replica, expected, first_bad, start, end)
 
-    def _caught(self, span: RouteSpan, position: int, evidence) -> None:
+    def _caught(self, span: RouteSpan, position: int, proof: Outvoted) -> None:
         self.caught += 1
         what = f"wrong outputs from position {position}"
-        self.verifier.caught(self.opener.conn, self.opener.prefix, span, what, "inference", position, evidence)
+        self.verifier.caught(self.opener.conn, self.opener.prefix, span, what, "inference", position, proof)
 
 
 def inference_checks(opener: Opener) -> InferenceChecks | NoChecks:
@@ -520,12 +377,12 @@ class RequestChecks:
         )
         wrong, right = (expected, outputs) if decision.server_right else (outputs, expected)
         for caught in route if decision.server_right else [span]:
-            evidence = (tensors[0], wrong[0], right[0], decision.witnesses)
-            self.verifier.caught(self.conn, self.prefix, caught, f"a wrong {kind} answer", kind, 0, evidence)
+            proof = Outvoted(tensors[0], wrong[0], right[0], decision.witnesses)
+            self.verifier.caught(self.conn, self.prefix, caught, f"a wrong {kind} answer", kind, 0, proof)
         if decision.server_right:
             self.verifier.verified_peers.add(span.peer_id)
             return ReplicaCaught(tuple(member.peer_id for member in route))
-        return ServerCaught([], expected, 0)
+        return ServerCaught([], expected)
 
 
 def _all_agree(outputs: list[torch.Tensor], expected: list[torch.Tensor]) -> bool:

@@ -18,10 +18,11 @@ import logging
 import torch
 
 from petals_cli.client import push
-from petals_cli.client.checks import ServerCaught, Verdict, inference_checks
+from petals_cli.client.checks import inference_checks
 from petals_cli.client.replay import Replay, Replayed
 from petals_cli.client.streams import Opener, Padding, ServerFailure, SpanStream, tokens_from
 from petals_cli.client.swarm import SwarmClient
+from petals_cli.client.verdicts import ServerCaught, Verdict
 from petals_cli.errors import ServerError, SessionLengthError
 from petals_cli.lora import ClientLora
 from petals_cli.routing import RouteSpan
@@ -32,12 +33,23 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class _Resume:
-    """Where a step goes on after a caught server was replaced: the stream to run next and its input, and the
-    route's output for the step when the redone streams after the replacement had already run it (else None)."""
+    """Where a step goes on after a caught server was replaced: the stream to run next and its input (the
+    replacement's outputs for the step's tokens), and the last redone stream's outputs from ``position`` on, the
+    first wrong token (None when no stream after the replacement had got that far)."""
 
     index: int
     hidden: torch.Tensor
-    final: torch.Tensor | None
+    position: int
+    redone: torch.Tensor | None
+
+    def route_output(self, pushed: torch.Tensor, step_position: int) -> torch.Tensor:
+        """The route's output for a step (starting at ``step_position``) that every stream had already run, whose
+        output was ``pushed``: it stands before the first wrong token, the redone outputs from there on."""
+        if self.redone is None:  # the replacement is the route's last span
+            return self.hidden
+        tokens = pushed.shape[1]
+        right = pushed[:, : max(0, self.position - step_position)]
+        return torch.cat([right, self.redone], dim=1)[:, -tokens:]
 
 
 class InferenceSession:
@@ -244,7 +256,7 @@ class InferenceSession:
                 continue
             resume = await self._settle(stream, check, step.tokens)
             if resume is not None:
-                replaced, output = True, resume.hidden if resume.final is None else resume.final
+                replaced, output = True, resume.route_output(output, step.position)
         return output
 
     def _record(self, streams: list[SpanStream], outputs: list[torch.Tensor], relayed: int) -> None:
@@ -276,16 +288,16 @@ class InferenceSession:
             later = torch.cat(later, dim=1)
             caught_up = await self._replay.catch_up(verdict.replacement, later, verdict.end, self._padding)
             self._adopt(caught_up)
-            honest = torch.cat([honest, caught_up[-1].outputs], dim=1)
+            honest = torch.cat([honest, caught_up[-1].outputs], dim=1)  # from ``verdict.start`` to the end
         self._streams[index : index + 1] = verdict.replacement
         after = index + len(verdict.replacement)
-        redone = await self._replay.redo_after(self._streams[after:], honest, verdict.position, self._padding)
+        wrong_from = honest[:, verdict.position - verdict.start :]
+        redone = await self._replay.redo_after(self._streams[after:], wrong_from, verdict.position, self._padding)
         self._adopt(redone)
         if not tokens:
             return None
-        last = redone[-1].outputs if redone else None
-        final = None if last is None or last.shape[1] < tokens else last[:, -tokens:]
-        return _Resume(after, honest[:, -tokens:], final)
+        # ``honest`` starts at or before the step: a check covers every token since the last one it confirmed
+        return _Resume(after, honest[:, -tokens:], verdict.position, redone[-1].outputs if redone else None)
 
     def _adopt(self, replayed: list[Replayed]) -> list[SpanStream]:
         """Keep what replayed streams answered (for their checks); the streams."""

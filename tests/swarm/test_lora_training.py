@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from petals_cli import AutoDistributedModelForCausalLM
-from petals_cli.client.checks import Verifier
+from petals_cli.client.verdicts import Verifier
 from petals_cli.families import family_for
 from petals_cli.lora import ClientLora, block_linear_shapes, resolve_targets
 from petals_cli.testing import make_tiny_model

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from petals_cli.client.checks import ServerCaught
 from petals_cli.client.inference import InferenceSession
 from petals_cli.client.streams import Padding, close_all
+from petals_cli.client.verdicts import ServerCaught
 from petals_cli.routing import RouteSpan
 from petals_cli.step import Step
 
@@ -171,20 +171,14 @@ def test_caught_server_is_replaced_and_later_spans_redone(swarm, push):
     assert [(got.position, got.rewind) for got in tail_session.received[-2:]] == [(4, False), (6, False)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="InferenceSession._apply resumes a step with honest[:, -tokens:], which holds only the tokens from the "
-    "first wrong position on: a lie that starts inside the step its first check waits for sends the next span a "
-    "short step (relayed), or makes the step return the replacement's outputs instead of the route's (pushed)",
-)
 @pytest.mark.parametrize("push", [False, True], ids=["relayed", "pushed"])
 def test_lie_starting_inside_a_checked_step(swarm, push):
     conn = swarm(*liar_and_honest_replicas(tamper_from=2), push=push, verify_rate=1.0, verify_seed=0)
     with open_session(conn) as session:
         run = Run(session)
         run.step(4)  # the liar's first check is waited for, and finds its lie from the step's third token on
+        assert session.caught == 1 and session.route == [RouteSpan("honest-1", 0, 2), RouteSpan("tail", 2, 4)]
         run.step(1)
-        assert session.caught == 1
 
 
 def test_settle_returns_the_verdict_and_leaves_the_route_to_the_session(swarm):

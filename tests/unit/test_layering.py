@@ -75,7 +75,7 @@ def test_server_code_never_imports_client_code(path):
 def test_the_client_module_list_is_the_package():
     """A module added to the client package is checked like the others without anyone listing it."""
     names = {path.stem for path in CLIENT_PACKAGE.glob("*.py")}
-    assert {"streams", "replay", "push", "checks", "inference", "autograd", "swarm"} <= names
+    assert {"streams", "replay", "push", "checks", "verdicts", "inference", "autograd", "swarm"} <= names
     assert not (CORE / "session.py").exists() and not (CORE / "client.py").exists()
 
 
@@ -100,9 +100,10 @@ def test_replay_and_push_are_built_on_streams_only(name):
     assert client_imports_outside(name, allowed) == set()
 
 
-def test_checks_never_import_the_session_replay_or_push():
-    banned = {f"petals_cli.client.{name}" for name in ("inference", "replay", "push", "swarm")}
-    found = imports(CLIENT_PACKAGE / "checks.py")
+@pytest.mark.parametrize("name", ["checks", "verdicts"])
+def test_checks_never_import_the_session_replay_or_push(name):
+    banned = {f"petals_cli.client.{other}" for other in ("inference", "replay", "push", "swarm")}
+    found = imports(CLIENT_PACKAGE / f"{name}.py")
     assert not [module for module in found if module in banned or module.startswith(tuple(f"{b}." for b in banned))]
     assert "petals_cli.client" not in found  # not through the package either
 
@@ -120,7 +121,7 @@ def _splices(path: Path) -> list[int]:
 
 def test_only_the_inference_session_splices_a_route():
     """Checks, replay and push return values (verdicts, replayed streams, pushed outputs); the session applies them."""
-    for name in ("checks", "replay", "push", "streams", "autograd"):
+    for name in ("checks", "verdicts", "replay", "push", "streams", "autograd"):
         assert _splices(CLIENT_PACKAGE / f"{name}.py") == [], name
     assert _splices(CLIENT_PACKAGE / "inference.py")
 
