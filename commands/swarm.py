@@ -118,8 +118,10 @@ def bootstrap(
 
 
 def _render_status(result) -> None:
+    """Rich renders markup: what servers announced (already one safe line each) is escaped as it goes in."""
     from rich import box
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from petals_cli.swarm import format_ranges
@@ -133,7 +135,8 @@ def _render_status(result) -> None:
         verdict = "[green]healthy[/]"
         if not model.healthy:
             verdict = f"[red]broken[/]: no server for blocks {format_ranges(model.missing_blocks)}"
-        console.print(f"[bold]{model.prefix}[/] ({model.family}, {model.num_blocks} blocks, {model.model}): {verdict}")
+        described = f"{escape(model.family)}, {model.num_blocks} blocks, {escape(model.model)}"
+        console.print(f"[bold]{escape(model.prefix)}[/] ({described}): {verdict}", highlight=False)
         console.print(f"coverage {_coverage_bar(model.coverage)}", highlight=False)
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
         for column in SERVER_COLUMNS:
@@ -144,24 +147,26 @@ def _render_status(result) -> None:
 
 
 def _server_cells(server) -> list[str]:
+    from rich.markup import escape
+
     from petals_cli.tui.render import FLAG_STYLE, STATE_STYLES, flag_text
 
     dtype = server.dtype if server.quantization == "none" else f"{server.dtype}/{server.quantization}"
     pings = " ".join(f"{peer[-8:]}={_milliseconds(rtt)}" for peer, rtt in server.pings.items())
     flag = f" [{FLAG_STYLE}]{flag_text(server.flagged)}[/]" if server.flagged else ""
     return [
-        server.short_id,
-        server.public_name or "-",
+        escape(server.short_id),
+        escape(server.public_name or "-"),
         f"{server.start_block}:{server.end_block}",
         f"[{STATE_STYLES.get(server.state, 'white')}]{server.state}[/]{flag}",
         f"{server.throughput:.1f}",
         str(server.cache_tokens_left),
         f"{server.batch_size} q{server.queue_length}",
-        dtype,
-        server.version,
+        escape(dtype),
+        escape(server.version),
         server.connection,
         _milliseconds(server.rtt),
-        pings or "-",
+        escape(pings or "-"),
     ]
 
 

@@ -164,5 +164,8 @@ WIRE_ERRORS: dict[str, type[PetalsError]] = {
 
 
 def error_from_wire(code: str, message: str) -> PetalsError:
-    """Rebuild a typed error a server sent back; unknown codes become ``ServerError``."""
-    return WIRE_ERRORS.get(code, ServerError)(message)
+    """Rebuild a typed error a server sent back; unknown codes become ``ServerError``. The message is another
+    peer's text: it becomes one bounded line with control characters made visible before anyone logs or shows it."""
+    from petals_cli.textsafe import ERROR_CHARACTERS, shown
+
+    return WIRE_ERRORS.get(code, ServerError)(shown(message, ERROR_CHARACTERS))

@@ -5,7 +5,9 @@ the servers it finds, counts the reports against each server in this machine's e
 (``petals_cli.evidence``), and aggregates everything into a ``SwarmStatus`` (``to_json`` is the documented
 ``petals swarm status --json`` schema). ``StatusFeed`` turns that into a live stream for ``swarm top``: it
 owns its client, yields a status every ``interval`` seconds, and reports failures as a status with an
-``error`` instead of raising. Rendering belongs to the CLI and the TUI; this module only reads.
+``error`` instead of raising. Rendering belongs to the CLI and the TUI; this module only reads. Every string
+another peer announced reaches them one line long, bounded, with control characters made visible
+(``textsafe.shown``); it may still look like markup, which each renderer escapes.
 Heavy modules (hivemind, the client) are imported inside functions so the TUI can load these types cheaply.
 """
 
@@ -20,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from petals_cli.errors import ModelNotServedError, SwarmUnreachableError
+from petals_cli.textsafe import shown
 from petals_cli.wire import ModelIndexEntry, ServerInfo, ServerState, SwarmSnapshot, model_prefix_for
 
 SCHEMA_VERSION = 1
@@ -157,9 +160,9 @@ def model_status(
         for peer, info in sorted(snapshot.servers.items(), key=lambda item: (item[1].start_block, item[0]))
     )
     return ModelStatus(
-        prefix=snapshot.prefix,
-        model=entry.model,
-        family=entry.family,
+        prefix=shown(snapshot.prefix),
+        model=shown(entry.model),
+        family=shown(entry.family),
         num_blocks=snapshot.num_blocks,
         coverage=tuple(snapshot.without(unreachable).block_coverage()),
         servers=servers,
@@ -172,7 +175,7 @@ def _server_status(
     state = info.state.name.lower()
     return ServerStatus(
         peer_id=peer,
-        public_name=info.public_name,
+        public_name=shown(info.public_name),
         start_block=info.start_block,
         end_block=info.end_block,
         state=UNREACHABLE if unreachable and info.state == ServerState.ONLINE else state,
@@ -180,13 +183,13 @@ def _server_status(
         inference_rps=info.inference_rps,
         forward_rps=info.forward_rps,
         cache_tokens_left=info.cache_tokens_left,
-        dtype=info.dtype,
-        quantization=info.quantization,
-        version=info.version,
+        dtype=shown(info.dtype),
+        quantization=shown(info.quantization),
+        version=shown(info.version),
         protocol=info.protocol,
-        adapters=tuple(info.adapters),
+        adapters=tuple(shown(adapter) for adapter in info.adapters),
         connection=connection_kind(addresses),
-        pings={str(key): float(value) for key, value in info.pings.items() if isinstance(value, (int, float))},
+        pings={shown(str(key)): float(value) for key, value in info.pings.items() if isinstance(value, (int, float))},
         rtt=rtt,
         batch_size=info.batch_size,
         queue_length=info.queue_length,

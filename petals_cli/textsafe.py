@@ -1,11 +1,13 @@
-"""Generated text made safe to print: one line per result, and no raw control characters on a terminal.
+"""Text from elsewhere made safe to print: one line per result, and no raw control characters on a terminal.
 
 A model can generate anything its tokenizer decodes: newlines inside a reply, and terminal control
 characters (ESC sequences, backspace, BEL, carriage return). ``escape_line`` turns a text into exactly one
 line, reversibly (``unescape_line``); ``for_terminal`` keeps newlines and tabs and shows every other control
 character as a visible escape. Both replace character by character, never looking at neighbours, so text
 streamed in pieces comes out the same as the whole text: a piece boundary cannot carry a sequence through.
-Knows nothing about the CLI, tokenizers or where the text goes.
+``shown`` is for what other peers say about themselves (a server's public name, version, an error it relays):
+one line, control characters visible, and no longer than a reader can use. Knows nothing about the CLI,
+tokenizers or where the text goes (a renderer that interprets markup escapes it there).
 """
 
 from __future__ import annotations
@@ -44,3 +46,13 @@ def for_terminal(text: str) -> str:
     """``text`` with newlines and tabs kept and every other control character shown as ``\\xHH`` (for reading;
     a backslash the model wrote stays as it is, so this is not reversible)."""
     return text.translate(_TERMINAL_ESCAPES)
+
+
+SHOWN_CHARACTERS = 200  # the most of one string another peer sent that is shown (an error message: ERROR_CHARACTERS)
+ERROR_CHARACTERS = 1000
+
+
+def shown(text: str, limit: int = SHOWN_CHARACTERS) -> str:
+    """``text`` that another peer sent, as one line (``escape_line``), cut to ``limit`` characters with "…"."""
+    line = escape_line(text)
+    return line if len(line) <= limit else line[: limit - 1] + "…"

@@ -2,7 +2,9 @@
 
 Each record is a frozen dataclass with ``to_wire()`` (a msgpack-friendly dict) and ``from_wire()``.
 ``from_wire`` tolerates unknown fields (newer peers may add some) but raises ``InvalidRequestError`` on a
-missing required field or a field of the wrong type: nothing that arrives over the network is trusted.
+missing required field or a field of the wrong type: nothing that arrives over the network is trusted. Strings,
+lists and mappings are bounded too (``MAX_TEXT``, ``MAX_ITEMS``), so a record a peer crafted cannot make every
+reader hold or print megabytes; what is shown of them is made safe by ``textsafe.shown``.
 ``SwarmSnapshot`` is what the DHT says about one model, the input of the pure routing functions.
 This module knows nothing about torch, sessions or servers.
 """
@@ -22,6 +24,8 @@ from petals_cli.errors import InvalidRequestError, ProtocolMismatchError
 PROTOCOL_VERSION = 1
 MODEL_INDEX_KEY = "_petals.models"
 _PREFIX_PATTERN = re.compile(r"[^A-Za-z0-9_-]+")
+MAX_TEXT = 4096  # characters of any string field (model paths, names, error messages are far shorter)
+MAX_ITEMS = 4096  # entries of any list or mapping field
 
 
 def model_prefix_for(model: str) -> str:
@@ -99,15 +103,24 @@ def _decode_value(record: str, name: str, hint: Any, value: Any) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise InvalidRequestError(f"{record}: field {name!r} must be a list")
+        _check_size(record, name, value, MAX_ITEMS, "items")
         return tuple(_decode_value(record, name, args[0], item) for item in value)
-    if origin is dict:
+    if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise InvalidRequestError(f"{record}: field {name!r} must be a mapping")
+        _check_size(record, name, value, MAX_ITEMS, "items")
         return dict(value)
     expected = (int, float) if hint is float else hint
     if hint is int and isinstance(value, bool) or not isinstance(value, expected):
         raise InvalidRequestError(f"{record}: field {name!r} must be {hint.__name__}, got {type(value).__name__}")
+    if isinstance(value, str):
+        _check_size(record, name, value, MAX_TEXT, "characters")
     return float(value) if hint is float else value
+
+
+def _check_size(record: str, name: str, value, limit: int, unit: str) -> None:
+    if len(value) > limit:
+        raise InvalidRequestError(f"{record}: field {name!r} holds {len(value)} {unit}, at most {limit} are allowed")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,9 +7,9 @@ opens the streams of a session with the same opening message every time (``span_
 message of inference sessions and of forward/backward calls alike); ``run_chain`` sends tokens through streams in
 turn. ``call_unary`` is one forward or backward request.
 
-This module knows the wire (``transport``, ``wire``, ``step``), client-sent LoRA and the typed errors, and nothing
-else: not the swarm connection (``Connection`` is what it needs of one), not verification, replay or push, which
-are built on it.
+This module knows the wire (``transport``, ``wire``, ``step``), client-sent LoRA, the typed errors and how another
+peer's text is shown (``textsafe``), and nothing else: not the swarm connection (``Connection`` is what it needs of
+one), not verification, replay or push, which are built on it.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from petals_cli.errors import (
 from petals_cli.lora import ClientLora, SpanLora
 from petals_cli.routing import RouteSpan
 from petals_cli.step import Step
+from petals_cli.textsafe import ERROR_CHARACTERS, shown
 from petals_cli.wire import PROTOCOL_VERSION, SpanRequest, StepResponse
 
 TRANSPORT_ERRORS = (P2PDaemonError, P2PHandlerError, ConnectionError, OSError, asyncio.IncompleteReadError)
@@ -65,6 +66,8 @@ class ServerFailure(Exception):
     """A server did not answer properly: the caller routes around it (and bans it, unless it is healthy)."""
 
     def __init__(self, span: RouteSpan, reason: str, *, ban: bool = True):
+        # ``reason`` may quote the server (a transport error carries its handler's text): one safe line of it
+        reason = shown(reason, ERROR_CHARACTERS)
         super().__init__(f"server {span.peer_id[-8:]} (blocks {span.start}:{span.end}): {reason}")
         self.span, self.ban = span, ban
         self.at_opening = False  # the server refused to open the session: no session of ours was lost there

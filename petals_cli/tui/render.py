@@ -1,4 +1,8 @@
-"""Pure rendering for `swarm top`: ``SwarmStatus`` in, rich ``Text`` and table cells out (no widgets, no I/O)."""
+"""Pure rendering for `swarm top`: ``SwarmStatus`` in, rich ``Text`` and table cells out (no widgets, no I/O).
+
+Everything is ``Text``, never a markup string: what servers announce may look like markup (a table cell given as a
+string would be parsed as such), and is shown as it is.
+"""
 
 from __future__ import annotations
 
@@ -69,21 +73,21 @@ def server_rows(status: SwarmStatus, *, sort: str = "span", text_filter: str = "
     return sorted(rows, key=SORT_KEYS[sort])
 
 
-def table_cells(row: Row) -> tuple[Any, ...]:
+def table_cells(row: Row) -> tuple[Text, ...]:
     model, server = row
     dtype = server.dtype if server.quantization == "none" else f"{server.dtype}/{server.quantization}"
     return (
-        model.prefix,
-        server.short_id,
-        server.public_name or "-",
-        f"{server.start_block}:{server.end_block}",
+        Text(model.prefix),
+        Text(server.short_id),
+        Text(server.public_name or "-"),
+        Text(f"{server.start_block}:{server.end_block}"),
         state_text(server),
-        f"{server.throughput:.1f}",
-        str(server.cache_tokens_left),
-        dtype,
-        server.version,
-        server.connection,
-        milliseconds(server.rtt),
+        Text(f"{server.throughput:.1f}"),
+        Text(str(server.cache_tokens_left)),
+        Text(dtype),
+        Text(server.version),
+        Text(server.connection),
+        Text(milliseconds(server.rtt)),
     )
 
 

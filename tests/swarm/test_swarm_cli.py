@@ -6,6 +6,7 @@ the last one restarts the bootstrap peer.
 """
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -17,6 +18,9 @@ from tests.conftest import ServerProcess, Swarm, petals_command
 
 pytestmark = pytest.mark.slow
 MADDR = re.compile(r"/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+")
+
+
+HOSTILE_NAME = "[reverse]HACKED[/reverse] [link=https://evil.example]click[/link]\x1b[2J"
 
 
 def start_bootstrap(workdir, identity):
@@ -36,7 +40,7 @@ def stop(process) -> int:
         return process.wait()
 
 
-def join(swarm: Swarm, model, blocks: str, bootstrap: list[str]) -> ServerProcess:
+def join(swarm: Swarm, model, blocks: str, bootstrap: list[str], *extra: str) -> ServerProcess:
     index = len(swarm.servers)
     address_file, log_file = swarm.workdir / f"server{index}.addr", swarm.workdir / f"server{index}.log"
     args = [
@@ -48,6 +52,7 @@ def join(swarm: Swarm, model, blocks: str, bootstrap: list[str]) -> ServerProces
         str(address_file),
         "--initial-peers",
         *bootstrap,
+        *extra,
     ]
     with open(log_file, "wb") as log:
         process = subprocess.Popen(petals_command(*args), stdout=log, stderr=subprocess.STDOUT)
@@ -60,9 +65,9 @@ def peer_of(address: str) -> str:
     return address.rsplit("/p2p/", 1)[1]
 
 
-def swarm_status(bootstrap: list[str], *args: str) -> subprocess.CompletedProcess:
+def swarm_status(bootstrap: list[str], *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     command = petals_command("swarm", "status", "--initial-peers", *bootstrap, *args)
-    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +80,7 @@ def private_swarm(tmp_path_factory):
     try:
         bootstrap = line.split()[1:]
         servers = [join(swarm, model, "0:2", bootstrap), join(swarm, model, "2:4", bootstrap)]
-        servers.append(join(swarm, other, "0:2", bootstrap))
+        servers.append(join(swarm, other, "0:2", bootstrap, "--public-name", HOSTILE_NAME))
         for server in servers:
             swarm.wait_ready(server)
         yield dict(bootstrap=process, line=line, address_file=address_file, root=root, swarm=swarm)
@@ -108,6 +113,23 @@ def test_status_lists_every_model_of_the_index_with_servers_and_coverage(private
         assert server["state"] == "online" and server["connection"] in ("direct", "unknown")
         assert server["rtt"] is None or 0 < server["rtt"] < 5
     assert models["tiny-other"]["healthy"] and len(models["tiny-other"]["servers"]) == 1
+
+
+def test_a_hostile_public_name_is_printed_as_the_text_it_is(private_swarm):
+    """Tried as a user would: a server announces Rich markup and terminal escapes as its name; every reader's
+    `swarm status` shows them literally (on a terminal too), never as reverse video, a hyperlink or a cleared
+    screen."""
+    bootstrap = private_swarm["line"].split()[1:]
+    result = swarm_status(bootstrap, "--model", "tiny-other", env=os.environ | {"FORCE_COLOR": "1", "COLUMNS": "300"})
+    assert result.returncode == 0, result.stderr
+    assert "[reverse]HACKED[/reverse] [link=https://evil.example]click[/link]\\x1b[2J" in result.stdout
+    assert "\x1b[7m" not in result.stdout and "\x1b]8;" not in result.stdout and "\x1b[2J" not in result.stdout
+    assert "\x1b[32monline" in result.stdout  # the terminal did get styles: the ones petals chose
+    (model,) = json.loads(swarm_status(bootstrap, "--model", "tiny-other", "--json").stdout)["models"]
+    assert (
+        model["servers"][0]["public_name"]
+        == "[reverse]HACKED[/reverse] [link=https://evil.example]click[/link]\\x1b[2J"
+    )
 
 
 def test_status_of_one_model_after_sigterm_names_the_missing_blocks(private_swarm):

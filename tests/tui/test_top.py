@@ -86,7 +86,7 @@ class GatedStream(FakeStream):
 
 def table_peers(app) -> list[str]:
     table = app.query_one("#servers", DataTable)
-    return [table.get_row_at(index)[1] for index in range(table.row_count)]
+    return [str(table.get_row_at(index)[1]) for index in range(table.row_count)]
 
 
 def text_of(app, selector) -> str:
@@ -179,6 +179,30 @@ def test_a_flagged_server_is_marked_in_the_table_and_its_detail():
             assert states == ["online", "online ⚠ tampered (3 reports)"]
             await pilot.press("down")
             assert "verification: ⚠ tampered (3 reports)" in text_of(app, "#detail")
+
+    run(scenario())
+
+
+HOSTILE = "[reverse]HACKED[/reverse] [link=https://evil.example]click[/link]"
+
+
+def test_what_servers_announce_is_shown_as_plain_text_not_markup():
+    """A public name, version, dtype or model name that looks like Rich markup is shown as it is written: the table
+    holds Text cells (a string cell would be parsed as markup), the detail pane appends plain text."""
+
+    async def scenario():
+        first, second = HEALTHY.models[0].servers
+        hostile = dataclasses.replace(second, public_name=HOSTILE, version="[blink]9[/blink]", dtype="[bold]x[/]")
+        model = dataclasses.replace(status(first, hostile).models[0], prefix="[red]tiny[/red]", family="[i]f[/i]")
+        app = SwarmTop(FakeStream(SwarmStatus(models=(model,), taken_at=time.time())))
+        async with app.run_test(size=(220, 40)) as pilot:
+            await until(pilot, lambda: len(table_peers(app)) == 2)
+            table = app.query_one("#servers", DataTable)
+            cells = [table.get_row_at(1)[index] for index in (0, 2, 7, 8)]
+            assert [cell.plain for cell in cells] == ["[red]tiny[/red]", HOSTILE, "[bold]x[/]", "[blink]9[/blink]"]
+            assert all(not cell.spans and not cell.style for cell in cells)  # no style, no link came through
+            await pilot.press("down")
+            assert HOSTILE in text_of(app, "#detail") and "[i]f[/i]" in text_of(app, "#models")
 
     run(scenario())
 

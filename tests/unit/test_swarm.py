@@ -153,3 +153,43 @@ def test_feed_reports_an_unreachable_swarm_as_a_status_and_retries():
         feed.close()
     assert [status.error.startswith("swarm unreachable: cannot reach") for status in statuses] == [True, True]
     assert len(attempts) == 2 and all(status.taken_at > 0 and not status.models for status in statuses)
+
+
+HOSTILE = "[reverse]HACKED[/reverse] [link=https://evil.example]click[/link]\x1b[2J\x07"
+
+
+def test_hostile_announcements_are_printed_as_plain_text_on_a_terminal(capsys, monkeypatch):
+    """Every string a server announces, and the model index's names, reach the terminal as the text they are: no
+    markup interpreted (reverse video, a hyperlink), control characters visible, lengths bounded."""
+    from commands.swarm import _render_status
+
+    hostile = ServerInfo(
+        state=ServerState.ONLINE,
+        start_block=0,
+        end_block=6,
+        public_name=HOSTILE,
+        version="[blink]1[/blink]",
+        dtype="[bold]f[/]",
+        quantization="\x1b[5m",
+    )
+    snapshot = SwarmSnapshot(prefix="tiny", num_blocks=6, servers={"peer-a": hostile, "peer-b": info(0, 6)})
+    entry = ModelIndexEntry(model="[link=https://evil.example]m[/link]", num_blocks=6, family="l" * 9000)
+    status = SwarmStatus(models=(model_status(entry, snapshot, rtts={"peer-a": 0.001}),), taken_at=1.0)
+    monkeypatch.setenv("FORCE_COLOR", "1")  # as on a terminal: styles are written as escape sequences
+    monkeypatch.setenv("COLUMNS", "400")
+    _render_status(status)
+    out = capsys.readouterr().out
+    assert "[reverse]HACKED[/reverse] [link=https://evil.example]click[/link]\\x1b[2J\\x07" in out
+    assert "[blink]1[/blink]" in out and "[bold]f[/]/\\x1b[5m" in out and "[link=https://evil.example]m[/link]" in out
+    assert "\x1b[7m" not in out and "\x1b[5m" not in out and "\x1b]8;" not in out  # no reverse, blink, link
+    assert "\x1b[2J" not in out and "\x07" not in out
+    assert "l" * 199 + "…" in out and "l" * 201 not in out
+
+
+def test_an_error_a_server_relays_is_one_visible_bounded_line():
+    from petals_cli.errors import ServerError, error_from_wire
+
+    error = error_from_wire("server_error", "boom\x1b]8;;https://evil.example\x07click\nsecond line" + "y" * 5000)
+    assert isinstance(error, ServerError) and "\n" not in str(error) and "\x1b" not in str(error)
+    assert str(error).startswith("boom\\x1b]8;;https://evil.example\\x07click\\nsecond line")
+    assert len(str(error)) <= 1000

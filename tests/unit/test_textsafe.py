@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from petals_cli.textsafe import escape_line, for_terminal, unescape_line
+from petals_cli.textsafe import escape_line, for_terminal, shown, unescape_line
 
 NASTY = [
     "two\nlines",
@@ -101,3 +101,10 @@ def test_generate_prints_one_prompt_as_it_is_but_escapes_controls_on_a_terminal(
     monkeypatch.setattr(sys.stdout, "isatty", lambda: terminal)  # a terminal also turns streaming on
     command.generate(model="tiny", prompt="hi")
     assert capsys.readouterr().out == (for_terminal(text) if terminal else text) + "\n"
+
+
+def test_what_another_peer_says_is_shown_as_one_bounded_line():
+    assert shown("fast\x1b[2J box\nnext\x07") == "fast\\x1b[2J box\\nnext\\x07"
+    long = shown("x" * 5000)
+    assert len(long) == 200 and long.endswith("…")
+    assert shown("[bold]name[/bold]") == "[bold]name[/bold]"  # markup is the renderer's to escape

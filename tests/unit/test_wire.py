@@ -1,7 +1,15 @@
 import pytest
 
 from petals_cli.errors import InvalidRequestError, ProtocolMismatchError
-from petals_cli.wire import PROTOCOL_VERSION, ServerInfo, ServerState, SpanRequest, model_prefix_for
+from petals_cli.wire import (
+    MAX_ITEMS,
+    MAX_TEXT,
+    PROTOCOL_VERSION,
+    ServerInfo,
+    ServerState,
+    SpanRequest,
+    model_prefix_for,
+)
 
 
 def test_server_info_round_trip_keeps_every_field():
@@ -60,3 +68,21 @@ def test_prompt_and_adapter_fields_default_for_older_peers_and_round_trip():
         StepRequest.from_wire({"position": 3, "prompts": "yes"})
     with pytest.raises(InvalidRequestError):
         SpanRequest.from_wire({**old, "adapter": 5})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("public_name", "x" * (MAX_TEXT + 1)),
+        ("version", "1" * (MAX_TEXT + 1)),
+        ("adapters", ["a"] * (MAX_ITEMS + 1)),
+        ("adapters", ["a" * (MAX_TEXT + 1)]),
+        ("pings", {str(index): 0.1 for index in range(MAX_ITEMS + 1)}),
+    ],
+    ids=["name", "version", "many adapters", "long adapter", "many pings"],
+)
+def test_oversized_strings_and_lists_are_refused_when_a_record_is_read(field, value):
+    record = ServerInfo(state=ServerState.ONLINE, start_block=0, end_block=1, version="0.1.0").to_wire()
+    with pytest.raises(InvalidRequestError, match=field):
+        ServerInfo.from_wire(record | {field: value})
+    assert ServerInfo.from_wire(record | {"public_name": "x" * MAX_TEXT}).public_name == "x" * MAX_TEXT
