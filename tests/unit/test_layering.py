@@ -165,3 +165,12 @@ def test_evidence_does_files_and_signatures_only():
         "petals_cli.security",
     }
     assert imports_outside(CORE / "evidence.py", allowed) == set()
+
+
+def test_every_package_is_installed():
+    """A wheel holds only the packages pyproject.toml names (an editable install would hide a missing one)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(path.parent.relative_to(ROOT).parts) for path in CORE.rglob("__init__.py")}
+    assert found <= listed, found - listed
