@@ -29,6 +29,11 @@ from petals_cli.wire import StepResponse
 
 STREAM_CHUNK_BYTES = 2**20
 NONE = runtime_pb2.CompressionType.NONE
+_CODECS = set(runtime_pb2.CompressionType.values())
+# what tensors of this protocol are (hidden states, masks, positions, prompts, LoRA weights), as hivemind names them
+ACCEPTED_DTYPES = frozenset(
+    {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"}
+)
 
 
 class BlocksService(ServicerBase):
@@ -86,6 +91,13 @@ def serialize(tensor: torch.Tensor) -> runtime_pb2.Tensor:
 
 
 def deserialize(proto: runtime_pb2.Tensor) -> torch.Tensor:
+    """A tensor another peer sent. Only what this protocol sends is decoded: no compression (a codec named by the
+    sender would run its decoder, natively and on attacker-sized buffers) and plain numeric dtypes."""
+    if proto.compression != NONE:
+        codec = runtime_pb2.CompressionType.Name(proto.compression) if proto.compression in _CODECS else "unknown"
+        raise InvalidRequestError(f"tensor compression {codec} is not used by this protocol (only NONE)")
+    if proto.dtype not in ACCEPTED_DTYPES:
+        raise InvalidRequestError(f"tensor dtype {proto.dtype[:32]!r} is not accepted")
     try:
         return deserialize_torch_tensor(proto)
     except Exception as exc:  # bad dtype names, sizes that do not match the buffer, ...

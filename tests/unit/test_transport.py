@@ -58,3 +58,30 @@ def test_error_responses_carry_the_type():
     with pytest.raises(CacheExhaustedError, match="full"):
         transport.check_response(response)
     assert transport.check_response(transport.response_messages([], StepResponse(position=3))[0]).position == 3
+
+
+def test_only_uncompressed_tensors_of_plain_dtypes_are_decoded(monkeypatch):
+    """A codec named by the sender (blockwise 8-bit would import bitsandbytes and dequantise natively) or an odd
+    dtype is refused before any decoder runs."""
+    import pytest
+    from hivemind.compression import serialize_torch_tensor
+    from hivemind.proto import runtime_pb2
+
+    tensor = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    decoded = []
+    with monkeypatch.context() as patched:
+        patched.setattr(transport, "deserialize_torch_tensor", decoded.append)
+        for codec in ("FLOAT16", "MEANSTD_16BIT", "UNIFORM_8BIT", "QUANTILE_8BIT", "BLOCKWISE_8BIT"):
+            proto = runtime_pb2.Tensor(buffer=b"\0" * 64, size=[3, 4], dtype="float32", compression=codec)
+            with pytest.raises(InvalidRequestError, match=f"compression {codec} is not used"):
+                transport.deserialize(proto)
+    assert not decoded  # refused before any decoder ran
+    with pytest.raises(InvalidRequestError, match="compression unknown"):
+        transport.deserialize(runtime_pb2.Tensor(buffer=b"", size=[0], dtype="float32", compression=77))
+    for dtype in ("object", "U8", "V1000000000", "complex64"):
+        with pytest.raises(InvalidRequestError, match="dtype"):
+            transport.deserialize(runtime_pb2.Tensor(buffer=b"\0" * 16, size=[1], dtype=dtype))
+    honest = serialize_torch_tensor(tensor, runtime_pb2.CompressionType.NONE)
+    assert torch.equal(transport.deserialize(honest), tensor)
+    for sent in (tensor.half(), tensor.bfloat16(), tensor.long(), tensor > 3, tensor.double()):
+        assert torch.equal(transport.deserialize(transport.serialize(sent)), sent)
