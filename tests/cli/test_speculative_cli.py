@@ -104,6 +104,7 @@ def test_generate_speculates_to_the_tokens_of_plain_greedy_decoding(swarm, model
         assert speculative["token_ids"] == plain["token_ids"] and speculative["text"] == plain["text"]
         assert set(speculative["speculation"]) == FIGURES and speculative["speculation"]["trips"] >= 1
     assert drafted["speculation"]["drafted"] > 0  # a draft model drafts at least on the first trip
+    assert ngram["speculation"]["drafted"] > 0  # the prompt repeats itself: its last n-gram has a continuation
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{PROMPT}\nsomething else\n")
@@ -161,4 +162,10 @@ def test_bench_reports_the_speculation_figures(swarm, monkeypatch, capsys):
     assert report["config"]["speculative"] == "ngram" and report["config"]["draft_tokens"] == 8
     assert {"inference_tokens_per_s", "speculation_tokens_per_trip"} <= set(report["swarm"])
     assert "inference_steps_per_s" not in report["swarm"]  # a trip is not one token: tokens/s instead
-    assert report["swarm"]["speculation_tokens_per_trip"]["median"] >= 1
+    # The model as its own draft: its drafts are the tokens greedy decoding gives, so trips bring several tokens (a
+    # figure that speculation not happening, or not being counted, would leave at 1)
+    itself = ["--speculative", "model", "--draft-model", str(swarm.model), "--json"]
+    result = petals(swarm, monkeypatch, capsys, *args, *itself)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)["swarm"]
+    assert figures["speculation_tokens_per_trip"]["median"] > 1.5 and figures["speculation_acceptance"]["median"] > 0.5
