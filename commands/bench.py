@@ -110,7 +110,7 @@ def _render(report) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from petals_cli.bench import SPREAD_LIMIT
+    from petals_cli.measurements import SPREAD_LIMIT
 
     ratios, unstable, repeats = report.ratios(), report.unstable(), report.config["repeats"]
     title = escape(f"petals bench {report.model}") + f" ({len(report.servers)} local servers)" * bool(report.servers)

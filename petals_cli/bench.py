@@ -4,7 +4,7 @@
 the same model in plain transformers (in a separate process, its best case: the faster of one thread or all
 cores), and returns a ``BenchReport`` of medians with their spread, flagging figures whose runs disagree. Asked to
 speculate, the swarm's inference runs draft tokens (a fresh ``Speculation`` per generate() run) and the report adds
-how many drafts were kept and how many tokens a trip brought.
+how many drafts were kept and how many tokens a trip brought (the records: ``measurements``).
 ``on_phase`` hears what it is doing. Knows nothing about rendering.
 
 Why the care: on a shared machine, one timed call of a few milliseconds is mostly scheduler noise, the first calls
@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -32,9 +31,9 @@ from typing import TypeVar
 import torch
 
 from petals_cli.config import BenchConfig, ClientConfig
+from petals_cli.measurements import BenchReport, Measurement, machine
 from petals_cli.speculative import Speculation, SpeculationStats, load_draft_model
 
-SPREAD_LIMIT = 0.3  # runs spanning more of their median (over ±15%) are flagged: a ratio of such figures means little
 WARMUP_SECONDS = 1.0  # of calls after the first: a tiny model's swarm forward still sped up 1.5x over the first second
 MIN_SAMPLE_SECONDS = 0.25  # each sample averages as many calls as fill this
 T = TypeVar("T")
@@ -42,76 +41,6 @@ T = TypeVar("T")
 
 def _quiet(_: str) -> None:
     pass
-
-
-@dataclass(frozen=True)
-class Measurement:
-    name: str
-    unit: str
-    median: float
-    low: float
-    high: float
-    spread: float = 0.0  # (high - low) / median
-
-    @classmethod
-    def of(cls, name: str, unit: str, samples: list[float]) -> Measurement:
-        median, low, high = statistics.median(samples), min(samples), max(samples)
-        spread = (high - low) / median if median > 0 else 0.0
-        return cls(name, unit, round(median, 4), round(low, 4), round(high, 4), round(spread, 3))
-
-    @property
-    def unstable(self) -> bool:
-        return self.spread > SPREAD_LIMIT
-
-
-@dataclass
-class BenchReport:
-    model: str
-    config: dict
-    swarm: dict[str, Measurement] = field(default_factory=dict)
-    local: dict[str, Measurement] = field(default_factory=dict)
-    servers: list[str] = field(default_factory=list)
-    machine: dict = field(default_factory=dict)  # CPUs, torch threads, OpenMP wait policy, load when it began
-
-    def ratios(self) -> dict[str, float]:
-        """swarm / local for every figure measured both ways (for times, local / swarm: above 1 is better)."""
-        ratios = {}
-        for name, measured in self.swarm.items():
-            if name in self.local and self.local[name].median > 0 and measured.median > 0:
-                higher_is_better = measured.unit not in ("s", "ms")  # times: lower is better
-                ratio = measured.median / self.local[name].median
-                ratios[name] = round(ratio if higher_is_better else 1 / ratio, 3)
-        return ratios
-
-    def unstable(self) -> list[str]:
-        """``side.figure`` for every figure whose runs differ by more than ``SPREAD_LIMIT`` of its median."""
-        sides = {"swarm": self.swarm, "local": self.local}
-        return [
-            f"{side}.{name}" for side, figures in sides.items() for name, value in figures.items() if value.unstable
-        ]
-
-    def to_json(self) -> dict:
-        return {
-            "model": self.model,
-            "config": self.config,
-            "servers": self.servers,
-            "machine": self.machine,
-            "swarm": {name: asdict(value) for name, value in self.swarm.items()},
-            "local": {name: asdict(value) for name, value in self.local.items()},
-            "swarm_over_local": self.ratios(),
-            "spread_limit": SPREAD_LIMIT,
-            "unstable": self.unstable(),
-        }
-
-
-def machine() -> dict:
-    """What the figures depend on beyond the model: cores, threads, how idle threads wait, how busy the machine was."""
-    return {
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-    }
 
 
 class _TokenClock:

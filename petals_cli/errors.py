@@ -7,6 +7,8 @@ This module imports nothing heavy: the CLI loads it to render errors.
 
 from __future__ import annotations
 
+from petals_cli.textsafe import ERROR_CHARACTERS, shown
+
 
 class PetalsError(Exception):
     """Base class: a message, a next-step hint and a CLI exit code."""
@@ -166,6 +168,4 @@ WIRE_ERRORS: dict[str, type[PetalsError]] = {
 def error_from_wire(code: str, message: str) -> PetalsError:
     """Rebuild a typed error a server sent back; unknown codes become ``ServerError``. The message is another
     peer's text: it becomes one bounded line with control characters made visible before anyone logs or shows it."""
-    from petals_cli.textsafe import ERROR_CHARACTERS, shown
-
     return WIRE_ERRORS.get(code, ServerError)(shown(message, ERROR_CHARACTERS))

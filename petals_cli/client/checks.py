@@ -140,12 +140,9 @@ class InferenceChecks:
     def replayed(self, stream: SpanStream, position: int, outputs: torch.Tensor | None) -> None:
         """``stream``'s server answered ``outputs`` for its tokens from ``position`` on, in place of its earlier
         answers from there (a replay, a catch-up or a redo); a check in flight holds only for the tokens before."""
-        state = self._of(stream)
-        state.outputs = first_tokens(state.outputs, position)
+        self.cut(stream, position)
         if outputs is not None:
-            state.outputs.append(outputs)
-        state.checked = min(state.checked, position)
-        state.pending_limit = min(state.pending_limit, position)
+            self._of(stream).outputs.append(outputs)
 
     def cut(self, stream: SpanStream, position: int) -> None:
         """Every token from ``position`` on was rolled back; a replica holding more is rewound at the next check."""

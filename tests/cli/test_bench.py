@@ -42,8 +42,8 @@ def test_bench_without_a_swarm_says_how_to_get_one(tmp_path, monkeypatch):
 
 
 def test_spread_is_the_range_over_the_median_and_too_wide_a_spread_is_flagged(capsys):
-    from petals_cli.bench import SPREAD_LIMIT, BenchReport, Measurement
     from petals_cli.commands.bench import _render
+    from petals_cli.measurements import SPREAD_LIMIT, BenchReport, Measurement
 
     steady = Measurement.of("forward", "tokens/s", [100.0, 95.0, 105.0])
     assert (steady.median, steady.low, steady.high, steady.spread) == (100.0, 95.0, 105.0, 0.1)

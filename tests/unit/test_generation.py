@@ -30,7 +30,7 @@ def test_streamer_flushes_the_held_tail_when_no_stop_comes():
 
 
 def test_bench_ratios_read_rates_and_times_the_right_way_round():
-    from petals_cli.bench import BenchReport, Measurement
+    from petals_cli.measurements import BenchReport, Measurement
 
     report = BenchReport(model="m", config={})
     report.swarm = {"rate": Measurement("rate", "steps/s", 8.0, 7.0, 9.0), "time": Measurement("t", "s", 2.0, 2, 2)}
