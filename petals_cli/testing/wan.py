@@ -3,8 +3,11 @@
 Each host is a network namespace with loopback and one TUN device addressed ``10.77.0.(i+1)/24``. One forwarder
 process in the root namespace holds every TUN's file descriptor and moves IPv4 packets between them by destination
 address: each packet first waits in its sender's uplink (a token bucket behind a bounded drop-tail queue), then
-for the one-way delay (half the round trip), and is then written to the receiver's TUN. ``Wan`` makes and removes
-the namespaces, the devices and the forwarder, and changes the delay and bandwidth while the hosts keep running.
+for the one-way delay (half the round trip), and is then written to the receiver's TUN. Impairments drop packets on
+purpose: a host may lose a share of what it sends and receives (a seeded random stream decides which), and a link
+between two hosts may be cut, or a host isolated, so that nothing passes, packets already in flight included.
+``Wan`` makes and removes the namespaces, the devices and the forwarder, and changes the delay, the bandwidth and
+the impairments while the hosts keep running.
 
 This module owns the network only: it knows nothing about swarms or models, and uses only the standard library,
 since the forwarder runs as this file (``python wan.py CONFIG``) without importing the package. Needs root, ``ip``
@@ -19,6 +22,7 @@ import heapq
 import itertools
 import json
 import os
+import random
 import select
 import shutil
 import signal
@@ -100,10 +104,46 @@ def ipv4_destination(packet: bytes) -> bytes | None:
 
 
 @dataclass
+class Impairments:
+    """What the forwarder drops on purpose, by host index: ``loss`` maps a host to the probability that each packet
+    it sends or receives is lost (a packet between two lossy hosts passes both draws); ``cut`` holds pairs of hosts
+    that cannot reach each other; an ``isolated`` host reaches nobody. Pure: the random stream is an argument."""
+
+    loss: dict[int, float] = field(default_factory=dict)
+    cut: set[frozenset[int]] = field(default_factory=set)
+    isolated: set[int] = field(default_factory=set)
+
+    def blocks(self, source: int, target: int) -> bool:
+        """Whether nothing may pass from ``source`` to ``target`` (a cut link or an isolated host)."""
+        return source in self.isolated or target in self.isolated or frozenset((source, target)) in self.cut
+
+    def loses(self, source: int, target: int, rng: random.Random) -> bool:
+        """Whether this packet is lost on the sender's or the receiver's side."""
+        return any(self.loss.get(host, 0.0) > 0 and rng.random() < self.loss[host] for host in (source, target))
+
+    def to_json(self) -> dict:
+        return {
+            "loss": {str(host): probability for host, probability in sorted(self.loss.items()) if probability > 0},
+            "cut": sorted(sorted(pair) for pair in self.cut),
+            "isolated": sorted(self.isolated),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Impairments:
+        return cls(
+            loss={int(host): float(probability) for host, probability in data.get("loss", {}).items()},
+            cut={frozenset(int(host) for host in pair) for pair in data.get("cut", [])},
+            isolated={int(host) for host in data.get("isolated", [])},
+        )
+
+
+@dataclass
 class ForwarderStats:
     packets: int = 0
     bytes: int = 0
     queue_drops: int = 0
+    loss_drops: int = 0  # lost on purpose (``Impairments.loss``)
+    partition_drops: int = 0  # dropped on a cut link or at an isolated host, in flight included
     unroutable: int = 0
     write_errors: int = 0
     lateness_sum: float = 0.0
@@ -117,6 +157,8 @@ class ForwarderStats:
             "packets": self.packets,
             "bytes": self.bytes,
             "queue_drops": self.queue_drops,
+            "loss_drops": self.loss_drops,
+            "partition_drops": self.partition_drops,
             "unroutable": self.unroutable,
             "write_errors": self.write_errors,
             "late_ms_mean": round(1000 * self.lateness_sum / max(self.packets, 1), 3),
@@ -126,14 +168,18 @@ class ForwarderStats:
 
 
 class Forwarder:
-    """Routes packets between TUN descriptors by destination address, with per-uplink bandwidth and a delay."""
+    """Routes packets between TUN descriptors by destination address, with per-uplink bandwidth, a delay and
+    impairments (``seed`` seeds the stream that decides which packets are lost)."""
 
-    def __init__(self, fds: list[int], addresses: list[str]):
+    def __init__(self, fds: list[int], addresses: list[str], seed: int = 0):
         self.fds = fds
         self.route = {socket.inet_aton(address): index for index, address in enumerate(addresses)}
         self.one_way = 0.0
         self.uplinks = [Uplink() for _ in fds]
-        self.pending: list[tuple[float, int, int, bytes]] = []  # heap of (release at, sequence, target, packet)
+        self.impairments = Impairments()
+        self.rng = random.Random(seed)
+        # heap of (release at, sequence, source, target, packet)
+        self.pending: list[tuple[float, int, int, int, bytes]] = []
         self.sequence = itertools.count()
         self.stats = ForwarderStats()
 
@@ -144,6 +190,21 @@ class Forwarder:
         self.one_way = rtt_ms / 2000
         self.uplinks = [Uplink(rate=mbit * 125_000, burst=burst, queue=queue) for _ in self.fds]
         self.stats = ForwarderStats()
+
+    def impair(self, impairments: Impairments) -> None:
+        """Drop from now on what ``impairments`` say (replacing the previous ones); delay and bandwidth stay."""
+        self.impairments = impairments
+
+    def command(self, command: dict) -> dict:
+        """Apply one control message (``{"impair": {...}}`` or configure's arguments); the counters since the last
+        one, which start again from zero."""
+        report = self.stats.report()
+        if "impair" in command:
+            self.impair(Impairments.from_json(command["impair"]))
+            self.stats = ForwarderStats()
+        else:
+            self.configure(**command)
+        return report
 
     def take(self, source: int) -> None:
         """Read what waits on ``source``'s TUN and schedule each packet's release."""
@@ -157,18 +218,27 @@ class Forwarder:
             if target is None:
                 self.stats.unroutable += 1
                 continue
+            if self.impairments.blocks(source, target):
+                self.stats.partition_drops += 1
+                continue
+            if self.impairments.loses(source, target, self.rng):
+                self.stats.loss_drops += 1
+                continue
             leaves = uplink.admit(time.monotonic(), len(packet))
             if leaves is None:
                 self.stats.queue_drops += 1
                 continue
-            heapq.heappush(self.pending, (leaves + self.one_way, next(self.sequence), target, packet))
+            heapq.heappush(self.pending, (leaves + self.one_way, next(self.sequence), source, target, packet))
 
     def release(self) -> None:
         """Write every packet whose time has come to its target's TUN."""
         now = time.monotonic()
         stats = self.stats
         while self.pending and self.pending[0][0] <= now + RELEASE_SLACK:
-            due, _, target, packet = heapq.heappop(self.pending)
+            due, _, source, target, packet = heapq.heappop(self.pending)
+            if self.impairments.blocks(source, target):  # cut while in flight: lost on the wire
+                stats.partition_drops += 1
+                continue
             try:
                 os.write(self.fds[target], packet)
             except OSError:  # the receiver's queue is full or its device is gone: the packet is lost
@@ -187,7 +257,7 @@ class Forwarder:
         return max(self.pending[0][0] - time.monotonic() - RELEASE_SLACK, 0.0)
 
     def serve(self, control: int, answer) -> None:
-        """Forward until ``control`` closes; each JSON line read from it configures, and is answered on ``answer``
+        """Forward until ``control`` closes; each JSON line read from it is a ``command``, answered on ``answer``
         with the counters since the last one."""
         poller = select.epoll()
         sources = {fd: index for index, fd in enumerate(self.fds)}
@@ -206,9 +276,7 @@ class Forwarder:
                 buffered += chunk
                 while b"\n" in buffered:
                     line, buffered = buffered.split(b"\n", 1)
-                    report = self.stats.report()
-                    self.configure(**json.loads(line))
-                    answer.write(json.dumps(report) + "\n")
+                    answer.write(json.dumps(self.command(json.loads(line))) + "\n")
                     answer.flush()
             self.release()
 
@@ -239,8 +307,11 @@ class Wan:
     hosts: int
     mtu: int = 1500
     prefix: str = field(default_factory=lambda: f"pwan{os.getpid()}")
+    seed: int = 0  # seeds which packets the forwarder loses
     namespaces: list[str] = field(default_factory=list)
     forwarder: subprocess.Popen | None = None
+    impairments: Impairments = field(default_factory=Impairments)  # as last sent to the forwarder
+    totals: dict = field(default_factory=dict)  # every packet counter of every answer so far, summed
 
     def namespace(self, index: int) -> str:
         return f"{self.prefix}-h{index}"
@@ -257,7 +328,8 @@ class Wan:
         try:
             for index in range(self.hosts):
                 fds.append(self._make_host(index))
-            config = json.dumps({"fds": fds, "addresses": [self.address(i) for i in range(self.hosts)]})
+            addresses = [self.address(i) for i in range(self.hosts)]
+            config = json.dumps({"fds": fds, "addresses": addresses, "seed": self.seed})
             self.forwarder = subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__), config],
                 pass_fds=fds,
@@ -291,17 +363,68 @@ class Wan:
 
     def configure(self, rtt_ms: float = 0.0, mbit: float = 0.0, queue_kib: int = DEFAULT_QUEUE // 1024) -> dict:
         """Set the round trip between any two hosts and every uplink's bandwidth (0: unlimited); returns the
-        forwarder's counters since the last call."""
+        forwarder's counters since the last call. Impairments stay as they are."""
+        burst = max(DEFAULT_BURST, self.mtu)
+        return self._send({"rtt_ms": rtt_ms, "mbit": mbit, "burst": burst, "queue": max(queue_kib * 1024, burst)})
+
+    def set_loss(self, host: int, probability: float) -> dict:
+        """Lose each packet that ``host`` sends or receives with ``probability`` (0: none) from now on."""
+        self._check_host(host)
+        if not 0.0 <= probability <= 1.0:
+            raise ValueError(f"a loss probability is between 0 and 1, not {probability}")
+        self.impairments.loss[host] = probability
+        return self._impair()
+
+    def partition(self, first: int, second: int) -> dict:
+        """Cut the link between two hosts: nothing passes either way (in flight included) until ``heal``."""
+        self._check_host(first)
+        self._check_host(second)
+        if first == second:
+            raise ValueError("a partition is between two different hosts")
+        self.impairments.cut.add(frozenset((first, second)))
+        return self._impair()
+
+    def isolate(self, host: int) -> dict:
+        """Cut every link of ``host`` until ``heal(host)``."""
+        self._check_host(host)
+        self.impairments.isolated.add(host)
+        return self._impair()
+
+    def heal(self, first: int | None = None, second: int | None = None) -> dict:
+        """Restore the link between two hosts, every link of one host (its isolation and each cut naming it), or,
+        with no argument, every link; packet loss stays as set."""
+        cut, isolated = self.impairments.cut, self.impairments.isolated
+        if first is None:
+            cut.clear()
+            isolated.clear()
+        elif second is None:
+            isolated.discard(first)
+            cut.difference_update({pair for pair in cut if first in pair})
+        else:
+            cut.discard(frozenset((first, second)))
+        return self._impair()
+
+    def _check_host(self, host: int) -> None:
+        if not 0 <= host < self.hosts:
+            raise ValueError(f"no host {host} in a WAN of {self.hosts}")
+
+    def _impair(self) -> dict:
+        return self._send({"impair": self.impairments.to_json()})
+
+    def _send(self, command: dict) -> dict:
+        """One command to the forwarder; its counters since the last one (also added to ``totals``)."""
         if self.forwarder is None or self.forwarder.poll() is not None:
             raise RuntimeError("the WAN's forwarder is not running")
-        burst = max(DEFAULT_BURST, self.mtu)
-        command = {"rtt_ms": rtt_ms, "mbit": mbit, "burst": burst, "queue": max(queue_kib * 1024, burst)}
         self.forwarder.stdin.write(json.dumps(command) + "\n")
         self.forwarder.stdin.flush()
         line = self.forwarder.stdout.readline()
         if not line:
             raise RuntimeError("the WAN's forwarder exited")
-        return json.loads(line)
+        report = json.loads(line)
+        for key, value in report.items():
+            if isinstance(value, int):
+                self.totals[key] = self.totals.get(key, 0) + value
+        return report
 
     def close(self) -> None:
         """End the processes left in our namespaces, the forwarder (and with it the TUNs), then the namespaces."""
@@ -334,7 +457,7 @@ def _forwarder_main(config_json: str) -> None:
     with contextlib.suppress(OSError):  # a wire does not wait for a CPU: run ahead of the hosts' computing
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
     config = json.loads(config_json)
-    Forwarder(config["fds"], config["addresses"]).serve(sys.stdin.fileno(), sys.stdout)
+    Forwarder(config["fds"], config["addresses"], config.get("seed", 0)).serve(sys.stdin.fileno(), sys.stdout)
 
 
 if __name__ == "__main__":
