@@ -243,25 +243,55 @@ def test_verification_checks_client_sent_weights_too(setup):
         model.close()
 
 
-def test_training_with_client_sent_weights_fails_over_exactly(setup):
-    """A server killed between steps: requests routed through it fail over, and gradients stay exact (last in this
-    module: the swarm loses a server)."""
+def test_training_with_client_sent_weights_fails_over_exactly(setup, monkeypatch, caplog):
+    """A server of the route a step's forward took is killed before that step's backward: the backward fails over
+    (the client's warning names that server), the gradients stay exact, and later steps route around it (last in
+    this module: the swarm loses a server; any one of the four leaves a route)."""
+    import logging
     import signal
 
+    from petals_cli.client.autograd import RemoteChain
+
     path, swarm, adapter = setup
+    routes = []  # every route a training request took, in order (training routes are drawn at random)
+    choose_route = RemoteChain.route
+
+    async def recorded_route(chain, start, end):
+        routes.append(await choose_route(chain, start, end))
+        return routes[-1]
+
+    monkeypatch.setattr(RemoteChain, "route", recorded_route)
     model = open_model(setup, tuning_mode="lora", lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"])
     reference = local_peft(path, adapter)
     reference(PROMPT, labels=PROMPT).loss.backward()
     local_grads = {name.replace(".default", ""): p.grad for name, p in reference.named_parameters() if "lora_" in name}
+
+    def assert_exact_grads():
+        for name, parameter in model.client_lora.peft_state_dict().items():
+            torch.testing.assert_close(parameter.grad, local_grads[name], atol=1e-5, rtol=1e-4)
+
     try:
         model.client_lora.load_pretrained(adapter)
-        model(PROMPT, labels=PROMPT).loss.backward()  # every route known and used once
-        swarm.servers[0].process.send_signal(signal.SIGKILL)  # blocks 0:2; 0:4 still holds them
-        swarm.servers[0].process.wait()
-        for _ in range(3):
+        loss = model(PROMPT, labels=PROMPT).loss
+        (forward_route,) = routes
+        victim = forward_route[-1].peer_id  # the first server the backward will call
+        (server,) = [server for server in swarm.servers if server.addresses()[0].endswith(f"/p2p/{victim}")]
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait()
+        with caplog.at_level(logging.WARNING, logger="petals_cli.client.autograd"):
+            loss.backward()
+        failovers = [
+            record.getMessage()
+            for record in caplog.records
+            if record.name == "petals_cli.client.autograd" and "failing over" in record.getMessage()
+        ]
+        assert len(failovers) == 1 and failovers[0].startswith(f"server {victim[-8:]} "), failovers
+        assert len(routes) >= 2 and victim not in {span.peer_id for span in routes[1]}, routes  # the replacement
+        assert_exact_grads()
+        for _ in range(2):
             model.client_lora.zero_grad()
             model(PROMPT, labels=PROMPT).loss.backward()
-            for name, parameter in model.client_lora.peft_state_dict().items():
-                torch.testing.assert_close(parameter.grad, local_grads[name], atol=1e-5, rtol=1e-4)
+            assert_exact_grads()
+        assert all(victim not in {span.peer_id for span in route} for route in routes[1:]), routes
     finally:
         model.close()
