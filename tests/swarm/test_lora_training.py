@@ -183,10 +183,16 @@ def test_finetune_lora_memorises_like_local_peft_saves_a_peft_adapter_and_resume
         served.close()
 
     half = lora_config(path, tmp_path / "data.txt", steps=TRAIN_STEPS // 2, output=str(tmp_path / "half"))
-    finetune(half, client)
+    first_half = finetune(half, client)
+    reports = []
     resumed = finetune(
-        lora_config(path, tmp_path / "data.txt", steps=TRAIN_STEPS, resume=str(tmp_path / "half")), client
+        lora_config(path, tmp_path / "data.txt", steps=TRAIN_STEPS, resume=str(tmp_path / "half")),
+        client,
+        on_step=reports.append,
     )
+    # only the steps after the checkpoint ran (a fresh run with the same seed would repeat every loss below)
+    assert [report.step for report in reports] == list(range(TRAIN_STEPS // 2 + 1, TRAIN_STEPS + 1))
+    assert first_half.tokens + resumed.tokens == result.tokens
     assert resumed.losses == pytest.approx(result.losses, rel=1e-5, abs=1e-6)
 
 
