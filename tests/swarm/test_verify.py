@@ -82,24 +82,49 @@ def routes_through(model, peer: str, timeout: float = 20.0) -> bool:
     return eventually(chosen, timeout=timeout, interval=0.5)
 
 
+@pytest.fixture
+def routed(monkeypatch) -> list[set[str]]:
+    """The servers of every route a client of this process chose (sessions, replicas and judges), in order."""
+    peers: list[set[str]] = []
+    choose_route = SwarmClient.route
+
+    async def recorded_route(client, *args, **kwargs):
+        route = await choose_route(client, *args, **kwargs)
+        peers.append({span.peer_id for span in route})
+        return route
+
+    monkeypatch.setattr(SwarmClient, "route", recorded_route)
+    return peers
+
+
+def caught_at_the_first_step(record: evidence.Evidence, model_path, input_ids: torch.Tensor) -> bool:
+    """Whether the check that caught a liar of the first blocks covered exactly the prompt: the inputs it reports
+    (their hash holds their shape) are the first step's, the prompt's embeddings, and the first wrong output is its
+    first token. A later catch reports the inputs of every token up to the step it checked."""
+    embeddings = AutoModelForCausalLM.from_pretrained(model_path).get_input_embeddings()(input_ids).detach()
+    return record.position == 0 and record.inputs_sha256 == evidence.tensor_sha256(embeddings)
+
+
 def open_model(swarm, **config):
     config = ClientConfig(initial_peers=tuple(swarm[0].initial_peers), **config)
     return AutoDistributedModelForCausalLM.from_pretrained(str(swarm[0].model), config=config)
 
 
 @pytest.mark.parametrize("push", [True, False])
-def test_a_server_tampering_every_step_is_caught_at_once_and_the_tokens_stay_honest(swarm, log, push):
+def test_a_server_tampering_every_step_is_caught_at_once_and_the_tokens_stay_honest(swarm, log, routed, push):
     servers, honest, always, rare = swarm
     model = open_model(swarm, verify_rate=0.1, verify_seed=1, blocked_servers=(rare,), push=push)
     try:
         for _ in range(3):  # a liar that missed a ping under load is routed around for a moment: then try again
             routes_through(model, always)
+            routed.clear()
             with model.inference_session(max_length=64) as session:
                 output = model.generate(PROMPT, max_new_tokens=20, do_sample=False, session=session)
                 route = [span.peer_id for span in session.route]
             if session.caught:
                 break
-            assert always not in route, "the liar served the session and was not caught"
+            # a retry is fair only when no route of this try (session, replicas, judges) went through the liar
+            assert routed and not any(always in chosen for chosen in routed), "the liar served it and was not caught"
             time.sleep(2)
         assert session.caught == 1 and always not in route
         assert always in model.petals_client.bans.forever
@@ -112,6 +137,7 @@ def test_a_server_tampering_every_step_is_caught_at_once_and_the_tokens_stay_hon
     record = records[0][0]
     assert record.suspect == always and set(record.witnesses) <= set(honest) and record.kind == "inference"
     assert record.max_error > record.tolerance and evidence.flagged(log) == {always: 1}
+    assert caught_at_the_first_step(record, servers.model, PROMPT), record
 
 
 def test_without_a_third_replica_the_client_stops_naming_both_servers(swarm, log):
@@ -203,7 +229,9 @@ def test_honest_replicas_never_disagree(swarm, log):
     assert not log.exists()
 
 
-def test_the_cli_verifies_and_swarm_status_flags_the_liar(swarm, log, monkeypatch, capsys):
+def test_the_cli_verifies_and_swarm_status_flags_the_liar(swarm, log, routed, monkeypatch, capsys):
+    from transformers import AutoTokenizer
+
     servers, honest, always, rare = swarm
     peers = ("--initial-peers", *servers.initial_peers)
     expected = run_here(
@@ -211,6 +239,7 @@ def test_the_cli_verifies_and_swarm_status_flags_the_liar(swarm, log, monkeypatc
         "--allowed-servers", honest[0], "--allowed-servers", honest[1], "--json", *peers,
     )  # fmt: skip
     for _ in range(3):  # each run is a new client: under load it may route around a liar that missed a ping
+        routed.clear()
         result = run_here(
             monkeypatch, capsys, "generate", str(servers.model), "--prompt", "one two three", "--max-new-tokens", "8",
             "--verify", "0.1", "--blocked-servers", rare, "--json", *peers,
@@ -220,9 +249,15 @@ def test_the_cli_verifies_and_swarm_status_flags_the_liar(swarm, log, monkeypatc
         assert verified["token_ids"] == json.loads(expected.stdout)["token_ids"]
         if verified["verification"]["caught"]:
             break
+        # a retry is fair only when no route of this run (session, replicas, judges) went through the liar
+        assert routed and not any(always in chosen for chosen in routed), "the liar served the run and was not caught"
         time.sleep(2)
     assert verified["verification"]["caught"] == [always]
     assert "verification" not in json.loads(expected.stdout)  # only with --verify
+    (record, signed), *others = evidence.read(log)
+    assert not others and signed and record.suspect == always
+    input_ids = AutoTokenizer.from_pretrained(servers.model)("one two three", return_tensors="pt").input_ids
+    assert caught_at_the_first_step(record, servers.model, input_ids), record  # its first check, the prompt's
     status = run_here(monkeypatch, capsys, "swarm", "status", "--json", *peers)
     flags = {
         server["peer_id"]: server["flagged"]
