@@ -1,0 +1,477 @@
+"""A soak: a swarm on the emulated WAN, sessions generating without pause, and a schedule of faults at random moments.
+
+``Soak(settings).run()`` starts, each on its own host of ``testing/wan.py``: a bootstrap peer with a stable identity
+and port, `petals serve` processes holding every span two or three times, client processes (``soak_client``) that
+generate greedily and check every token against local transformers (some with ``--verify``), and a monitor that
+counts DHT records. Faults then come at random moments (``plan_faults``): a server joins, leaves (SIGTERM), is
+SIGKILLed, is frozen (SIGSTOP, later SIGCONT), a client or a server loses its link to a server for a while, a host
+loses 1% of its packets, the bootstrap peer restarts, or a lying server (``testing/tamper.py``) serves for a while.
+Every few seconds it records each process's memory and open descriptors. What it gathered is a ``SoakRun``;
+``soak_report.summarize`` turns it into figures.
+
+Faults are aimed when they happen (at a live server, at the span with fewest replicas), with a seeded random
+stream. Clients that do not verify block every lying server's peer id (made in advance): a client that does not
+verify trusts its servers, so only verifying clients may meet a liar. This module owns processes, the schedule
+and sampling; the network is ``wan``'s, checking tokens is the clients', figures are ``soak_report``'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from petals_cli.testing.soak_faults import Faults
+from petals_cli.testing.swarm import petals_command
+from petals_cli.testing.wan import Wan
+
+BOOTSTRAP_PORT = 31337
+START_TIMEOUT = 180.0
+CLIENT_STOP_TIMEOUT = 120.0  # for the generations in progress to finish once the clients are told to stop
+KINDS = ("leave", "kill", "stop", "partition", "loss", "bootstrap", "tamper")  # a join follows every leave and kill
+
+
+@dataclass(frozen=True)
+class SoakSettings:
+    minutes: float = 30.0
+    spans: tuple[str, ...] = ("0:2", "2:4", "4:6", "6:8")
+    replicas: tuple[int, ...] = (3, 3, 2, 2)  # servers of each span at the start
+    spare_hosts: int = 3  # hosts for joining and lying servers
+    clients: int = 4
+    sessions: int = 16  # over all clients
+    verify_clients: int = 1  # the first clients run with --verify
+    verify_rate: float = 0.1
+    new_tokens: int = 32
+    prompt_tokens: int = 8
+    step_pause: float = 0.05  # seconds each session waits after each token (a person reading; spares 2 cores)
+    rtt_ms: float = 20.0
+    mbit: float = 100.0
+    faults_per_kind: int = 0  # 0: one per 5 minutes of the run (at least one)
+    partition_s: float = 30.0
+    loss: float = 0.01
+    loss_s: float = 60.0
+    stop_s: tuple[float, float] = (5.0, 20.0)  # how long a frozen server stays frozen (uniform)
+    join_after_s: tuple[float, float] = (15.0, 60.0)  # when a server replaces one that left or was killed
+    bootstrap_down_s: float = 10.0
+    tamper_s: float = 60.0
+    sample_s: float = 30.0
+    seed: int = 0
+    layers: int = 8
+    hidden: int = 64
+
+    @property
+    def duration(self) -> float:
+        return 60.0 * self.minutes
+
+
+@dataclass(frozen=True)
+class PlannedFault:
+    at: float  # seconds after the start of generation
+    kind: str
+
+
+def plan_faults(settings: SoakSettings, rng: random.Random) -> list[PlannedFault]:
+    """Every kind ``faults_per_kind`` times at uniform moments of the run's middle (so that faults end before it
+    does), in time order. Pure: the random stream is an argument."""
+    count = settings.faults_per_kind or max(1, round(settings.minutes / 5))
+    first, last = 0.1 * settings.duration, 0.8 * settings.duration
+    planned = [PlannedFault(rng.uniform(first, last), kind) for kind in KINDS for _ in range(count)]
+    return sorted(planned, key=lambda fault: fault.at)
+
+
+@dataclass
+class Peer:
+    """One process on one host, and what happened to it."""
+
+    name: str
+    role: str  # bootstrap, server, tamper, client, monitor
+    host: int
+    process: subprocess.Popen
+    log: Path
+    started: float
+    span: str = ""
+    address_file: Path | None = None
+    peer_id: str = ""
+    ready: float | None = None
+    ended: float | None = None
+    end: str = ""  # left, killed, crashed, stopped at the end (a code when not zero)
+    frozen: list[list[float]] = field(default_factory=list)  # [SIGSTOP at, SIGCONT at]
+    samples: list[dict] = field(default_factory=list)  # {at, rss_kib, fds, p2pd_rss_kib, p2pd_fds}
+    busy: bool = False  # a fault is on it now
+
+    @property
+    def alive(self) -> bool:
+        return self.ended is None
+
+    def blocks(self) -> range:
+        start, end = self.span.split(":")
+        return range(int(start), int(end))
+
+
+@dataclass
+class AppliedFault:
+    kind: str
+    at: float  # Unix time
+    target: str  # what it hit, in words
+    victims: list[str] = field(default_factory=list)  # peer ids whose failure clients should notice
+    clients: list[int] = field(default_factory=list)  # only these clients can notice it (a client's cut link)
+    until: float | None = None
+    skipped: str = ""
+
+
+@dataclass
+class SoakRun:
+    """Everything a soak gathered, for ``soak_report``."""
+
+    settings: SoakSettings
+    started: float = 0.0  # Unix time generation started
+    ended: float = 0.0
+    peers: list[Peer] = field(default_factory=list)
+    faults: list[AppliedFault] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)  # clients' generation, crash and summary lines
+    dht: list[dict] = field(default_factory=list)  # the monitor's lines
+    client_logs: list[Path] = field(default_factory=list)
+    wan_totals: dict = field(default_factory=dict)
+    workdir: Path | None = None
+
+
+def _piped() -> dict:
+    return {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError), open(f"/proc/{entry}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+    return found
+
+
+def _usage(pid: int) -> tuple[int, int] | None:
+    """Resident memory (KiB) and open descriptors of ``pid``, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            rss = next((int(line.split()[1]) for line in status if line.startswith("VmRSS:")), 0)
+        return rss, len(os.listdir(f"/proc/{pid}/fd"))
+    except (OSError, StopIteration):
+        return None
+
+
+def sample_usage(pid: int) -> dict:
+    """Memory and descriptors of a process and of its libp2p daemon (its child), when it has one."""
+    own = _usage(pid)
+    if own is None:
+        return {}
+    sample = {"rss_kib": own[0], "fds": own[1]}
+    daemons = [usage for usage in map(_usage, _children(pid)) if usage is not None]
+    if daemons:
+        sample.update(p2pd_rss_kib=sum(rss for rss, _ in daemons), p2pd_fds=sum(fds for _, fds in daemons))
+    return sample
+
+
+class Soak:
+    """Runs one soak; ``run`` returns a ``SoakRun`` and always leaves nothing behind."""
+
+    def __init__(self, settings: SoakSettings, model: Path, workdir: Path, say=lambda text: None):
+        self.settings, self.model, self.workdir = settings, Path(model), Path(workdir)
+        self.say = lambda text: say(f"{time.strftime('%H:%M:%S')} {text}")
+        self.rng = random.Random(settings.seed)
+        self.server_hosts = list(range(1, 1 + sum(settings.replicas) + settings.spare_hosts))
+        self.client_hosts = [self.server_hosts[-1] + 1 + index for index in range(settings.clients)]
+        self.monitor_host = self.client_hosts[-1] + 1
+        self.wan = Wan(hosts=self.monitor_host + 1, seed=settings.seed, prefix=f"psk{os.getpid() % 100000}")
+        self.result = SoakRun(settings, workdir=self.workdir)
+        self.lock = threading.Lock()
+        self.events: list[tuple[float, int, str, object]] = []  # heap of (Unix time, sequence, what, action)
+        self.sequence = itertools.count()
+        self.bootstrap_peer: Peer | None = None
+        self.initial_peer = ""
+        self.clients: list[Peer] = []
+        self.monitor: Peer | None = None
+        self.readers: list[threading.Thread] = []
+        self.tamper_keys: list[tuple[Path, str]] = []
+        self.environment = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "OMP_WAIT_POLICY": "PASSIVE",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PETALS_CACHE_DIR": str(self.workdir / "cache"),
+        }
+
+    # --- processes -----------------------------------------------------------------------------------------
+
+    def launch(self, name: str, role: str, host: int, command: list[str], **options) -> Peer:
+        """Start ``command`` on ``host``; a bootstrap peer or a server gets ``--address-file`` (its peer id)."""
+        log, address_file = self.workdir / f"{name}.log", None
+        if role in ("bootstrap", "server", "tamper"):
+            address_file = self.workdir / f"{name}.addr"
+            address_file.unlink(missing_ok=True)
+            command = [*command, "--address-file", str(address_file)]
+        with open(log, "ab") as output:
+            process = subprocess.Popen(
+                [*self.wan.exec_prefix(host), *command],
+                stdout=options.pop("stdout", output),
+                stderr=output,
+                env=self.environment,
+                **options,
+            )
+        peer = Peer(name, role, host, process, log, time.time(), address_file=address_file)
+        self.result.peers.append(peer)
+        return peer
+
+    def wait_ready(self, peer: Peer, timeout: float = START_TIMEOUT) -> bool:
+        deadline = time.time() + timeout
+        while not self.poll_ready(peer):
+            if peer.process.poll() is not None or time.time() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def poll_ready(self, peer: Peer) -> bool:
+        """Whether ``peer`` wrote its address (noting when and its peer id the first time)."""
+        if peer.ready is None and peer.address_file is not None:
+            with contextlib.suppress(OSError):
+                addresses = peer.address_file.read_text().split()
+                ours = [address for address in addresses if f"/{self.wan.address(peer.host)}/" in address]
+                if ours:
+                    peer.ready, peer.peer_id = time.time(), ours[0].rsplit("/p2p/", 1)[1]
+        return peer.ready is not None
+
+    def start_bootstrap(self) -> Peer:
+        """The bootstrap peer, with the same identity and port every time: the address others know stays valid."""
+        number = sum(peer.role == "bootstrap" for peer in self.result.peers)
+        command = petals_command("swarm", "bootstrap", "--host", self.wan.address(0), "--port", str(BOOTSTRAP_PORT))
+        command += ["--identity", str(self.workdir / "bootstrap.key")]
+        return self.launch(f"bootstrap{number}", "bootstrap", 0, command)
+
+    def start_server(self, span: str, host: int, tamper_key: Path | None = None) -> Peer:
+        """`petals serve` of ``span`` on ``host``, or a server that lies about every output (with that identity)."""
+        number = sum(peer.role in ("server", "tamper") for peer in self.result.peers)
+        args = [str(self.model), "--blocks", span, "--host", self.wan.address(host)]
+        args += ["--initial-peers", self.initial_peer]
+        if tamper_key is None:
+            peer = self.launch(f"server{number}", "server", host, petals_command("serve", *args))
+        else:
+            tampering = ["--mode", "noise", "--scale", "0.05", "--attract"]
+            command = [sys.executable, "-m", "petals_cli.testing.tamper", *tampering, "--", *args]
+            peer = self.launch(f"tamper{number}", "tamper", host, [*command, "--identity", str(tamper_key)])
+        peer.span = span
+        return peer
+
+    def start_client(self, index: int) -> Peer:
+        settings = self.settings
+        sessions = settings.sessions // settings.clients + (index < settings.sessions % settings.clients)
+        verify = index < settings.verify_clients
+        client_settings = {
+            "index": index,
+            "model": str(self.model),
+            "initial_peers": [self.initial_peer],
+            "sessions": sessions,
+            "verify_rate": settings.verify_rate if verify else 0.0,
+            "blocked": [] if verify else [peer_id for _, peer_id in self.tamper_keys],
+            "new_tokens": settings.new_tokens,
+            "prompt_tokens": settings.prompt_tokens,
+            "step_pause": settings.step_pause,
+            "seed": settings.seed,
+        }
+        command = [sys.executable, "-m", "petals_cli.testing.soak_client", "client", json.dumps(client_settings)]
+        peer = self.launch(f"client{index}", "client", self.client_hosts[index], command, **_piped())
+        self.result.client_logs.append(peer.log)
+        self._read(peer)
+        return peer
+
+    def _read(self, peer: Peer) -> None:
+        reader = threading.Thread(target=self._read_lines, args=(peer,), daemon=True)
+        reader.start()
+        self.readers.append(reader)
+
+    def _read_lines(self, peer: Peer) -> None:
+        """Keep ``peer``'s JSON lines (a copy goes to its .jsonl file)."""
+        with open(self.workdir / f"{peer.name}.jsonl", "a") as saved:
+            for line in peer.process.stdout:
+                saved.write(line)
+                saved.flush()
+                with contextlib.suppress(ValueError), self.lock:
+                    record = json.loads(line)
+                    (self.result.dht if record.get("kind") == "dht" else self.result.records).append(record)
+
+    def start_monitor(self) -> Peer:
+        from petals_cli.wire import model_prefix_for
+
+        settings = {"initial_peers": [self.initial_peer], "period": min(self.settings.sample_s, 10.0)}
+        settings.update(prefix=model_prefix_for(str(self.model)), num_blocks=self.settings.layers)
+        command = [sys.executable, "-m", "petals_cli.testing.soak_client", "monitor", json.dumps(settings)]
+        peer = self.launch("monitor", "monitor", self.monitor_host, command, **_piped())
+        self._read(peer)
+        return peer
+
+    def make_tamper_keys(self, count: int) -> None:
+        """Identities of the lying servers, made now so that clients that do not verify can block them."""
+        from hivemind.p2p import P2P, PeerID
+
+        for number in range(count):
+            path = self.workdir / f"tamper{number}.key"
+            path.unlink(missing_ok=True)
+            P2P.generate_identity(str(path))
+            self.tamper_keys.append((path, PeerID.from_identity(path.read_bytes()).to_base58()))
+
+    def signal(self, peer: Peer, signum: int, end: str = "") -> None:
+        if peer.alive:
+            with contextlib.suppress(ProcessLookupError):
+                peer.process.send_signal(signum)
+            if end:
+                peer.end = end
+
+    # --- the run -----------------------------------------------------------------------------------------------
+
+    def run(self) -> SoakRun:
+        settings = self.settings
+        (self.workdir / "cache").mkdir(parents=True, exist_ok=True)
+        planned = plan_faults(settings, self.rng)
+        self.make_tamper_keys(sum(fault.kind == "tamper" for fault in planned))
+        try:
+            self.wan.start()
+            self.wan.configure(settings.rtt_ms, settings.mbit)
+            self.start_swarm()
+            self.result.started = time.time()
+            faults = Faults(self)
+            for fault in planned:
+                self.at(self.result.started + fault.at, fault.kind, getattr(faults, fault.kind))
+            self.loop(self.result.started + settings.duration)
+            self.finish()
+        finally:
+            self.result.ended = self.result.ended or time.time()
+            self.close()
+        return self.result
+
+    def start_swarm(self) -> None:
+        settings = self.settings
+        self.say(f"starting the swarm on {self.wan.hosts} hosts of an emulated WAN (workdir {self.workdir})")
+        self.bootstrap_peer = self.start_bootstrap()
+        if not self.wait_ready(self.bootstrap_peer, 60):
+            raise RuntimeError(f"the bootstrap peer did not start: {self.bootstrap_peer.log}")
+        self.initial_peer = self.bootstrap_peer.address_file.read_text().split()[0]
+        hosts = iter(self.server_hosts)
+        servers = [
+            self.start_server(span, next(hosts))
+            for span, count in zip(settings.spans, settings.replicas, strict=True)
+            for _ in range(count)
+        ]
+        for server in servers:
+            if not self.wait_ready(server):
+                raise RuntimeError(f"{server.name} did not start: {server.log}")
+        self.monitor = self.start_monitor()
+        self.say(f"{len(servers)} servers up; waiting until the DHT shows them all")
+        wanted = {server.peer_id for server in servers}
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            with self.lock:
+                seen = set(self.result.dht[-1].get("online_peers", ())) if self.result.dht else set()
+            if seen >= wanted:
+                break
+            time.sleep(0.5)
+        self.clients = [self.start_client(index) for index in range(settings.clients)]
+        deadline = time.time() + START_TIMEOUT
+        while time.time() < deadline:
+            with self.lock:
+                ready = {record["client"] for record in self.result.records if record.get("kind") == "ready"}
+            if len(ready) == settings.clients or any(client.process.poll() is not None for client in self.clients):
+                break
+            time.sleep(0.2)
+        self.say(f"{settings.clients} clients generating ({settings.sessions} sessions) for {settings.minutes:g} min")
+
+    def at(self, when: float, what: str, action) -> None:
+        heapq.heappush(self.events, (when, next(self.sequence), what, action))
+
+    def loop(self, until: float) -> None:
+        next_sample = time.time()
+        while time.time() < until:
+            while self.events and self.events[0][0] <= time.time():
+                _, _, _, action = heapq.heappop(self.events)
+                action()
+            for peer in self.result.peers:
+                self.watch(peer)
+            if time.time() >= next_sample:
+                self.sample()
+                next_sample += self.settings.sample_s
+            time.sleep(0.2)
+
+    def watch(self, peer: Peer) -> None:
+        """Note a start or an exit (an exit nobody asked for is a crash)."""
+        if not peer.alive:
+            return
+        self.poll_ready(peer)
+        code = peer.process.poll()
+        if code is not None:
+            peer.ended = time.time()
+            if not peer.end:
+                peer.end = f"crashed (exit code {code})"
+                self.say(f"{peer.name} exited on its own with code {code}")
+
+    def sample(self) -> None:
+        now = time.time()
+        for peer in self.result.peers:
+            if peer.alive:
+                usage = sample_usage(peer.process.pid)
+                if usage:
+                    peer.samples.append({"at": now, **usage})
+
+    def finish(self) -> None:
+        """Undo the faults still on, sample, stop the clients (each generation in progress finishes) and the monitor,
+        then every server and the bootstrap peer."""
+        for _, _, what, action in sorted(self.events, key=lambda event: event[:2]):
+            if what == "undo":
+                action()
+        self.events.clear()
+        self.sample()
+        self.result.ended = time.time()
+        self.say("stopping the clients (generations in progress finish)")
+        ours = [peer for peer in [*self.clients, self.monitor] if peer is not None]
+        for peer in ours:
+            with contextlib.suppress(OSError):
+                peer.process.stdin.close()
+        deadline = time.time() + CLIENT_STOP_TIMEOUT
+        for peer in ours:
+            self.reap(peer, max(1.0, deadline - time.time()), "stopped at the end")
+        for reader in self.readers:
+            reader.join(10)
+        for peer in self.result.peers:
+            if peer.alive:
+                self.signal(peer, signal.SIGTERM)
+        for peer in self.result.peers:
+            if peer.alive:
+                self.reap(peer, 20.0, "stopped at the end")
+        self.result.wan_totals = dict(self.wan.totals)
+
+    def reap(self, peer: Peer, timeout: float, end: str) -> None:
+        """Wait for ``peer`` to exit (killing it after ``timeout``) and say how it ended."""
+        try:
+            code = peer.process.wait(timeout)
+            peer.end = end if code in (0, -signal.SIGTERM) else f"{end}, exit code {code}"
+        except subprocess.TimeoutExpired:
+            peer.process.kill()
+            peer.process.wait()
+            peer.end = f"did not stop within {timeout:.0f} s (killed)"
+        peer.ended = time.time()
+
+    def close(self) -> None:
+        for peer in self.result.peers:
+            if peer.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    peer.process.send_signal(signal.SIGCONT)
+                    peer.process.kill()
+                peer.process.wait()
+        self.wan.close()
