@@ -2,7 +2,9 @@
 
 One real server holds both blocks of a tiny model; the API apps are built in this process with ``make_app`` around
 one opened distributed model and served by uvicorn on 127.0.0.1 (a free port) in background threads. Greedy
-answers must equal ``generation.generate`` on the same prompt, streamed or not, alone or eight at once.
+answers must equal ``generation.generate`` on the same prompt, streamed or not, alone or eight at once; and, so that
+the code the API calls is not its own reference, greedy and seeded sampled answers equal transformers' ``generate``
+on the same model, run locally.
 """
 
 import json
@@ -115,6 +117,28 @@ def expected(opened, prompt: str, max_tokens: int, stop=()):
     return generate(model, tokenizer, prompt, GenerationOptions(max_new_tokens=max_tokens, stop=tuple(stop)))
 
 
+@pytest.fixture(scope="module")
+def local(swarm):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(swarm.model).eval()
+
+
+def local_tokens(local, tokenizer, prompt: str, max_tokens: int, seed: int | None = None, **sampling) -> list[int]:
+    """The new tokens of transformers' own generate() on the local model: greedy, or with ``seed`` sampled as an
+    OpenAI request asks (torch's generator seeded with the choice's seed; top_k=0: the API has no top-k)."""
+    import torch
+
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if seed is None:
+        kwargs = dict(do_sample=False)
+    else:
+        torch.manual_seed(seed)
+        kwargs = dict(do_sample=True, top_k=0, **sampling)
+    output = local.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_tokens, **kwargs)
+    return output[0, input_ids.shape[1] :].tolist()
+
+
 @pytest.mark.slow
 def test_chat_equals_greedy_generation_streamed_or_not(opened, served):
     client = served[0].client()
@@ -138,10 +162,11 @@ def test_chat_equals_greedy_generation_streamed_or_not(opened, served):
 
 
 @pytest.mark.slow
-def test_completions_usage_length_and_stop(opened, served):
+def test_completions_usage_length_and_stop(opened, served, local):
     client = served[0].client()
     prompt = "one two three one two"
     want = expected(opened, prompt, 12)
+    assert want.token_ids == local_tokens(local, opened[1], prompt, 12)  # the reference is transformers' too
     reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
     assert reply.choices[0].text == want.text and reply.object == "text_completion"
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (want.prompt_tokens, 12)
@@ -228,15 +253,13 @@ def test_eight_concurrent_streams_each_equal_their_own_greedy_answer(opened, ser
 
 
 @pytest.mark.slow
-def test_logprobs_equal_the_local_models_streamed_or_not(opened, swarm, served):
+def test_logprobs_equal_the_local_models_streamed_or_not(opened, served, local):
     import torch
-    from transformers import AutoModelForCausalLM
 
     client, tokenizer = served[0].client(), opened[1]
     messages = [{"role": "user", "content": "one two three"}]
     prompt, _ = render_chat(tokenizer, messages)
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids
-    local = AutoModelForCausalLM.from_pretrained(swarm.model).eval()
     reference = local.generate(
         input_ids, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
     )
@@ -267,22 +290,23 @@ def test_logprobs_equal_the_local_models_streamed_or_not(opened, swarm, served):
 
 
 @pytest.mark.slow
-def test_prompt_lists_and_n_run_at_once_and_seeds_repeat(opened, served):
+def test_prompt_lists_and_n_run_at_once_and_seeds_repeat(opened, served, local):
     client = served[0].client()
     prompts = ["one two three", "three two one"]
     body = dict(model=MODEL, prompt=prompts, n=2, max_tokens=8, temperature=0.9, top_p=0.95, seed=11)
     reply = client.completions.create(**body)
     assert [choice.index for choice in reply.choices] == [0, 1, 2, 3]
-    model, tokenizer = opened
-    results = [
-        generate(model, tokenizer, prompts[index // 2], GenerationOptions(8, 0.9, 0.95, seed=11 + index))
+    tokenizer = opened[1]
+    # choice i of a request with seed s samples with seed s + i
+    sampled = [
+        local_tokens(local, tokenizer, prompts[index // 2], 8, seed=11 + index, temperature=0.9, top_p=0.95)
         for index in range(4)
     ]
-    want = [result.text for result in results]
+    want = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in sampled]
     assert [choice.text for choice in reply.choices] == want
     assert len(set(want)) > 1  # seeds 11..14 sample differently
     assert reply.usage.prompt_tokens == sum(len(tokenizer(prompt).input_ids) for prompt in prompts)
-    assert reply.usage.completion_tokens == sum(result.new_tokens for result in results)
+    assert reply.usage.completion_tokens == sum(len(tokens) for tokens in sampled)
     texts = {}
     for chunk in client.completions.create(**body, stream=True):
         for choice in chunk.choices:
