@@ -12,6 +12,7 @@ Built on ``streams`` only.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 
 import torch
@@ -53,11 +54,12 @@ async def pushed_step(
     streams[0].send(dataclasses.replace(step, next_hops=hops))
     for stream in streams[1:]:
         stream.expect(step)
-    inputs, outputs, relayed = step.hidden, [], 0
+    inputs, outputs, relayed, started = step.hidden, [], 0, time.monotonic()
     for index, stream in enumerate(streams):
         on_input(stream, inputs)
         try:
-            response, output = await stream.answer(inputs.shape)
+            watch = [later.span.peer_id for later in streams[index + 1 :]]  # a frozen one stalls this answer
+            response, output = await stream.answer(inputs.shape, watch=watch, since=started)
         except ServerFailure as failure:
             raise Interrupted(index, inputs, failure, outputs, relayed) from failure
         stream.conn.succeed(stream.span.peer_id)

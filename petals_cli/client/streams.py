@@ -51,6 +51,10 @@ class Connection(Protocol):
 
     async def is_alive(self, peer_id: str) -> bool: ...
 
+    def silent_since(self, peer_id: str) -> float | None:
+        """When ``peer_id`` last failed a liveness check, if it has not answered since (``time.monotonic()``)."""
+        ...
+
     async def route(
         self, prefix: str, num_blocks: int, start: int, end: int | None, **options: Any
     ) -> list[RouteSpan]: ...
@@ -73,16 +77,23 @@ class ServerFailure(Exception):
         self.at_opening = False  # the server refused to open the session: no session of ours was lost there
 
 
-async def guard(conn: Connection, span: RouteSpan, awaitable: Awaitable):
+async def guard(
+    conn: Connection, span: RouteSpan, awaitable: Awaitable, *, watch: Collection[str] = (), since: float | None = None
+):
     """Await a server's answer; every way it can fail becomes ServerFailure (typed refusals included).
 
-    A killed server's stream may never break (its libp2p daemon outlives it), so while the answer is late the
-    client checks that the server still answers an info RPC: a dead or hung server is noticed within about
-    ``liveness_interval + liveness_timeout`` seconds, while a busy one may take up to ``request_timeout``.
+    A killed server's stream may never break (its libp2p daemon outlives it), and a frozen one's never does, so
+    while the answer is late the client checks that the server still answers an info RPC: a dead or hung server is
+    noticed within about ``liveness_interval + liveness_timeout`` seconds, while a busy one may take up to
+    ``request_timeout``. The servers in ``watch`` (those a pushed step reaches next) are checked alongside: one
+    found silent after ``since`` (the step's start; default now) fails at once when its own answer is late,
+    instead of a check later.
     """
     config = conn.config
     task = asyncio.ensure_future(awaitable)
+    started = time.monotonic() if since is None else since
     deadline = time.monotonic() + config.request_timeout
+    checks: list[asyncio.Future] = []
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=config.liveness_interval)
@@ -90,19 +101,29 @@ async def guard(conn: Connection, span: RouteSpan, awaitable: Awaitable):
                 return task.result()
             if time.monotonic() > deadline:
                 raise ServerFailure(span, f"no answer in {config.request_timeout:.0f}s")
+            if (conn.silent_since(span.peer_id) or float("-inf")) >= started:  # found while awaiting another
+                raise ServerFailure(span, "stopped answering (liveness check failed)")
             alive = asyncio.ensure_future(conn.is_alive(span.peer_id))
+            checks = [alive, *(asyncio.ensure_future(conn.is_alive(peer)) for peer in watch)]
             done, _ = await asyncio.wait({task, alive}, return_when=asyncio.FIRST_COMPLETED)
             if task in done:  # the answer came during the check: take it now, not a round trip later
-                alive.cancel()
                 return task.result()
             if not alive.result():
                 raise ServerFailure(span, "stopped answering (liveness check failed)")
+            watching = set(checks[1:])  # the connection keeps their verdicts
+            while watching:
+                await asyncio.wait({task, *watching}, return_when=asyncio.FIRST_COMPLETED)
+                if task.done():
+                    return task.result()
+                watching = {check for check in watching if not check.done()}
     except StopAsyncIteration:
         raise ServerFailure(span, "closed the stream") from None
     except (*TRANSPORT_ERRORS, ServerError, CacheExhaustedError) as exc:
         raise ServerFailure(span, f"{type(exc).__name__}: {exc}") from exc
     finally:
         task.cancel()
+        for check in checks:
+            check.cancel()
 
 
 def span_request(prefix: str, span: RouteSpan, *, adapter: str, lora: SpanLora | None, **fields) -> SpanRequest:
@@ -159,6 +180,7 @@ class SpanStream:
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._responses: AsyncIterator | None = None
         self._rewinding = False  # the step waiting for an answer starts before the server's cache ends
+        self._answer_position = 0  # where the server's session must be once it has applied that step
         self._on_close: list[Callable[[], None]] = []
 
     @property
@@ -188,14 +210,18 @@ class SpanStream:
     def expect(self, step: Step) -> None:
         """``step`` is on its way to this server (sent from here, or pushed to it by the previous server)."""
         self._rewinding = step.rewind
+        self._answer_position = step.position + step.tokens
 
     async def exchange(self, step: Step) -> torch.Tensor:
         """Send ``step`` and return the server's output for it."""
         self.send(step)
         return (await self.answer(step.hidden.shape))[1]
 
-    async def answer(self, shape: torch.Size) -> tuple[StepResponse, torch.Tensor]:
-        """The server's answer to the next step it got, whose input had ``shape``: its metadata and its output."""
+    async def answer(
+        self, shape: torch.Size, *, watch: Collection[str] = (), since: float | None = None
+    ) -> tuple[StepResponse, torch.Tensor]:
+        """The server's answer to the next step it got, whose input had ``shape``: its metadata and its output.
+        ``watch`` and ``since``: see ``guard``."""
         if not self.acknowledged:  # the session's opening: accepted, or refused (a ServerFailure like any other)
             try:
                 _, acknowledgement = await self._receive()
@@ -205,9 +231,11 @@ class SpanStream:
                 failure.at_opening = True
                 raise
             self.acknowledged = True
-        response, meta = await self._receive()
+        response, meta = await self._receive(watch, since)
         if len(response.tensors) != 1:
             raise ServerFailure(self.span, f"sent {len(response.tensors)} tensors")
+        if meta.position != self._answer_position:  # e.g. a step both pushed and relayed: an answer out of step
+            raise ServerFailure(self.span, f"answered at position {meta.position}, not {self._answer_position}")
         try:
             output = transport.deserialize(response.tensors[0])
         except PetalsError as exc:
@@ -216,8 +244,10 @@ class SpanStream:
             raise ServerFailure(self.span, f"returned shape {list(output.shape)} for {list(shape)}")
         return meta, output
 
-    async def _receive(self) -> tuple[runtime_pb2.ExpertResponse, StepResponse]:
-        response = await guard(self.conn, self.span, anext(self._responses))
+    async def _receive(
+        self, watch: Collection[str] = (), since: float | None = None
+    ) -> tuple[runtime_pb2.ExpertResponse, StepResponse]:
+        response = await guard(self.conn, self.span, anext(self._responses), watch=watch, since=since)
         try:
             meta = transport.check_response(response)
         except SessionExpiredError as exc:  # the server reaped an idle session: rebuild it there or elsewhere

@@ -47,6 +47,7 @@ class SwarmClient:
         self.bans = BanList()
         self._rng = random.Random()
         self.rtts: dict[str, float] = {}
+        self._silent: dict[str, float] = {}  # peer -> when its latest liveness check failed (unanswered since)
         self._snapshots: dict[str, tuple[float, SwarmSnapshot]] = {}
         self._refreshers: dict[str, asyncio.Task] = {}
         # Told while route() waits for servers: (blocks still missing, seconds left), then ((), 0.0) when the wait
@@ -119,9 +120,11 @@ class SwarmClient:
     async def _ping(self, peer_id: str) -> bool:
         """Time an info RPC to ``peer_id``; False when it fails or takes longer than ``liveness_timeout``."""
         rtt = await ping_server(self.p2p, peer_id, self.swarm_key, timeout=self.config.liveness_timeout)
-        if rtt is None:  # dead, hung or unreachable: routing will prefer others
+        if rtt is None:  # dead, frozen or unreachable: no route through it until it answers again
             self.rtts[peer_id] = max(self.rtts.get(peer_id, 0.0), self.config.liveness_timeout)
+            self._silent[peer_id] = time.monotonic()
             return False
+        self._silent.pop(peer_id, None)
         self.rtts[peer_id] = rtt if peer_id not in self.rtts else 0.7 * self.rtts[peer_id] + 0.3 * rtt
         return True
 
@@ -136,6 +139,9 @@ class SwarmClient:
 
     async def is_alive(self, peer_id: str) -> bool:
         return await self._ping(peer_id)
+
+    def silent_since(self, peer_id: str) -> float | None:
+        return self._silent.get(peer_id)
 
     async def route(
         self,
@@ -158,7 +164,7 @@ class SwarmClient:
             banned = self.bans.banned(time.monotonic()) | routing.untrusted(
                 snapshot, self.config.allowed_servers, self.config.blocked_servers
             )
-            banned |= set(exclude)
+            banned |= set(exclude) | self._silent.keys()
             try:
                 if inference:
                     spans = routing.inference_route(
@@ -207,6 +213,7 @@ class SwarmClient:
         self.bans.ban_forever(peer_id)
 
     def succeed(self, peer_id: str) -> None:
+        self._silent.pop(peer_id, None)
         if peer_id in self.bans.failures:
             self.bans.succeed(peer_id)
 

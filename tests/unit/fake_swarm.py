@@ -274,6 +274,9 @@ class FakeConnection:
         server = self.swarm.servers.get(peer_id)
         return server is not None and not server.dead
 
+    def silent_since(self, peer_id: str) -> float | None:
+        return None  # dead servers are known at once here: nothing is remembered between checks
+
     async def route(
         self,
         prefix: str,
