@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+import msgpack
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
@@ -128,15 +129,18 @@ async def fetch_snapshot(node: DHTNode, prefix: str, num_blocks: int) -> SwarmSn
 
 
 async def ping_server(p2p: P2P, peer_id: str, swarm_key: SwarmKey | None, *, timeout: float) -> float | None:
-    """The round trip of an info RPC to ``peer_id`` in seconds; None when it fails or takes over ``timeout``."""
+    """The round trip of an info RPC to ``peer_id`` in seconds; None when it fails, takes over ``timeout``, or the
+    server says its compute thread is stalled (it answers, but would never compute a step)."""
     from hivemind.proto import runtime_pb2
 
     started = time.perf_counter()
     try:
-        await blocks_stub(p2p, peer_id, swarm_key).rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=timeout)
-    except Exception:  # dead, hung or unreachable: the caller decides what that means
+        answer = await blocks_stub(p2p, peer_id, swarm_key).rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=timeout)
+        rtt = time.perf_counter() - started
+        stalled = msgpack.unpackb(answer.serialized_info, raw=False).get("compute_stalled") is True
+    except Exception:  # dead, hung, unreachable or garbled: the caller decides what that means
         return None
-    return time.perf_counter() - started
+    return None if stalled else rtt
 
 
 async def unreachable_servers(

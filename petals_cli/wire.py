@@ -146,6 +146,7 @@ class ServerInfo(WireRecord):
     batch_size: int = 0  # sessions in the step engine's last step (1 alone, more when batched)
     queue_length: int = 0  # steps waiting for the compute thread
     largest_batch: int = 0  # the most sessions one step has run together since the server started
+    compute_stalled: bool = False  # its compute thread is hung (far slower than its speed allows): do not use it
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -27,6 +28,10 @@ import torch
 
 MAX_BATCH = 8  # sessions per batched step
 PREFILL_CHUNK = 128  # tokens of a long prompt computed at once; other sessions' steps run between the chunks
+# The compute thread is stalled (hung, not slow) once one call has run STALL_FACTOR times longer than the server's
+# measured speed allows for its tokens, and at least STALL_FLOOR seconds: its clients then fail over at once.
+STALL_FACTOR = 10.0
+STALL_FLOOR = 1.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -109,6 +114,16 @@ class EngineStats:
     last_batch: int = 0
 
 
+def _tokens_of(args: tuple) -> int:
+    """Tokens a compute call works on: its steps' (a group of jobs), or its hidden states' (forward, backward)."""
+    for arg in args:
+        if isinstance(arg, list) and arg and isinstance(arg[0], StepJob):
+            return sum(job.hidden.shape[0] * job.hidden.shape[1] for job in arg)
+        if isinstance(arg, torch.Tensor) and arg.dim() == 3:
+            return arg.shape[0] * arg.shape[1]
+    return 1
+
+
 class StepEngine:
     """Owns the compute thread; ``submit`` runs an inference step (batched with others when it can)."""
 
@@ -126,11 +141,21 @@ class StepEngine:
         self._calls: list[tuple[Callable, tuple, asyncio.Future]] = []  # forward/backward: after waiting steps
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
+        self._busy: tuple[float, int] | None = None  # the running call's start (time.monotonic()) and tokens
         self.stats = EngineStats()
 
     @property
     def queue_length(self) -> int:
         return len(self._waiting)
+
+    def stalled(self, seconds_per_token: float) -> bool:
+        """The call on the compute thread has run far longer than ``seconds_per_token`` (the server's measured
+        speed through all its blocks) allows for its tokens; False while the speed is unknown (0)."""
+        busy = self._busy
+        if busy is None or seconds_per_token <= 0:
+            return False
+        started, tokens = busy
+        return time.monotonic() - started > max(STALL_FLOOR, STALL_FACTOR * tokens * seconds_per_token)
 
     async def run(self, function, *args):
         """Run ``function(*args)`` on the compute thread (forward and backward requests): after the inference
@@ -195,7 +220,15 @@ class StepEngine:
         job.future.set_result(torch.cat(outputs, dim=1))
 
     async def _on_thread(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._compute, function, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._compute, self._timed, function, args)
+
+    def _timed(self, function, args):
+        """On the compute thread: ``function(*args)``, known as busy meanwhile (see ``stalled``)."""
+        self._busy = (time.monotonic(), _tokens_of(args))
+        try:
+            return function(*args)
+        finally:
+            self._busy = None
 
     @staticmethod
     async def _settle(future: asyncio.Future, awaitable) -> None:

@@ -90,12 +90,19 @@ class Server:
             **self._engine_figures(),
         )
 
-    def _engine_figures(self) -> dict[str, int]:
+    def _engine_figures(self) -> dict[str, int | bool]:
         if self.handler is None:  # not serving yet
             return {}
         engine = self.handler.engine
         stats = engine.stats
-        return dict(batch_size=stats.last_batch, queue_length=engine.queue_length, largest_batch=stats.largest_batch)
+        speeds = (self.throughput.inference_rps, self.throughput.forward_rps) if self.throughput else ()
+        seconds_per_token = (self.end - self.start) / min(speeds) if speeds and min(speeds) > 0 else 0.0
+        return dict(
+            batch_size=stats.last_batch,
+            queue_length=engine.queue_length,
+            largest_batch=stats.largest_batch,
+            compute_stalled=engine.stalled(seconds_per_token),
+        )
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
