@@ -1,10 +1,12 @@
-"""How long generation stalls when the server in use is SIGKILLed, and whether the tokens stay identical.
+"""How long generation stalls when the server in use is SIGKILLed (or frozen), and whether the tokens stay identical.
 
     python benchmarks/failover_stall.py --preset tiny --trials 10
     python benchmarks/failover_stall.py --preset midsize --trials 10
+    python benchmarks/failover_stall.py --preset tiny --trials 10 --signal stop
 
 Each trial generates NEW_TOKENS greedily through a swarm whose last span has two replicas, SIGKILLs the
-replica in use at token KILL_AT, and starts a fresh replica for the next trial. The stall is the step that
+replica in use at token KILL_AT (with ``--signal stop``: SIGSTOPs it, a frozen server whose connections stay
+open; it is killed after the trial), and starts a fresh replica for the next trial. The stall is the step that
 meets the dead server minus the median step. Prints one JSON object.
 """
 
@@ -40,11 +42,11 @@ PRESETS = {
 
 
 class StepClock:
-    """A streamer that times every token and SIGKILLs the last span's server at token ``kill_at``."""
+    """A streamer that times every token and signals the last span's server at token ``kill_at``."""
 
-    def __init__(self, swarm, session, kill_at):
-        self.swarm, self.session, self.kill_at = swarm, session, kill_at
-        self.times, self.last, self.count, self.kill_step = [], None, 0, None
+    def __init__(self, swarm, session, kill_at, signum):
+        self.swarm, self.session, self.kill_at, self.signum = swarm, session, kill_at, signum
+        self.times, self.last, self.count, self.kill_step, self.victim = [], None, 0, None, None
 
     def put(self, value):
         now = time.perf_counter()
@@ -53,8 +55,8 @@ class StepClock:
         self.last, self.count = now, self.count + 1
         if self.count == self.kill_at:
             peer = self.session.route[-1].peer_id
-            victim = next(server for server in self.swarm.servers if server.addresses()[0].endswith(peer))
-            victim.process.send_signal(signal.SIGKILL)
+            self.victim = next(server for server in self.swarm.servers if server.addresses()[0].endswith(peer))
+            self.victim.process.send_signal(self.signum)
             self.kill_step = len(self.times)  # the next interval is the step that meets the dead server
 
     def end(self):
@@ -66,6 +68,7 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--models-dir", default=".models")
+    parser.add_argument("--signal", choices=("kill", "stop"), default="kill", help="SIGKILL or SIGSTOP the server")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -82,15 +85,17 @@ def main() -> None:
 
     swarm = Swarm(model=path, workdir=Path(tempfile.mkdtemp(prefix="petals-stall-")))
     stalls, identical = [], 0
+    signum = signal.SIGKILL if args.signal == "kill" else signal.SIGSTOP
     try:
         swarm.start_many(preset["first"], preset["last"], preset["last"])
         model = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=swarm.initial_peers)
         for trial in range(args.trials):
             with model.inference_session(max_length=prompt.shape[1] + new_tokens) as session:
-                clock = StepClock(swarm, session, preset["kill_at"])
+                clock = StepClock(swarm, session, preset["kill_at"], signum)
                 output = model.generate(prompt, session=session, streamer=clock, **generate)
             stalls.append(clock.times[clock.kill_step] - statistics.median(clock.times))
             identical += output.tolist() == reference.tolist()
+            clock.victim.process.send_signal(signal.SIGKILL)  # a frozen one too: one replica besides the fresh one
             print(f"trial {trial}: stall {stalls[-1]:.3f}s, failovers {session.failovers}", file=sys.stderr)
             swarm.start(preset["last"])  # a fresh replica for the next trial
         model.close()
@@ -98,6 +103,7 @@ def main() -> None:
         swarm.stop()
     result = {
         "preset": args.preset,
+        "signal": args.signal,
         "trials": args.trials,
         "kill_at_token": preset["kill_at"],
         "new_tokens": new_tokens,

@@ -58,9 +58,11 @@ class Swarm:
         model: Path | None = None,
         wait: bool = True,
         tamper: tuple[str, ...] = (),
+        faulty: tuple[str, ...] = (),
     ) -> ServerProcess:
         """Start a server of ``blocks`` (``extra``: more `petals serve` options). ``tamper``, e.g.
-        ``("--mode", "noise")``, makes it a lying server: the options of ``petals_cli.testing.tamper``."""
+        ``("--mode", "noise")``, makes it a lying server: the options of ``petals_cli.testing.tamper``; ``faulty``,
+        e.g. ``("--hang-after", "3")``, one that hangs or lags: those of ``petals_cli.testing.faulty``."""
         index = len(self.servers)
         address_file = self.workdir / f"server{index}.addr"
         log_file = self.workdir / f"server{index}.log"
@@ -68,8 +70,9 @@ class Swarm:
         args = [str(model or self.model), "--blocks", blocks, "--address-file", str(address_file), *swarm_args]
         command = petals_command("serve", *args, *extra)
         environment = None
-        if tamper:
-            command = [sys.executable, "-m", "petals_cli.testing.tamper", *tamper, "--", *args, *extra]
+        if tamper or faulty:
+            module, options = ("tamper", tamper) if tamper else ("faulty", faulty)
+            command = [sys.executable, "-m", f"petals_cli.testing.{module}", *options, "--", *args, *extra]
             # importing petals_cli.testing loads torch before serve could ask OpenMP not to spin
             environment = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
         with open(log_file, "wb") as log:

@@ -174,7 +174,12 @@ def main(argv: list[str] | None = None) -> None:
         file=sys.stderr,
         flush=True,
     )
-    # run as `-m` runs it, so the core imports nothing of the CLI (tests/unit/test_layering.py)
+    serve(serve_args)
+
+
+def serve(serve_args: list[str]) -> None:
+    """Run `petals serve` with ``serve_args`` in this process, as ``python -m petals_cli.commands serve`` would
+    (run as `-m` runs it, so that the core imports nothing of the CLI: tests/unit/test_layering.py)."""
     sys.argv = ["petals", "serve", *serve_args]
     runpy.run_module("petals_cli.commands", run_name="__main__", alter_sys=True)
 
