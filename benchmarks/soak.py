@@ -80,6 +80,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="petals-soak-"))
     run = Soak(settings, model, workdir, say=lambda text: print(text, file=sys.stderr, flush=True)).run()
     report = summarize(run)
+    (workdir / "report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1) if args.json else render(report))
 
 

@@ -37,6 +37,7 @@ from petals_cli.testing.wan import Wan
 
 BOOTSTRAP_PORT = 31337
 START_TIMEOUT = 180.0
+MONITOR_PERIOD = 5.0  # seconds between the monitor's reads of the DHT (at most)
 CLIENT_STOP_TIMEOUT = 120.0  # for the generations in progress to finish once the clients are told to stop
 KINDS = ("leave", "kill", "stop", "partition", "loss", "bootstrap", "tamper")  # a join follows every leave and kill
 
@@ -311,7 +312,7 @@ class Soak:
     def start_monitor(self) -> Peer:
         from petals_cli.wire import model_prefix_for
 
-        settings = {"initial_peers": [self.initial_peer], "period": min(self.settings.sample_s, 10.0)}
+        settings = {"initial_peers": [self.initial_peer], "period": min(self.settings.sample_s, MONITOR_PERIOD)}
         settings.update(prefix=model_prefix_for(str(self.model)), num_blocks=self.settings.layers)
         command = [sys.executable, "-m", "petals_cli.testing.soak_client", "monitor", json.dumps(settings)]
         peer = self.launch("monitor", "monitor", self.monitor_host, command, **_piped())
@@ -358,40 +359,48 @@ class Soak:
         return self.result
 
     def start_swarm(self) -> None:
+        """The bootstrap peer, then the monitor, servers and clients at once; clients are told to go once every
+        server is up and in the DHT, and every client has loaded."""
         settings = self.settings
         self.say(f"starting the swarm on {self.wan.hosts} hosts of an emulated WAN (workdir {self.workdir})")
         self.bootstrap_peer = self.start_bootstrap()
         if not self.wait_ready(self.bootstrap_peer, 60):
             raise RuntimeError(f"the bootstrap peer did not start: {self.bootstrap_peer.log}")
         self.initial_peer = self.bootstrap_peer.address_file.read_text().split()[0]
+        self.monitor = self.start_monitor()
         hosts = iter(self.server_hosts)
         servers = [
             self.start_server(span, next(hosts))
             for span, count in zip(settings.spans, settings.replicas, strict=True)
             for _ in range(count)
         ]
+        self.clients = [self.start_client(index) for index in range(settings.clients)]
         for server in servers:
             if not self.wait_ready(server):
                 raise RuntimeError(f"{server.name} did not start: {server.log}")
-        self.monitor = self.start_monitor()
-        self.say(f"{len(servers)} servers up; waiting until the DHT shows them all")
+        self.say(f"{len(servers)} servers up; waiting until the DHT shows them all and the clients have loaded")
         wanted = {server.peer_id for server in servers}
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            with self.lock:
-                seen = set(self.result.dht[-1].get("online_peers", ())) if self.result.dht else set()
-            if seen >= wanted:
-                break
-            time.sleep(0.5)
-        self.clients = [self.start_client(index) for index in range(settings.clients)]
-        deadline = time.time() + START_TIMEOUT
-        while time.time() < deadline:
-            with self.lock:
-                ready = {record["client"] for record in self.result.records if record.get("kind") == "ready"}
-            if len(ready) == settings.clients or any(client.process.poll() is not None for client in self.clients):
-                break
-            time.sleep(0.2)
+        self.wait_for(lambda: self.result.dht and set(self.result.dht[-1].get("online_peers", ())) >= wanted, 120)
+        self.wait_for(
+            lambda: sum(record.get("kind") == "ready" for record in self.result.records) == len(self.clients)
+        )
+        for client in self.clients:
+            with contextlib.suppress(OSError):
+                client.process.stdin.write("go\n")
+                client.process.stdin.flush()
         self.say(f"{settings.clients} clients generating ({settings.sessions} sessions) for {settings.minutes:g} min")
+
+    def wait_for(self, condition, timeout: float = START_TIMEOUT) -> bool:
+        """Wait until ``condition()`` (read under the lock) holds, or a client exits, or ``timeout`` passes."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with self.lock:
+                if condition():
+                    return True
+            if any(client.process.poll() is not None for client in self.clients):
+                return False
+            time.sleep(0.2)
+        return False
 
     def at(self, when: float, what: str, action) -> None:
         heapq.heappush(self.events, (when, next(self.sequence), what, action))

@@ -5,11 +5,12 @@
 
 A client process opens one distributed model (the real client, with ``--verify`` or a list of blocked servers as
 the orchestrator says) and runs several sessions in threads, each generating greedily, one generation after
-another, until its standard input closes. Every token is checked against the same model run locally with
-transformers: one forward pass over the prompt and the swarm's own tokens gives the local choice after every
-prefix the swarm took, so a token is wrong when it is not the local argmax (a near tie, within ``TIE_MARGIN``
-logits, is counted apart: batching rounds differently). Each generation is one JSON line on stdout; logs (with Unix
-times, which the orchestrator reads to time when a fault was noticed) go to stderr.
+another, from when the orchestrator writes ``go`` until it closes the client's standard input. Every token is
+checked against the same model run locally with transformers: one forward pass over the prompt and the swarm's own
+tokens gives the local choice after every prefix the swarm took (end-of-sequence tokens aside, as generation with
+``min_new_tokens`` never picks them), so a token is wrong when it is not the local argmax (a near tie, within
+``TIE_MARGIN`` logits, is counted apart: batching rounds differently). Each generation is one JSON line on stdout;
+logs (with Unix times, which the orchestrator reads to time when a fault was noticed) go to stderr.
 
 The monitor reads the model's block records, the model index and pings every announced server every ``period``
 seconds, and prints one JSON line of counts each time.
@@ -45,11 +46,13 @@ def emit(record: dict) -> None:
         sys.stdout.flush()
 
 
-def _stop_on_eof(stop: threading.Event) -> None:
-    """The orchestrator closes our standard input to stop us."""
-    for _ in sys.stdin:
-        pass
+def _follow_orders(go: threading.Event, stop: threading.Event) -> None:
+    """The orchestrator writes ``go`` once the swarm is up, and closes our standard input to stop us."""
+    for line in sys.stdin:
+        if line.strip() == "go":
+            go.set()
     stop.set()
+    go.set()
 
 
 class _Tokens:
@@ -176,9 +179,10 @@ def client_main(settings: dict) -> None:
     )
     local = AutoModelForCausalLM.from_pretrained(settings["model"]).eval()
     model = AutoDistributedModelForCausalLM.from_pretrained(settings["model"], config=config)
-    stop, lock = threading.Event(), threading.Lock()
-    threading.Thread(target=_stop_on_eof, args=(stop,), daemon=True).start()
+    go, stop, lock = threading.Event(), threading.Event(), threading.Lock()
+    threading.Thread(target=_follow_orders, args=(go, stop), daemon=True).start()
     emit({"kind": "ready", "client": settings["index"], "at": time.time()})
+    go.wait()
 
     def guarded(number: int) -> None:
         try:
@@ -203,7 +207,7 @@ def monitor_main(settings: dict) -> None:
     logging.basicConfig(format=LOG_FORMAT, level=logging.WARNING, stream=sys.stderr)
     client = SwarmClient(ClientConfig.from_sources(initial_peers=tuple(settings["initial_peers"])))
     stop = threading.Event()
-    threading.Thread(target=_stop_on_eof, args=(stop,), daemon=True).start()
+    threading.Thread(target=_follow_orders, args=(threading.Event(), stop), daemon=True).start()
     period = settings["period"]
     try:
         while True:
