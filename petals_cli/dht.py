@@ -11,13 +11,14 @@ routing decisions live in ``routing.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
 
 import msgpack
 from hivemind.dht.node import DHTNode
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
 from petals_cli.errors import InvalidRequestError, SwarmUnreachableError
@@ -64,6 +65,18 @@ async def start_dht(
     except Exception as exc:  # hivemind raises bare RuntimeErrors and daemon errors here
         await diagnose_refusal(p2p, initial_peers, authorizer)
         raise SwarmUnreachableError(f"cannot join the swarm through {', '.join(initial_peers)} ({exc})") from exc
+
+
+async def rejoin(node: DHTNode, initial_peers: Sequence[str]) -> bool:
+    """Ping the initial peers again; True when one answered. A node that lost every DHT peer (a partition, a
+    restarted bootstrap peer) finds the swarm again this way, and a restarted bootstrap peer learns of this one."""
+
+    async def ping(maddr: str) -> bool:
+        with contextlib.suppress(Exception):
+            return await node.protocol.call_ping(PeerID.from_base58(maddr.rsplit("/p2p/", 1)[1])) is not None
+        return False
+
+    return any(await asyncio.gather(*(ping(maddr) for maddr in initial_peers if "/p2p/" in maddr)))
 
 
 async def announce_blocks(node: DHTNode, prefix: str, peer_id: str, info: ServerInfo, *, expiration: float) -> bool:

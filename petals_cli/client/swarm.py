@@ -19,13 +19,15 @@ from typing import Any, TypeVar
 
 from petals_cli import routing, security, transport
 from petals_cli.config import ClientConfig
-from petals_cli.dht import fetch_snapshot, ping_server, start_dht
+from petals_cli.dht import fetch_snapshot, ping_server, rejoin, start_dht
 from petals_cli.errors import NoRouteError, SwarmUnreachableError
 from petals_cli.routing import BanList, RouteSpan
 from petals_cli.wire import SwarmSnapshot
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+START_RETRY = 1.0  # seconds between tries to join a swarm whose initial peers do not answer
+START_GRACE = 10.0  # beyond connect_timeout, for the last try to finish and say why it failed
 
 
 class SwarmClient:
@@ -54,23 +56,51 @@ class SwarmClient:
         # ends either way. Called on the client's loop thread; the CLI turns it into a spinner.
         self.on_route_wait: Callable[[tuple[int, ...], float], None] | None = None
         try:
-            self.run(self._start(), timeout=config.connect_timeout)
+            self.run(self._start(), timeout=config.connect_timeout + START_GRACE)
         except BaseException:
             self.close()
             raise
 
     async def _start(self) -> None:
+        """Join the swarm, retrying for ``connect_timeout`` seconds while no initial peer answers (a bootstrap peer
+        restarting, a network coming back), and saying so once."""
+        deadline = time.monotonic() + self.config.connect_timeout
+        peers, told = " ".join(self.config.initial_peers), False
+        while True:
+            try:
+                return await self._join()
+            except SwarmUnreachableError as error:
+                seconds_left = deadline - time.monotonic()
+                if seconds_left <= 0:
+                    raise
+                if not told:
+                    logger.warning(
+                        "waiting for the swarm: no initial peer answers (%s); retrying for %.0fs more "
+                        "(PETALS_CONNECT_TIMEOUT sets how long)",
+                        peers,
+                        seconds_left,
+                    )
+                    told = True
+                logger.debug("joining failed: %s", error)
+                await asyncio.sleep(min(START_RETRY, seconds_left))
+
+    async def _join(self) -> None:
+        self.p2p = self.node = None
         try:
-            self.p2p = await transport.create_p2p(
+            p2p = await transport.create_p2p(
                 host=transport.local_host_for(self.config.initial_peers),
                 initial_peers=self.config.initial_peers,
                 client_mode=True,
             )
         except Exception as exc:  # bad multiaddrs and unreachable peers both surface here
-            raise SwarmUnreachableError(
-                f"cannot reach initial peers {' '.join(self.config.initial_peers)} ({exc})"
-            ) from exc
-        self.node = await start_dht(self.p2p, self.config.initial_peers, client_mode=True, swarm_key=self.swarm_key)
+            peers = " ".join(self.config.initial_peers)
+            raise SwarmUnreachableError(f"cannot reach initial peers {peers} ({exc})") from exc
+        try:
+            node = await start_dht(p2p, self.config.initial_peers, client_mode=True, swarm_key=self.swarm_key)
+        except BaseException:
+            await p2p.shutdown()
+            raise
+        self.p2p, self.node = p2p, node
 
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run a coroutine on the client's loop and wait for its result (the sync facade)."""
@@ -108,6 +138,9 @@ class SwarmClient:
         while True:
             try:
                 await asyncio.sleep(self.config.snapshot_refresh)
+                lost = not self.node.protocol.routing_table.uid_to_peer_id  # every DHT peer is gone (a partition)
+                if lost and await rejoin(self.node, self.config.initial_peers):
+                    logger.info("reconnected to the swarm's DHT through its initial peers")
                 snapshot = await fetch_snapshot(self.node, prefix, num_blocks)
                 self._snapshots[prefix] = (time.monotonic(), snapshot)
                 await self._ping_all(snapshot)

@@ -14,9 +14,8 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from petals_cli import transport
 from petals_cli.config import ServerConfig
-from petals_cli.dht import announce_blocks, announce_model, fetch_snapshot, ping_server
+from petals_cli.dht import announce_blocks, announce_model, fetch_snapshot, ping_server, rejoin
 from petals_cli.server.cache import CacheBudget
 from petals_cli.wire import ModelIndexEntry, ServerInfo, ServerState
 
@@ -82,20 +81,12 @@ class Announcer:
                 logger.warning("announcing failed; serving on and retrying", exc_info=True)
                 self._announced_at, self._failed = loop.time(), True
             # A node whose peers all left stores records only in itself, which nobody reads: find the swarm again.
+            # Pinged every period anyway, a restarted bootstrap peer (which knows nobody) learns of this server,
+            # so that clients joining through it find the swarm.
             alone = not node.protocol.routing_table.uid_to_peer_id
-            if (self._failed or alone) and await self._rejoin(node):
+            if await rejoin(node, self.config.initial_peers) and (self._failed or alone):
                 logger.info("reconnected to the swarm's DHT; announcing again")
                 self._announced_at = float("-inf")
-
-    async def _rejoin(self, node) -> bool:
-        """Ping the initial peers again: after the DHT lost every peer, this is how the node finds it again."""
-        found = False
-        for maddr in self.config.initial_peers:
-            if "/p2p/" in maddr:
-                with contextlib.suppress(Exception):
-                    peer = transport.peer_id_from_string(maddr.rsplit("/p2p/", 1)[1])
-                    found = await node.protocol.call_ping(peer) is not None or found
-        return found
 
     async def _ping_next_servers(self, node, p2p, end: int) -> None:
         """Round trips to the servers holding block ``end`` (where this server's output goes next)."""

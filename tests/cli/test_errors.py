@@ -3,6 +3,7 @@
 What fails before the network runs in this process (tests/cli/inprocess.py); what needs a swarm, the absence of
 one, or a traceback runs `petals` as a child process."""
 
+import os
 import subprocess
 
 import pytest
@@ -39,10 +40,13 @@ def test_bad_model_path(tmp_path, monkeypatch, capsys):
     assert_one_error_line(result, 3, "missing")
 
 
-def test_unreachable_initial_peer(tmp_path):
+def test_unreachable_initial_peer_is_retried_saying_so_then_one_error(tmp_path):
     model = make_tiny_model(tmp_path / "tiny", num_layers=2)
-    result = run("generate", str(model), "--prompt", "x", "--initial-peers", UNREACHABLE)
+    env = {**os.environ, "PETALS_CONNECT_TIMEOUT": "3"}
+    result = run("generate", str(model), "--prompt", "x", "--initial-peers", UNREACHABLE, env=env)
     assert_one_error_line(result, 4, "cannot reach", "--initial-peers")
+    waiting = [line for line in result.stderr.splitlines() if "waiting for the swarm" in line]
+    assert len(waiting) == 1 and UNREACHABLE in waiting[0] and "PETALS_CONNECT_TIMEOUT" in waiting[0], result.stderr
 
 
 def test_no_initial_peers_explains_how_to_start_a_swarm(tmp_path, monkeypatch):
