@@ -39,6 +39,7 @@ BOOTSTRAP_PORT = 31337
 START_TIMEOUT = 180.0
 MONITOR_PERIOD = 5.0  # seconds between the monitor's reads of the DHT (at most)
 CLIENT_STOP_TIMEOUT = 120.0  # for the generations in progress to finish once the clients are told to stop
+SERVER_STOP_TIMEOUT = 60.0
 KINDS = ("leave", "kill", "stop", "partition", "loss", "bootstrap", "tamper")  # a join follows every leave and kill
 
 
@@ -109,6 +110,7 @@ class Peer:
     frozen: list[list[float]] = field(default_factory=list)  # [SIGSTOP at, SIGCONT at]
     samples: list[dict] = field(default_factory=list)  # {at, rss_kib, fds, p2pd_rss_kib, p2pd_fds}
     busy: bool = False  # a fault is on it now
+    told_to_stop: float | None = None  # when it was sent SIGTERM or SIGKILL (a client: its input closed)
 
     @property
     def alive(self) -> bool:
@@ -333,6 +335,8 @@ class Soak:
         if peer.alive:
             with contextlib.suppress(ProcessLookupError):
                 peer.process.send_signal(signum)
+            if signum in (signal.SIGTERM, signal.SIGKILL):
+                peer.told_to_stop = time.time()
             if end:
                 peer.end = end
 
@@ -452,29 +456,32 @@ class Soak:
         for peer in ours:
             with contextlib.suppress(OSError):
                 peer.process.stdin.close()
-        deadline = time.time() + CLIENT_STOP_TIMEOUT
-        for peer in ours:
-            self.reap(peer, max(1.0, deadline - time.time()), "stopped at the end")
+            peer.told_to_stop = time.time()
+        self.reap(ours, CLIENT_STOP_TIMEOUT)
         for reader in self.readers:
             reader.join(10)
-        for peer in self.result.peers:
-            if peer.alive:
-                self.signal(peer, signal.SIGTERM)
-        for peer in self.result.peers:
-            if peer.alive:
-                self.reap(peer, 20.0, "stopped at the end")
+        rest = [peer for peer in self.result.peers if peer.alive]
+        for peer in rest:
+            self.signal(peer, signal.SIGTERM)
+        self.reap(rest, SERVER_STOP_TIMEOUT)
         self.result.wan_totals = dict(self.wan.totals)
 
-    def reap(self, peer: Peer, timeout: float, end: str) -> None:
-        """Wait for ``peer`` to exit (killing it after ``timeout``) and say how it ended."""
-        try:
-            code = peer.process.wait(timeout)
-            peer.end = end if code in (0, -signal.SIGTERM) else f"{end}, exit code {code}"
-        except subprocess.TimeoutExpired:
+    def reap(self, peers: list[Peer], timeout: float) -> None:
+        """Wait for ``peers`` to exit (killing those left after ``timeout``) and say how each ended."""
+        deadline = time.time() + timeout
+        waiting = [peer for peer in peers if peer.alive]
+        while waiting and time.time() < deadline:
+            time.sleep(0.1)
+            for peer in waiting:
+                code = peer.process.poll()
+                if code is not None:
+                    peer.ended = time.time()
+                    peer.end = "stopped at the end" + ("" if code in (0, -signal.SIGTERM) else f", exit code {code}")
+            waiting = [peer for peer in waiting if peer.alive]
+        for peer in waiting:
             peer.process.kill()
             peer.process.wait()
-            peer.end = f"did not stop within {timeout:.0f} s (killed)"
-        peer.ended = time.time()
+            peer.ended, peer.end = time.time(), f"did not stop within {timeout:.0f} s (killed)"
 
     def close(self) -> None:
         for peer in self.result.peers:

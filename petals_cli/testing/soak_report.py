@@ -211,6 +211,11 @@ def summarize(run: SoakRun) -> dict:
     unclean = [
         {"name": peer.name, "end": peer.end} for peer in run.peers if "exit code" in peer.end or "did not" in peer.end
     ]
+    exits = {
+        peer.name: round(peer.ended - peer.told_to_stop, 1)
+        for peer in run.peers
+        if peer.told_to_stop is not None and peer.ended is not None and "killed" not in peer.end
+    }
     tracebacks = {}
     for peer in run.peers:
         text = peer.log.read_text(errors="replace") if peer.log.exists() else ""
@@ -246,6 +251,7 @@ def summarize(run: SoakRun) -> dict:
         "failures": failures,
         "crashes": crashes,
         "unclean_exits": unclean,
+        "exit_s": exits,
         "tracebacks_in_logs": tracebacks,
         "resources": resources(run),
         "dht": [{"at_s": round(sample["at"] - run.started, 1), **sample} for sample in run.dht],
@@ -368,6 +374,13 @@ def render(report: dict) -> str:
     if report["unclean_exits"]:
         exits = "; ".join(f"{peer['name']} {peer['end']}" for peer in report["unclean_exits"])
         lines.append(f"unclean exits when stopped: {exits}")
+    if report["exit_s"]:
+        slowest = sorted(report["exit_s"].items(), key=lambda item: -item[1])[:3]
+        lines.append(
+            f"seconds from SIGTERM (a client: its input closed) to exit: median "
+            f"{statistics.median(report['exit_s'].values()):g}, slowest "
+            + ", ".join(f"{name} {seconds:g}" for name, seconds in slowest)
+        )
     if report["tracebacks_in_logs"]:
         logged = ", ".join(f"{name} {count}" for name, count in sorted(report["tracebacks_in_logs"].items()))
         lines.append(f"tracebacks in logs (not crashes by themselves): {logged}")
