@@ -7,27 +7,43 @@ the server registers its handler object under these names, the client calls them
 ``BlocksService.get_stub``. Messages are hivemind's ``ExpertRequest``/``ExpertResponse`` protobufs:
 tensors serialised by hivemind, metadata a msgpack dict of one ``wire`` record. Large tensors travel as
 several stream messages (``split_for_streaming``). Errors come back as typed metadata, never as asserts.
+
+A server's streaming RPCs run through ``serve_stream`` rather than hivemind's own stream loop, which reads a
+client's messages ahead into a queue of 5 and, once that queue is full, waits for room without watching the
+handler: a handler that returned without reading the rest (a refusal, a timeout) then never closed its stream,
+and a client that had sent six messages ahead waited for ever. Here a stream ends when its handler does, after
+reading what the client still sends for at most ``REST_SECONDS``. Large messages and tensors are parsed and
+decoded on a thread (``off_loop``), so that one large request does not stall every other session's handler.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator  # noqa: UP035 (hivemind recognises streaming RPCs only by typing's hint)
 
 import msgpack
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
-from hivemind.utils.streaming import split_for_streaming
+from hivemind.proto.p2pd_pb2 import RPCError
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
 from petals_cli.errors import InvalidRequestError, PetalsError, RequestTooLargeError, error_from_wire
 from petals_cli.wire import StepResponse
 
+logger = logging.getLogger(__name__)
 STREAM_CHUNK_BYTES = 2**20
+OFF_LOOP_BYTES = 2**20  # messages and tensors this large are parsed, decoded and checked on a thread
+PREFETCH = 5  # a stream's messages read ahead of its handler (as hivemind does)
+REST_SECONDS = 10.0  # after its answer, how long a server reads (and drops) what a client still sends
 NONE = runtime_pb2.CompressionType.NONE
 _CODECS = set(runtime_pb2.CompressionType.values())
 # what tensors of this protocol are (hidden states, masks, positions, prompts, LoRA weights), as hivemind names them
@@ -67,6 +83,20 @@ class BlocksService(ServicerBase):
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         raise NotImplementedError
+
+    async def add_p2p_handlers(self, p2p: P2P, wrapper=None, *, namespace: str | None = None, balanced=False) -> None:
+        """Register the RPCs of ``wrapper`` as hivemind does, except that streaming RPCs run in ``serve_stream``."""
+        self._collect_rpc_handlers()
+        servicer = self if wrapper is None else wrapper
+        for rpc in self._rpc_handlers:
+            name, method = self._get_handle_name(namespace, rpc.method_name), getattr(servicer, rpc.method_name)
+            if rpc.stream_input:
+                serve = functools.partial(serve_stream, p2p, name, method, rpc.request_type, rpc.stream_output)
+                await p2p.add_binary_stream_handler(name, serve, balanced=balanced)
+            else:
+                await p2p.add_protobuf_handler(
+                    name, method, rpc.request_type, stream_output=rpc.stream_output, balanced=balanced
+                )
 
 
 def pack(record) -> bytes:
@@ -124,10 +154,8 @@ async def collect_tensors(messages: AsyncIterator, max_bytes: int | None = None)
     """Reassemble tensors sent by ``request_messages``; returns (tensors, first message's metadata).
 
     With ``max_bytes``, a stream whose tensor and metadata bytes exceed it is refused as soon as they do,
-    before the rest is read or anything is decoded.
+    before the rest is read or anything is decoded. Large tensors are decoded off the event loop.
     """
-    from hivemind.utils.streaming import combine_from_streaming
-
     metadata, chunks, expected, tensors, received = None, [], 0, [], 0
     async for message in messages:
         if metadata is None:
@@ -140,11 +168,29 @@ async def collect_tensors(messages: AsyncIterator, max_bytes: int | None = None)
                 expected = max(part.chunks, 1)  # the first chunk of a tensor says how many follow
             chunks.append(part)
             if len(chunks) == expected:
-                tensors.append(deserialize(combine_from_streaming(chunks) if expected > 1 else chunks[0]))
+                size = sum(len(chunk.buffer) for chunk in chunks)
+                tensors.append(await off_loop(size, _combined, chunks))
                 chunks = []
     if chunks:
         raise InvalidRequestError("stream ended in the middle of a tensor")
     return tensors, metadata or b""
+
+
+def _combined(chunks: list[runtime_pb2.Tensor]) -> torch.Tensor:
+    return deserialize(combine_from_streaming(chunks) if len(chunks) > 1 else chunks[0])
+
+
+async def off_loop(size: int, function: Callable, *args):
+    """``function(*args)``: here when ``size`` (the bytes it works on) is small, else on a decoding thread, so that
+    parsing, decoding or checking one large message does not stall the event loop every other request waits on."""
+    if size < OFF_LOOP_BYTES:
+        return function(*args)
+    return await asyncio.get_running_loop().run_in_executor(_decoding_threads(), function, *args)
+
+
+@functools.cache
+def _decoding_threads() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="petals-decode")
 
 
 def step_request(tensors: Sequence[torch.Tensor], metadata: bytes) -> runtime_pb2.ExpertRequest:
@@ -176,6 +222,102 @@ async def drain(requests: AsyncIterator, seconds: float) -> None:
         async with asyncio.timeout(seconds):
             async for _ in requests:
                 pass
+
+
+# --- serving streams ------------------------------------------------------------------------------------------
+
+
+async def serve_stream(
+    p2p: P2P, name: str, handler: Callable, message_type: type, stream_output: bool, info: StreamInfo, reader, writer
+) -> None:
+    """Serve one RPC stream (hivemind's framing: a marker byte, a length, a protobuf; an error frame ends the
+    requests). The stream closes as soon as ``handler`` has answered and either the client's messages have been
+    read to their end or ``REST_SECONDS`` have passed: closing a stream with messages still on their way resets it
+    and the client would lose its answer, but a client that goes on sending must see its writes fail, not block.
+    A client that leaves, or sends what is not a frame, ends the stream and cancels the handler."""
+    context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=info.peer_id)
+    requests = _Requests()
+    with contextlib.closing(writer):
+        receiving = asyncio.create_task(requests.receive(reader, message_type, name))
+        answering = asyncio.create_task(_answer(handler(requests.messages(), context), stream_output, writer))
+        try:
+            await asyncio.wait({receiving, answering}, return_when=asyncio.FIRST_COMPLETED)
+            if answering.done() and not requests.ended:
+                await requests.drop_rest(receiving)
+        finally:
+            receiving.cancel()
+            answering.cancel()
+
+
+class _Requests:
+    """The client's messages on one stream, read ahead of its handler (at most ``PREFETCH``)."""
+
+    def __init__(self):
+        self.inbox: asyncio.Queue = asyncio.Queue(PREFETCH)
+        self.ended = False  # the stream's end was read
+
+    async def messages(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+        while (message := await self.inbox.get()) is not None:
+            yield message
+        self.ended = True
+
+    async def drop_rest(self, receiving: asyncio.Task) -> None:
+        """Read and drop messages up to the end of stream, until the client leaves, or for ``REST_SECONDS``."""
+
+        async def drop():
+            async for _ in self.messages():
+                pass
+
+        dropping = asyncio.create_task(drop())
+        try:
+            await asyncio.wait({dropping, receiving}, timeout=REST_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            dropping.cancel()
+
+    async def receive(self, reader: asyncio.StreamReader, message_type: type, name: str) -> None:
+        """Queue the client's messages up to its end of stream; return when the client leaves after it."""
+        try:
+            while (message := await _receive_frame(reader, message_type)) is not None:
+                await self.inbox.put(message)
+            await self.inbox.put(None)
+            await reader.read(1)  # nothing follows the end: an EOF means the client left
+        except asyncio.IncompleteReadError:
+            pass  # the client left or reset the stream
+        except Exception as exc:  # noqa: BLE001 (not a frame: nothing to answer a peer that does not speak it)
+            logger.info("%s stream closed: %s: %s", name, exc.__class__.__name__, str(exc)[:200])
+
+
+async def _receive_frame(reader: asyncio.StreamReader, message_type: type):
+    """The next message of a request stream, or None at its end (hivemind ends streams with an error frame)."""
+    marker = await reader.readexactly(1)
+    if marker not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
+        raise ValueError(f"not a stream frame (marker {marker!r})")
+    data = await P2P.receive_raw_data(reader)
+    if marker == P2P.ERROR_MARKER:
+        return None
+    return await off_loop(len(data), message_type.FromString, data)
+
+
+async def _answer(output, stream_output: bool, writer: asyncio.StreamWriter) -> None:
+    """Send the handler's answers; an exception in the handler becomes hivemind's error frame."""
+    try:
+        responses = output if stream_output else _one(await output)
+        async for response in responses:
+            try:
+                await P2P.send_protobuf(response, writer)
+            except Exception:  # noqa: BLE001 (the client left or the connection broke: no one to answer)
+                return
+    except Exception as exc:  # noqa: BLE001 (a handler's bug must not take the stream loop with it)
+        logger.warning("RPC handler failed", exc_info=True)
+        with contextlib.suppress(Exception):
+            await P2P.send_protobuf(RPCError(message=str(exc)), writer)
+    finally:
+        if stream_output:
+            await output.aclose()  # a handler's cleanup (its session's cache) runs now, not when it is collected
+
+
+async def _one(item):
+    yield item
 
 
 def response_messages(tensors: Iterable[torch.Tensor], meta: StepResponse) -> list[runtime_pb2.ExpertResponse]:

@@ -1,10 +1,12 @@
-"""Raw RPCs for the security and fuzz tests: sessions and forward calls driven message by message."""
+"""Raw RPCs for the security and fuzz tests: sessions and forward calls driven message by message, and streams
+driven frame by frame (``RawStream``: what a client that ignores the protocol's pace can send)."""
 
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import torch
+from hivemind.p2p import P2P, P2PHandlerError
 from hivemind.proto import runtime_pb2
 
 from petals_cli import transport
@@ -97,3 +99,41 @@ async def forward(stub, prefix: str, end_block: int, hidden: torch.Tensor) -> to
     )
     transport.check_response(runtime_pb2.ExpertResponse(metadata=metadata))
     return outputs[0]
+
+
+@dataclass
+class RawStream:
+    """One RPC stream written and read frame by frame, below hivemind's client (which writes and reads for you)."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    @classmethod
+    async def open(cls, client, peer_id: str, method: str) -> "RawStream":
+        name = transport.BlocksService._get_handle_name(None, method)
+        _, reader, writer = await client.p2p.call_binary_stream_handler(transport.peer_id_from_string(peer_id), name)
+        return cls(reader, writer)
+
+    async def send(self, message: runtime_pb2.ExpertRequest) -> None:
+        await P2P.send_protobuf(message, self.writer)
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def end(self) -> None:
+        """The end of the request stream (hivemind's error frame)."""
+        await P2P.send_protobuf(P2P.END_OF_STREAM, self.writer)
+
+    async def receive(self) -> runtime_pb2.ExpertResponse | None:
+        """The server's next answer; None when it closed the stream."""
+        try:
+            response, error = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, self.reader)
+        except asyncio.IncompleteReadError:
+            return None
+        if error is not None:
+            raise P2PHandlerError(error.message)
+        return response
+
+    def close(self) -> None:
+        self.writer.close()

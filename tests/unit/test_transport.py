@@ -85,3 +85,34 @@ def test_only_uncompressed_tensors_of_plain_dtypes_are_decoded(monkeypatch):
     assert torch.equal(transport.deserialize(honest), tensor)
     for sent in (tensor.half(), tensor.bfloat16(), tensor.long(), tensor > 3, tensor.double()):
         assert torch.equal(transport.deserialize(transport.serialize(sent)), sent)
+
+
+def test_large_tensors_are_decoded_off_the_event_loop():
+    """While a large tensor is reassembled and decoded, other coroutines run: the event loop that serves every other
+    session is not held. (Decoding on the loop, nothing else runs until it is done: the stream below never waits.)"""
+    import asyncio
+
+    large = torch.randn(1, 2 * transport.OFF_LOOP_BYTES // (4 * 64), 64)
+    small = torch.randn(1, 3, 64)
+
+    async def decode(tensors):
+        ticks, running = 0, True
+
+        async def tick():
+            nonlocal ticks
+            while running:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0)
+        before = ticks
+        received, _ = await transport.collect_tensors(_as_stream(transport.request_messages(tensors, b"")))
+        during = ticks - before
+        running = False
+        await ticker
+        return received, during
+
+    received, ticks_while_decoding = asyncio.run(decode([large, small]))
+    assert torch.equal(received[0], large) and torch.equal(received[1], small)
+    assert ticks_while_decoding > 0
