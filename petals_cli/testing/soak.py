@@ -1,4 +1,4 @@
-"""A soak: a swarm on the emulated WAN, sessions generating without pause, and a schedule of faults at random moments.
+"""A soak: a swarm on the emulated WAN, sessions generating one text after another, and faults at random moments.
 
 ``Soak(settings).run()`` starts, each on its own host of ``testing/wan.py``: a bootstrap peer with a stable identity
 and port, `petals serve` processes holding every span two or three times, client processes (``soak_client``) that
@@ -70,6 +70,13 @@ class SoakSettings:
     seed: int = 0
     layers: int = 8
     hidden: int = 64
+
+    def __post_init__(self):
+        bounds = [tuple(int(part) for part in span.split(":")) for span in self.spans]
+        if [start for start, _ in bounds] != [0] + [end for _, end in bounds[:-1]] or bounds[-1][1] != self.layers:
+            raise ValueError(f"spans {self.spans} do not cover the {self.layers} layers one after another")
+        if len(self.replicas) != len(self.spans) or min(self.replicas) < 1:
+            raise ValueError("one number of servers (at least 1) per span")
 
     @property
     def duration(self) -> float:

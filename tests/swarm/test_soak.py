@@ -61,6 +61,13 @@ def test_a_short_soak_gives_no_wrong_token_no_crash_and_no_leak(tmp_path):
             assert row["fds"][1] - row["fds"][0] < FD_BOUND, row
 
 
+def test_settings_refuse_spans_that_do_not_tile_the_model():
+    with pytest.raises(ValueError):
+        SoakSettings(spans=("0:2", "3:8"), replicas=(2, 2))
+    with pytest.raises(ValueError):
+        SoakSettings(replicas=(2, 2))
+
+
 def test_the_plan_has_every_kind_inside_the_run_in_time_order():
     settings = SoakSettings(minutes=10)
     planned = plan_faults(settings, random.Random(1))
@@ -110,7 +117,7 @@ def _peer(name: str, span: str, ready: float, ended: float | None = None, peer_i
 
 
 def test_a_failure_is_attributed_only_when_a_block_it_names_had_no_live_replica_for_its_client_just_before():
-    run = SoakRun(SoakSettings(layers=4), started=0.0, ended=1000.0)
+    run = SoakRun(SoakSettings(spans=("0:2", "2:4"), replicas=(2, 1), layers=4), started=0.0, ended=1000.0)
     first, second, other = _peer("a", "0:2", 0.0, ended=100.0), _peer("b", "0:2", 0.0), _peer("c", "2:4", 0.0)
     run.peers = [first, second, other]
     second.frozen.append([90.0, 120.0])  # both gone from 100 to 120
