@@ -11,6 +11,12 @@ event loop keeps answering (info RPCs, DHT) while a step computes.
 A session's cache and tokens are returned when its stream ends (closed, disconnected or failed) or when it
 sends no step for ``session_idle_timeout`` seconds. A step that fails (out of memory included) or passes its
 deadline ends only its own session, with a ``ServerError`` its client fails over on.
+
+Every wait for a peer is bounded by what the protocol needs: a session's opening comes with its stream
+(``OPENING_TIMEOUT``), a pushed stream's step and end within ``PUSH_TIMEOUT`` (the pusher's own limit), a
+forward/backward within ``step_timeout``; between steps a session may idle for ``session_idle_timeout``. A handler
+may answer before reading a whole stream: the stream loop (``transport.serve_stream``) reads the rest, then closes
+it. Large messages are decoded and checked on a thread (``transport.off_loop``).
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ from petals_cli.wire import SpanRequest, StepResponse
 
 logger = logging.getLogger(__name__)
 PUSH_TIMEOUT = 5.0  # seconds for the next server to accept a pushed step
+# seconds from a session's stream opening to its opening message: the client sends it at once, but LoRA weights may
+# ride on it, which a slow link takes a few seconds to carry
+OPENING_TIMEOUT = 10.0
 # a pushed step larger than this goes on a stream: the daemons refuse unary messages over 4 MiB (hivemind's own
 # client stops at half of that)
 PUSH_UNARY_BYTES = MAX_UNARY_PAYLOAD_SIZE
@@ -47,6 +56,11 @@ PUSH_UNARY_BYTES = MAX_UNARY_PAYLOAD_SIZE
 
 async def _one(message):
     yield message
+
+
+def _sent_lora(span: SpanRunner, request: SpanRequest, opening: runtime_pb2.ExpertRequest) -> RequestLora | None:
+    """The LoRA weights a session's opening message carries, decoded and checked."""
+    return request_lora(span, request, [transport.deserialize(part) for part in opening.tensors])
 
 
 async def _read_into(requests: AsyncIterator[runtime_pb2.ExpertRequest], inbox: asyncio.Queue) -> None:
@@ -119,12 +133,12 @@ class BlockHandler:
         session, reader, ending = None, None, "disconnected"  # unless the stream ends or expires
         try:
             try:
-                opening = await self._next(requests.__anext__())
+                opening = await self._opening(requests)
                 if opening is None:
                     return
-                validation.check_message_size(opening, self.limits)
+                size = validation.check_message_size(opening, self.limits)
                 request = self._check_span_request(opening.metadata)
-                lora = request_lora(self.span, request, [transport.deserialize(part) for part in opening.tensors])
+                lora = await transport.off_loop(size, _sent_lora, self.span, request, opening)
                 session = await self._open_session(request, peer=context.remote_id.to_base58(), lora=lora)
             except PetalsError as error:
                 logger.info("session refused: %s: %s", error.code, error)
@@ -158,13 +172,19 @@ class BlockHandler:
             if session is not None:
                 self.sessions.close(session, ending)
 
+    async def _opening(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> runtime_pb2.ExpertRequest | None:
+        """A session's first message (None when its stream ends first), which must follow the stream's opening."""
+        try:
+            async with asyncio.timeout(OPENING_TIMEOUT):
+                return await anext(requests, None)
+        except TimeoutError:
+            raise InvalidRequestError(f"no opening message in the first {OPENING_TIMEOUT:g}s of the stream") from None
+
     async def _next(self, awaitable):
-        """The next message of an inference session (None at its end); a silent client expires the session."""
+        """The next item of a session's inbox; a silent client expires the session."""
         try:
             async with asyncio.timeout(self.session_idle_timeout):
                 return await awaitable
-        except StopAsyncIteration:
-            return None
         except TimeoutError:
             raise SessionExpiredError(
                 f"the session sent nothing for {self.session_idle_timeout:g}s; the server closed it, freeing its cache"
@@ -189,7 +209,7 @@ class BlockHandler:
             session.broken = True
             return transport.error_response(ServerError("this server moved to other blocks; open a new session"))
         try:
-            step = item if isinstance(item, Step) else self._checked(session, self._decoded(item))
+            step = item if isinstance(item, Step) else await self._received(item, session)
             output = await session.apply(step, self._submit, others_open=len(self.sessions) > 1)
             pushed = bool(step.next_hops) and await self._push(step.pushed_on(output), step.next_hops[0][0])
             return transport.step_response(output, StepResponse(position=session.position, pushed=pushed))
@@ -198,12 +218,15 @@ class BlockHandler:
         except Exception as exc:
             return transport.error_response(describe_failure("inference step", exc))
 
-    def _decoded(self, message) -> Step:
-        validation.check_message_size(message, self.limits)
-        return Step.from_message(message)
+    async def _received(self, message: runtime_pb2.ExpertRequest, session: ServerSession) -> Step:
+        """A client's step message, decoded and checked against its session."""
+        size = validation.check_message_size(message, self.limits)
+        return await self._checked(session, await transport.off_loop(size, Step.from_message, message), size)
 
-    def _checked(self, session: ServerSession, step: Step) -> Step:
-        return validation.check_step(step, session.request, self.hidden_size, self.limits)
+    async def _checked(self, session: ServerSession, step: Step, size: int) -> Step:
+        """``step`` checked against ``session`` (on a thread when its message had ``size`` bytes or more)."""
+        limits = self.limits
+        return await transport.off_loop(size, validation.check_step, step, session.request, self.hidden_size, limits)
 
     async def _push(self, step: Step, peer: str) -> bool:
         """Send ``step`` to the next server's session; False (the client relays it) when that fails."""
@@ -225,20 +248,28 @@ class BlockHandler:
     async def rpc_push_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
-        """``rpc_push`` of a step too large for a unary call: the stream's one message."""
-        message = await anext(requests, None)
-        if message is None:
-            return transport.error_response(InvalidRequestError("a pushed stream carried no step"))
+        """``rpc_push`` of a step too large for a unary call: a stream of one message, read to its end (within the
+        pusher's own ``PUSH_TIMEOUT``) before the answer, which would otherwise race the pusher's end of stream."""
+        try:
+            async with asyncio.timeout(PUSH_TIMEOUT):
+                message = await anext(requests, None)
+                more = message is not None and await anext(requests, None) is not None
+        except TimeoutError:
+            refusal = InvalidRequestError(f"a pushed stream did not bring its step and end within {PUSH_TIMEOUT:g}s")
+            return transport.error_response(refusal)
+        if message is None or more:
+            return transport.error_response(InvalidRequestError("a pushed stream carries exactly one step"))
         return await self.rpc_push(message, context)
 
     async def rpc_push(self, message: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """A step another server pushes to one of this server's sessions: checked, queued, acknowledged."""
         try:
-            step = self._decoded(message)
+            size = validation.check_message_size(message, self.limits)
+            step = await transport.off_loop(size, Step.from_message, message)
             session = await self.sessions.find(step.session_id, wait=1.0)
             if session is None:
                 raise InvalidRequestError("no such session on this server")
-            step = self._checked(session, step)
+            step = await self._checked(session, step, size)
         except PetalsError as error:
             return transport.error_response(error)
         try:
@@ -275,33 +306,37 @@ class BlockHandler:
             yield message
 
     async def _unary(self, requests, num_tensors: int, function) -> list[runtime_pb2.ExpertResponse]:
+        """A forward or backward. Refused before its end (too large, a malformed first tensor), the stream loop
+        reads what the client still sends after the answer."""
         try:
             async with asyncio.timeout(self.limits.step_timeout):
                 tensors, metadata = await transport.collect_tensors(requests, self.limits.max_request_bytes)
             request = self._check_span_request(metadata)
-            given = num_tensors + request.prompts  # the client's LoRA weights follow
-            if len(tensors) != (expected := given + validation.lora_tensor_count(request)):
-                raise InvalidRequestError(f"expected {expected} tensors, got {len(tensors)}")
-            first = validation.check_hidden(tensors[0], self.hidden_size)
-            for other in tensors[1:num_tensors]:
-                if other.shape != first.shape:
-                    raise InvalidRequestError(f"gradient shape {list(other.shape)} != input {list(first.shape)}")
-                validation.check_hidden(other, self.hidden_size, name="gradients")
-            prompts = tensors[num_tensors] if request.prompts else None
-            if prompts is not None:
-                prompts = validation.check_prompts(prompts, request, self.hidden_size, self.limits)
-            lora = request_lora(self.span, request, tensors[given:])
+            size = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+            prompts, lora = await transport.off_loop(size, self._unary_inputs, request, tensors, num_tensors)
             outputs = await self._deadline(self.engine.run(function, *tensors[:num_tensors], request, prompts, lora))
             return transport.response_messages(outputs, StepResponse())
         except TimeoutError:
             return [transport.error_response(InvalidRequestError("the request was not sent in time"))]
         except PetalsError as error:
-            refusal = transport.error_response(error)
+            return [transport.error_response(error)]
         except Exception as exc:
-            refusal = transport.error_response(describe_failure("forward/backward", exc))
-        # refused before its end (too large, a malformed first tensor): the client may still be sending
-        await transport.drain(requests, self.limits.step_timeout)
-        return [refusal]
+            return [transport.error_response(describe_failure("forward/backward", exc))]
+
+    def _unary_inputs(self, request: SpanRequest, tensors: list, num_tensors: int) -> tuple:
+        """A forward/backward's tensors checked: inputs (and gradients), then prompts and LoRA weights if sent."""
+        given = num_tensors + request.prompts  # the client's LoRA weights follow
+        if len(tensors) != (expected := given + validation.lora_tensor_count(request)):
+            raise InvalidRequestError(f"expected {expected} tensors, got {len(tensors)}")
+        first = validation.check_hidden(tensors[0], self.hidden_size)
+        for other in tensors[1:num_tensors]:
+            if other.shape != first.shape:
+                raise InvalidRequestError(f"gradient shape {list(other.shape)} != input {list(first.shape)}")
+            validation.check_hidden(other, self.hidden_size, name="gradients")
+        prompts = tensors[num_tensors] if request.prompts else None
+        if prompts is not None:
+            prompts = validation.check_prompts(prompts, request, self.hidden_size, self.limits)
+        return prompts, request_lora(self.span, request, tensors[given:])
 
     # --- info -------------------------------------------------------------------------------------------
 

@@ -118,11 +118,12 @@ def check_hidden(
     return tensor
 
 
-def check_message_size(message: Any, limits: Limits) -> None:
-    """One stream message (an inference step) within ``max_request_bytes``, counted before decoding."""
+def check_message_size(message: Any, limits: Limits) -> int:
+    """The bytes of one stream message (an inference step), counted before decoding, within ``max_request_bytes``."""
     size = len(message.metadata) + sum(len(part.buffer) for part in message.tensors)
     if size > limits.max_request_bytes:
         raise RequestTooLargeError(f"a step of {size} bytes exceeds this server's limit of {limits.max_request_bytes}")
+    return size
 
 
 class PeerSessions:

@@ -5,8 +5,8 @@ Hivemind's own stream loop reads a client's messages ahead into a queue of 5; on
 room without watching the handler, so a handler that answered and returned without reading the rest (a refused
 opening, a pushed stream) left its stream open for ever, and the client waiting for the stream's end hung with it.
 The server now serves streams itself (``transport.serve_stream``): a stream ends when its handler does, after reading
-what the client still sends for at most ``transport.REST_SECONDS``. The streams here are written frame by frame
-(``RawStream``), so that a client can send ahead of the answers.
+what the client still sends for at most ``transport.REST_SECONDS``. Every first message is awaited for a bounded
+time. The streams here are written frame by frame (``RawStream``), so that a client can send ahead of the answers.
 """
 
 import asyncio
@@ -20,6 +20,8 @@ from petals_cli import transport
 from petals_cli.client import SwarmClient
 from petals_cli.config import ClientConfig
 from petals_cli.errors import CacheExhaustedError, InvalidRequestError
+from petals_cli.server.handler import OPENING_TIMEOUT, PUSH_TIMEOUT
+from petals_cli.step import Step
 from petals_cli.testing import make_tiny_model
 from petals_cli.wire import PROTOCOL_VERSION, SpanRequest, StepRequest
 from tests.conftest import Swarm
@@ -146,6 +148,39 @@ def test_a_client_that_keeps_sending_after_its_refusal_sees_its_stream_closed(ta
     assert isinstance(refusal(answer), CacheExhaustedError)
     assert closed
     assert isinstance(write_error, ConnectionError | OSError)
+
+
+def test_a_pushed_stream_carries_one_step_read_to_its_end(target):
+    client, peer = target
+    pushed = Step(0, torch.randn(1, 1, HIDDEN_SIZE), session_id="0" * 32).to_message()  # to no open session
+    answers = client.run(exchange(client, peer, "rpc_push_stream", [pushed] * 10), GUARD)
+    assert len(answers) == 1
+    assert "exactly one step" in str(refusal(answers[0]))
+
+
+@pytest.mark.parametrize(
+    "method, bound, expected",
+    [
+        ("rpc_push_stream", PUSH_TIMEOUT, "did not bring its step and end"),
+        ("rpc_inference", OPENING_TIMEOUT, "no opening message"),
+    ],
+)
+def test_a_stream_that_sends_nothing_is_answered_within_its_bound(target, method, bound, expected):
+    client, peer = target
+
+    async def silent():
+        stream = await RawStream.open(client, peer, method)
+        try:
+            answer = await stream.receive()
+            await stream.end()
+            return answer, await stream.receive()
+        finally:
+            stream.close()
+
+    answer, after = client.run(silent(), bound + GUARD)
+    error = refusal(answer)
+    assert isinstance(error, InvalidRequestError) and expected in str(error)
+    assert after is None  # and the stream ended
 
 
 @pytest.mark.parametrize(
