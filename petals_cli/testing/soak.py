@@ -430,7 +430,7 @@ class Soak:
             time.sleep(0.2)
 
     def watch(self, peer: Peer) -> None:
-        """Note a start or an exit (an exit nobody asked for is a crash)."""
+        """Note a start or an exit (an exit nobody asked for is a crash, or a failed start before an address)."""
         if not peer.alive:
             return
         self.poll_ready(peer)
@@ -438,8 +438,11 @@ class Soak:
         if code is not None:
             peer.ended = time.time()
             if not peer.end:
-                peer.end = f"crashed (exit code {code})"
-                self.say(f"{peer.name} exited on its own with code {code}")
+                lines = peer.log.read_text(errors="replace").strip().splitlines() if peer.log.exists() else []
+                last = lines[-1][:300] if lines else ""
+                failed = peer.address_file is not None and peer.ready is None
+                peer.end = f"{'failed to start' if failed else 'crashed'} (exit code {code}): {last}"
+                self.say(f"{peer.name} exited on its own: {peer.end}")
 
     def sample(self) -> None:
         now = time.time()

@@ -157,13 +157,14 @@ class Faults:
         soak, seconds = self.soak, self.soak.settings.bootstrap_down_s
         old = soak.bootstrap_peer
         soak.signal(old, signal.SIGTERM, "restarted (SIGTERM)")
+        fault = self.record("bootstrap", f"SIGTERM, down for {seconds:.0f} s after it exits, then restarted")
         try:
             old.process.wait(20)
         except subprocess.TimeoutExpired:
             old.process.kill()
             old.process.wait()
         old.ended = time.time()
-        self.record("bootstrap", f"down for {seconds:.0f} s, then restarted", seconds)
+        fault.until = old.ended + seconds
 
         def restart() -> None:
             soak.bootstrap_peer = soak.start_bootstrap()

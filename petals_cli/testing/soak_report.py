@@ -208,6 +208,7 @@ def summarize(run: SoakRun) -> dict:
         if record.get("kind") == "crash"
     ]
     crashes += [{"name": peer.name, "error": peer.end} for peer in run.peers if peer.end.startswith("crashed")]
+    failed_starts = [{"name": peer.name, "end": peer.end} for peer in run.peers if peer.end.startswith("failed to")]
     unclean = [
         {"name": peer.name, "end": peer.end} for peer in run.peers if "exit code" in peer.end or "did not" in peer.end
     ]
@@ -251,6 +252,7 @@ def summarize(run: SoakRun) -> dict:
         "failures": failures,
         "crashes": crashes,
         "unclean_exits": unclean,
+        "failed_starts": failed_starts,
         "exit_s": exits,
         "tracebacks_in_logs": tracebacks,
         "resources": resources(run),
@@ -301,7 +303,11 @@ def targets(report: dict) -> list[tuple[str, str, bool]]:
     wrong = report["wrong_tokens"]
     rows = [
         ("0 wrong tokens", f"{report['wrong_tokens']} (near ties apart: {report['near_ties']})", not wrong),
-        ("0 crashes", str(len(report["crashes"])), not report["crashes"]),
+        (
+            "0 crashes",
+            f"{len(report['crashes'])} (and {len(report['failed_starts'])} servers that failed to start)",
+            not report["crashes"],
+        ),
         (
             "failures only where no replica existed, each typed and naming its blocks",
             f"{len(unattributed)} other, {len(attributed)} attributed",
@@ -371,6 +377,7 @@ def render(report: dict) -> str:
         )
     lines.append(f"crashes: {len(report['crashes'])}")
     lines += [f"  {crash['name']}: {crash['error'].strip().splitlines()[-1][:200]}" for crash in report["crashes"]]
+    lines += [f"failed to start: {peer['name']}: {peer['end']}" for peer in report["failed_starts"]]
     if report["unclean_exits"]:
         exits = "; ".join(f"{peer['name']} {peer['end']}" for peer in report["unclean_exits"])
         lines.append(f"unclean exits when stopped: {exits}")
