@@ -13,7 +13,7 @@ sends no step for ``session_idle_timeout`` seconds. A step that fails (out of me
 deadline ends only its own session, with a ``ServerError`` its client fails over on.
 
 Every wait for a peer is bounded by what the protocol needs: a session's opening comes with its stream
-(``OPENING_TIMEOUT``), a pushed stream's step and end within ``PUSH_TIMEOUT`` (the pusher's own limit), a
+(``OPENING_TIMEOUT``), a pushed stream's step and end within ``push_timeout`` (the pusher's own limit), a
 forward/backward within ``step_timeout``; between steps a session may idle for ``session_idle_timeout``. A handler
 may answer before reading a whole stream: the stream loop (``transport.serve_stream``) reads the rest, then closes
 it. Large messages are decoded and checked on a thread (``transport.off_loop``).
@@ -45,13 +45,23 @@ from petals_cli.step import Step
 from petals_cli.wire import SpanRequest, StepResponse
 
 logger = logging.getLogger(__name__)
-PUSH_TIMEOUT = 5.0  # seconds for the next server to accept a pushed step
+# Seconds for the next server to accept a pushed step (it only queues it), plus its bytes at PUSH_BYTES_PER_SECOND
+# (``push_timeout``). The client waits for this server's answer, which follows the push: a frozen next server costs
+# it this much before it relays the step. A push that was late but did arrive is dropped there as a repeat.
+PUSH_TIMEOUT = 1.0
+PUSH_BYTES_PER_SECOND = 1 << 20
 # seconds from a session's stream opening to its opening message: the client sends it at once, but LoRA weights may
 # ride on it, which a slow link takes a few seconds to carry
 OPENING_TIMEOUT = 10.0
 # a pushed step larger than this goes on a stream: the daemons refuse unary messages over 4 MiB (hivemind's own
 # client stops at half of that)
 PUSH_UNARY_BYTES = MAX_UNARY_PAYLOAD_SIZE
+
+
+def push_timeout(size: int) -> float:
+    """Seconds a pushed step of ``size`` bytes may take to be accepted: by the pusher, and by a pushed stream's
+    receiver for the largest step it accepts."""
+    return PUSH_TIMEOUT + size / PUSH_BYTES_PER_SECOND
 
 
 async def _one(message):
@@ -161,7 +171,9 @@ class BlockHandler:
                 if item is None:
                     ending = "ended"
                     return
-                yield await self._inference_step(session, item)
+                answer = await self._inference_step(session, item)
+                if answer is not None:
+                    yield answer
                 if session.broken:
                     ending = "failed"
                     return
@@ -202,14 +214,18 @@ class BlockHandler:
         session.batchable = span.can_batch(session.cache)  # standard blocks, full-attention cache
         return session
 
-    async def _inference_step(self, session: ServerSession, item) -> runtime_pb2.ExpertResponse:
+    async def _inference_step(self, session: ServerSession, item) -> runtime_pb2.ExpertResponse | None:
         """Apply a step from the client's stream (a message) or pushed by the previous server (a checked Step);
-        the answer always goes to the client, and the output on to the next server when the step says so."""
+        the answer always goes to the client, and the output on to the next server when the step says so. A
+        second copy of the step applied last (both pushed and relayed) is dropped: None, no answer."""
         if session.moved:
             session.broken = True
             return transport.error_response(ServerError("this server moved to other blocks; open a new session"))
         try:
             step = item if isinstance(item, Step) else await self._received(item, session)
+            if session.repeats(step):
+                logger.debug("session %s: step at %d came twice (pushed and relayed)", session.id[:8], step.position)
+                return None
             output = await session.apply(step, self._submit, others_open=len(self.sessions) > 1)
             pushed = bool(step.next_hops) and await self._push(step.pushed_on(output), step.next_hops[0][0])
             return transport.step_response(output, StepResponse(position=session.position, pushed=pushed))
@@ -234,7 +250,7 @@ class BlockHandler:
             return False
         try:
             message, stub = step.to_message(), self.connect(peer)
-            async with asyncio.timeout(PUSH_TIMEOUT):
+            async with asyncio.timeout(push_timeout(message.ByteSize())):
                 if message.ByteSize() <= PUSH_UNARY_BYTES:  # one call on the peers' open connection
                     response = await stub.rpc_push(message)
                 else:  # a long prompt's hidden states: a stream of its own (no size cap; one more round trip)
@@ -249,13 +265,14 @@ class BlockHandler:
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
         """``rpc_push`` of a step too large for a unary call: a stream of one message, read to its end (within the
-        pusher's own ``PUSH_TIMEOUT``) before the answer, which would otherwise race the pusher's end of stream."""
+        pusher's own ``push_timeout``) before the answer, which would otherwise race the pusher's end of stream."""
+        seconds = push_timeout(self.limits.max_request_bytes)
         try:
-            async with asyncio.timeout(PUSH_TIMEOUT):
+            async with asyncio.timeout(seconds):
                 message = await anext(requests, None)
                 more = message is not None and await anext(requests, None) is not None
         except TimeoutError:
-            refusal = InvalidRequestError(f"a pushed stream did not bring its step and end within {PUSH_TIMEOUT:g}s")
+            refusal = InvalidRequestError(f"a pushed stream did not bring its step and end within {seconds:g}s")
             return transport.error_response(refusal)
         if message is None or more:
             return transport.error_response(InvalidRequestError("a pushed stream carries exactly one step"))

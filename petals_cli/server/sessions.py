@@ -48,6 +48,7 @@ class ServerSession:
     broken: bool = False  # a step failed half-way; the session ends after reporting it
     moved: bool = False  # the server now holds other blocks: the session ends at its next step
     batchable: bool = False  # its cache and model let its one-token steps join batches
+    last_step: Step | None = None  # the step applied last (see ``repeats``)
     lora: Any = None  # the LoRA weights its client sent when opening it (adapters.RequestLora), for every step
     # its client's messages and steps pushed to it; bounded, so a client that sends without waiting is held back
     inbox: asyncio.Queue = dataclasses.field(default_factory=lambda: asyncio.Queue(INBOX_SIZE))
@@ -85,6 +86,19 @@ class ServerSession:
             job.chunkable = tokens > 1 and others_open  # alone on the server, a prompt runs whole
         return job
 
+    def repeats(self, step: Step) -> bool:
+        """``step`` is a second copy of the step applied last: its previous server pushed it, the push seemed to
+        fail (it took too long), and the client relayed the same step itself; or the other way round. The step was
+        answered once, as the client expects; the copy changes nothing and gets no answer."""
+        last = self.last_step
+        return (
+            last is not None
+            and not step.rewind
+            and step.position == last.position
+            and step.position + step.tokens == self.position
+            and torch.equal(step.hidden, last.hidden)
+        )
+
     def _start_of(self, step: Step) -> int:
         """The position ``step`` starts at: the session's end, or with ``rewind`` any earlier one its cache can
         return to."""
@@ -117,6 +131,7 @@ class ServerSession:
             raise
         self.position = step.position + step.tokens
         self.attention_mask = job.attention_mask
+        self.last_step = step
         return output
 
 

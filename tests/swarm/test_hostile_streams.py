@@ -20,7 +20,7 @@ from petals_cli import transport
 from petals_cli.client import SwarmClient
 from petals_cli.config import ClientConfig
 from petals_cli.errors import CacheExhaustedError, InvalidRequestError
-from petals_cli.server.handler import OPENING_TIMEOUT, PUSH_TIMEOUT
+from petals_cli.server.handler import OPENING_TIMEOUT, push_timeout
 from petals_cli.step import Step
 from petals_cli.testing import make_tiny_model
 from petals_cli.wire import PROTOCOL_VERSION, SpanRequest, StepRequest
@@ -34,6 +34,7 @@ HIDDEN_SIZE = 64
 BUDGET = 100
 ALLOC_TIMEOUT = 2.0  # a refused opening waits this long for room: long enough for the steps sent behind it to queue
 GUARD = 60  # seconds: a hang guard only
+MAX_REQUEST_MIB = 4  # a pushed stream may take push_timeout() of that to arrive
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,10 @@ def target(tmp_path_factory):
     model = make_tiny_model(tmp_path_factory.mktemp("streams") / PREFIX, "llama", num_layers=NUM_LAYERS)
     swarm = Swarm(model=model, workdir=tmp_path_factory.mktemp("swarm"))
     try:
-        server = swarm.start(":", "--cache-tokens", str(BUDGET), "--alloc-timeout", str(ALLOC_TIMEOUT))
+        server = swarm.start(
+            ":", "--cache-tokens", str(BUDGET), "--alloc-timeout", str(ALLOC_TIMEOUT),
+            "--max-request-mib", str(MAX_REQUEST_MIB),
+        )  # fmt: skip
         client = SwarmClient(ClientConfig(initial_peers=tuple(swarm.initial_peers)))
         try:
             yield client, peer_id_of(server)
@@ -161,7 +165,7 @@ def test_a_pushed_stream_carries_one_step_read_to_its_end(target):
 @pytest.mark.parametrize(
     "method, bound, expected",
     [
-        ("rpc_push_stream", PUSH_TIMEOUT, "did not bring its step and end"),
+        ("rpc_push_stream", push_timeout(MAX_REQUEST_MIB * 2**20), "did not bring its step and end"),
         ("rpc_inference", OPENING_TIMEOUT, "no opening message"),
     ],
 )
