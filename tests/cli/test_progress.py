@@ -64,7 +64,7 @@ def _client(snapshots, route_wait):
     """A SwarmClient with no network: its reads of the swarm return ``snapshots`` in turn (the last one then on)."""
     client = SwarmClient.__new__(SwarmClient)
     client.config = ClientConfig(route_wait=route_wait)
-    client.bans, client.rtts, client._rng = BanList(), {}, random.Random(0)
+    client.bans, client.rtts, client._silent, client._rng = BanList(), {}, {}, random.Random(0)
     client.waits = []
     client.on_route_wait = lambda missing, seconds_left: client.waits.append((missing, seconds_left))
 
