@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python benchmarks/soak.py                  # 30 minutes, 10 servers, 16 sessions
     sudo .venv/bin/python benchmarks/soak.py --minutes 5 --json
+    python benchmarks/soak.py --report /tmp/petals-soak-XXXX/run.json   # the report of a saved run again
 
 About ten `petals serve` processes hold four spans of a tiny model two or three times each, each on its own host of
 ``petals_cli.testing.wan``; sessions in several client processes (some with ``--verify``) generate greedily without
@@ -28,7 +29,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from petals_cli.testing.soak import Soak, SoakSettings  # noqa: E402
+from petals_cli.testing.soak import Soak, SoakRun, SoakSettings  # noqa: E402
 from petals_cli.testing.soak_report import render, summarize  # noqa: E402
 from petals_cli.testing.wan import unavailable  # noqa: E402
 
@@ -49,11 +50,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     parser.add_argument("--models-dir", default=os.path.join(tempfile.gettempdir(), "petals-bench-models"))
+    parser.add_argument("--report", metavar="RUN_JSON", help="only print the report of a saved run (its run.json)")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    if args.report:
+        report = summarize(SoakRun.from_json(json.loads(Path(args.report).read_text())))
+        print(json.dumps(report, indent=1) if args.json else render(report))
+        return
     reason = unavailable()
     if reason:
         print(f"benchmarks/soak.py: skipped: an emulated WAN {reason}", file=sys.stderr)

@@ -18,6 +18,7 @@ and sampling; the network is ``wan``'s, checking tokens is the clients', figures
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import json
@@ -153,6 +154,47 @@ class SoakRun:
     client_logs: list[Path] = field(default_factory=list)
     wan_totals: dict = field(default_factory=dict)
     workdir: Path | None = None
+
+    def to_json(self) -> dict:
+        """Everything but the process handles, as plain JSON (``from_json`` reads it back for a report)."""
+        names = [item.name for item in dataclasses.fields(Peer) if item.name != "process"]
+        peers = [{name: _plain(getattr(peer, name)) for name in names} for peer in self.peers]
+        return {
+            "settings": dataclasses.asdict(self.settings),
+            "started": self.started,
+            "ended": self.ended,
+            "peers": peers,
+            "faults": [dataclasses.asdict(fault) for fault in self.faults],
+            "records": self.records,
+            "dht": self.dht,
+            "client_logs": [str(path) for path in self.client_logs],
+            "wan_totals": self.wan_totals,
+            "workdir": _plain(self.workdir),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> SoakRun:
+        settings = {key: tuple(value) if isinstance(value, list) else value for key, value in data["settings"].items()}
+        peers = []
+        for item in data["peers"]:
+            paths = {"log": Path(item["log"]), "address_file": item["address_file"] and Path(item["address_file"])}
+            peers.append(Peer(**{**item, **paths, "process": None}))
+        return cls(
+            SoakSettings(**settings),
+            started=data["started"],
+            ended=data["ended"],
+            peers=peers,
+            faults=[AppliedFault(**fault) for fault in data["faults"]],
+            records=data["records"],
+            dht=data["dht"],
+            client_logs=[Path(path) for path in data["client_logs"]],
+            wan_totals=data["wan_totals"],
+            workdir=data["workdir"] and Path(data["workdir"]),
+        )
+
+
+def _plain(value):
+    return str(value) if isinstance(value, Path) else value
 
 
 def _piped() -> dict:
@@ -367,6 +409,7 @@ class Soak:
         finally:
             self.result.ended = self.result.ended or time.time()
             self.close()
+            (self.workdir / "run.json").write_text(json.dumps(self.result.to_json()))
         return self.result
 
     def start_swarm(self) -> None:

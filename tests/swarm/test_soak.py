@@ -6,6 +6,7 @@ failures and its reading of client logs.
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -47,7 +48,8 @@ FD_BOUND = 64
 def test_a_short_soak_gives_no_wrong_token_no_crash_and_no_leak(tmp_path):
     model = make_tiny_model(tmp_path / "soak-llama", "llama", num_layers=SHORT.layers)
     run = Soak(SHORT, model, tmp_path / "run", say=print).run()  # pytest -s shows how it goes
-    report = summarize(run)
+    report = summarize(SoakRun.from_json(json.loads((tmp_path / "run" / "run.json").read_text())))
+    assert report == summarize(run)  # the saved run gives the same report
     print(render(report))
     assert report["generations"] > 0 and report["tokens"] > 0
     assert report["wrong_tokens"] == 0, [r for r in run.records if r.get("wrong")]
@@ -55,7 +57,7 @@ def test_a_short_soak_gives_no_wrong_token_no_crash_and_no_leak(tmp_path):
     applied = {fault["kind"] for fault in report["faults"] if "skipped" not in fault}
     assert applied >= set(KINDS) - {"tamper"}, report["faults"]  # a liar may find no free host
     for row in report["resources"]:
-        if row["role"] == "server" and row["through"]:
+        if row["role"] == "server" and row["long_lived"]:
             grown = row["rss_mib"][1] - row["rss_mib"][0]
             assert grown < MEMORY_BOUND_MIB, row
             assert row["fds"][1] - row["fds"][0] < FD_BOUND, row
