@@ -63,6 +63,20 @@ class StepClock:
         pass
 
 
+def known(model, peer: str, timeout: float = 60.0) -> None:
+    """Wait until ``model``'s client reads ``peer`` as online: the stall is then the failover's own, not that of a
+    fresh read of the swarm (DHT lookups that meet the killed servers wait hivemind's 3 s for each)."""
+    from petals_cli.wire import ServerState
+
+    client, deadline = model.petals_client, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        snapshot = client.run(client.snapshot(model.petals_prefix, model.petals_num_blocks, max_age=0), timeout=30)
+        if peer in snapshot.servers and snapshot.servers[peer].state == ServerState.ONLINE:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"the client never saw server {peer[-8:]} online")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -97,7 +111,8 @@ def main() -> None:
             identical += output.tolist() == reference.tolist()
             clock.victim.process.send_signal(signal.SIGKILL)  # a frozen one too: one replica besides the fresh one
             print(f"trial {trial}: stall {stalls[-1]:.3f}s, failovers {session.failovers}", file=sys.stderr)
-            swarm.start(preset["last"])  # a fresh replica for the next trial
+            fresh = swarm.start(preset["last"])  # a fresh replica for the next trial, once the client knows it
+            known(model, fresh.addresses()[0].rsplit("/p2p/", 1)[1])
         model.close()
     finally:
         swarm.stop()
