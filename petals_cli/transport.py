@@ -44,6 +44,7 @@ STREAM_CHUNK_BYTES = 2**20
 OFF_LOOP_BYTES = 2**20  # messages and tensors this large are parsed, decoded and checked on a thread
 PREFETCH = 5  # a stream's messages read ahead of its handler (as hivemind does)
 REST_SECONDS = 10.0  # after its answer, how long a server reads (and drops) what a client still sends
+FRAME_OVERHEAD = 1 << 20  # a stream frame's bytes beyond its tensors' (metadata, shapes): within this of the limit
 NONE = runtime_pb2.CompressionType.NONE
 _CODECS = set(runtime_pb2.CompressionType.values())
 # what tensors of this protocol are (hidden states, masks, positions, prompts, LoRA weights), as hivemind names them
@@ -84,14 +85,24 @@ class BlocksService(ServicerBase):
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         raise NotImplementedError
 
-    async def add_p2p_handlers(self, p2p: P2P, wrapper=None, *, namespace: str | None = None, balanced=False) -> None:
-        """Register the RPCs of ``wrapper`` as hivemind does, except that streaming RPCs run in ``serve_stream``."""
+    async def add_p2p_handlers(
+        self,
+        p2p: P2P,
+        wrapper=None,
+        *,
+        namespace: str | None = None,
+        balanced: bool = False,
+        max_frame_bytes: int | None = None,
+    ) -> None:
+        """Register the RPCs of ``wrapper`` as hivemind does, except that streaming RPCs run in ``serve_stream``
+        (whose frames may be ``max_frame_bytes`` long at most: a longer one closes the stream before it is read)."""
         self._collect_rpc_handlers()
         servicer = self if wrapper is None else wrapper
         for rpc in self._rpc_handlers:
             name, method = self._get_handle_name(namespace, rpc.method_name), getattr(servicer, rpc.method_name)
             if rpc.stream_input:
-                serve = functools.partial(serve_stream, p2p, name, method, rpc.request_type, rpc.stream_output)
+                types = (rpc.request_type, rpc.stream_output)
+                serve = functools.partial(serve_stream, p2p, name, method, *types, max_frame_bytes=max_frame_bytes)
                 await p2p.add_binary_stream_handler(name, serve, balanced=balanced)
             else:
                 await p2p.add_protobuf_handler(
@@ -228,17 +239,27 @@ async def drain(requests: AsyncIterator, seconds: float) -> None:
 
 
 async def serve_stream(
-    p2p: P2P, name: str, handler: Callable, message_type: type, stream_output: bool, info: StreamInfo, reader, writer
+    p2p: P2P,
+    name: str,
+    handler: Callable,
+    message_type: type,
+    stream_output: bool,
+    info: StreamInfo,
+    reader,
+    writer,
+    *,
+    max_frame_bytes: int | None = None,
 ) -> None:
     """Serve one RPC stream (hivemind's framing: a marker byte, a length, a protobuf; an error frame ends the
     requests). The stream closes as soon as ``handler`` has answered and either the client's messages have been
     read to their end or ``REST_SECONDS`` have passed: closing a stream with messages still on their way resets it
     and the client would lose its answer, but a client that goes on sending must see its writes fail, not block.
-    A client that leaves, or sends what is not a frame, ends the stream and cancels the handler."""
+    A client that leaves, or sends what is not a frame (or a frame over ``max_frame_bytes``, before it is read),
+    ends the stream and cancels the handler."""
     context = P2PContext(handle_name=name, local_id=p2p.peer_id, remote_id=info.peer_id)
     requests = _Requests()
     with contextlib.closing(writer):
-        receiving = asyncio.create_task(requests.receive(reader, message_type, name))
+        receiving = asyncio.create_task(requests.receive(reader, message_type, name, max_frame_bytes))
         answering = asyncio.create_task(_answer(handler(requests.messages(), context), stream_output, writer))
         try:
             await asyncio.wait({receiving, answering}, return_when=asyncio.FIRST_COMPLETED)
@@ -274,10 +295,12 @@ class _Requests:
         finally:
             dropping.cancel()
 
-    async def receive(self, reader: asyncio.StreamReader, message_type: type, name: str) -> None:
+    async def receive(
+        self, reader: asyncio.StreamReader, message_type: type, name: str, max_frame_bytes: int | None
+    ) -> None:
         """Queue the client's messages up to its end of stream; return when the client leaves after it."""
         try:
-            while (message := await _receive_frame(reader, message_type)) is not None:
+            while (message := await _receive_frame(reader, message_type, max_frame_bytes)) is not None:
                 await self.inbox.put(message)
             await self.inbox.put(None)
             await reader.read(1)  # nothing follows the end: an EOF means the client left
@@ -287,12 +310,15 @@ class _Requests:
             logger.info("%s stream closed: %s: %s", name, exc.__class__.__name__, str(exc)[:200])
 
 
-async def _receive_frame(reader: asyncio.StreamReader, message_type: type):
+async def _receive_frame(reader: asyncio.StreamReader, message_type: type, max_frame_bytes: int | None = None):
     """The next message of a request stream, or None at its end (hivemind ends streams with an error frame)."""
     marker = await reader.readexactly(1)
     if marker not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
         raise ValueError(f"not a stream frame (marker {marker!r})")
-    data = await P2P.receive_raw_data(reader)
+    length = int.from_bytes(await reader.readexactly(P2P.HEADER_LEN), P2P.BYTEORDER)
+    if max_frame_bytes is not None and length > max_frame_bytes:  # refused before its bytes are buffered
+        raise ValueError(f"a frame of {length} bytes exceeds this server's limit of {max_frame_bytes}")
+    data = await reader.readexactly(length)
     if marker == P2P.ERROR_MARKER:
         return None
     return await off_loop(len(data), message_type.FromString, data)

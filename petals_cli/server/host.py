@@ -132,7 +132,8 @@ class Server:
             span, adapters = await self._load(self.start, self.end)
             handler = self.handler = self._make_handler(span, adapters, p2p)
             service = handler if self.swarm_key is None else security.GatedService(handler, self.swarm_key)
-            await transport.BlocksService().add_p2p_handlers(p2p, wrapper=service)
+            frame = self.config.max_request_mib * 2**20 + transport.FRAME_OVERHEAD
+            await transport.BlocksService().add_p2p_handlers(p2p, wrapper=service, max_frame_bytes=frame)
             self.state = ServerState.ONLINE
             await self.announcer.announce(node, p2p, self.info)
             maddrs = [str(addr) for addr in await p2p.get_visible_maddrs()]

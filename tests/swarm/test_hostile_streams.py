@@ -189,8 +189,13 @@ def test_a_stream_that_sends_nothing_is_answered_within_its_bound(target, method
 
 @pytest.mark.parametrize(
     "data",
-    [b"\x07" + b"garbage" * 10, b"\x00" + (40).to_bytes(8, "big") + b"\xff" * 40],
-    ids=["not-a-frame", "not-a-protobuf"],
+    [
+        b"\x07" + b"garbage" * 10,
+        b"\x00" + (40).to_bytes(8, "big") + b"\xff" * 40,
+        # a frame far over the server's limit: refused from its header, not buffered while the bytes trickle in
+        b"\x00" + (1 << 30).to_bytes(8, "big") + b"\xff" * 40,
+    ],
+    ids=["not-a-frame", "not-a-protobuf", "over-the-limit"],
 )
 def test_bytes_that_are_not_frames_close_the_stream_without_an_answer(target, data):
     client, peer = target
