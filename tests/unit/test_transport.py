@@ -1,4 +1,7 @@
+import asyncio
+
 import torch
+from hivemind.p2p import PeerID
 
 from petals_cli import transport
 from petals_cli.errors import InvalidRequestError
@@ -116,3 +119,47 @@ def test_large_tensors_are_decoded_off_the_event_loop():
     received, ticks_while_decoding = asyncio.run(decode([large, small]))
     assert torch.equal(received[0], large) and torch.equal(received[1], small)
     assert ticks_while_decoding > 0
+
+
+def _framed(message) -> bytes:
+    """A protobuf as the daemon sends it on its persistent connection: unsigned-varint length, then the bytes."""
+    body, length, prefix = message.SerializeToString(), message.ByteSize(), b""
+    while True:
+        low, length = length & 0x7F, length >> 7
+        prefix += bytes([low | (0x80 if length else 0)])
+        if not length:
+            return prefix + body
+
+
+def test_an_answer_to_a_call_cancelled_at_that_moment_does_not_stop_the_daemon_reader():
+    """hivemind's reader of daemon answers, fed the answer of a call whose timeout fires in the same loop iteration:
+    it must go on and answer later calls (without the fix, InvalidStateError ends it and every later call hangs)."""
+    from hivemind.p2p.p2p_daemon_bindings.control import ControlClient, DaemonConnector
+    from hivemind.proto import p2pd_pb2
+
+    def answer(call_id) -> bytes:
+        response = p2pd_pb2.CallUnaryResponse(response=b"pong")
+        return _framed(p2pd_pb2.PersistentConnectionResponse(callId=call_id.bytes, callUnaryResponse=response))
+
+    async def scenario():
+        client = ControlClient(DaemonConnector(), _initialized_with_create=True)
+        daemon = asyncio.StreamReader()
+        reading = asyncio.create_task(client._read_from_persistent_conn(daemon))
+        peer = PeerID(b"\0" * 34)
+        call = asyncio.create_task(client.call_unary_handler(peer, "ping", b""))
+        await asyncio.sleep(0)
+        (call_id,) = client._pending_calls
+        daemon.feed_data(answer(call_id))
+        call.cancel()  # its timeout, as the answer arrives
+        await asyncio.gather(call, return_exceptions=True)
+        await asyncio.sleep(0.05)
+        later = asyncio.create_task(client.call_unary_handler(peer, "ping", b""))
+        await asyncio.sleep(0)
+        (call_id,) = client._pending_calls
+        daemon.feed_data(answer(call_id))
+        try:
+            return reading.done(), await asyncio.wait_for(later, 5)
+        finally:
+            reading.cancel()
+
+    assert asyncio.run(scenario()) == (False, b"pong")
