@@ -160,6 +160,7 @@ class ServerConfig(_FromSources):
     network_rps: float = 0.0  # the network's limit in steps/s, when known; 0 = unknown (never guessed)
     adapters: tuple[str, ...] = ()  # directories of peft LoRA adapters to serve (named by their directory)
     announce_period: float = 30.0
+    join_timeout: float = 120.0  # seconds to wait for an initial peer to answer at start (PETALS_JOIN_TIMEOUT)
     revision: str = ""
     token: str = ""
 
@@ -182,6 +183,7 @@ class ServerConfig(_FromSources):
             "--balance-quality": self.balance_quality,
             "--network-rps": self.network_rps,  # 0: unknown
             "placement delay": self.placement_delay,
+            "join timeout": self.join_timeout,
         }
         above_zero = {
             "--max-session-length": self.max_session_length,

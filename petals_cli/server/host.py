@@ -17,11 +17,13 @@ import signal
 import time
 from pathlib import Path
 
+from hivemind.p2p import P2PDaemonError
+
 from petals_cli import __version__, compat, security, transport
 from petals_cli.checkpoint import resolve_model
 from petals_cli.config import ServerConfig
 from petals_cli.dht import announce_blocks, fetch_snapshot, start_dht, unreachable_servers
-from petals_cli.errors import ConfigError
+from petals_cli.errors import ConfigError, SwarmUnreachableError
 from petals_cli.families.selfcheck import check_span
 from petals_cli.server.adapters import load_adapters
 from petals_cli.server.announcer import PING_TIMEOUT, Announcer
@@ -37,6 +39,7 @@ from petals_cli.wire import ModelIndexEntry, ServerInfo, ServerState, model_pref
 
 logger = logging.getLogger(__name__)
 OFFLINE_GRACE = 2.0  # seconds to spend announcing OFFLINE on exit
+JOIN_RETRY = 2.0  # seconds between tries to join a swarm whose initial peers do not answer
 
 
 def run_server(config: ServerConfig) -> None:
@@ -110,21 +113,11 @@ class Server:
             loop.add_signal_handler(signum, self._request_stop)
         identity = security.Identity.load_or_create(self.config.identity_path or None)
         try:
-            p2p = await transport.create_p2p(
-                self.config.host,
-                self.config.port,
-                self.config.initial_peers,
-                announce_host=self.config.announce_host or None,
-                identity_path=identity.path,
-                fresh_identity=identity.temporary,
-            )
+            p2p, node = await self._join(identity)
         finally:
             identity.discard_file()
         handler, rebalancing = None, None
         try:
-            node = await start_dht(
-                p2p, self.config.initial_peers, client_mode=False, swarm_key=self.swarm_key, identity=identity
-            )
             if self.fixed_span is None:
                 self.start, self.end = await self._choose_blocks(node, p2p)
             # JOINING: servers choosing blocks now see this span taken
@@ -156,6 +149,51 @@ class Server:
                 handler.shutdown()
             await p2p.shutdown()
         logger.info("server stopped")
+
+    async def _join(self, identity: security.Identity):
+        """The libp2p daemon and the DHT node. While no initial peer answers (a bootstrap peer restarting, a network
+        coming back) it tries again every few seconds for ``join_timeout`` seconds, saying so once."""
+        deadline, told = time.monotonic() + self.config.join_timeout, False
+        while True:
+            try:
+                return await self._join_once(identity)
+            except SwarmUnreachableError:
+                seconds_left = deadline - time.monotonic()
+                if seconds_left <= 0 or self._stop.is_set():
+                    raise
+                if not told:
+                    logger.warning(
+                        "waiting for the swarm: no initial peer answers (%s); retrying for %.0fs more "
+                        "(PETALS_JOIN_TIMEOUT sets how long)",
+                        " ".join(self.config.initial_peers),
+                        seconds_left,
+                    )
+                    told = True
+                await asyncio.sleep(min(JOIN_RETRY, seconds_left))
+
+    async def _join_once(self, identity: security.Identity):
+        try:
+            p2p = await transport.create_p2p(
+                self.config.host,
+                self.config.port,
+                self.config.initial_peers,
+                announce_host=self.config.announce_host or None,
+                identity_path=identity.path,
+                fresh_identity=identity.temporary,
+            )
+        except P2PDaemonError as exc:  # the daemon itself refuses to start when it reaches no bootstrap peer
+            if "bootstrap" not in str(exc):
+                raise
+            peers = " ".join(self.config.initial_peers)
+            raise SwarmUnreachableError(f"cannot reach initial peers {peers} ({exc})") from exc
+        try:
+            node = await start_dht(
+                p2p, self.config.initial_peers, client_mode=False, swarm_key=self.swarm_key, identity=identity
+            )
+        except BaseException:
+            await p2p.shutdown()
+            raise
+        return p2p, node
 
     async def _choose_blocks(self, node, p2p) -> tuple[int, int]:
         length = self.placement_count or blocks_that_fit(

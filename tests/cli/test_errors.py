@@ -49,6 +49,16 @@ def test_unreachable_initial_peer_is_retried_saying_so_then_one_error(tmp_path):
     assert len(waiting) == 1 and UNREACHABLE in waiting[0] and "PETALS_CONNECT_TIMEOUT" in waiting[0], result.stderr
 
 
+def test_a_server_whose_initial_peer_does_not_answer_waits_saying_so_then_one_error(tmp_path):
+    model = make_tiny_model(tmp_path / "tiny", num_layers=2)
+    env = {**os.environ, "PETALS_JOIN_TIMEOUT": "3"}
+    result = run("serve", str(model), "--blocks", "0:2", "--initial-peers", UNREACHABLE, env=env)
+    assert_one_error_line(result, 4, "cannot reach", "--initial-peers")
+    waiting = [line for line in result.stderr.splitlines() if "waiting for the swarm" in line]
+    assert len(waiting) == 1 and "PETALS_JOIN_TIMEOUT" in waiting[0], result.stderr
+    assert "bug" not in result.stderr
+
+
 def test_no_initial_peers_explains_how_to_start_a_swarm(tmp_path, monkeypatch):
     monkeypatch.delenv("PETALS_INITIAL_PEERS", raising=False)
     model = make_tiny_model(tmp_path / "tiny", num_layers=2)
