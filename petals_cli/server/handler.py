@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 # it this much before it relays the step. A push that was late but did arrive is dropped there as a repeat.
 PUSH_TIMEOUT = 1.0
 PUSH_BYTES_PER_SECOND = 1 << 20
+PUSH_BACKOFF = 30.0  # seconds without pushing to a server after a push to it timed out or broke
 # seconds from a session's stream opening to its opening message: the client sends it at once, but LoRA weights may
 # ride on it, which a slow link takes a few seconds to carry
 OPENING_TIMEOUT = 10.0
@@ -105,6 +106,7 @@ class BlockHandler:
         self.session_idle_timeout = session_idle_timeout
         self.info = info
         self.connect = connect  # peer id -> a stub of that server's BlocksService (to push steps), or None
+        self._unpushable: dict[str, float] = {}  # peer -> until when (loop time) steps are not pushed to it
         self.sessions = ServerSessions(budget, limits, alloc_timeout=alloc_timeout)
         self.compute = SpanCompute(span, KeptGraphs(max_bytes=limits.max_kept_graph_bytes), self.adapters)
         self.engine = StepEngine(self.compute.run_group)  # owns the compute thread
@@ -246,7 +248,8 @@ class BlockHandler:
 
     async def _push(self, step: Step, peer: str) -> bool:
         """Send ``step`` to the next server's session; False (the client relays it) when that fails."""
-        if self.connect is None:
+        now = asyncio.get_running_loop().time()
+        if self.connect is None or self._unpushable.get(peer, now) > now:
             return False
         try:
             message, stub = step.to_message(), self.connect(peer)
@@ -256,9 +259,17 @@ class BlockHandler:
                 else:  # a long prompt's hidden states: a stream of its own (no size cap; one more round trip)
                     response = await stub.rpc_push_stream(_one(message))
                 transport.check_response(response)
+            self._unpushable.pop(peer, None)
             return True
-        except Exception as exc:  # unreachable, refused, or a private swarm's gate: the client sends it itself
-            logger.info("push to %s failed (%s: %s); the client relays", peer[-8:], exc.__class__.__name__, exc)
+        except PetalsError as exc:  # refused at once (no such session yet, a full inbox): the client sends it itself
+            logger.info("push to %s refused (%s); the client relays", peer[-8:], exc)
+            return False
+        except Exception as exc:  # unreachable or late (a cut link, a frozen server), or a private swarm's gate
+            self._unpushable[peer] = now + PUSH_BACKOFF  # each step would wait for it again: relayed meanwhile
+            logger.info(
+                "push to %s failed (%s: %s); the client relays its steps for %gs",
+                peer[-8:], exc.__class__.__name__, exc, PUSH_BACKOFF,
+            )  # fmt: skip
             return False
 
     async def rpc_push_stream(
