@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from petals_cli.testing.soak_faults import Faults
-from petals_cli.testing.swarm import petals_command
+from petals_cli.testing.swarm import StartProgress, petals_command
 from petals_cli.testing.wan import Wan
 
 BOOTSTRAP_PORT = 31337
@@ -285,9 +285,10 @@ class Soak:
         return peer
 
     def wait_ready(self, peer: Peer, timeout: float = START_TIMEOUT) -> bool:
-        deadline = time.time() + timeout
+        """Whether ``peer`` wrote its address before it exited or stopped getting anywhere for ``timeout`` s."""
+        progress = StartProgress(peer.process.pid, peer.log, stall=timeout)
         while not self.poll_ready(peer):
-            if peer.process.poll() is not None or time.time() > deadline:
+            if peer.process.poll() is not None or progress.stalled():
                 return False
             time.sleep(0.1)
         return True

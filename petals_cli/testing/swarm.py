@@ -14,7 +14,44 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# A starting server may take as long as it keeps getting somewhere (on a machine running several suites at once,
+# importing torch alone can take a minute); it has failed to start once its CPU time and its log have not grown
+# for SERVER_START_TIMEOUT seconds, or after SERVER_START_LIMIT seconds in all.
 SERVER_START_TIMEOUT = 90.0
+SERVER_START_LIMIT = 600.0
+
+
+class StartProgress:
+    """Whether a starting process is still getting somewhere: its CPU time (which grows while it imports and loads,
+    however slowly a loaded machine lets it) or its log's size grew within the last ``stall`` seconds."""
+
+    def __init__(self, pid: int, log_file: Path, stall: float = SERVER_START_TIMEOUT):
+        self.pid, self.log_file, self.stall = pid, log_file, stall
+        self.started = self.since = time.monotonic()
+        self.mark: tuple = ()
+
+    def stalled(self) -> bool:
+        now, mark = time.monotonic(), (_cpu_ticks(self.pid), _size(self.log_file))
+        if mark != self.mark:
+            self.mark, self.since = mark, now
+        return now - self.since > self.stall or now - self.started > SERVER_START_LIMIT
+
+
+def _cpu_ticks(pid: int) -> int:
+    """User plus system CPU time of ``pid`` in clock ticks (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def petals_command(*args: str) -> list[str]:
@@ -84,11 +121,11 @@ class Swarm:
         return server
 
     def wait_ready(self, server: ServerProcess) -> None:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        progress = StartProgress(server.process.pid, server.log_file)
         while not (server.address_file.exists() and server.address_file.read_text().strip()):
             if server.process.poll() is not None:
                 raise RuntimeError(f"server {server.blocks} exited:\n{server.log()}")
-            if time.monotonic() > deadline:
+            if progress.stalled():
                 raise TimeoutError(f"server {server.blocks} did not start:\n{server.log()}")
             time.sleep(0.05)
 
