@@ -31,12 +31,12 @@ import msgpack
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
-from hivemind.p2p.p2p_daemon_bindings.control import ControlClient
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
+from petals_cli import hivemind_fix  # noqa: F401 (patches hivemind's daemon reader on import)
 from petals_cli.errors import InvalidRequestError, PetalsError, RequestTooLargeError, error_from_wire
 from petals_cli.wire import StepResponse
 
@@ -234,59 +234,6 @@ async def drain(requests: AsyncIterator, seconds: float) -> None:
         async with asyncio.timeout(seconds):
             async for _ in requests:
                 pass
-
-
-# --- the daemon connection's unary calls ---------------------------------------------------------------------
-
-
-class _PendingCalls(dict):
-    """hivemind's unary calls waiting for their answers (``ControlClient._pending_calls``), where an answer to a call
-    that was already cancelled is dropped.
-
-    In hivemind 1.1.12 the task that reads the daemon's answers completes the call's future with no check: when a
-    call's timeout fires in the same loop iteration as its answer arrives (a liveness ping, a DHT request on a loaded
-    machine), that raises InvalidStateError, the reading task ends, and no unary call of the process is ever answered
-    again: pings fail, the DHT reads nothing, pushes time out, for good.
-    """
-
-    def __getitem__(self, call_id):
-        return _Settable(super().__getitem__(call_id))
-
-
-class _Settable:
-    """A call's future as the reader sees it: completing one that is done already (cancelled) does nothing."""
-
-    def __init__(self, future: asyncio.Future):
-        self.future = future
-
-    def set_result(self, result) -> None:
-        if not self.future.done():
-            self.future.set_result(result)
-
-    def set_exception(self, exception: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(exception)
-
-    def __await__(self):
-        return self.future.__await__()
-
-
-def _keep_reading_after_cancelled_calls() -> None:
-    """Give every ControlClient made from now on a ``_PendingCalls`` (idempotent)."""
-    init = ControlClient.__init__
-    if getattr(init, "petals_pending_calls", False):
-        return
-
-    @functools.wraps(init)
-    def patched(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self._pending_calls = _PendingCalls(self._pending_calls)
-
-    patched.petals_pending_calls = True
-    ControlClient.__init__ = patched
-
-
-_keep_reading_after_cancelled_calls()
 
 
 # --- serving streams ------------------------------------------------------------------------------------------

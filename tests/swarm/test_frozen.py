@@ -88,6 +88,21 @@ class Clock:
         return steps[self.acted_after] - sorted(steps)[len(steps) // 2]
 
 
+def generate_with(model_path, swarm, at: int, action):
+    """Greedy generation in a session, ``action(session)`` called at token ``at``: the output, the ``Clock``, the
+    peers of the session's last route and its failovers."""
+    model = connect(model_path, swarm)
+    try:
+        with model.inference_session(max_length=PROMPT_IDS.shape[1] + NEW_TOKENS) as session:
+            clock = Clock(session, at, action)
+            output = model.generate(
+                PROMPT_IDS, max_new_tokens=NEW_TOKENS, do_sample=False, session=session, streamer=clock
+            )
+            return output, clock, {span.peer_id for span in session.route}, session.failovers
+    finally:
+        model.close()
+
+
 def status(swarm) -> dict:
     command = petals_command("swarm", "status", "--json", "--initial-peers", *swarm.initial_peers)
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
@@ -110,23 +125,13 @@ def test_a_sigstopped_server_is_failed_over_exactly_shown_unreachable_and_rejoin
 ):
     for blocks in ("0:2", "2:4", "2:4"):
         swarm.start(blocks, "--cache-tokens", str(BUDGET))
-    model = connect(model_path, swarm)
 
     def freeze(session):
         peer = session.route[-1].peer_id
         server_of(swarm, peer).process.send_signal(signal.SIGSTOP)
         return peer
 
-    try:
-        with model.inference_session(max_length=PROMPT_IDS.shape[1] + NEW_TOKENS) as session:
-            clock = Clock(session, 8, freeze)
-            output = model.generate(
-                PROMPT_IDS, max_new_tokens=NEW_TOKENS, do_sample=False, session=session, streamer=clock
-            )
-            route = {span.peer_id for span in session.route}
-            failovers = session.failovers
-    finally:
-        model.close()
+    output, clock, route, failovers = generate_with(model_path, swarm, 8, freeze)
     frozen = clock.peer
     print(f"\nSIGSTOP of the server in use: the step that met it took {clock.stall():.2f}s more than the median")
     assert output.tolist() == expected  # the same tokens as local transformers, across the failover
@@ -167,22 +172,12 @@ def test_a_server_whose_compute_hangs_is_failed_over_exactly(swarm, model_path, 
     swarm.start("0:2")
     # its compute thread takes the prompt and 3 tokens, then hangs on the next while its RPCs keep answering
     swarm.start("2:4", faulty=("--hang-after", "4"))
-    model = connect(model_path, swarm)
 
     def add_replica(session):  # the route is set: a replica to fail over to
         swarm.start("2:4")
         return session.route[-1].peer_id
 
-    try:
-        with model.inference_session(max_length=PROMPT_IDS.shape[1] + NEW_TOKENS) as session:
-            clock = Clock(session, 2, add_replica)
-            output = model.generate(
-                PROMPT_IDS, max_new_tokens=NEW_TOKENS, do_sample=False, session=session, streamer=clock
-            )
-            route = {span.peer_id for span in session.route}
-            failovers = session.failovers
-    finally:
-        model.close()
+    output, clock, route, failovers = generate_with(model_path, swarm, 2, add_replica)
     hung = peer_of(swarm.servers[1])
     assert clock.peer == hung  # it was on the route
     assert "compute hangs at call 5" in swarm.servers[1].log()
