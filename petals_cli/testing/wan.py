@@ -10,7 +10,7 @@ between two hosts may be cut, or a host isolated, so that nothing passes, packet
 the impairments while the hosts keep running.
 
 This module owns the network only: it knows nothing about swarms or models, and uses only the standard library,
-since the forwarder runs as this file (``python wan.py CONFIG``) without importing the package. Needs root, ``ip``
+since its forwarder (``wan_forwarder.py``) runs as a script without importing the package. Needs root, ``ip``
 and ``/dev/net/tun`` (``unavailable()`` says which is missing); the kernel's netem qdisc is not needed.
 """
 
@@ -18,30 +18,21 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import heapq
-import itertools
 import json
 import os
-import random
-import select
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
-import time
-from collections import deque
 from dataclasses import dataclass, field
+
+from petals_cli.testing import wan_forwarder
+from petals_cli.testing.wan_forwarder import DEFAULT_BURST, DEFAULT_QUEUE, Impairments
 
 SUBNET = "10.77.0"
 TUNSETIFF = 0x400454CA
 IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
-MAX_PACKET = 65536
-READ_BATCH = 64  # packets read from one TUN before the others get their turn
-RELEASE_SLACK = 0.0005  # epoll sleeps in whole milliseconds: release what is due within half of one
-DEFAULT_BURST = 16 * 1024  # the token bucket's depth in bytes (as a tbf qdisc's burst), at least one MTU
-DEFAULT_QUEUE = 512 * 1024  # bytes waiting in an uplink before the next packet is dropped (drop-tail)
 
 
 def unavailable() -> str | None:
@@ -57,228 +48,6 @@ def unavailable() -> str | None:
     except OSError as error:
         return f"cannot open /dev/net/tun ({error.strerror})"
     return None
-
-
-@dataclass
-class Uplink:
-    """A host's way out: a token bucket filling at ``rate`` bytes/s up to ``burst`` bytes, behind a drop-tail
-    queue of at most ``queue`` bytes. ``rate`` 0 is unlimited. Time is an argument (seconds), never read inside."""
-
-    rate: float = 0.0
-    burst: int = DEFAULT_BURST
-    queue: int = DEFAULT_QUEUE
-    _tokens: float = field(default=-1.0, init=False)
-    _last: float = field(default=0.0, init=False)  # when the last admitted packet leaves
-    _waiting: deque = field(default_factory=deque, init=False)  # (leaves at, bytes) of packets not yet sent
-    _waiting_bytes: int = field(default=0, init=False)
-
-    def admit(self, now: float, size: int) -> float | None:
-        """When a packet of ``size`` bytes arriving at ``now`` leaves, or None if the full queue drops it."""
-        if self.rate <= 0:
-            return now
-        while self._waiting and self._waiting[0][0] <= now:
-            self._waiting_bytes -= self._waiting.popleft()[1]
-        if self._waiting_bytes + size > self.queue:
-            return None
-        start = max(now, self._last)
-        if self._tokens < 0:  # the first packet finds a full bucket
-            tokens = float(self.burst)
-        else:
-            tokens = min(float(self.burst), self._tokens + (start - self._last) * self.rate)
-        leaves = start if tokens >= size else start + (size - tokens) / self.rate
-        self._tokens, self._last = max(tokens - size, 0.0), leaves
-        self._waiting.append((leaves, size))
-        self._waiting_bytes += size
-        return leaves
-
-    @property
-    def waiting_bytes(self) -> int:
-        return self._waiting_bytes
-
-
-def ipv4_destination(packet: bytes) -> bytes | None:
-    """The destination address of an IPv4 packet (4 bytes), or None for anything else."""
-    if len(packet) < 20 or packet[0] >> 4 != 4:
-        return None
-    return packet[16:20]
-
-
-@dataclass
-class Impairments:
-    """What the forwarder drops on purpose, by host index: ``loss`` maps a host to the probability that each packet
-    it sends or receives is lost (a packet between two lossy hosts passes both draws); ``cut`` holds pairs of hosts
-    that cannot reach each other; an ``isolated`` host reaches nobody. Pure: the random stream is an argument."""
-
-    loss: dict[int, float] = field(default_factory=dict)
-    cut: set[frozenset[int]] = field(default_factory=set)
-    isolated: set[int] = field(default_factory=set)
-
-    def blocks(self, source: int, target: int) -> bool:
-        """Whether nothing may pass from ``source`` to ``target`` (a cut link or an isolated host)."""
-        return source in self.isolated or target in self.isolated or frozenset((source, target)) in self.cut
-
-    def loses(self, source: int, target: int, rng: random.Random) -> bool:
-        """Whether this packet is lost on the sender's or the receiver's side."""
-        return any(self.loss.get(host, 0.0) > 0 and rng.random() < self.loss[host] for host in (source, target))
-
-    def to_json(self) -> dict:
-        return {
-            "loss": {str(host): probability for host, probability in sorted(self.loss.items()) if probability > 0},
-            "cut": sorted(sorted(pair) for pair in self.cut),
-            "isolated": sorted(self.isolated),
-        }
-
-    @classmethod
-    def from_json(cls, data: dict) -> Impairments:
-        return cls(
-            loss={int(host): float(probability) for host, probability in data.get("loss", {}).items()},
-            cut={frozenset(int(host) for host in pair) for pair in data.get("cut", [])},
-            isolated={int(host) for host in data.get("isolated", [])},
-        )
-
-
-@dataclass
-class ForwarderStats:
-    packets: int = 0
-    bytes: int = 0
-    queue_drops: int = 0
-    loss_drops: int = 0  # lost on purpose (``Impairments.loss``)
-    partition_drops: int = 0  # dropped on a cut link or at an isolated host, in flight included
-    unroutable: int = 0
-    write_errors: int = 0
-    lateness_sum: float = 0.0
-    lateness_max: float = 0.0
-    cpu_started: float = field(default_factory=time.process_time)
-    wall_started: float = field(default_factory=time.monotonic)
-
-    def report(self) -> dict:
-        wall = max(time.monotonic() - self.wall_started, 1e-9)
-        return {
-            "packets": self.packets,
-            "bytes": self.bytes,
-            "queue_drops": self.queue_drops,
-            "loss_drops": self.loss_drops,
-            "partition_drops": self.partition_drops,
-            "unroutable": self.unroutable,
-            "write_errors": self.write_errors,
-            "late_ms_mean": round(1000 * self.lateness_sum / max(self.packets, 1), 3),
-            "late_ms_max": round(1000 * self.lateness_max, 3),
-            "cpu_share": round((time.process_time() - self.cpu_started) / wall, 4),
-        }
-
-
-class Forwarder:
-    """Routes packets between TUN descriptors by destination address, with per-uplink bandwidth, a delay and
-    impairments (``seed`` seeds the stream that decides which packets are lost)."""
-
-    def __init__(self, fds: list[int], addresses: list[str], seed: int = 0):
-        self.fds = fds
-        self.route = {socket.inet_aton(address): index for index, address in enumerate(addresses)}
-        self.one_way = 0.0
-        self.uplinks = [Uplink() for _ in fds]
-        self.impairments = Impairments()
-        self.rng = random.Random(seed)
-        # heap of (release at, sequence, source, target, packet)
-        self.pending: list[tuple[float, int, int, int, bytes]] = []
-        self.sequence = itertools.count()
-        self.stats = ForwarderStats()
-
-    def configure(
-        self, rtt_ms: float = 0.0, mbit: float = 0.0, burst: int = DEFAULT_BURST, queue: int = DEFAULT_QUEUE
-    ):
-        """New delay and bandwidth for packets read from now on; starts new counters."""
-        self.one_way = rtt_ms / 2000
-        self.uplinks = [Uplink(rate=mbit * 125_000, burst=burst, queue=queue) for _ in self.fds]
-        self.stats = ForwarderStats()
-
-    def impair(self, impairments: Impairments) -> None:
-        """Drop from now on what ``impairments`` say (replacing the previous ones); delay and bandwidth stay."""
-        self.impairments = impairments
-
-    def command(self, command: dict) -> dict:
-        """Apply one control message (``{"impair": {...}}`` or configure's arguments); the counters since the last
-        one, which start again from zero."""
-        report = self.stats.report()
-        if "impair" in command:
-            self.impair(Impairments.from_json(command["impair"]))
-            self.stats = ForwarderStats()
-        else:
-            self.configure(**command)
-        return report
-
-    def take(self, source: int) -> None:
-        """Read what waits on ``source``'s TUN and schedule each packet's release."""
-        fd, uplink = self.fds[source], self.uplinks[source]
-        for _ in range(READ_BATCH):
-            try:
-                packet = os.read(fd, MAX_PACKET)
-            except BlockingIOError:
-                return
-            target = self.route.get(ipv4_destination(packet) or b"")
-            if target is None:
-                self.stats.unroutable += 1
-                continue
-            if self.impairments.blocks(source, target):
-                self.stats.partition_drops += 1
-                continue
-            if self.impairments.loses(source, target, self.rng):
-                self.stats.loss_drops += 1
-                continue
-            leaves = uplink.admit(time.monotonic(), len(packet))
-            if leaves is None:
-                self.stats.queue_drops += 1
-                continue
-            heapq.heappush(self.pending, (leaves + self.one_way, next(self.sequence), source, target, packet))
-
-    def release(self) -> None:
-        """Write every packet whose time has come to its target's TUN."""
-        now = time.monotonic()
-        stats = self.stats
-        while self.pending and self.pending[0][0] <= now + RELEASE_SLACK:
-            due, _, source, target, packet = heapq.heappop(self.pending)
-            if self.impairments.blocks(source, target):  # cut while in flight: lost on the wire
-                stats.partition_drops += 1
-                continue
-            try:
-                os.write(self.fds[target], packet)
-            except OSError:  # the receiver's queue is full or its device is gone: the packet is lost
-                stats.write_errors += 1
-                continue
-            late = max(now - due, 0.0)
-            stats.packets += 1
-            stats.bytes += len(packet)
-            stats.lateness_sum += late
-            stats.lateness_max = max(stats.lateness_max, late)
-
-    def timeout(self) -> float:
-        """Seconds epoll may sleep: until the next release (less the slack), or -1 (forever) when none waits."""
-        if not self.pending:
-            return -1
-        return max(self.pending[0][0] - time.monotonic() - RELEASE_SLACK, 0.0)
-
-    def serve(self, control: int, answer) -> None:
-        """Forward until ``control`` closes; each JSON line read from it is a ``command``, answered on ``answer``
-        with the counters since the last one."""
-        poller = select.epoll()
-        sources = {fd: index for index, fd in enumerate(self.fds)}
-        for fd in self.fds:
-            poller.register(fd, select.EPOLLIN)
-        poller.register(control, select.EPOLLIN)
-        buffered = b""
-        while True:
-            for fd, _ in poller.poll(self.timeout()):
-                if fd != control:
-                    self.take(sources[fd])
-                    continue
-                chunk = os.read(control, 65536)
-                if not chunk:
-                    return
-                buffered += chunk
-                while b"\n" in buffered:
-                    line, buffered = buffered.split(b"\n", 1)
-                    answer.write(json.dumps(self.command(json.loads(line))) + "\n")
-                    answer.flush()
-            self.release()
 
 
 def open_tun(name: str) -> int:
@@ -331,7 +100,7 @@ class Wan:
             addresses = [self.address(i) for i in range(self.hosts)]
             config = json.dumps({"fds": fds, "addresses": addresses, "seed": self.seed})
             self.forwarder = subprocess.Popen(
-                [sys.executable, os.path.abspath(__file__), config],
+                [sys.executable, os.path.abspath(wan_forwarder.__file__), config],
                 pass_fds=fds,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -450,15 +219,3 @@ class Wan:
 
     def __exit__(self, *_) -> None:
         self.close()
-
-
-def _forwarder_main(config_json: str) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the owner stops us in order
-    with contextlib.suppress(OSError):  # a wire does not wait for a CPU: run ahead of the hosts' computing
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
-    config = json.loads(config_json)
-    Forwarder(config["fds"], config["addresses"], config.get("seed", 0)).serve(sys.stdin.fileno(), sys.stdout)
-
-
-if __name__ == "__main__":
-    _forwarder_main(sys.argv[1])

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from petals_cli.testing import wan
-from petals_cli.testing.wan import Forwarder, Impairments, Uplink, Wan, ipv4_destination
+from petals_cli.testing import wan, wan_forwarder
+from petals_cli.testing.wan import Wan
+from petals_cli.testing.wan_forwarder import Forwarder, Impairments, Uplink, ipv4_destination
 
 
 def ipv4_packet(destination: str, size: int = 100) -> bytes:
@@ -50,7 +51,7 @@ def test_only_ipv4_packets_have_a_destination():
 @pytest.fixture
 def clock(monkeypatch):
     now = [100.0]
-    monkeypatch.setattr(wan.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(wan_forwarder.time, "monotonic", lambda: now[0])
     return now
 
 
@@ -76,7 +77,7 @@ def received(sock) -> int:
     count = 0
     while True:
         try:
-            sock.recv(wan.MAX_PACKET)
+            sock.recv(wan_forwarder.MAX_PACKET)
         except BlockingIOError:
             return count
         count += 1
@@ -102,7 +103,7 @@ def test_forwarder_delays_by_half_the_round_trip_and_routes_by_address(clock, wi
     forwarder.take(0)
     forwarder.release()
     assert forwarder.stats.unroutable == 1 and forwarder.stats.packets == 0
-    assert forwarder.timeout() == pytest.approx(0.02 - wan.RELEASE_SLACK)
+    assert forwarder.timeout() == pytest.approx(0.02 - wan_forwarder.RELEASE_SLACK)
     clock[0] += 0.02
     forwarder.release()
     assert pairs[2][1].recv(1000) == packet
