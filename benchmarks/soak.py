@@ -29,7 +29,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from petals_cli.testing.soak import Soak, SoakRun, SoakSettings  # noqa: E402
+from petals_cli.testing.soak import Soak  # noqa: E402
+from petals_cli.testing.soak_records import SoakRun, SoakSettings  # noqa: E402
 from petals_cli.testing.soak_report import render, summarize  # noqa: E402
 from petals_cli.testing.wan import unavailable  # noqa: E402
 

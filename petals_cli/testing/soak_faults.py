@@ -1,6 +1,6 @@
 """The soak's faults: whom each one hits when it comes, how it is applied and undone, and what is recorded.
 
-One method per kind of ``soak.KINDS`` (and ``join``, which follows every leave and kill). Targets are drawn from
+One method per kind of ``KINDS`` (and ``join``, which follows every leave and kill). Targets are drawn from
 the soak's seeded random stream among the servers that are up and under no other fault, so that two faults never
 overlap on one server. Every fault becomes an ``AppliedFault`` (the peer ids whose failure clients should notice,
 and which clients could notice it); one that finds no target is recorded as skipped. Undoing is an event of kind
@@ -15,7 +15,8 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from petals_cli.testing.soak import AppliedFault, Peer, Soak
+    from petals_cli.testing.soak import Soak
+    from petals_cli.testing.soak_records import AppliedFault, Peer
 
 
 class Faults:
@@ -41,7 +42,7 @@ class Faults:
 
     def record(self, kind: str, target: str, seconds: float | None = None, **details) -> AppliedFault:
         """Note a fault applied now (lasting ``seconds`` when it is undone later)."""
-        from petals_cli.testing.soak import AppliedFault
+        from petals_cli.testing.soak_records import AppliedFault
 
         now = time.time()
         fault = AppliedFault(kind, now, target, until=None if seconds is None else now + seconds, **details)

@@ -17,7 +17,7 @@ import re
 import statistics
 from pathlib import Path
 
-from petals_cli.testing.soak import SoakRun
+from petals_cli.testing.soak_records import SoakRun
 
 VISIBILITY = 5.0  # seconds for a new server to be seen, and within which a replica-less moment explains a failure
 DETECTION_WINDOW = 120.0  # a fault not named in a client's log within this long counts as not noticed

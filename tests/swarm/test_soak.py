@@ -15,8 +15,9 @@ import torch
 
 from petals_cli.errors import NoRouteError, ServerError
 from petals_cli.testing import make_tiny_model, wan
-from petals_cli.testing.soak import KINDS, AppliedFault, Peer, Soak, SoakRun, SoakSettings, plan_faults
+from petals_cli.testing.soak import Soak
 from petals_cli.testing.soak_client import check_tokens, error_record
+from petals_cli.testing.soak_records import KINDS, AppliedFault, Peer, SoakRun, SoakSettings, plan_faults
 from petals_cli.testing.soak_report import detections, had_no_replica, render, summarize
 
 SHORT = SoakSettings(
