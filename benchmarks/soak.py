@@ -31,7 +31,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from petals_cli.testing.soak import Soak  # noqa: E402
 from petals_cli.testing.soak_records import SoakRun, SoakSettings  # noqa: E402
-from petals_cli.testing.soak_report import render, summarize  # noqa: E402
+from petals_cli.testing.soak_report import summarize  # noqa: E402
+from petals_cli.testing.soak_text import render  # noqa: E402
 from petals_cli.testing.wan import unavailable  # noqa: E402
 
 

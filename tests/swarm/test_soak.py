@@ -18,7 +18,8 @@ from petals_cli.testing import make_tiny_model, wan
 from petals_cli.testing.soak import Soak
 from petals_cli.testing.soak_client import check_tokens, error_record
 from petals_cli.testing.soak_records import KINDS, AppliedFault, Peer, SoakRun, SoakSettings, plan_faults
-from petals_cli.testing.soak_report import detections, had_no_replica, render, summarize
+from petals_cli.testing.soak_report import detections, had_no_replica, summarize
+from petals_cli.testing.soak_text import render
 
 SHORT = SoakSettings(
     minutes=1.5,
