@@ -41,7 +41,7 @@ def targets(report: dict) -> list[tuple[str, str, bool]]:
             all(map(memory_ok, long_lived)),
         ),
         (
-            f"descriptors flat (at most +{FD_SLACK})",
+            f"descriptors flat (floor over the last window at most +{FD_SLACK} over the floor at 5 minutes)",
             f"{sum(map(fds_ok, long_lived))}/{len(long_lived)} servers",
             all(map(fds_ok, long_lived)),
         ),
@@ -139,8 +139,9 @@ def render(report: dict) -> str:
             f"{window['failed_near_clients'] or '-'})"
         )
     lines.append(
-        "memory (RSS MiB) and open descriptors, 5 minutes (or a sixth of the run) into the process's life -> at its "
-        "last sample (the server, then its libp2p daemon):"
+        "memory (RSS MiB), 5 minutes (or a sixth of the run) into the process's life -> at its last sample, and open "
+        "descriptors, the least seen in a window of that length after it -> in the last one (the server, then its "
+        "libp2p daemon):"
     )
     rows = [["process", "span", "lived s", "RSS", "fds", "p2pd RSS", "p2pd fds", "ok"]]
     for row in report["resources"]:
