@@ -97,22 +97,47 @@ def client_log_lines(paths: list[Path]) -> list[tuple[float, int, str]]:
     return sorted(lines)
 
 
+def _adjacent(route: list[str], victims: set[str]) -> bool:
+    return any({first, second} == victims for first, second in zip(route, route[1:], strict=False))
+
+
 def in_use(run: SoakRun, fault, moment: float | None) -> bool:
     """Whether a generation running at ``moment`` (at any moment: None) of a client that could notice ``fault`` had a
-    victim of it on its route (as it was at its first token or at its end)."""
+    victim of it on its route (as it was at its first token or at its end); for a link cut between two servers, the
+    two one after the other (the link a push takes)."""
     victims = set(fault.victims)
+    between_servers = fault.kind == "partition" and not fault.clients and len(victims) == 2
     return any(
         record.get("kind") == "generation"
         and (moment is None or record["started"] <= moment <= record["ended"])
         and (not fault.clients or record["client"] in fault.clients)
-        and victims & set(record.get("first_route", []) + record.get("route", []))
+        and any(
+            _adjacent(route, victims) if between_servers else victims & set(route)
+            for route in (record.get("first_route", []), record.get("route", []))
+        )
         for record in run.records
     )
 
 
-def detections(run: SoakRun, lines: list[tuple[float, int, str]]) -> list[dict]:
+def server_log_lines(run: SoakRun) -> list[tuple[float, str, str]]:
+    """(Unix time, peer id, message) of every timed line in the servers' logs, in time order."""
+    lines = []
+    for peer in run.peers:
+        if peer.role != "server" or not peer.peer_id or not peer.log.exists():
+            continue
+        for line in peer.log.read_text(errors="replace").splitlines():
+            match = _LOG_LINE.match(line)
+            if match:
+                lines.append((float(match.group(1)), peer.peer_id, f"{match.group(3)}: {match.group(4)}"))
+    return sorted(lines)
+
+
+def detections(
+    run: SoakRun, lines: list[tuple[float, int, str]], server_lines: list[tuple[float, str, str]] = ()
+) -> list[dict]:
     """Per fault with victims: how long until a client's log first named one (from the moment a liar was up, for a
-    liar), and whether a generation was using a victim then."""
+    liar), and whether a generation was using a victim then. A link cut between two servers is seen first by the
+    one pushing over it: its own log naming the other counts too (``by`` says which noticed)."""
     found = []
     for fault in run.faults:
         if fault.kind not in DETECTED_KINDS or fault.skipped:
@@ -124,20 +149,27 @@ def detections(run: SoakRun, lines: list[tuple[float, int, str]]) -> list[dict]:
                 continue
             start = ready[0]
         suffixes = [victim[-8:] for victim in fault.victims if victim]
-        first = next(
-            (
-                (moment, client, message)
-                for moment, client, message in lines
+        candidates = [
+            (moment, f"client{client}", message)
+            for moment, client, message in lines
+            if start <= moment <= start + DETECTION_WINDOW
+            and (not fault.clients or client in fault.clients)
+            and any(suffix in message for suffix in suffixes)
+        ]
+        if fault.kind == "partition" and not fault.clients:
+            names = {peer.peer_id: peer.name for peer in run.peers}
+            candidates += [
+                (moment, names.get(peer_id, peer_id[-8:]), message)
+                for moment, peer_id, message in server_lines
                 if start <= moment <= start + DETECTION_WINDOW
-                and (not fault.clients or client in fault.clients)
-                and any(suffix in message for suffix in suffixes)
-            ),
-            None,
-        )
+                and peer_id in fault.victims
+                and any(victim[-8:] in message for victim in fault.victims if victim != peer_id)
+            ]
+        first = min(candidates, default=None)
         entry = {"kind": fault.kind, "at_s": round(fault.at - run.started, 1), "target": fault.target}
         entry["in_use"] = in_use(run, fault, None if fault.kind == "tamper" else start)
         if first is not None:
-            entry.update(after_s=round(first[0] - start, 2), client=first[1], line=first[2][:160])
+            entry.update(after_s=round(first[0] - start, 2), by=first[1], line=first[2][:160])
         found.append(entry)
     return found
 
@@ -273,7 +305,7 @@ def summarize(run: SoakRun) -> dict:
             | ({"skipped": fault.skipped} if fault.skipped else {})
             for fault in run.faults
         ],
-        "detections": detections(run, lines),
+        "detections": detections(run, lines, server_log_lines(run)),
         "bootstrap_restarts": bootstrap_windows(run, generations),
         "new_servers_seen": visibility(run),
         "wan": run.wan_totals,

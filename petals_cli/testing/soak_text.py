@@ -113,13 +113,16 @@ def render(report: dict) -> str:
     if report["tracebacks_in_logs"]:
         logged = ", ".join(f"{name} {count}" for name, count in sorted(report["tracebacks_in_logs"].items()))
         lines.append(f"tracebacks in logs (not crashes by themselves): {logged}")
-    lines.append("faults (+seconds into the run), and when a client's log first named the victim:")
+    lines.append(
+        "faults (+seconds into the run), and when a client's log first named the victim (for a link cut between two "
+        "servers, either one's log naming the other too):"
+    )
     noticed = {(entry["at_s"], entry["kind"]): entry for entry in report["detections"]}
     for fault in report["faults"]:
         entry = noticed.get((fault["at_s"], fault["kind"]))
         seen = ""
         if entry is not None:
-            named = f"named after {entry['after_s']:g} s by client{entry['client']}" if "after_s" in entry else ""
+            named = f"named after {entry['after_s']:g} s by {entry['by']}" if "after_s" in entry else ""
             seen = f" -> {named or 'not named by any client'}"
             seen += "" if entry["in_use"] else " (no generation had it on its route then)"
         skipped = f" (skipped: {fault['skipped']})" if "skipped" in fault else ""

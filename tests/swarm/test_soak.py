@@ -151,5 +151,27 @@ def test_a_fault_is_detected_when_a_client_that_could_notice_it_first_names_its_
         (53.0, 1, "server VICTIM01 failed"),
     ]
     kill, partition = detections(run, lines)
-    assert kill["after_s"] == 1.5 and kill["client"] == 0 and kill["in_use"]
-    assert partition["after_s"] == 3.0 and partition["client"] == 1 and not partition["in_use"]
+    assert kill["after_s"] == 1.5 and kill["by"] == "client0" and kill["in_use"]
+    assert partition["after_s"] == 3.0 and partition["by"] == "client1" and not partition["in_use"]
+
+
+def test_a_link_cut_between_two_servers_is_in_use_when_they_are_neighbours_and_seen_by_the_pusher(tmp_path):
+    first, second, third = ("Qm" + letter * 36 + f"SERVER0{index}" for index, letter in enumerate("abc"))
+    run = SoakRun(SoakSettings(), started=0.0, ended=100.0)
+    run.peers = [
+        Peer(f"server{index}", "server", index, None, tmp_path / f"server{index}.log", 0.0, peer_id=peer_id)
+        for index, peer_id in enumerate((first, second, third))
+    ]
+    run.faults = [AppliedFault("partition", 20.0, "x", victims=[first, third], until=50.0)]
+    generation = {"kind": "generation", "client": 0, "started": 10.0, "ended": 30.0, "route": []}
+    run.records = [dict(generation, first_route=[first, second, third])]
+    quiet = detections(run, [(25.0, 0, f"server {third[-8:]} failed")], [])
+    assert not quiet[0]["in_use"]  # both on the route, but the link between them carries nothing
+    run.records.append(dict(generation, first_route=[second, first, third]))
+    server_lines = [
+        (21.0, second, f"push to {third[-8:]} failed"),  # not a victim: its link to it is whole
+        (21.4, third, f"push to {first[-8:]} came late"),  # the right pair, ahead of the client
+        (22.0, first, f"push to {third[-8:]} failed (TimeoutError)"),
+    ]
+    (cut,) = detections(run, [(23.0, 0, f"server {third[-8:]} failed")], server_lines)
+    assert cut["in_use"] and cut["after_s"] == 1.4 and cut["by"] == "server2"
