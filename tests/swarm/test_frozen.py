@@ -158,7 +158,7 @@ def test_a_sigstopped_server_is_failed_over_exactly_shown_unreachable_and_rejoin
     assert output.tolist() == expected
 
 
-def test_placement_leaves_out_frozen_servers(swarm):
+def test_placement_and_clients_leave_out_frozen_servers_but_a_client_hearing_nobody_blames_itself(swarm):
     swarm.start_many("0:2", "2:4", "2:4")
     for server in swarm.servers[1:]:
         server.process.send_signal(signal.SIGSTOP)
@@ -166,6 +166,20 @@ def test_placement_leaves_out_frozen_servers(swarm):
     newcomer = swarm.start("auto", "--num-blocks", "2")
     assert eventually(lambda: newcomer.log().count("blocks 2:4") > 0, timeout=30), newcomer.log()
     assert "blocks 0:2 of" not in newcomer.log()
+
+    frozen = {peer_of(server) for server in swarm.servers[1:3]}
+    client = SwarmClient(ClientConfig(initial_peers=tuple(swarm.initial_peers)))
+    try:
+        snapshot = client.run(client.snapshot("tiny-frozen", NUM_LAYERS, max_age=0), timeout=60)
+        assert client.bans.banned(time.monotonic()) == frozen and set(client._silent) == frozen
+        # every server silent at once looks, from a client, like its own link or process stalling: nobody more is
+        # banned or silenced for it
+        for server in (swarm.servers[0], newcomer):
+            server.process.send_signal(signal.SIGSTOP)
+        client.run(client._ping_all(snapshot), timeout=60)
+        assert set(client.bans.failures) == frozen and set(client._silent) == frozen
+    finally:
+        client.close()
 
 
 def test_a_server_whose_compute_hangs_is_failed_over_exactly(swarm, model_path, expected):
