@@ -46,13 +46,14 @@ def live_replicas(run: SoakRun, client: int, block: int, moment: float) -> int:
     return count
 
 
-def had_no_replica(run: SoakRun, client: int, blocks: list[int], failed: float) -> bool:
-    """Whether a block of ``blocks`` (every block, when none is named) had no live replica for ``client`` at some
-    moment within ``VISIBILITY`` seconds before ``failed``."""
+def had_no_replica(run: SoakRun, client: int, blocks: list[int], failed: float, needed: int = 1) -> bool:
+    """Whether a block of ``blocks`` (every block, when none is named) had fewer than ``needed`` live replicas for
+    ``client`` at some moment within ``VISIBILITY`` seconds before ``failed``. A verifying client that finds two
+    servers disagreeing needs a third to decide: with a liar serving, that is two honest replicas."""
     blocks = blocks or list(range(run.settings.layers))
     moment = failed - VISIBILITY
     while moment <= failed:
-        if any(live_replicas(run, client, block, moment) == 0 for block in blocks):
+        if any(live_replicas(run, client, block, moment) < needed for block in blocks):
             return True
         moment += 0.25
     return False
@@ -232,7 +233,8 @@ def summarize(run: SoakRun) -> dict:
         if record["error"] is None:
             continue
         error = record["error"]
-        attributed = had_no_replica(run, record["client"], error["blocks"], record["ended"])
+        undecided = error["type"] == "VerificationError" and "no third server" in error["message"]
+        attributed = had_no_replica(run, record["client"], error["blocks"], record["ended"], 2 if undecided else 1)
         failures.append(
             {
                 "at_s": round(record["started"] - run.started, 1),

@@ -31,7 +31,8 @@ def targets(report: dict) -> list[tuple[str, str, bool]]:
             not report["crashes"],
         ),
         (
-            "failures only where no replica existed, each typed and naming its blocks",
+            "failures only where no replica existed (for a verifying client: no honest one to decide), each typed and "
+            "naming its blocks",
             f"{len(unattributed)} other, {len(attributed)} attributed",
             not unattributed and all(failure["blocks"] for failure in attributed),
         ),
@@ -91,7 +92,9 @@ def render(report: dict) -> str:
         f"failed generations: {len(report['failures'])}",
     ]
     for failure in report["failures"]:
-        cause = "no live replica" if failure["no_replica"] else "replicas existed"
+        undecided = "no third server" in failure["message"]
+        cause = ("no honest replica to decide" if undecided else "no live replica") if failure["no_replica"] else ""
+        cause = cause or "replicas existed"
         lines.append(
             f"  +{failure['at_s']:g}s client{failure['client']} after {failure['lasted_s']:g}s: {failure['type']}"
             f"{'' if failure['typed'] else ' (untyped)'} blocks {failure['blocks'] or '-'} [{cause}]: "

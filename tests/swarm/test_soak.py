@@ -132,6 +132,13 @@ def test_a_failure_is_attributed_only_when_a_block_it_names_had_no_live_replica_
     assert had_no_replica(run, 0, [], 110.0)  # naming no block: any block
     run.faults.append(AppliedFault("partition", 300.0, "", victims=[second.peer_id], clients=[1], until=330.0))
     assert had_no_replica(run, 1, [0], 310.0) and not had_no_replica(run, 0, [0], 310.0)
+    # a verifying client needs two honest replicas to outvote a liar: one honest server and a liar cannot decide
+    liar, third = _peer("liar", "0:2", 400.0), _peer("d", "0:2", 400.0)
+    liar.role = "tamper"
+    run.peers += [liar, third]
+    assert not had_no_replica(run, 0, [0], 410.0, needed=2)  # b and d outvote the liar
+    run.peers.remove(third)
+    assert had_no_replica(run, 0, [0], 410.0, needed=2) and not had_no_replica(run, 0, [0], 410.0)
 
 
 def test_a_fault_is_detected_when_a_client_that_could_notice_it_first_names_its_victim():
