@@ -41,11 +41,16 @@ def swarm(tmp_path_factory):
     try:
         # honest replicas are two servers each (0:1 then 1:2): a liar holding both blocks is the one-hop route that
         # routing prefers, and every check and verdict needs a replica made of two servers
-        honest = [swarm.start("0:1"), swarm.start("1:2"), swarm.start("0:1"), swarm.start("1:2")]
-        always = swarm.start("0:2", tamper=("--mode", "noise", "--scale", "0.05", "--attract"))
+        honest = [swarm.start("0:1")]  # the first is every other's initial peer; the rest start side by side
+        honest += [swarm.start(blocks, wait=False) for blocks in ("1:2", "0:1", "1:2")]
+        always = swarm.start("0:2", wait=False, tamper=("--mode", "noise", "--scale", "0.05", "--attract"))
         rare = swarm.start(
-            "0:2", tamper=("--mode", "shift", "--scale", "0.5", "--probability", str(RARE), "--seed", "3", "--attract")
+            "0:2",
+            wait=False,
+            tamper=("--mode", "shift", "--scale", "0.5", "--probability", str(RARE), "--seed", "3", "--attract"),
         )
+        for server in swarm.servers[1:]:
+            swarm.wait_ready(server)
         everyone = {peer_of(server) for server in swarm.servers}
         client = SwarmClient(ClientConfig(initial_peers=tuple(swarm.initial_peers)))
         try:  # every record visible before a test routes (a check that finds no replica would verify nothing)
