@@ -96,10 +96,13 @@ class Swarm:
         wait: bool = True,
         tamper: tuple[str, ...] = (),
         faulty: tuple[str, ...] = (),
+        paced: tuple[str, ...] = (),
     ) -> ServerProcess:
         """Start a server of ``blocks`` (``extra``: more `petals serve` options). ``tamper``, e.g.
         ``("--mode", "noise")``, makes it a lying server: the options of ``petals_cli.testing.tamper``; ``faulty``,
-        e.g. ``("--hang-after", "3")``, one that hangs or lags: those of ``petals_cli.testing.faulty``."""
+        e.g. ``("--hang-after", "3")``, one that hangs or lags: those of ``petals_cli.testing.faulty``; ``paced``,
+        e.g. ``("--device", "laptop")``, one no faster than that device: those of ``petals_cli.testing.paced``
+        (at most one of the three)."""
         index = len(self.servers)
         address_file = self.workdir / f"server{index}.addr"
         log_file = self.workdir / f"server{index}.log"
@@ -107,8 +110,12 @@ class Swarm:
         args = [str(model or self.model), "--blocks", blocks, "--address-file", str(address_file), *swarm_args]
         command = petals_command("serve", *args, *extra)
         environment = None
-        if tamper or faulty:
-            module, options = ("tamper", tamper) if tamper else ("faulty", faulty)
+        testing = {"tamper": tamper, "faulty": faulty, "paced": paced}
+        chosen = [(module, options) for module, options in testing.items() if options]
+        if len(chosen) > 1:
+            raise ValueError("a server is either tampering, faulty or paced, not several at once")
+        if chosen:
+            ((module, options),) = chosen
             command = [sys.executable, "-m", f"petals_cli.testing.{module}", *options, "--", *args, *extra]
             # importing petals_cli.testing loads torch before serve could ask OpenMP not to spin
             environment = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
