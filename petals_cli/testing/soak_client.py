@@ -46,7 +46,7 @@ def emit(record: dict) -> None:
         sys.stdout.flush()
 
 
-def _follow_orders(go: threading.Event, stop: threading.Event) -> None:
+def follow_orders(go: threading.Event, stop: threading.Event) -> None:
     """The orchestrator writes ``go`` once the swarm is up, and closes our standard input to stop us."""
     for line in sys.stdin:
         if line.strip() == "go":
@@ -180,7 +180,7 @@ def client_main(settings: dict) -> None:
     local = AutoModelForCausalLM.from_pretrained(settings["model"]).eval()
     model = AutoDistributedModelForCausalLM.from_pretrained(settings["model"], config=config)
     go, stop, lock = threading.Event(), threading.Event(), threading.Lock()
-    threading.Thread(target=_follow_orders, args=(go, stop), daemon=True).start()
+    threading.Thread(target=follow_orders, args=(go, stop), daemon=True).start()
     emit({"kind": "ready", "client": settings["index"], "at": time.time()})
     go.wait()
 
@@ -207,7 +207,7 @@ def monitor_main(settings: dict) -> None:
     logging.basicConfig(format=LOG_FORMAT, level=logging.WARNING, stream=sys.stderr)
     client = SwarmClient(ClientConfig.from_sources(initial_peers=tuple(settings["initial_peers"])))
     stop = threading.Event()
-    threading.Thread(target=_follow_orders, args=(threading.Event(), stop), daemon=True).start()
+    threading.Thread(target=follow_orders, args=(threading.Event(), stop), daemon=True).start()
     period = settings["period"]
     try:
         while True:
