@@ -77,6 +77,9 @@ class ScaleSettings:
             raise ValueError(f"mix: classes of {sorted(SPEEDS)} with counts >= 1, not {self.mix}")
         if min(self.servers, self.clients, self.sessions, self.layers) < 1 or self.sessions < self.clients:
             raise ValueError("servers, clients, layers >= 1 and at least one session per client")
+        held = sum(self.span_blocks(self.server_class(number)) for number in range(self.servers))
+        if held < self.layers:
+            raise ValueError(f"the servers hold {held} blocks in all: too few for the model's {self.layers}")
 
     def server_class(self, number: int) -> str:
         """Servers take the mix's classes in turn: fast:2,slow:1 -> fast, fast, slow, fast, ..."""
