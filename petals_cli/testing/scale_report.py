@@ -29,8 +29,9 @@ def _rounded(value, digits: int = 3):
 
 
 def spans_at(run: ScaleRun, when: float) -> dict[str, tuple[int, int]]:
-    """Online servers' spans in the last monitor read at or before ``when`` (killed ones left out after the kill)."""
-    reads = [read for read in run.dht if "servers" in read and read["at"] <= when]
+    """Online servers' spans in the last monitor read finished by ``when`` (a read still pinging when the kill came
+    would see its victims as unreachable); killed ones are left out of reads after the kill."""
+    reads = [read for read in run.dht if "servers" in read and read["at"] + read["read_s"] <= when]
     if not reads:
         return {}
     read = reads[-1]
