@@ -141,19 +141,33 @@ async def fetch_snapshot(node: DHTNode, prefix: str, num_blocks: int) -> SwarmSn
     )
 
 
-async def ping_server(p2p: P2P, peer_id: str, swarm_key: SwarmKey | None, *, timeout: float) -> float | None:
-    """The round trip of an info RPC to ``peer_id`` in seconds; None when it fails, takes over ``timeout``, or the
-    server says its compute thread is stalled (it answers, but would never compute a step)."""
+async def probe_server(
+    p2p: P2P, peer_id: str, swarm_key: SwarmKey | None, *, timeout: float
+) -> tuple[float, ServerInfo | None] | None:
+    """The round trip of an info RPC to ``peer_id`` in seconds, with the server's current record (its live load:
+    fresher than its DHT record; None when the answer does not decode). None when the RPC fails, takes over
+    ``timeout``, or the server says its compute thread is stalled (it answers, but would never compute a step)."""
     from hivemind.proto import runtime_pb2
 
     started = time.perf_counter()
     try:
         answer = await blocks_stub(p2p, peer_id, swarm_key).rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=timeout)
         rtt = time.perf_counter() - started
-        stalled = msgpack.unpackb(answer.serialized_info, raw=False).get("compute_stalled") is True
+        data = msgpack.unpackb(answer.serialized_info, raw=False)
     except Exception:  # dead, hung, unreachable or garbled: the caller decides what that means
         return None
-    return None if stalled else rtt
+    if not isinstance(data, dict) or data.get("compute_stalled") is True:
+        return None
+    try:
+        return rtt, ServerInfo.from_wire(data)
+    except InvalidRequestError:  # alive, but its record is not one this client reads: the round trip still counts
+        return rtt, None
+
+
+async def ping_server(p2p: P2P, peer_id: str, swarm_key: SwarmKey | None, *, timeout: float) -> float | None:
+    """The round trip of an info RPC to ``peer_id`` (see ``probe_server``); None when it failed."""
+    probe = await probe_server(p2p, peer_id, swarm_key, timeout=timeout)
+    return None if probe is None else probe[0]
 
 
 async def unreachable_servers(

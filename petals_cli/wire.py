@@ -147,6 +147,10 @@ class ServerInfo(WireRecord):
     queue_length: int = 0  # steps waiting for the compute thread
     largest_batch: int = 0  # the most sessions one step has run together since the server started
     compute_stalled: bool = False  # its compute thread is hung (far slower than its speed allows): do not use it
+    # live load (announced, and fresher in every rpc_info answer; 0 from servers older than these fields):
+    sessions: int = 0  # inference sessions open
+    step_seconds: float = 0.0  # recent seconds per batched one-token step through its whole span (moving average)
+    batch_capacity: int = 0  # the most sessions one batched step runs together
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,7 @@ PREFILL_CHUNK = 128  # tokens of a long prompt computed at once; other sessions'
 # measured speed allows for its tokens, and at least STALL_FLOOR seconds: its clients then fail over at once.
 STALL_FACTOR = 10.0
 STALL_FLOOR = 1.0
+STEP_SMOOTHING = 0.3  # weight of the newest one-token batch in ``EngineStats.step_seconds`` (a moving average)
 
 
 @dataclasses.dataclass(eq=False)
@@ -112,6 +113,7 @@ class EngineStats:
     batched_steps: int = 0  # steps that ran in such a batch
     largest_batch: int = 0
     last_batch: int = 0
+    step_seconds: float = 0.0  # recent seconds per call of one-token steps (a batch), exponentially weighted
 
 
 def _tokens_of(args: tuple) -> int:
@@ -249,7 +251,13 @@ class StepEngine:
             self.stats.batches += 1
             self.stats.batched_steps += len(group)
 
+    def _time_decode(self, seconds: float) -> None:
+        """Routing reads this as the server's step time under its current load (prompts are left out)."""
+        previous = self.stats.step_seconds
+        self.stats.step_seconds = seconds if previous == 0 else previous + STEP_SMOOTHING * (seconds - previous)
+
     async def _compute_group(self, group: list[StepJob]) -> None:
+        started = time.monotonic()
         try:
             outputs = await self._on_thread(self._run_group, group)
         except Exception as exc:  # noqa: BLE001 (every step of the group reports it; the handler describes it)
@@ -258,6 +266,8 @@ class StepEngine:
                     job.future.set_exception(exc)
             return
         self._count(group)
+        if all(job.hidden.shape[1] == 1 for job in group):
+            self._time_decode(time.monotonic() - started)
         for job, output in zip(group, outputs, strict=True):
             if not job.future.done():
                 job.future.set_result(output)

@@ -93,7 +93,7 @@ class Server:
             **self._engine_figures(),
         )
 
-    def _engine_figures(self) -> dict[str, int | bool]:
+    def _engine_figures(self) -> dict[str, int | float | bool]:
         if self.handler is None:  # not serving yet
             return {}
         engine = self.handler.engine
@@ -105,6 +105,9 @@ class Server:
             queue_length=engine.queue_length,
             largest_batch=stats.largest_batch,
             compute_stalled=engine.stalled(seconds_per_token),
+            sessions=len(self.handler.sessions),
+            step_seconds=round(stats.step_seconds, 6),
+            batch_capacity=engine.max_batch,
         )
 
     async def serve(self) -> None:
