@@ -3,9 +3,11 @@
 No network, no clock, no randomness that was not passed in. A route is a chain of ``RouteSpan`` that
 covers blocks [start, end) in order; each span is served by one online server that holds it.
 
-- ``inference_route``: the minimum expected step latency. Relayed, each hop costs the client's round trip to
-  that server plus its per-block compute time; pushed, the one-way trips of the chain (client, servers in turn
-  by the round trips they publish, client); servers without cache room for the session are skipped.
+- ``inference_route``: the minimum expected step latency. Relayed, each hop costs the client's round trip to that
+  server plus its expected compute time; pushed, the one-way trips of the chain (client, servers in turn by the
+  round trips they publish, client); servers without cache room for the session are skipped. The compute time is
+  the rule's: ``idle`` costs a server by its announced idle throughput alone; ``load`` (the default) by
+  ``expected_step_seconds``, its wait under its live load included, and spreads near-equal routes at random.
 - ``training_route``: forward/backward spread over replicas in proportion to their throughput.
 - both take an ``adapter``: only servers announcing that LoRA adapter may serve the route.
 - ``BanList``: peers that failed, excluded with exponential backoff; a success clears a peer.
@@ -24,6 +26,9 @@ from petals_cli.wire import ServerInfo, SwarmSnapshot
 
 DEFAULT_RTT = 0.05  # seconds, for servers not pinged yet
 DEFAULT_BLOCK_SECONDS = 0.01  # per block and step, for servers that announce no throughput
+RULES = ("load", "idle")  # inference routing rules: by live load (the default), by idle throughput only (as before)
+SPREAD = 0.25  # load rule: each server's hops cost up to this fraction more, drawn at random per decision
+LIVE_FIELDS = ("batch_size", "queue_length", "sessions", "step_seconds", "batch_capacity", "cache_tokens_left")
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,34 @@ def block_seconds(info: ServerInfo, *, inference: bool) -> float:
     return 1.0 / rps if rps > 0 else DEFAULT_BLOCK_SECONDS
 
 
+def with_live_load(snapshot: SwarmSnapshot, live: Mapping[str, ServerInfo]) -> SwarmSnapshot:
+    """The snapshot with each server's load figures replaced by a fresher reading of it (``live``: peer id -> the
+    record its rpc_info answered, read after the DHT record). Its span and state stay the DHT's."""
+    servers = dict(snapshot.servers)
+    for peer, reading in live.items():
+        if peer in servers:
+            servers[peer] = replace(servers[peer], **{name: getattr(reading, name) for name in LIVE_FIELDS})
+    return replace(snapshot, servers=servers)
+
+
+def expected_step_seconds(info: ServerInfo, blocks: int, placed: int = 0) -> float:
+    """Expected seconds of one more session's one-token step through ``blocks`` blocks of this server, waiting
+    included::
+
+        service = max(blocks / inference_rps, step_seconds * blocks / span_length)
+        expected = service * (1 + (max(sessions, queue_length) + placed) / batch_capacity)
+
+    ``service`` is the step alone at its idle speed, or as slow as its recent steps ran under the current load
+    (a batch of several sessions costs more than one). Each open session (or waiting step, when more) takes a
+    slot of a batch: ``capacity`` sessions in a row cost one more step's time. ``placed`` counts the sessions
+    this client routed through the server since it last read that server's load. A server that announces none of
+    these figures (an older one) costs ``blocks / inference_rps`` as under the idle rule."""
+    idle = blocks * block_seconds(info, inference=True)
+    recent = info.step_seconds * blocks / max(1, info.end_block - info.start_block)
+    load = max(info.sessions, info.queue_length) + max(0, placed)
+    return max(idle, recent) * (1 + load / max(1, info.batch_capacity))
+
+
 def inference_route(
     snapshot: SwarmSnapshot,
     start: int = 0,
@@ -94,29 +127,49 @@ def inference_route(
     cache_tokens_needed: int = 0,
     adapter: str = "",
     push: bool = False,
+    rule: str = "load",
+    placed: Mapping[str, int] | None = None,
+    rng: random.Random | None = None,
 ) -> list[RouteSpan]:
     """The route with the least expected step latency for an inference session.
 
     Relayed by the client, each hop costs the client's round trip to that server. Pushed from server to server,
     a step travels one way from the client to the first server, from each server to the next (half the round
     trip the sending server publishes in its ``pings``; half the client's round trips to both when it has not
-    measured it) and from the last server back to the client."""
-    rtts, snapshot = rtts or {}, with_adapter(snapshot, adapter)
+    measured it) and from the last server back to the client.
+
+    Compute is costed by ``rule``: ``"idle"``, blocks / announced ``inference_rps``; ``"load"``,
+    ``expected_step_seconds`` with ``placed`` (peer id -> sessions this client placed there since it last read
+    that server's load). Under ``"load"`` with an ``rng``, every hop through a server is multiplied by that
+    server's factor drawn uniformly from [1, 1 + SPREAD] once per call: routes within about SPREAD of the cheapest
+    are taken at random, the cheaper (the more spare capacity) more often, and clients deciding at the same moment
+    from the same figures do not all pick the same server; a route dearer by more than SPREAD is never taken."""
+    if rule not in RULES:
+        raise ValueError(f"routing rule {rule!r}: choose one of {', '.join(RULES)}")
+    rtts, snapshot, placed = rtts or {}, with_adapter(snapshot, adapter), placed or {}
     servers = snapshot.servers
+    spread = {peer: 1.0 for peer in servers}
+    if rule == "load" and rng is not None:
+        spread = {peer: 1.0 + SPREAD * rng.random() for peer in sorted(servers)}
+
+    def compute_seconds(peer: str, info: ServerInfo, blocks: int) -> float:
+        if rule == "idle":
+            return blocks * block_seconds(info, inference=True)
+        return expected_step_seconds(info, blocks, placed.get(peer, 0))
 
     def client_rtt(peer: str) -> float:
         return rtts.get(peer, DEFAULT_RTT)
 
     def hop_cost(previous: str | None, peer: str, info: ServerInfo, blocks: int) -> float:
-        compute = blocks * block_seconds(info, inference=True)
+        compute = compute_seconds(peer, info, blocks)
         if not push:
-            return client_rtt(peer) + compute
+            return (client_rtt(peer) + compute) * spread[peer]
         if previous is None:
-            return client_rtt(peer) / 2 + compute
+            return (client_rtt(peer) / 2 + compute) * spread[peer]
         between = servers[previous].pings.get(peer)
         if between is None:
             between = (client_rtt(previous) + client_rtt(peer)) / 2
-        return between / 2 + compute
+        return (between / 2 + compute) * spread[peer]
 
     def usable(peer: str, info: ServerInfo) -> bool:
         return info.cache_tokens_left >= cache_tokens_needed
