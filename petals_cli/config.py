@@ -98,6 +98,7 @@ class ClientConfig(_FromSources):
     blocked_servers: tuple[str, ...] = ()  # never route through these peer ids
     active_adapter: str = ""  # run blocks with this LoRA adapter: only servers announcing it are used
     push: bool = True  # servers pass each step on to the next server themselves (PETALS_PUSH=0: the client relays)
+    routing: str = "load"  # inference routes by servers' live load ("load") or by idle throughput only ("idle")
     wire_dtype: str = "auto"  # activations of inference steps travel in this dtype (auto: as the client computes)
     verify_rate: float = 0.0  # share of steps and forward/backward requests re-run on another replica and compared
     verify_seed: int | None = None  # seeds the choice of what to verify (tests); None: unpredictable
@@ -112,6 +113,8 @@ class ClientConfig(_FromSources):
         check_readable("--swarm-key", self.swarm_key)
         if self.dtype not in DTYPE_NAMES[1:]:
             raise ConfigError(f"PETALS_DTYPE={self.dtype!r}: choose one of {', '.join(DTYPE_NAMES[1:])}")
+        if self.routing not in ("load", "idle"):  # routing.RULES
+            raise ConfigError(f"PETALS_ROUTING={self.routing!r}: choose load (the default) or idle")
         if self.wire_dtype not in DTYPE_NAMES:
             raise ConfigError(f"--wire-dtype {self.wire_dtype!r}: choose one of {', '.join(DTYPE_NAMES)}")
         timeouts = (self.connect_timeout, self.request_timeout, self.liveness_interval, self.liveness_timeout)

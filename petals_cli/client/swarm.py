@@ -3,7 +3,10 @@
 The networking core is async; ``SwarmClient.run`` is the one bridge that sync callers (the model,
 ``generate()``, the CLI) use. The client keeps a snapshot of each model it uses, refreshed in the background
 together with round-trip times to its servers, and a ban list of servers that failed; ``routing`` turns
-them into routes. Sessions (``inference``) and remote forward/backward (``autograd``) are built on it; what
+them into routes. Each ping (an info RPC) also reads the server's live load, fresher than its DHT record, and
+the client counts the sessions it routed through each server since that reading, so that sessions it starts in a
+row do not all go to the server that looked idle a moment ago.
+Sessions (``inference``) and remote forward/backward (``autograd``) are built on it; what
 verification keeps per client lives in ``checks.Verifier``. Never imports server code.
 """
 
@@ -19,15 +22,16 @@ from typing import Any, TypeVar
 
 from petals_cli import routing, security, transport
 from petals_cli.config import ClientConfig
-from petals_cli.dht import fetch_snapshot, ping_server, rejoin, start_dht
+from petals_cli.dht import fetch_snapshot, probe_server, rejoin, start_dht
 from petals_cli.errors import NoRouteError, SwarmUnreachableError
 from petals_cli.routing import BanList, RouteSpan
-from petals_cli.wire import SwarmSnapshot
+from petals_cli.wire import ServerInfo, SwarmSnapshot
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 START_RETRY = 1.0  # seconds between tries to join a swarm whose initial peers do not answer
 START_GRACE = 10.0  # beyond connect_timeout, for the last try to finish and say why it failed
+PLACEMENTS_KEPT = 60.0  # seconds a placement is remembered (a server unread for that long is not routed through)
 
 
 class SwarmClient:
@@ -49,6 +53,8 @@ class SwarmClient:
         self.bans = BanList()
         self._rng = random.Random()
         self.rtts: dict[str, float] = {}
+        self.live: dict[str, tuple[float, ServerInfo]] = {}  # peer -> (when its info RPC was sent, what it answered)
+        self._placed: dict[str, list[float]] = {}  # peer -> when this client routed a session through it (monotonic)
         self._silent: dict[str, float] = {}  # peer -> when its latest liveness check failed (unanswered since)
         self._snapshots: dict[str, tuple[float, SwarmSnapshot]] = {}
         self._refreshers: dict[str, asyncio.Task] = {}
@@ -155,7 +161,33 @@ class SwarmClient:
         return self._record(peer_id, await self._rtt(peer_id))
 
     async def _rtt(self, peer_id: str) -> float | None:
-        return await ping_server(self.p2p, peer_id, self.swarm_key, timeout=self.config.liveness_timeout)
+        sent = time.monotonic()
+        probe = await probe_server(self.p2p, peer_id, self.swarm_key, timeout=self.config.liveness_timeout)
+        if probe is None:
+            return None
+        rtt, info = probe
+        if info is not None:
+            self.live[peer_id] = (sent, info)
+        return rtt
+
+    def placed(self) -> dict[str, int]:
+        """Sessions this client routed through each server after it last read that server's load (counted by the
+        server from then on). A session routed just before a reading but opened after it is missed until the
+        next reading: an undercount for one refresh period, never a double count."""
+        now, counts = time.monotonic(), {}
+        for peer, times in list(self._placed.items()):
+            read_at = self.live.get(peer, (float("-inf"), None))[0]
+            times[:] = [moment for moment in times if moment > max(read_at, now - PLACEMENTS_KEPT)]
+            if times:
+                counts[peer] = len(times)
+            else:
+                del self._placed[peer]
+        return counts
+
+    def _place(self, route: list[RouteSpan]) -> None:
+        now = time.monotonic()
+        for span in route:
+            self._placed.setdefault(span.peer_id, []).append(now)
 
     def _record(self, peer_id: str, rtt: float | None) -> bool:
         if rtt is None:  # dead, frozen or unreachable: no route through it until it answers again
@@ -210,8 +242,9 @@ class SwarmClient:
             banned |= set(exclude) | self._silent.keys()
             try:
                 if inference:
+                    live = {peer: info for peer, (_, info) in self.live.items()}
                     spans = routing.inference_route(
-                        snapshot,
+                        routing.with_live_load(snapshot, live),
                         start,
                         end,
                         rtts=self.rtts,
@@ -219,7 +252,11 @@ class SwarmClient:
                         cache_tokens_needed=cache_tokens_needed,
                         adapter=self.config.active_adapter,
                         push=self.config.push,
+                        rule=self.config.routing,
+                        placed=self.placed(),
+                        rng=self._rng,
                     )
+                    self._place(spans)
                 else:
                     spans = routing.training_route(
                         snapshot,
