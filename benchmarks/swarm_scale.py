@@ -25,6 +25,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from petals_cli.routing import RULES  # noqa: E402
 from petals_cli.testing.scale import SPEEDS, Scale, ScaleRun, ScaleSettings  # noqa: E402
 from petals_cli.testing.scale_report import render, summarize  # noqa: E402
 
@@ -53,8 +54,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kill-fraction", type=float, default=defaults.kill_fraction)
     parser.add_argument("--new-tokens", type=int, default=defaults.new_tokens, help="tokens per generation")
     parser.add_argument("--check-rate", type=float, default=defaults.check_rate, help="generations checked")
-    parser.add_argument("--routing", choices=("idle",), default=defaults.routing,
-                        help="the client's routing rule (idle: today's, by idle announced throughput)")  # fmt: skip
+    parser.add_argument("--routing", choices=RULES, default=defaults.routing,
+                        help="clients' routing rule (load: by live load; idle: by idle throughput)")  # fmt: skip
     parser.add_argument("--balance-period", type=float, default=0.0, help="servers' rebalancing period (0: theirs)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text")

@@ -63,7 +63,7 @@ class ScaleSettings:
     new_tokens: int = 32
     prompt_tokens: int = 8
     check_rate: float = 0.1  # of generations checked against local transformers (and each session's first)
-    routing: str = "idle"  # scale_client.ROUTING_RULES
+    routing: str = "load"  # scale_client.ROUTING_RULES
     balance_period: float = 0.0  # `petals serve --balance-period`; 0: its default
     monitor_s: float = 2.0
     sample_s: float = 30.0

@@ -12,9 +12,11 @@ a sample of generations (``check_rate``, and each session's first), how many tok
 (``soak_client.check_tokens``). The routing rule's decisions are timed inside the process (the pure
 ``routing.inference_route`` call, as the client makes it) and reported with each generation.
 
-``routing`` names the rule: ``idle`` is today's (each server costed by its idle, announced throughput). A later
-rule registers in ``ROUTING_RULES`` as a function with ``routing.inference_route``'s signature; the client process
-then routes with it, and the benchmark reports the two side by side.
+``routing`` names the rule, passed to the client as ``ClientConfig.routing``: ``load`` (the default: each server
+costed by its expected step time under its live load, near-equal routes spread at random) or ``idle`` (each server
+costed by its idle, announced throughput, as before). Another rule registers in ``ROUTING_RULES`` as a function
+with ``routing.inference_route``'s signature; the client process then routes with it, and the benchmark reports the
+rules side by side.
 
 The monitor reads the model's block records every ``period`` seconds and pings every announced server; each read
 is one JSON line: every server's span and state, and those that did not answer.
@@ -35,7 +37,8 @@ import torch
 from petals_cli import routing
 from petals_cli.testing.soak_client import LOG_FORMAT, check_tokens, emit, end_tokens, error_record, follow_orders
 
-ROUTING_RULES: dict[str, Callable | None] = {"idle": None}  # None: routing.inference_route as it is
+# None: routing.inference_route as it is, with the rule of that name (routing.RULES) in the client's config
+ROUTING_RULES: dict[str, Callable | None] = {rule: None for rule in routing.RULES}
 
 
 class _Stopped(Exception):
@@ -131,7 +134,8 @@ def client_main(settings: dict) -> None:
     logging.basicConfig(format=LOG_FORMAT, level=logging.WARNING, stream=sys.stderr)
     decisions = _Decisions(ROUTING_RULES[settings["routing"]] or routing.inference_route)
     routing.inference_route = decisions  # the client looks it up in the module at every route
-    config = ClientConfig.from_sources(initial_peers=tuple(settings["initial_peers"]))
+    rule = settings["routing"] if settings["routing"] in routing.RULES else "load"
+    config = ClientConfig.from_sources(initial_peers=tuple(settings["initial_peers"]), routing=rule)
     local = AutoModelForCausalLM.from_pretrained(settings["model"]).eval()
     model = AutoDistributedModelForCausalLM.from_pretrained(settings["model"], config=config)
     go, stop, lock = threading.Event(), threading.Event(), threading.Lock()
