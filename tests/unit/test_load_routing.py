@@ -1,0 +1,100 @@
+"""The load rule of ``routing.inference_route``: the expected wait at each server (its live load, the sessions this
+client placed there since reading it) and the seeded spreading of near-equal routes. Pure: snapshots in, routes out."""
+
+import random
+from collections import Counter
+
+import pytest
+
+from petals_cli.routing import SPREAD, expected_step_seconds, inference_route, with_live_load
+from petals_cli.wire import ServerInfo, ServerState, SwarmSnapshot
+
+RTTS = {peer: 0.001 for peer in ("busy", "idle", "a", "b", "c", "fast", "slow")}
+
+
+def server(start=0, end=4, *, rps=100.0, sessions=0, queue=0, step=0.0, capacity=0, cache=10_000):
+    return ServerInfo(
+        state=ServerState.ONLINE, start_block=start, end_block=end, version="test", inference_rps=rps,
+        cache_tokens_left=cache, sessions=sessions, queue_length=queue, step_seconds=step, batch_capacity=capacity,
+    )  # fmt: skip
+
+
+def swarm(**servers):
+    return SwarmSnapshot(prefix="m", num_blocks=4, servers=servers)
+
+
+def peers(route):
+    return [span.peer_id for span in route]
+
+
+def test_an_idle_server_costs_its_idle_step_time():
+    assert expected_step_seconds(server(rps=100.0), blocks=4) == pytest.approx(0.04)
+    assert expected_step_seconds(server(rps=100.0, capacity=8), blocks=2) == pytest.approx(0.02)
+
+
+def test_the_expected_step_grows_with_sessions_over_capacity_and_recent_step_time():
+    # service = max(4 / 100, 0.2 x 4 / 4) = 0.2 s; 6 sessions on a capacity of 2: x (1 + 6 / 2)
+    assert expected_step_seconds(server(sessions=6, step=0.2, capacity=2), blocks=4) == pytest.approx(0.8)
+    # part of the span: the recent step time counts in proportion to the blocks used
+    assert expected_step_seconds(server(step=0.2, capacity=2), blocks=1) == pytest.approx(0.05)
+    # more steps waiting than sessions (forwards, pushes): the queue counts instead
+    assert expected_step_seconds(server(sessions=1, queue=3, capacity=1), blocks=4) == pytest.approx(0.04 * 4)
+    # sessions this client placed since it read the server count as open ones
+    assert expected_step_seconds(server(sessions=1, capacity=2), 4, placed=3) == pytest.approx(0.04 * 3)
+
+
+def test_a_server_without_load_figures_costs_as_under_the_idle_rule():
+    old = ServerInfo(state=ServerState.ONLINE, start_block=0, end_block=4, version="old", inference_rps=50.0)
+    assert expected_step_seconds(old, 4) == pytest.approx(4 / 50.0)
+    assert peers(inference_route(swarm(a=old), rtts=RTTS)) == ["a"]
+
+
+def test_a_faster_replica_kept_busy_loses_new_sessions_to_an_idle_one_and_the_idle_rule_does_not():
+    busy = server(rps=200.0, sessions=6, step=0.05, capacity=1)
+    snapshot = swarm(busy=busy, idle=server(rps=100.0, capacity=1))
+    assert peers(inference_route(snapshot, rtts=RTTS, rule="idle")) == ["busy"]
+    assert peers(inference_route(snapshot, rtts=RTTS)) == ["idle"]
+    assert peers(inference_route(snapshot, rtts=RTTS, rng=random.Random(1))) == ["idle"]
+
+
+def test_sessions_placed_in_a_row_spread_before_the_next_reading():
+    """One client opening sessions one after another counts what it placed: they alternate between equal replicas
+    instead of all going to the one that looked idle."""
+    snapshot = swarm(a=server(capacity=1), b=server(capacity=1), c=server(capacity=1))
+    placed: Counter[str] = Counter()
+    for _ in range(6):
+        (span,) = inference_route(snapshot, rtts=RTTS, placed=placed)
+        placed[span.peer_id] += 1
+    assert placed == {"a": 2, "b": 2, "c": 2}
+
+
+def test_spreading_picks_among_near_equal_routes_the_cheaper_more_often_and_never_a_far_dearer_one():
+    snapshot = swarm(a=server(rps=100.0), b=server(rps=95.0), slow=server(rps=100.0 / (1 + 2 * SPREAD)))
+    rng = random.Random(7)
+    chosen = Counter(peers(inference_route(snapshot, rtts=RTTS, rng=rng))[0] for _ in range(400))
+    assert chosen["slow"] == 0
+    assert chosen["a"] > chosen["b"] > 50
+    # without an rng (or under the idle rule) the choice is the cheapest, every time
+    assert {peers(inference_route(snapshot, rtts=RTTS))[0] for _ in range(20)} == {"a"}
+    assert {peers(inference_route(snapshot, rtts=RTTS, rule="idle", rng=rng))[0] for _ in range(20)} == {"a"}
+
+
+def test_the_same_seed_gives_the_same_routes():
+    snapshot = swarm(a=server(), b=server(), c=server())
+    first = [peers(inference_route(snapshot, rtts=RTTS, rng=random.Random(3)))[0] for _ in range(10)]
+    again = [peers(inference_route(snapshot, rtts=RTTS, rng=random.Random(3)))[0] for _ in range(10)]
+    assert first == again
+
+
+def test_live_readings_replace_the_load_but_not_the_span_or_state():
+    announced = swarm(a=server(sessions=0), b=server())
+    reading = server(start=0, end=2, sessions=5, queue=2, step=0.3, capacity=4, cache=7)
+    live = with_live_load(announced, {"a": reading, "gone": reading})
+    a = live.servers["a"]
+    assert (a.sessions, a.queue_length, a.step_seconds, a.batch_capacity, a.cache_tokens_left) == (5, 2, 0.3, 4, 7)
+    assert (a.start_block, a.end_block) == (0, 4) and set(live.servers) == {"a", "b"}
+
+
+def test_an_unknown_rule_is_refused():
+    with pytest.raises(ValueError, match="routing rule"):
+        inference_route(swarm(a=server()), rule="fastest")
