@@ -1,7 +1,8 @@
 """What the swarm looks like right now: models, block coverage and servers, as plain dataclasses.
 
 ``swarm_status`` reads the DHT model index and each model's block records through a ``SwarmClient``, pings
-the servers it finds, counts the reports against each server in this machine's evidence log
+the servers it finds (their answers carry their live load: sessions, queue, recent step time, which replace the
+DHT's older figures), counts the reports against each server in this machine's evidence log
 (``petals_cli.evidence``), and aggregates everything into a ``SwarmStatus`` (``to_json`` is the documented
 ``petals swarm status --json`` schema). ``StatusFeed`` turns that into a live stream for ``swarm top``: it
 owns its client, yields a status every ``interval`` seconds, and reports failures as a status with an
@@ -22,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from petals_cli.errors import ModelNotServedError, SwarmUnreachableError
+from petals_cli.routing import with_live_load
 from petals_cli.textsafe import shown
 from petals_cli.wire import ModelIndexEntry, ServerInfo, ServerState, SwarmSnapshot, model_prefix_for
 
@@ -55,6 +57,9 @@ class ServerStatus:
     batch_size: int = 0  # sessions in its last step, as announced (more than 1: batched)
     queue_length: int = 0  # steps waiting for its compute thread, as announced
     largest_batch: int = 0
+    sessions: int = 0  # inference sessions open on it (live: read from its answer to this client's ping)
+    step_seconds: float = 0.0  # its recent one-token step time through its span under its load (live)
+    batch_capacity: int = 0  # the most sessions one of its steps runs together (0: not announced)
     flagged: int = 0  # validly signed reports of tampering against it in this machine's evidence log
 
     @property
@@ -194,6 +199,9 @@ def _server_status(
         batch_size=info.batch_size,
         queue_length=info.queue_length,
         largest_batch=info.largest_batch,
+        sessions=info.sessions,
+        step_seconds=info.step_seconds,
+        batch_capacity=info.batch_capacity,
         flagged=flagged,
     )
 
@@ -215,6 +223,8 @@ async def collect_status(client, model_prefix: str | None = None) -> SwarmStatus
     }
     answered = dict(zip(peers, await asyncio.gather(*(client.is_alive(peer) for peer in peers)), strict=True))
     rtts = {peer: client.rtts[peer] for peer, alive in answered.items() if alive and peer in client.rtts}
+    live = {peer: client.live[peer][1] for peer, alive in answered.items() if alive and peer in client.live}
+    snapshots = [with_live_load(snapshot, live) for snapshot in snapshots]  # load as the pings just read it
     silent = {peer for peer, alive in answered.items() if not alive}
     connections: dict[str, list[str]] = {}
     for peer_info in await client.p2p.list_peers():

@@ -28,7 +28,7 @@ HELP = """\
 
   [b]q[/b]       quit
   [b]r[/b]       refresh now
-  [b]s[/b]       sort by the next column (span, peer, name, state, throughput, cache, rtt)
+  [b]s[/b]       sort by the next column (span, peer, name, state, throughput, cache, sessions, rtt)
   [b]/[/b]       filter servers by peer id or name (enter keeps it, escape clears it)
   [b]↑ ↓[/b]     select a server: its details show on the right
   [b]?[/b]       this help (escape or ? closes it)

@@ -24,6 +24,9 @@ COLUMNS = (
     ("state", "state"),
     ("throughput", "tput"),
     ("cache", "cache left"),
+    ("sessions", "sessions"),
+    ("queue", "queue"),
+    ("step", "step"),
     ("dtype", "dtype"),
     ("version", "version"),
     ("link", "link"),
@@ -37,12 +40,24 @@ SORT_KEYS: dict[str, Callable[[Row], Any]] = {
     "state": lambda row: (row[1].state != "online", row[1].state, row[1].peer_id),
     "throughput": lambda row: (-row[1].throughput, row[1].peer_id),
     "cache": lambda row: (-row[1].cache_tokens_left, row[1].peer_id),
+    "sessions": lambda row: (-row[1].sessions, -row[1].queue_length, row[1].peer_id),
     "rtt": lambda row: (row[1].rtt is None, row[1].rtt or 0.0, row[1].peer_id),
 }
 
 
 def milliseconds(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def step_text(server: ServerStatus) -> str:
+    """Its recent one-token step time under load; "-" before its first step (or from a server too old to say)."""
+    return milliseconds(server.step_seconds) if server.step_seconds > 0 else "-"
+
+
+def load_text(server: ServerStatus) -> str:
+    """Sessions open and how many one step runs together: "6 (1 a step)"; just the count when not announced."""
+    capacity = f" ({server.batch_capacity} a step)" if server.batch_capacity else ""
+    return f"{server.sessions}{capacity}"
 
 
 def flag_text(flagged: int) -> str:
@@ -84,6 +99,9 @@ def table_cells(row: Row) -> tuple[Text, ...]:
         state_text(server),
         Text(f"{server.throughput:.1f}"),
         Text(str(server.cache_tokens_left)),
+        Text(str(server.sessions)),
+        Text(str(server.queue_length)),
+        Text(step_text(server)),
         Text(dtype),
         Text(server.version),
         Text(server.connection),
@@ -147,9 +165,11 @@ def detail_text(row: Row | None) -> Text:
             f"{server.throughput:.1f} (inference {server.inference_rps:.1f}/s, forward {server.forward_rps:.1f}/s)",
         ),
         ("cache left", f"{server.cache_tokens_left} tokens"),
+        ("sessions", load_text(server)),
         (
             "step engine",
-            f"last step {server.batch_size} session(s), largest {server.largest_batch}, {server.queue_length} waiting",
+            f"last step {server.batch_size} session(s), largest {server.largest_batch}, "
+            f"{server.queue_length} waiting, recent step {step_text(server)}",
         ),
         ("adapters", ", ".join(server.adapters) or "none"),
         ("link", server.connection),

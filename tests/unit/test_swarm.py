@@ -93,9 +93,33 @@ def test_json_schema_is_stable():
         "batch_size",
         "queue_length",
         "largest_batch",
+        "sessions",
+        "step_seconds",
+        "batch_capacity",
         "flagged",
     }
     assert model["servers"][0]["adapters"] == ["lora"] and model["servers"][0]["flagged"] == 0
+
+
+def test_status_shows_each_servers_live_load_in_its_table_and_json(capsys):
+    from commands.swarm import SERVER_COLUMNS, _render_status
+
+    busy = info(0, 6, sessions=6, queue_length=3, step_seconds=0.0642, batch_capacity=2, batch_size=2, largest_batch=2)
+    snapshot = SwarmSnapshot(prefix="tiny", num_blocks=6, servers={"peer-busy": busy, "peer-old": info(0, 6)})
+    status = SwarmStatus(models=(model_status(ENTRY, snapshot),), taken_at=12.5)
+    servers = {server["peer_id"]: server for server in status.to_json()["models"][0]["servers"]}
+    load = ("sessions", "queue_length", "step_seconds", "batch_capacity")
+    assert [servers["peer-busy"][name] for name in load] == [6, 3, 0.0642, 2]
+    assert [servers["peer-old"][name] for name in load] == [0, 0, 0.0, 0]  # a server that announces no load
+    _render_status(status)
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line.split() for line in lines if line.split()[:1] == ["peer"])
+    assert header[header.index("sessions") : header.index("sessions") + 4] == ["sessions", "queue", "step", "batch"]
+    assert {"sessions", "queue", "step"} <= set(SERVER_COLUMNS)
+    busy_row, old_row = (line.split() for line in lines if "online" in line)
+    at = header.index("sessions") - 1  # the header's "cache left" is two words
+    assert busy_row[at : at + 7] == ["6", "(2", "a", "step)", "3", "64.2", "ms"]
+    assert old_row[at : at + 3] == ["0", "0", "-"]
 
 
 def test_status_of_a_flagged_server_shows_its_reports(capsys):
