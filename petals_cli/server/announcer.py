@@ -2,9 +2,11 @@
 
 Records are re-announced every ``announce_period`` seconds, and sooner (at most once per ``REANNOUNCE_INTERVAL``)
 when the cache tokens left have moved by more than ``REANNOUNCE_FRACTION`` of the budget since the last announce,
-so that clients route new sessions by a current figure. Before announcing, an online server measures its round
-trips to the servers holding its next block (published in its record for routing). Knows nothing about compute
-or sessions: what to announce comes from the server's ``info()``.
+so that clients route new sessions by a current figure. The live load in the record (sessions, queue, recent step
+time) triggers no announce of its own: clients read it fresh in the ``rpc_info`` answer to the pings they send every
+snapshot refresh anyway, so that a busy swarm does not flood the DHT. Before announcing, an online server measures
+its round trips to the servers holding its next block (published in its record for routing). Knows nothing about
+compute or sessions: what to announce comes from the server's ``info()``.
 """
 
 from __future__ import annotations
