@@ -1,6 +1,7 @@
 """The step engine: its grouping and fairness decisions (pure), and batched steps equal to the same steps alone."""
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -73,6 +74,26 @@ def test_the_engine_batches_steps_that_wait_together_and_fails_only_the_failing_
     assert [float(output.sum()) for output in outputs] == [8.0, 24.0, 24.0, 24.0]
     assert isinstance(bad[0], RuntimeError)
     assert (stats.batches, stats.batched_steps, stats.largest_batch) == (1, 3, 3)
+
+
+def test_the_recent_step_time_averages_one_token_steps_and_leaves_prompts_out():
+    def run_group(group):
+        time.sleep(0.2 if group[0].hidden.shape[1] > 1 else 0.02)
+        return [item.hidden for item in group]
+
+    async def main():
+        engine = StepEngine(run_group)
+        try:
+            await engine.submit(job("decode"))
+            first = engine.stats.step_seconds
+            prompt = StepJob("prompt", "a", (0, 4), "", torch.zeros(1, 5, 8), None)
+            await engine.submit(prompt)
+            return first, engine.stats.step_seconds
+        finally:
+            engine.shutdown()
+
+    first, after_prompt = asyncio.run(main())
+    assert 0.02 <= first < 0.2 and after_prompt == first
 
 
 @pytest.fixture(scope="module")
