@@ -65,6 +65,7 @@ def _client(snapshots, route_wait):
     client = SwarmClient.__new__(SwarmClient)
     client.config = ClientConfig(route_wait=route_wait)
     client.bans, client.rtts, client._silent, client._rng = BanList(), {}, {}, random.Random(0)
+    client.live, client._placed = {}, {}  # no server's load read yet, no session placed
     client.waits = []
     client.on_route_wait = lambda missing, seconds_left: client.waits.append((missing, seconds_left))
 
