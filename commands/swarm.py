@@ -30,9 +30,7 @@ SERVER_COLUMNS = (
     "state",
     "throughput",
     "cache left",
-    "sessions",
-    "queue",
-    "step",
+    "load",
     "batch",
     "dtype",
     "version",
@@ -152,7 +150,7 @@ def _render_status(result) -> None:
 def _server_cells(server) -> list[str]:
     from rich.markup import escape
 
-    from petals_cli.tui.render import FLAG_STYLE, STATE_STYLES, flag_text, load_text, step_text
+    from petals_cli.tui.render import FLAG_STYLE, STATE_STYLES, flag_text, step_text
 
     dtype = server.dtype if server.quantization == "none" else f"{server.dtype}/{server.quantization}"
     pings = " ".join(f"{peer[-8:]}={_milliseconds(rtt)}" for peer, rtt in server.pings.items())
@@ -164,9 +162,7 @@ def _server_cells(server) -> list[str]:
         f"[{STATE_STYLES.get(server.state, 'white')}]{server.state}[/]{flag}",
         f"{server.throughput:.1f}",
         str(server.cache_tokens_left),
-        load_text(server),
-        str(server.queue_length),
-        step_text(server),
+        f"{server.sessions}s q{server.queue_length} {step_text(server)}",  # one column: the table fits 80 wide
         f"{server.batch_size}/{server.largest_batch}",
         escape(dtype),
         escape(server.version),
