@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from petals_cli.testing.tamper import _finite, serve
+from petals_cli.testing.tamper import OneLineParser, _finite, serve
 
 
 @dataclass(frozen=True)
@@ -155,12 +155,6 @@ def install(pacer: Pacer) -> None:
     host.get_throughput = paced_throughput
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        """One line and exit code 2, like every bad option of `petals`."""
-        self.exit(2, f"error: {message} (hint: `python -m petals_cli.testing.paced -h` lists the options)\n")
-
-
 def _milliseconds(text: str) -> float:
     value = _finite(text)
     if value < 0:
@@ -181,7 +175,7 @@ def _capacity(text: str) -> int:
 def parse(argv: list[str]) -> tuple[DeviceModel, list[str]]:
     """The device model (a preset, with any number given explicitly in its place) and the arguments of `petals
     serve` (what follows ``--``)."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m petals_cli.testing.paced",
         usage="%(prog)s [--device NAME] [--overhead-ms MS] [--block-ms MS] [--token-ms MS] [--batch-capacity N] "
         "-- MODEL [SERVE OPTIONS]",

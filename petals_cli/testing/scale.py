@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import random
 import signal
 import subprocess
@@ -30,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from petals_cli.testing.paced import DeviceModel
-from petals_cli.testing.soak_records import Peer, sample_usage
+from petals_cli.testing.soak_records import Peer, process_environment, sample_usage
 from petals_cli.testing.swarm import StartProgress, petals_command
 
 START_TIMEOUT = 180.0  # a starting process that gets nowhere for this long failed (StartProgress)
@@ -144,14 +143,7 @@ class Scale:
         self.lock = threading.Lock()
         self.readers: list[threading.Thread] = []
         self.initial_peer = ""
-        self.environment = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "OMP_WAIT_POLICY": "PASSIVE",
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "PETALS_CACHE_DIR": str(self.workdir / "cache"),
-        }
+        self.environment = process_environment(self.workdir)
 
     # --- processes -----------------------------------------------------------------------------------------
 

@@ -35,7 +35,15 @@ from collections.abc import Callable
 import torch
 
 from petals_cli import routing
-from petals_cli.testing.soak_client import LOG_FORMAT, check_tokens, emit, end_tokens, error_record, follow_orders
+from petals_cli.testing.soak_client import (
+    LOG_FORMAT,
+    check_tokens,
+    emit,
+    end_tokens,
+    error_record,
+    follow_orders,
+    monitor_loop,
+)
 
 # None: routing.inference_route as it is, with the rule of that name (routing.RULES) in the client's config
 ROUTING_RULES: dict[str, Callable | None] = {rule: None for rule in routing.RULES}
@@ -155,26 +163,7 @@ def client_main(settings: dict) -> None:
 
 
 def monitor_main(settings: dict) -> None:
-    from petals_cli.client import SwarmClient
-    from petals_cli.config import ClientConfig
-
-    logging.basicConfig(format=LOG_FORMAT, level=logging.WARNING, stream=sys.stderr)
-    client = SwarmClient(ClientConfig.from_sources(initial_peers=tuple(settings["initial_peers"])))
-    stop = threading.Event()
-    threading.Thread(target=follow_orders, args=(threading.Event(), stop), daemon=True).start()
-    period = settings["period"]
-    try:
-        while True:
-            started = time.time()
-            try:
-                sample = client.run(read_spans(client, settings["prefix"], settings["num_blocks"]), period * 5)
-            except Exception as exc:  # a failed read is a sample too: the DHT did not answer
-                sample = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-            emit({"kind": "dht", "at": started, "read_s": round(time.time() - started, 3), **sample})
-            if stop.wait(max(0.0, period - (time.time() - started))):
-                break
-    finally:
-        client.close()
+    monitor_loop(settings, read_spans, timeout_periods=5)
 
 
 async def read_spans(client, prefix: str, num_blocks: int) -> dict:

@@ -36,6 +36,7 @@ from petals_cli.testing.soak_records import (
     SoakRun,
     SoakSettings,
     plan_faults,
+    process_environment,
     sample_usage,
 )
 from petals_cli.testing.swarm import StartProgress, petals_command
@@ -73,14 +74,7 @@ class Soak:
         self.monitor: Peer | None = None
         self.readers: list[threading.Thread] = []
         self.tamper_keys: list[tuple[Path, str]] = []
-        self.environment = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "OMP_WAIT_POLICY": "PASSIVE",
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "PETALS_CACHE_DIR": str(self.workdir / "cache"),
-        }
+        self.environment = process_environment(self.workdir)
 
     # --- processes -----------------------------------------------------------------------------------------
 

@@ -201,6 +201,12 @@ def client_main(settings: dict) -> None:
 
 
 def monitor_main(settings: dict) -> None:
+    monitor_loop(settings, count_records, timeout_periods=3)
+
+
+def monitor_loop(settings: dict, read, *, timeout_periods: float) -> None:
+    """Every ``settings["period"]`` seconds until ordered to stop, emit ``await read(client, prefix, num_blocks)``
+    as a ``dht`` sample (an error sample when it fails or takes over ``timeout_periods`` periods)."""
     from petals_cli.client import SwarmClient
     from petals_cli.config import ClientConfig
 
@@ -213,7 +219,8 @@ def monitor_main(settings: dict) -> None:
         while True:
             started = time.time()
             try:
-                sample = client.run(count_records(client, settings["prefix"], settings["num_blocks"]), period * 3)
+                reading = read(client, settings["prefix"], settings["num_blocks"])
+                sample = client.run(reading, period * timeout_periods)
             except Exception as exc:  # a failed read is a sample too: the DHT did not answer
                 sample = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             emit({"kind": "dht", "at": started, "read_s": round(time.time() - started, 3), **sample})

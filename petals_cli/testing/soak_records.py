@@ -198,3 +198,16 @@ def sample_usage(pid: int) -> dict:
     if daemons:
         sample.update(p2pd_rss_kib=sum(rss for rss, _ in daemons), p2pd_fds=sum(fds for _, fds in daemons))
     return sample
+
+
+def process_environment(workdir: Path) -> dict[str, str]:
+    """The environment of a long run's processes: one compute thread each that sleeps when idle (tens of them
+    share 2 cores), no hub, and their own throughput cache in ``workdir``."""
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PETALS_CACHE_DIR": str(workdir / "cache"),
+    }

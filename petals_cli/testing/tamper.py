@@ -118,10 +118,11 @@ def install(tampering: Tampering) -> None:
     )
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """A testing server's options: a bad one is one line and exit code 2, like every bad option of `petals`."""
+
     def error(self, message: str):
-        """One line and exit code 2, like every bad option of `petals`."""
-        self.exit(2, f"error: {message} (hint: `python -m petals_cli.testing.tamper -h` lists the options)\n")
+        self.exit(2, f"error: {message} (hint: `{self.prog} -h` lists the options)\n")
 
 
 def _probability(text: str) -> float:
@@ -143,7 +144,7 @@ def _finite(text: str) -> float:
 
 def parse(argv: list[str]) -> tuple[Tampering, list[str]]:
     """The tampering and the arguments of `petals serve` (what follows ``--``)."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m petals_cli.testing.tamper",
         usage="%(prog)s --mode {noise,zero,shift} [--probability P] [--scale S] [--seed N] [--attract] -- MODEL "
         "[SERVE OPTIONS]",
