@@ -151,6 +151,9 @@ class ServerInfo(WireRecord):
     sessions: int = 0  # inference sessions open
     step_seconds: float = 0.0  # recent seconds per batched one-token step through its whole span (moving average)
     batch_capacity: int = 0  # the most sessions one batched step runs together
+    # placement (0 / empty from older servers):
+    claimed_at: float = 0.0  # DHT time at which a server placed automatically first claimed blocks (while JOINING)
+    moving_to: tuple[int, ...] = ()  # (start, end) while it loads the span it is moving to; it still serves its own
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import random
 import signal
@@ -32,13 +33,14 @@ from petals_cli.server.cache import CacheBudget
 from petals_cli.server.handler import BlockHandler
 from petals_cli.server.placement import blocks_that_fit, choose_initial_span, parse_placement
 from petals_cli.server.quant import check_quant
-from petals_cli.server.selection import rebalance
+from petals_cli.server.selection import block_throughputs, rebalance
 from petals_cli.server.throughput import Throughput, get_throughput, throughput_key
 from petals_cli.server.validation import Limits
 from petals_cli.wire import ModelIndexEntry, ServerInfo, ServerState, model_prefix_for
 
 logger = logging.getLogger(__name__)
 OFFLINE_GRACE = 2.0  # seconds to spend announcing OFFLINE on exit
+MOVE_COOLDOWN_PERIODS = 5  # balance periods between two moves of a server, unless the second fills a gap
 JOIN_RETRY = 2.0  # seconds between tries to join a swarm whose initial peers do not answer
 
 
@@ -62,6 +64,9 @@ class Server:
             self.placement_count = min(config.num_blocks, self.model.num_blocks)
         self.start, self.end = self.fixed_span or (0, 0)
         self.throughput: Throughput | None = None
+        self.claimed_at = 0.0  # when placed automatically: the DHT time of its first claim (see placement)
+        self.moving_to: tuple[int, ...] = ()  # (start, end) while loading the span it moves to
+        self.last_move = -math.inf  # time.monotonic() of its last move
         self.prefix = config.model_prefix or model_prefix_for(config.model)
         self.dtype = resolve_dtype(config.dtype, self.model.config)
         check_quant(config.quant)
@@ -90,6 +95,8 @@ class Server:
             forward_rps=self.throughput.forward_rps if self.throughput else 0.0,
             pings=dict(self.announcer.pings),
             adapters=self.adapter_names,
+            claimed_at=self.claimed_at,
+            moving_to=self.moving_to,
             **self._engine_figures(),
         )
 
@@ -207,8 +214,14 @@ class Server:
             self.config.cache_tokens,
             self.config.quant,
         )
+
+        async def claim(span: tuple[int, int], claimed_at: float) -> None:
+            (self.start, self.end), self.claimed_at = span, claimed_at
+            await self.announcer.announce(node, p2p, self.info)
+
+        own = p2p.peer_id.to_base58()
         return await choose_initial_span(
-            lambda: self._read_swarm(node, p2p), length, max_delay=self.config.placement_delay
+            lambda: self._read_swarm(node, p2p), claim, length, own=own, max_delay=self.config.placement_delay
         )
 
     def _make_handler(self, span, adapters, p2p) -> BlockHandler:
@@ -256,7 +269,15 @@ class Server:
         return span, adapters
 
     async def _rebalance_forever(self, node, p2p, handler: BlockHandler) -> None:
+        """Check every ``balance_period`` (jittered) whether moving would strengthen the swarm's weakest blocks.
+
+        A move that fills a gap (a block nobody else holds) is made at once. Any other move must be the decision of
+        two checks in a row (servers that just moved have announced where they went by then) and comes at least
+        ``MOVE_COOLDOWN_PERIODS`` periods after this server's last move: a swarm whose balance changes under it does
+        not send its servers back and forth."""
         own = p2p.peer_id.to_base58()
+        pending: tuple[int, int] | None = None
+        told = None
         while True:
             await asyncio.sleep(self.config.balance_period * random.uniform(0.8, 1.2))
             try:
@@ -268,29 +289,69 @@ class Server:
                     self.throughput.effective,
                     balance_quality=self.config.balance_quality,
                 )
-                if decision.move:
+                if not decision.move:
+                    pending = None
+                    told = self._tell_staying(decision, told)
+                    continue
+                cooled = time.monotonic() - self.last_move >= MOVE_COOLDOWN_PERIODS * self.config.balance_period
+                if decision.fills_gap or (cooled and pending == decision.new_span):
+                    pending = None
                     await self._move(node, p2p, handler, decision)
+                elif pending != decision.new_span:
+                    pending = decision.new_span
+                    logger.info("blocks %d:%d look better for the swarm; checking again before moving", *pending)
             except asyncio.CancelledError:
                 raise
             except Exception:  # a failed check is retried at the next period
+                self.moving_to = ()
                 logger.warning("rebalancing check failed", exc_info=True)
 
+    def _tell_staying(self, decision, told):
+        """Say once (per candidate span) that a move would help the swarm too little to be worth it."""
+        old, new = decision.weakest_change
+        below = old < new <= old * (1 + self.config.balance_quality)  # not a move held back by a gap it would open
+        if decision.new_span == (self.start, self.end) or not below or told == decision.new_span:
+            return told
+        logger.info(
+            "staying on blocks %d:%d: moving to %d:%d would strengthen the weakest blocks it changes by %.0f%% only "
+            "(less than --balance-quality %.0f%%)",
+            self.start,
+            self.end,
+            *decision.new_span,
+            100 * (new / old - 1),
+            100 * self.config.balance_quality,
+        )
+        return decision.new_span
+
     async def _move(self, node, p2p, handler: BlockHandler, decision) -> None:
-        """Load the new blocks while still serving the old ones, then switch and re-announce both."""
+        """Announce the move (others now count this server on its new span), load the new blocks while still
+        serving the old ones, check that leaving still opens no gap (another server may have left meanwhile), then
+        switch and re-announce both spans."""
         new_start, new_end = decision.new_span
         logger.info(
-            "moving from blocks %d:%d to %d:%d (weakest block %.1f -> %.1f)",
+            "moving from blocks %d:%d to %d:%d (weakest blocks it changes: %.1f -> %.1f)",
             self.start,
             self.end,
             new_start,
             new_end,
-            decision.min_before,
-            decision.min_after,
+            *decision.weakest_change,
         )
+        self.moving_to = (new_start, new_end)
+        await self.announcer.announce(node, p2p, self.info)
         span, adapters = await self._load(new_start, new_end)
-        old = dataclasses.replace(self.info(), state=ServerState.OFFLINE)
+        others = block_throughputs(await self._read_swarm(node, p2p))
+        orphans = [
+            index for index in range(self.start, self.end) if others[index] <= 0 and not new_start <= index < new_end
+        ]
+        if orphans:
+            logger.info("not moving: nobody else holds block %d now (another server left meanwhile)", orphans[0])
+            self.moving_to = ()
+            await self.announcer.announce(node, p2p, self.info)
+            return
+        old = dataclasses.replace(self.info(), state=ServerState.OFFLINE, moving_to=())
         handler.replace_span(span, adapters)
-        self.start, self.end = new_start, new_end
+        self.start, self.end, self.moving_to = new_start, new_end, ()
+        self.last_move = time.monotonic()
         await announce_blocks(node, self.prefix, p2p.peer_id.to_base58(), old, expiration=self.announcer.expiration)
         await self.announcer.announce(node, p2p, self.info)
 

@@ -2,7 +2,8 @@
 
 ``--blocks START:END`` is taken as given. ``--blocks N`` (or ``--num-blocks N``) and ``--blocks auto`` (as
 many blocks as fit in the device's free memory next to the cache budget) pick the span that strengthens the
-swarm's weakest blocks, after a random delay so servers started together do not all pick the same one.
+swarm's weakest blocks, after a random delay and settled against the claims of servers that chose at the same
+moment, so servers started together do not all pick the same one.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ import asyncio
 import logging
 import random
 import re
+import time
 from collections.abc import Awaitable, Callable
 
 import torch
+from hivemind.utils import get_dht_time
 
 from petals_cli.config import parse_blocks
 from petals_cli.errors import ConfigError
 from petals_cli.families.base import text_config
-from petals_cli.server.selection import block_throughputs, choose_span
+from petals_cli.server.selection import block_throughputs, choose_span, earlier_claims
 from petals_cli.wire import SwarmSnapshot
 
 logger = logging.getLogger(__name__)
@@ -77,14 +80,48 @@ def free_memory(device: str) -> int:
     raise ConfigError("cannot tell the free memory of this machine; pass --blocks START:END")
 
 
+CLAIM_SETTLE = 1.0  # at least this long between claiming blocks and reading the swarm again to settle the claim
+CLAIM_ROUNDS = 8  # a joiner re-chooses at most this many times (each time a joiner that claimed before took its gap)
+
+
+def start_delay(max_delay: float) -> float:
+    """How long a server waits before reading the swarm: random, so servers started together read it apart
+    (``petals_cli.testing.paced --place-at`` replaces it to make joiners decide at the same moment)."""
+    return random.uniform(0, max_delay)
+
+
 async def choose_initial_span(
-    read_swarm: Callable[[], Awaitable[SwarmSnapshot]], length: int, *, max_delay: float
+    read_swarm: Callable[[], Awaitable[SwarmSnapshot]],
+    claim: Callable[[tuple[int, int], float], Awaitable[None]],
+    length: int,
+    *,
+    own: str,
+    max_delay: float,
 ) -> tuple[int, int]:
-    """Wait a random moment, read the swarm (``read_swarm`` leaves out servers that do not answer), and pick the
-    span of ``length`` blocks it needs most."""
-    await asyncio.sleep(random.uniform(0, max_delay))
-    snapshot = await read_swarm()
-    span = choose_span(block_throughputs(snapshot), length)
+    """Wait a random moment, read the swarm (``read_swarm`` leaves out servers that do not answer and this one),
+    pick the span of ``length`` blocks it needs most and ``claim`` it (announce it JOINING with the claim's time).
+
+    Joiners that read the swarm at the same moment choose the same gap. So a claim is settled before loading: after
+    waiting long enough for every joiner that read with us to have claimed too (twice our own read's time, at
+    least ``CLAIM_SETTLE``), read again counting only the claims made before ours (``earlier_claims``); if the
+    span we would choose now differs, claim that instead (keeping our claim's time, so the order stays put) and
+    settle again. The earliest claimant never changes its mind, the next one then settles, and so on."""
+    await asyncio.sleep(start_delay(max_delay))
+    span, claimed_at = None, 0.0
+    for _ in range(CLAIM_ROUNDS):
+        started = time.monotonic()
+        snapshot = await read_swarm()
+        read_seconds = time.monotonic() - started
+        if claimed_at:
+            snapshot = earlier_claims(snapshot, claimed_at, own)
+        chosen = choose_span(block_throughputs(snapshot), length)
+        if chosen == span:
+            break
+        if span is not None:
+            logger.info("blocks %d:%d were claimed first by another joining server; claiming %d:%d", *span, *chosen)
+        span, claimed_at = chosen, claimed_at or get_dht_time()
+        await claim(span, claimed_at)
+        await asyncio.sleep(max(CLAIM_SETTLE, 2 * read_seconds))
     servers = len(snapshot.servers)
     logger.info("chose blocks %d:%d (%d other server%s hold this model)", *span, servers, "" if servers == 1 else "s")
     return span

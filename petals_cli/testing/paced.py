@@ -1,7 +1,7 @@
 """A server as slow as a given device, for tests and benchmarks only: ``petals serve`` whose answers are paced.
 
     python -m petals_cli.testing.paced [--device fast-gpu|slow-gpu|laptop] [--overhead-ms MS] [--block-ms MS] \\
-        [--token-ms MS] [--batch-capacity N] -- MODEL [other options of `petals serve`]
+        [--token-ms MS] [--batch-capacity N] [--place-at UNIX_TIME] -- MODEL [other options of `petals serve`]
 
 It computes its real blocks (its outputs are exact), then, on the compute thread, waits out whatever is left of the
 time the device model gives that call: a paced server sleeps instead of computing, so tens of them fit on a few
@@ -19,6 +19,10 @@ batches of at most ``batch_capacity`` sessions (and never more than a real serve
 length and memory are left out. The server measures its throughput at start under this pacing (never cached,
 so unpaced servers of the same model keep their own figure) and announces it. Like ``tamper`` and ``faulty``, it
 patches this process only and is never a flag of ``petals serve``.
+
+``--place-at`` (servers placed with ``--blocks auto`` or ``N``) makes the server read the swarm to choose its blocks
+at that wall-clock moment instead of after its random start delay: joiners given one moment decide at once, as
+servers of a swarm started together can, which is what the placement's claims must settle.
 """
 
 from __future__ import annotations
@@ -155,6 +159,13 @@ def install(pacer: Pacer) -> None:
     host.get_throughput = paced_throughput
 
 
+def place_at(moment: float) -> None:
+    """Patch this process: placement reads the swarm at the wall-clock ``moment`` (at once if it has passed)."""
+    from petals_cli.server import placement
+
+    placement.start_delay = lambda max_delay: max(0.0, moment - time.time())
+
+
 def _milliseconds(text: str) -> float:
     value = _finite(text)
     if value < 0:
@@ -172,13 +183,13 @@ def _capacity(text: str) -> int:
     return value
 
 
-def parse(argv: list[str]) -> tuple[DeviceModel, list[str]]:
-    """The device model (a preset, with any number given explicitly in its place) and the arguments of `petals
-    serve` (what follows ``--``)."""
+def parse(argv: list[str]) -> tuple[DeviceModel, list[str], float | None]:
+    """The device model (a preset, with any number given explicitly in its place), the arguments of `petals
+    serve` (what follows ``--``) and the ``--place-at`` moment."""
     parser = OneLineParser(
         prog="python -m petals_cli.testing.paced",
         usage="%(prog)s [--device NAME] [--overhead-ms MS] [--block-ms MS] [--token-ms MS] [--batch-capacity N] "
-        "-- MODEL [SERVE OPTIONS]",
+        "[--place-at UNIX_TIME] -- MODEL [SERVE OPTIONS]",
         description="For tests and benchmarks only: run `petals serve` no faster than a given device. A call of "
         "the compute thread over B blocks and T tokens takes at least overhead + B x (block + T x token) ms "
         "(twice that for a backward).",
@@ -193,6 +204,9 @@ def parse(argv: list[str]) -> tuple[DeviceModel, list[str]]:
     parser.add_argument("--block-ms", type=_milliseconds, metavar="MS", help="cost per block of a one-token step")
     parser.add_argument("--token-ms", type=_milliseconds, metavar="MS", help="cost per block of each token computed")
     parser.add_argument("--batch-capacity", type=_capacity, metavar="N", help="the most sessions in a batched step")
+    parser.add_argument(
+        "--place-at", type=_finite, metavar="UNIX_TIME", help="choose blocks at this moment (simultaneous joiners)"
+    )
     split = argv.index("--") if "--" in argv else len(argv)
     options = parser.parse_args(argv[:split])
     serve_args = argv[split + 1 :]
@@ -203,12 +217,14 @@ def parse(argv: list[str]) -> tuple[DeviceModel, list[str]]:
         for name in ("overhead_ms", "block_ms", "token_ms", "batch_capacity")
         if getattr(options, name) is not None
     }
-    return dataclasses.replace(PRESETS[options.device], **given), serve_args
+    return dataclasses.replace(PRESETS[options.device], **given), serve_args, options.place_at
 
 
 def main(argv: list[str] | None = None) -> None:
-    device, serve_args = parse(sys.argv[1:] if argv is None else argv)
+    device, serve_args, moment = parse(sys.argv[1:] if argv is None else argv)
     install(Pacer(device))
+    if moment is not None:
+        place_at(moment)
     print(f"PACED server: {device}", file=sys.stderr, flush=True)
     serve(serve_args)
 

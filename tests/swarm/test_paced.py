@@ -27,7 +27,7 @@ NUM_LAYERS = 4
 PROMPT_IDS = torch.tensor([[1, 57, 210, 33, 98, 402, 17]])
 NEW_TOKENS = 12
 PACING = ("--overhead-ms", "20", "--block-ms", "15", "--token-ms", "1", "--batch-capacity", "2")
-DEVICE, _ = paced.parse([*PACING, "--", "model"])  # one one-token step over 4 blocks: 20 + 4 x 16 = 84 ms
+DEVICE, _, _ = paced.parse([*PACING, "--", "model"])  # one one-token step over 4 blocks: 20 + 4 x 16 = 84 ms
 
 
 @pytest.fixture(scope="module")
