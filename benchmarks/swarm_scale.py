@@ -8,8 +8,9 @@ recovery and moves.
 
 Servers are ``petals_cli.testing.scale_server`` (paced, with meters) taking ``--blocks N`` of their speed class,
 placed by the swarm; the bound is ``testing/scale_bound.py``'s max flow of the placement; every figure is defined
-in ``testing/scale_report.py``. Targets are reported, never asserted. Each server needs about 0.5 GB of memory
-(with its libp2p daemon) and each client process about as much: check ``free -g`` before a big run.
+in ``testing/scale_report.py``. Targets are reported, never asserted. Servers are forked from one fork server
+(``testing/forkserver.py``: they share their imports' memory); each still needs about 0.25 GB with its libp2p daemon
+(0.5 GB with ``--exec``), and each client process about 0.5 GB: check ``free -g`` before a big run.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--routing", choices=RULES, default=defaults.routing,
                         help="clients' routing rule (load: by live load; idle: by idle throughput)")  # fmt: skip
     parser.add_argument("--balance-period", type=float, default=0.0, help="servers' rebalancing period (0: theirs)")
+    parser.add_argument("--exec", action="store_true",
+                        help="start each server as its own interpreter (default: forked)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     parser.add_argument("--models-dir", default=os.path.join(tempfile.gettempdir(), "petals-bench-models"))
@@ -89,6 +92,7 @@ def main() -> None:
         check_rate=args.check_rate,
         routing=args.routing,
         balance_period=args.balance_period,
+        forked=not args.exec,
         seed=args.seed,
     )
     model_dir = Path(args.models_dir) / f"scale-llama-{settings.layers}"

@@ -1,15 +1,17 @@
 """A swarm at scale: tens of paced servers of mixed speeds placing themselves, sessions from several client processes
 generating without pause, then a quarter of the servers SIGKILLed.
 
-``Scale(settings, model, workdir).run()`` starts on 127.0.0.1: a bootstrap peer, a monitor (``scale_client
-monitor``: every server's span every ``monitor_s`` seconds), ``servers`` metered paced servers
-(``scale_server``) of the speed classes in ``mix``, each with ``--blocks N`` (its class's number of blocks: the
-swarm picks which, as ``--blocks auto`` does; a tiny model fits whole in any memory, so ``auto`` would give every
-server every block), one after another (``join="sequential"``: each waits for the one before to be up) or all at
-once; then, once every server is online and every block covered, ``clients`` client processes (``scale_client
-client``) with ``sessions`` sessions between them. After ``minutes`` of generation it SIGKILLs ``kill_fraction``
-of the servers (a seeded choice) and goes on for ``after_minutes``. Every ``sample_s`` seconds it samples each
-process's memory. What it gathered is a ``ScaleRun`` (saved as run.json); ``scale_report.summarize`` makes figures.
+``Scale(settings, model, workdir).run()`` starts on 127.0.0.1: a bootstrap peer, a monitor (``scale_client monitor``:
+every server's span every ``monitor_s`` seconds), ``servers`` metered paced servers (``scale_server``) of the speed
+classes in ``mix``, each with ``--blocks N`` (its class's number of blocks: the swarm picks which, as ``--blocks auto``
+does; a tiny model fits whole in any memory, so ``auto`` would give every server every block), one after another
+(``join="sequential"``: each waits for the one before to be up) or all at once (``"together"``: each chooses its blocks
+at one moment, paced's ``--place-at``), forked from one fork server (``forked``: ``testing/forkserver.py``, which
+halves their memory); then, once every server is online and every block covered, ``clients`` client processes
+(``scale_client client``) with ``sessions`` sessions between them. After ``minutes`` of generation it SIGKILLs
+``kill_fraction`` of the servers (a seeded choice) and goes on for ``after_minutes``. Every ``sample_s`` seconds it
+samples each process's memory. What it gathered is a ``ScaleRun`` (saved as run.json); ``scale_report.summarize`` makes
+figures.
 
 This module owns processes and the schedule; sessions and checking tokens are the clients', figures the report's.
 """
@@ -28,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from petals_cli.testing.forkserver import ForkServer
 from petals_cli.testing.paced import DeviceModel
 from petals_cli.testing.soak_records import Peer, process_environment, sample_usage
 from petals_cli.testing.swarm import StartProgress, petals_command
@@ -35,6 +38,8 @@ from petals_cli.testing.swarm import StartProgress, petals_command
 START_TIMEOUT = 180.0  # a starting process that gets nowhere for this long failed (StartProgress)
 PLACED_TIMEOUT = 300.0  # for every server to be online and every block covered
 STOP_TIMEOUT = 60.0
+SERVER_MODULE = "petals_cli.testing.scale_server"
+PLACE_AT_SECONDS = 1.5  # joining together: they choose blocks this long per server after the first starts
 
 # Speed classes: a device model and the blocks a server of it holds (of 40; scaled to the model's blocks). Slow
 # enough that tens of servers and hundreds of sessions on two cores measure the swarm, not this machine: a fast
@@ -64,6 +69,7 @@ class ScaleSettings:
     check_rate: float = 0.1  # of generations checked against local transformers (and each session's first)
     routing: str = "load"  # scale_client.ROUTING_RULES
     balance_period: float = 0.0  # `petals serve --balance-period`; 0: its default
+    forked: bool = True  # servers forked from one fork server (testing/forkserver.py) rather than each exec'd
     monitor_s: float = 2.0
     sample_s: float = 30.0
     seed: int = 0
@@ -144,6 +150,8 @@ class Scale:
         self.readers: list[threading.Thread] = []
         self.initial_peer = ""
         self.environment = process_environment(self.workdir)
+        self.forks: ForkServer | None = None
+        self.place_at: float | None = None  # servers joining together choose their blocks at this moment
 
     # --- processes -----------------------------------------------------------------------------------------
 
@@ -153,10 +161,15 @@ class Scale:
             address_file = self.workdir / f"{name}.addr"
             command = [*command, "--address-file", str(address_file)]
         pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True} if piped else {}
-        with open(log, "ab") as output:
-            process = subprocess.Popen(
-                command, stdout=pipes.pop("stdout", output), stderr=output, env=self.environment, **pipes
-            )
+        if role == "server" and self.settings.forked:
+            if self.forks is None:
+                self.forks = ForkServer(SERVER_MODULE, log=self.workdir / "forkserver.log", env=self.environment)
+            process = self.forks.start(command[3:], log)  # command: python -m SERVER_MODULE ARGS
+        else:
+            with open(log, "ab") as output:
+                process = subprocess.Popen(
+                    command, stdout=pipes.pop("stdout", output), stderr=output, env=self.environment, **pipes
+                )
         peer = Peer(name, role, 0, process, log, time.time(), address_file=address_file)
         self.result.peers.append(peer)
         if piped:
@@ -197,8 +210,10 @@ class Scale:
         serve += ["--initial-peers", self.initial_peer]
         if settings.balance_period:
             serve += ["--balance-period", str(settings.balance_period)]
+        if self.place_at is not None:
+            pacing += ["--place-at", str(self.place_at)]
         meter = str(self.workdir / f"server{number}.meters.jsonl")
-        command = [sys.executable, "-m", "petals_cli.testing.scale_server", meter, *pacing, "--", *serve]
+        command = [sys.executable, "-m", SERVER_MODULE, meter, *pacing, "--", *serve]
         peer = self.launch(f"server{number}", "server", command)
         self.result.classes[peer.name] = name
         return peer
@@ -256,6 +271,8 @@ class Scale:
         self.initial_peer = bootstrap.address_file.read_text().split()[0]
         self.start_monitor()
         servers = []
+        if settings.join == "together":  # all read the swarm at one moment, once all have had time to start
+            self.place_at = time.time() + PLACE_AT_SECONDS * settings.servers
         for number in range(settings.servers):
             servers.append(self.start_server(number))
             if settings.join == "sequential":
@@ -353,3 +370,5 @@ class Scale:
             if peer.process.poll() is None:
                 peer.process.kill()
                 peer.process.wait()
+        if self.forks is not None:
+            self.forks.close()
