@@ -27,6 +27,8 @@ from petals_cli.wire import ServerInfo, SwarmSnapshot
 DEFAULT_RTT = 0.05  # seconds, for servers not pinged yet
 DEFAULT_BLOCK_SECONDS = 0.01  # per block and step, for servers that announce no throughput
 RULES = ("load", "idle")  # inference routing rules: by live load (the default), by idle throughput only (as before)
+MOVE_FACTOR = 2.0  # a session leaves a server whose next step is expected to take this many times longer elsewhere
+MOVE_MIN_GAIN = 0.05  # ... and at least this many seconds longer (milliseconds are not worth rebuilding a cache)
 SPREAD = 0.25  # load rule: each server's hops cost up to this fraction more, drawn at random per decision
 LIVE_FIELDS = ("batch_size", "queue_length", "sessions", "step_seconds", "batch_capacity", "cache_tokens_left")
 
@@ -115,6 +117,31 @@ def expected_step_seconds(info: ServerInfo, blocks: int, placed: int = 0) -> flo
     recent = info.step_seconds * blocks / max(1, info.end_block - info.start_block)
     load = max(info.sessions, info.queue_length) + max(0, placed)
     return max(idle, recent) * (1 + load / max(1, info.batch_capacity))
+
+
+def route_seconds(
+    snapshot: SwarmSnapshot,
+    route: list[RouteSpan],
+    *,
+    rtts: Mapping[str, float] | None = None,
+    placed: Mapping[str, int] | None = None,
+) -> float:
+    """Expected seconds of one more session's step through ``route``, relayed by the client: per hop the client's
+    round trip and ``expected_step_seconds`` (with ``placed``: sessions this client placed there since its last
+    reading of that server)."""
+    rtts, placed = rtts or {}, placed or {}
+    return sum(
+        rtts.get(span.peer_id, DEFAULT_RTT)
+        + expected_step_seconds(snapshot.servers[span.peer_id], span.end - span.start, placed.get(span.peer_id, 0))
+        for span in route
+    )
+
+
+def staying_seconds(info: ServerInfo, span: RouteSpan, rtt: float) -> float:
+    """Expected seconds of the next step of a session already open on ``span``'s server (described by ``info``):
+    that server's open sessions include this one, which ``expected_step_seconds`` would count twice."""
+    mine_removed = replace(info, sessions=max(0, info.sessions - 1))
+    return rtt + expected_step_seconds(mine_removed, span.end - span.start)
 
 
 def inference_route(

@@ -3,7 +3,9 @@
 ``InferenceSession`` opens one stream per span of its route (``streams``) and sends each step through the chain,
 pushed server to server when it can (``push``). Every span keeps the inputs it was sent, so when a server dies,
 hangs or refuses, the session routes a replacement for that span only and replays the span's history there
-(``replay``); callers see the same outputs. With ``--verify``, replicas check the servers (``checks``).
+(``replay``); callers see the same outputs. Every ``MOVE_CHECK_STEPS`` steps, under load-aware routing, a span whose
+server is expected to be over ``routing.MOVE_FACTOR`` times slower than another route moves there at the token
+boundary, its cache rebuilt the same way (``moves``). With ``--verify``, replicas check the servers (``checks``).
 
 This is the one place that changes a session's route: the other modules return what happened (``Replayed``,
 ``Pushed``/``Interrupted``, a ``Verdict``) and the session applies it. It owns the public API, the padding mask,
@@ -23,12 +25,13 @@ from petals_cli.client.replay import Replay, Replayed
 from petals_cli.client.streams import Opener, Padding, ServerFailure, SpanStream, tokens_from
 from petals_cli.client.swarm import SwarmClient
 from petals_cli.client.verdicts import ServerCaught, Verdict
-from petals_cli.errors import ServerError, SessionLengthError
+from petals_cli.errors import NoRouteError, ServerError, SessionLengthError
 from petals_cli.lora import ClientLora
 from petals_cli.routing import RouteSpan
 from petals_cli.step import Step, extend_mask, positions_from_mask
 
 logger = logging.getLogger(__name__)
+MOVE_CHECK_STEPS = 8  # steps between two checks whether a span's server got slow enough to leave
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +84,7 @@ class InferenceSession:
         self._streams: list[SpanStream] | None = None
         self._closed = False
         self._rewind = False  # the next step starts before where the servers' caches end (see ``rollback``)
+        self._steps_to_move_check = MOVE_CHECK_STEPS
         self.opener = Opener(client, prefix, num_blocks, max_length, batch_size, self.prompts, lora, self.lora_weights)
         self._replay = Replay(self.opener)
         self._checks = inference_checks(self.opener)
@@ -103,6 +107,11 @@ class InferenceSession:
     def failovers(self) -> int:
         """Open sessions on servers that failed and were rebuilt elsewhere."""
         return self._replay.failovers
+
+    @property
+    def moves(self) -> int:
+        """Spans moved off a server that had got slow, at a token boundary (not failures)."""
+        return self._replay.moves
 
     @property
     def verified_steps(self) -> int:
@@ -198,6 +207,7 @@ class InferenceSession:
             opened = await self._replay.reopen(RouteSpan("", 0, self.num_blocks), [], self._padding)
             self._streams = self._adopt(opened)
         await self._settle_finished()
+        await self._move_off_slow_servers()
         index, hidden, failures = 0, step.hidden, 0  # the stream the step is at, its input, the failures so far
         prefix_length = 0 if self.prompts is None else self.prompts.shape[1]
         if push.possible(self.client.config.push, self._streams, self.position, prefix_length):
@@ -233,6 +243,42 @@ class InferenceSession:
             hidden = output
             index += 1
         return hidden
+
+    async def _move_off_slow_servers(self) -> None:
+        """At a token boundary, every ``MOVE_CHECK_STEPS`` steps: move each span whose server is now expected to be
+        much slower than another route (``SwarmClient.faster_elsewhere``) there, its cache rebuilt from the inputs it
+        was sent. Not under the idle rule, not while a rollback is pending, and not with verification on (its checks
+        hold on to the streams they check)."""
+        self._steps_to_move_check -= 1
+        if self._steps_to_move_check > 0 or self.client.config.routing != "load":
+            return
+        self._steps_to_move_check = MOVE_CHECK_STEPS
+        if self._rewind or self._checks.active or not self.position:
+            return
+        for stream in list(self._streams):
+            needed = self.batch_size * self.max_length
+            found = await self.client.faster_elsewhere(
+                self.prefix, self.num_blocks, stream.span, cache_tokens_needed=needed
+            )
+            if found is None:
+                continue
+            logger.info(
+                "blocks %d:%d: server %s got slow (next step expected in %.0f ms, %.0f ms elsewhere); moving at "
+                "token %d",
+                stream.span.start,
+                stream.span.end,
+                stream.span.peer_id[-8:],
+                1000 * found[0],
+                1000 * found[1],
+                self.position,
+            )
+            try:
+                moved = await self._replay.move(stream, self._padding)
+            except (ServerError, NoRouteError, ServerFailure) as exc:
+                logger.info("staying: could not move (%s)", exc)
+                continue
+            index = self._streams.index(stream)
+            self._streams[index : index + 1] = self._adopt(moved)
 
     async def _pushed_step(self, step: Step) -> torch.Tensor:
         """``push.pushed_step``, with each span's check started as soon as its input is known and settled after."""

@@ -4,8 +4,9 @@ A failed server is left (``leave``: say why, ban it unless it is healthy, close 
 on other servers and its kept inputs replayed there (``reopen``; after a pushed step failed, every span from the
 failure on at once: ``reopen_rest``); a server that takes over a span mid-session catches up on the inputs it has
 not seen (``catch_up``); and the spans after a span whose outputs were wrong from some position on drop their
-caches from there and get the true inputs (``redo_after``). Each returns what was replayed (``Replayed``: the
-stream, from which position, and what it answered) for the session to apply; nothing here changes a route.
+caches from there and get the true inputs (``redo_after``); a session leaving a slow server at a token boundary
+rebuilds its span elsewhere the same way (``move``). Each returns what was replayed (``Replayed``: the stream, from
+which position, and what it answered) for the session to apply; nothing here changes a route.
 
 Built on ``streams`` only: routing and opening go through the session's ``Opener``.
 """
@@ -36,11 +37,13 @@ class Replayed:
 
 
 class Replay:
-    """Rebuilds the caches of one session's servers; ``failovers`` counts the open sessions it had to move."""
+    """Rebuilds the caches of one session's servers; ``failovers`` counts the open sessions it had to move off
+    failed servers, ``moves`` those it moved off slow ones."""
 
     def __init__(self, opener: Opener):
         self.opener = opener
         self.failovers = 0
+        self.moves = 0
 
     def leave(self, failure: ServerFailure, streams: list[SpanStream]) -> None:
         """Say why, avoid the failed server (unless it is healthy), close ``streams`` and count the failover."""
@@ -50,16 +53,26 @@ class Replay:
         close_all(streams)
         self.failovers += not failure.at_opening
 
-    async def reopen(self, span: RouteSpan, history: list[torch.Tensor], padding: Padding) -> list[Replayed]:
-        """Streams for blocks [span.start, span.end), their caches rebuilt from ``history``.
+    async def reopen(
+        self,
+        span: RouteSpan,
+        history: list[torch.Tensor],
+        padding: Padding,
+        *,
+        exclude: tuple[str, ...] = (),
+        wait: float | None = None,
+    ) -> list[Replayed]:
+        """Streams for blocks [span.start, span.end) on servers other than ``exclude``, their caches rebuilt from
+        ``history``.
 
-        Retries with other servers; gives up with NoRouteError once ``route_wait`` has passed in all.
+        Retries with other servers; gives up with NoRouteError once ``wait`` (default ``route_wait``) has passed.
         """
         config = self.opener.conn.config
-        deadline = time.monotonic() + config.route_wait
+        deadline = time.monotonic() + (config.route_wait if wait is None else wait)
         for _ in range(config.max_retries):
             try:
-                return await self._open_route(span, history, padding, wait=max(0.0, deadline - time.monotonic()))
+                left = max(0.0, deadline - time.monotonic())
+                return await self._open_route(span, history, padding, wait=left, exclude=exclude)
             except ServerFailure as failure:
                 logger.warning("%s; trying another server", failure)
                 self.opener.conn.ban(failure.span.peer_id)
@@ -80,11 +93,20 @@ class Replay:
                 raise outcome
         return [part for replayed in rebuilt for part in replayed]
 
+    async def move(self, stream: SpanStream, padding: Padding) -> list[Replayed]:
+        """``stream``'s span on other servers, their caches rebuilt from its history (at a token boundary: nothing of
+        it is in flight); then ``stream`` is closed. Raises as ``reopen`` does without waiting for servers to appear,
+        leaving ``stream`` open: the session stays where it is."""
+        replayed = await self.reopen(stream.span, stream.history, padding, exclude=(stream.span.peer_id,), wait=0.0)
+        stream.close()
+        self.moves += 1
+        return replayed
+
     async def _open_route(
-        self, failed: RouteSpan, history: list[torch.Tensor], padding: Padding, wait: float
+        self, failed: RouteSpan, history: list[torch.Tensor], padding: Padding, wait: float, exclude: tuple[str, ...]
     ) -> list[Replayed]:
         started = time.perf_counter()
-        streams = await self.opener.open_route(failed.start, failed.end, wait=wait)
+        streams = await self.opener.open_route(failed.start, failed.end, wait=wait, exclude=exclude)
         try:
             if history:
                 outputs = await run_chain(streams, padding.step(0, torch.cat(history, dim=1)))

@@ -284,6 +284,41 @@ class SwarmClient:
                 self.on_route_wait((), 0.0)
             return spans
 
+    async def faster_elsewhere(
+        self, prefix: str, num_blocks: int, span: RouteSpan, *, cache_tokens_needed: int
+    ) -> tuple[float, float] | None:
+        """(expected seconds of a session's next step on ``span``'s server, on the best other route for those blocks)
+        when the other route is expected to be more than ``routing.MOVE_FACTOR`` times and ``MOVE_MIN_GAIN`` seconds
+        faster, by the servers' live load; None otherwise, when no other route exists, or when nothing is known of the
+        server yet."""
+        snapshot = await self.snapshot(prefix, num_blocks)
+        live = routing.with_live_load(snapshot, {peer: info for peer, (_, info) in self.live.items()})
+        info = live.servers.get(span.peer_id)
+        if info is None or span.peer_id not in self.live:
+            return None
+        staying = routing.staying_seconds(info, span, self.rtts.get(span.peer_id, routing.DEFAULT_RTT))
+        banned = self.bans.banned(time.monotonic()) | routing.untrusted(
+            snapshot, self.config.allowed_servers, self.config.blocked_servers
+        )
+        banned |= self._silent.keys() | {span.peer_id}
+        placed = self.placed()
+        try:
+            route = routing.inference_route(
+                live,
+                span.start,
+                span.end,
+                rtts=self.rtts,
+                banned=banned,
+                cache_tokens_needed=cache_tokens_needed,
+                adapter=self.config.active_adapter,
+                placed=placed,
+            )
+        except NoRouteError:
+            return None
+        elsewhere = routing.route_seconds(live, route, rtts=self.rtts, placed=placed)
+        worth_it = staying > routing.MOVE_FACTOR * elsewhere and staying - elsewhere > routing.MOVE_MIN_GAIN
+        return (staying, elsewhere) if worth_it else None
+
     def ban(self, peer_id: str) -> None:
         seconds = self.bans.ban(peer_id, time.monotonic())
         logger.debug("server %s failed; avoiding it for %.0fs", peer_id[-8:], seconds)  # the failover said why

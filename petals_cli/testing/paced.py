@@ -1,7 +1,8 @@
 """A server as slow as a given device, for tests and benchmarks only: ``petals serve`` whose answers are paced.
 
     python -m petals_cli.testing.paced [--device fast-gpu|slow-gpu|laptop] [--overhead-ms MS] [--block-ms MS] \\
-        [--token-ms MS] [--batch-capacity N] [--place-at UNIX_TIME] -- MODEL [other options of `petals serve`]
+        [--token-ms MS] [--batch-capacity N] [--place-at UNIX_TIME] [--slow-on-usr1 FACTOR] \\
+        -- MODEL [other options of `petals serve`]
 
 It computes its real blocks (its outputs are exact), then, on the compute thread, waits out whatever is left of the
 time the device model gives that call: a paced server sleeps instead of computing, so tens of them fit on a few
@@ -22,7 +23,9 @@ patches this process only and is never a flag of ``petals serve``.
 
 ``--place-at`` (servers placed with ``--blocks auto`` or ``N``) makes the server read the swarm to choose its blocks
 at that wall-clock moment instead of after its random start delay: joiners given one moment decide at once, as
-servers of a swarm started together can, which is what the placement's claims must settle.
+servers of a swarm started together can, which is what the placement's claims must settle. ``--slow-on-usr1 F``: on
+SIGUSR1 every time of the device model is multiplied by F from then on (a server that gets slow while serving:
+another job on its GPU, throttling); its announced throughput stays what it measured at start.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -159,11 +163,30 @@ def install(pacer: Pacer) -> None:
     host.get_throughput = paced_throughput
 
 
+def slow_on_usr1(pacer: Pacer, factor: float) -> None:
+    """Patch this process: SIGUSR1 makes ``pacer``'s device ``factor`` times slower (each signal again)."""
+
+    def slow_down(signum, frame):
+        device = pacer.device
+        scaled = {name: getattr(device, name) * factor for name in ("overhead_ms", "block_ms", "token_ms")}
+        pacer.device = dataclasses.replace(device, **scaled)
+        print(f"PACED server slowed down: {pacer.device}", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGUSR1, slow_down)
+
+
 def place_at(moment: float) -> None:
     """Patch this process: placement reads the swarm at the wall-clock ``moment`` (at once if it has passed)."""
     from petals_cli.server import placement
 
     placement.start_delay = lambda max_delay: max(0.0, moment - time.time())
+
+
+def apply(options: Options, pacer: Pacer) -> None:
+    if options.place_at is not None:
+        place_at(options.place_at)
+    if options.slow_on_usr1 is not None:
+        slow_on_usr1(pacer, options.slow_on_usr1)
 
 
 def _milliseconds(text: str) -> float:
@@ -183,13 +206,26 @@ def _capacity(text: str) -> int:
     return value
 
 
-def parse(argv: list[str]) -> tuple[DeviceModel, list[str], float | None]:
+@dataclass(frozen=True)
+class Options:
+    place_at: float | None = None
+    slow_on_usr1: float | None = None
+
+
+def _factor(text: str) -> float:
+    value = _finite(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a slow-down factor >= 1")
+    return value
+
+
+def parse(argv: list[str]) -> tuple[DeviceModel, list[str], Options]:
     """The device model (a preset, with any number given explicitly in its place), the arguments of `petals
-    serve` (what follows ``--``) and the ``--place-at`` moment."""
+    serve` (what follows ``--``) and the other options."""
     parser = OneLineParser(
         prog="python -m petals_cli.testing.paced",
         usage="%(prog)s [--device NAME] [--overhead-ms MS] [--block-ms MS] [--token-ms MS] [--batch-capacity N] "
-        "[--place-at UNIX_TIME] -- MODEL [SERVE OPTIONS]",
+        "[--place-at UNIX_TIME] [--slow-on-usr1 FACTOR] -- MODEL [SERVE OPTIONS]",
         description="For tests and benchmarks only: run `petals serve` no faster than a given device. A call of "
         "the compute thread over B blocks and T tokens takes at least overhead + B x (block + T x token) ms "
         "(twice that for a backward).",
@@ -207,6 +243,7 @@ def parse(argv: list[str]) -> tuple[DeviceModel, list[str], float | None]:
     parser.add_argument(
         "--place-at", type=_finite, metavar="UNIX_TIME", help="choose blocks at this moment (simultaneous joiners)"
     )
+    parser.add_argument("--slow-on-usr1", type=_factor, metavar="FACTOR", help="SIGUSR1 makes it FACTOR times slower")
     split = argv.index("--") if "--" in argv else len(argv)
     options = parser.parse_args(argv[:split])
     serve_args = argv[split + 1 :]
@@ -217,14 +254,15 @@ def parse(argv: list[str]) -> tuple[DeviceModel, list[str], float | None]:
         for name in ("overhead_ms", "block_ms", "token_ms", "batch_capacity")
         if getattr(options, name) is not None
     }
-    return dataclasses.replace(PRESETS[options.device], **given), serve_args, options.place_at
+    other = Options(place_at=options.place_at, slow_on_usr1=options.slow_on_usr1)
+    return dataclasses.replace(PRESETS[options.device], **given), serve_args, other
 
 
 def main(argv: list[str] | None = None) -> None:
-    device, serve_args, moment = parse(sys.argv[1:] if argv is None else argv)
-    install(Pacer(device))
-    if moment is not None:
-        place_at(moment)
+    device, serve_args, options = parse(sys.argv[1:] if argv is None else argv)
+    pacer = Pacer(device)
+    install(pacer)
+    apply(options, pacer)
     print(f"PACED server: {device}", file=sys.stderr, flush=True)
     serve(serve_args)
 

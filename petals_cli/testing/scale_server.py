@@ -103,11 +103,10 @@ def write_meters(path: str, pacer: MeteredPacer, rpcs: RpcMeter, stop: threading
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     meter_file, argv = argv[0], argv[1:]
-    device, serve_args, moment = paced.parse(argv)
+    device, serve_args, options = paced.parse(argv)
     pacer, rpcs, stop = MeteredPacer(device), RpcMeter(), threading.Event()
     paced.install(pacer)
-    if moment is not None:
-        paced.place_at(moment)
+    paced.apply(options, pacer)
     rpcs.install()
     writer = threading.Thread(target=write_meters, args=(meter_file, pacer, rpcs, stop), daemon=True)
     writer.start()

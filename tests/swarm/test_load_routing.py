@@ -3,6 +3,7 @@ step (``--batch-capacity 1``), so that sessions beyond the first wait in its que
 that announces the higher throughput busy with six sessions; a second client's new sessions then go to the idle
 replica (under the idle rule they would go to the busy one), and every token equals local transformers."""
 
+import signal
 import threading
 
 import pytest
@@ -135,3 +136,48 @@ def test_new_sessions_avoid_a_replica_kept_busy_by_another_client_and_stay_exact
     expected_busy = local.generate(PROMPT_IDS, max_new_tokens=BUSY_TOKENS, do_sample=False)[0, PROMPT_IDS.shape[1] :]
     assert len(busy_outputs) == BUSY_SESSIONS
     assert all(tokens and tokens == expected_busy[: len(tokens)].tolist() for tokens in busy_outputs), busy_outputs
+
+
+class SlowDownAt:
+    """A streamer that SIGUSR1s the session's server at token ``at`` (a paced server started with --slow-on-usr1
+    gets that many times slower) and remembers which server that was."""
+
+    def __init__(self, session, swarm, at: int):
+        self.session, self.swarm, self.at, self.count, self.slowed = session, swarm, at, 0, ""
+
+    def put(self, value):
+        self.count += 1
+        if self.count == self.at:
+            (span,) = self.session.route
+            self.slowed = span.peer_id
+            server = next(server for server in self.swarm.servers if peer_of(server) == span.peer_id)
+            server.process.send_signal(signal.SIGUSR1)
+
+    def end(self):
+        pass
+
+
+def test_a_session_whose_server_gets_slow_moves_to_the_other_replica_at_a_token_boundary(model_path, local, tmp_path):
+    swarm = Swarm(model=model_path, workdir=tmp_path)
+    try:
+        pacing = ("--overhead-ms", "5", "--block-ms", "5", "--token-ms", "0", "--slow-on-usr1", "20")
+        for _ in range(2):
+            swarm.start(f"0:{NUM_LAYERS}", paced=pacing)  # 25 ms a step; 500 ms once slowed
+        new_tokens = 40
+        model = connect(model_path, swarm, snapshot_refresh=1.0)  # live load read every second
+        try:
+            with model.inference_session(max_length=PROMPT_IDS.shape[1] + new_tokens) as session:
+                slower = SlowDownAt(session, swarm, at=4)
+                output = model.generate(
+                    PROMPT_IDS, max_new_tokens=new_tokens, do_sample=False, session=session, streamer=slower
+                )
+                (span,) = session.route
+                moves, failovers = session.moves, session.failovers
+        finally:
+            model.close()
+        expected = local.generate(PROMPT_IDS, max_new_tokens=new_tokens, do_sample=False)
+        assert output.tolist() == expected.tolist()  # exact across the move: the cache was rebuilt from its inputs
+        assert slower.slowed and span.peer_id != slower.slowed  # it ended on the replica that stayed fast
+        assert moves == 1 and failovers == 0  # moved once, by choice: nothing failed
+    finally:
+        swarm.stop()

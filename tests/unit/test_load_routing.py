@@ -6,7 +6,15 @@ from collections import Counter
 
 import pytest
 
-from petals_cli.routing import SPREAD, expected_step_seconds, inference_route, with_live_load
+from petals_cli.routing import (
+    SPREAD,
+    RouteSpan,
+    expected_step_seconds,
+    inference_route,
+    route_seconds,
+    staying_seconds,
+    with_live_load,
+)
 from petals_cli.wire import ServerInfo, ServerState, SwarmSnapshot
 
 RTTS = {peer: 0.001 for peer in ("busy", "idle", "a", "b", "c", "fast", "slow")}
@@ -98,3 +106,14 @@ def test_live_readings_replace_the_load_but_not_the_span_or_state():
 def test_an_unknown_rule_is_refused():
     with pytest.raises(ValueError, match="routing rule"):
         inference_route(swarm(a=server()), rule="fastest")
+
+
+def test_a_session_staying_on_its_server_does_not_count_itself_twice_and_a_route_costs_its_hops():
+    busy = server(sessions=3, step=0.08, capacity=2)  # 3 sessions open, this one among them
+    span = RouteSpan("a", 0, 4)
+    assert staying_seconds(busy, span, rtt=0.01) == pytest.approx(0.01 + 0.08 * (1 + 2 / 2))
+    assert expected_step_seconds(busy, 4) == pytest.approx(0.08 * (1 + 3 / 2))  # a newcomer would be a 4th
+    snapshot = swarm(a=server(0, 2, rps=100.0), b=server(2, 4, rps=50.0))
+    route = [RouteSpan("a", 0, 2), RouteSpan("b", 2, 4)]
+    seconds = route_seconds(snapshot, route, rtts={"a": 0.01, "b": 0.02}, placed={"b": 1})
+    assert seconds == pytest.approx((0.01 + 2 / 100) + (0.02 + 2 / 50 * 2))  # b's one placed session: 1 + 1/1

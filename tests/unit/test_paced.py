@@ -47,21 +47,21 @@ def test_a_device_model_refuses_negative_times_and_an_empty_batch():
 
 
 def test_options_take_a_preset_and_replace_the_numbers_given():
-    device, serve_args, moment = paced.parse(
-        ["--device", "laptop", "--block-ms", "7", "--", "./model", "--blocks", "0:2"]
-    )
-    assert device == DeviceModel(5.0, 7.0, 1.0, 2) and serve_args == ["./model", "--blocks", "0:2"] and moment is None
-    device, _, moment = paced.parse(
-        ["--overhead-ms", "0", "--batch-capacity", "3", "--place-at", "1.5e9", "--", "./m"]
-    )
+    argv = ["--device", "laptop", "--block-ms", "7", "--", "./model", "--blocks", "0:2"]
+    device, serve_args, options = paced.parse(argv)
+    assert device == DeviceModel(5.0, 7.0, 1.0, 2) and serve_args == ["./model", "--blocks", "0:2"]
+    assert options == paced.Options()
+    argv = ["--overhead-ms", "0", "--batch-capacity", "3", "--place-at", "1.5e9", "--slow-on-usr1", "4", "--", "./m"]
+    device, _, options = paced.parse(argv)
     assert device == DeviceModel(0.0, PRESETS["slow-gpu"].block_ms, PRESETS["slow-gpu"].token_ms, 3)
-    assert moment == 1.5e9
+    assert options == paced.Options(place_at=1.5e9, slow_on_usr1=4.0)
 
 
 @pytest.mark.parametrize(
     "argv",
     [["--device", "laptop"], ["--block-ms", "-1", "--", "m"], ["--token-ms", "nan", "--", "m"],
-     ["--batch-capacity", "0", "--", "m"], ["--device", "tpu", "--", "m"], ["--place-at", "soon", "--", "m"]],
+     ["--batch-capacity", "0", "--", "m"], ["--device", "tpu", "--", "m"], ["--place-at", "soon", "--", "m"],
+     ["--slow-on-usr1", "0.5", "--", "m"]],
 )  # fmt: skip
 def test_bad_options_exit_with_code_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
