@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 START_RETRY = 1.0  # seconds between tries to join a swarm whose initial peers do not answer
 START_GRACE = 10.0  # beyond connect_timeout, for the last try to finish and say why it failed
+EMPTY_READ_GRACE = 60.0  # seconds a snapshot stands in for reads that find no server at all (see _read_snapshot)
 PLACEMENTS_KEPT = 60.0  # seconds a placement is remembered (a server unread for that long is not routed through)
 
 
@@ -133,8 +134,7 @@ class SwarmClient:
         max_age = 2 * self.config.snapshot_refresh if max_age is None else max_age
         read_at, snapshot = self._snapshots.get(prefix, (float("-inf"), None))
         if snapshot is None or time.monotonic() - read_at > max_age:
-            snapshot = await fetch_snapshot(self.node, prefix, num_blocks)
-            self._snapshots[prefix] = (time.monotonic(), snapshot)
+            snapshot = await self._read_snapshot(prefix, num_blocks)
             await self._ping_all(snapshot)  # round trips for routing, and no route through a dead server
         if prefix not in self._refreshers:
             self._refreshers[prefix] = asyncio.create_task(self._refresh_forever(prefix, num_blocks))
@@ -147,14 +147,26 @@ class SwarmClient:
                 lost = not self.node.protocol.routing_table.uid_to_peer_id  # every DHT peer is gone (a partition)
                 if lost and await rejoin(self.node, self.config.initial_peers):
                     logger.info("reconnected to the swarm's DHT through its initial peers")
-                snapshot = await fetch_snapshot(self.node, prefix, num_blocks)
-                self._snapshots[prefix] = (time.monotonic(), snapshot)
-                await self._ping_all(snapshot)
+                await self._ping_all(await self._read_snapshot(prefix, num_blocks))
             except asyncio.CancelledError:
                 raise
             except Exception:  # a failed refresh keeps the old snapshot; the next one may work
                 logger.debug("snapshot refresh failed", exc_info=True)
                 await asyncio.sleep(self.config.snapshot_refresh)
+
+    async def _read_snapshot(self, prefix: str, num_blocks: int) -> SwarmSnapshot:
+        """Read the swarm now. A read that finds no server at all while the last one, under ``EMPTY_READ_GRACE``
+        seconds old, found some is taken for a failed read (DHT lookups timing out on an overloaded machine or
+        link) and the last snapshot is kept: its servers are pinged like any others, so dead ones are still left out.
+        (Seen in the 40-server benchmark: thousands of generations failed with "no server announces any block".)"""
+        snapshot = await fetch_snapshot(self.node, prefix, num_blocks)
+        read_at, last = self._snapshots.get(prefix, (float("-inf"), None))
+        age = time.monotonic() - read_at
+        if not snapshot.servers and last is not None and last.servers and age < EMPTY_READ_GRACE:
+            logger.debug("a read of %s found no server; keeping the snapshot of %.0fs ago", prefix, age)
+            return last
+        self._snapshots[prefix] = (time.monotonic(), snapshot)
+        return snapshot
 
     async def _ping(self, peer_id: str) -> bool:
         """Time an info RPC to ``peer_id``; False when it fails or takes longer than ``liveness_timeout``."""
