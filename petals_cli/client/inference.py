@@ -255,8 +255,8 @@ class InferenceSession:
         self._steps_to_move_check = MOVE_CHECK_STEPS
         if self._rewind or self._checks.active or not self.position:
             return
+        needed = self.batch_size * self.max_length  # cache tokens, as Opener.route asks
         for stream in list(self._streams):
-            needed = self.batch_size * self.max_length
             found = await self.client.faster_elsewhere(
                 self.prefix, self.num_blocks, stream.span, cache_tokens_needed=needed
             )

@@ -248,15 +248,11 @@ class SwarmClient:
         max_age, waited = None, False
         while True:
             snapshot = await self.snapshot(prefix, num_blocks, max_age=max_age)
-            banned = self.bans.banned(time.monotonic()) | routing.untrusted(
-                snapshot, self.config.allowed_servers, self.config.blocked_servers
-            )
-            banned |= set(exclude) | self._silent.keys()
+            banned = self._avoided(snapshot, exclude)
             try:
                 if inference:
-                    live = {peer: info for peer, (_, info) in self.live.items()}
                     spans = routing.inference_route(
-                        routing.with_live_load(snapshot, live),
+                        self._with_live_load(snapshot),
                         start,
                         end,
                         rtts=self.rtts,
@@ -304,15 +300,12 @@ class SwarmClient:
         faster, by the servers' live load; None otherwise, when no other route exists, or when nothing is known of the
         server yet."""
         snapshot = await self.snapshot(prefix, num_blocks)
-        live = routing.with_live_load(snapshot, {peer: info for peer, (_, info) in self.live.items()})
+        live = self._with_live_load(snapshot)
         info = live.servers.get(span.peer_id)
         if info is None or span.peer_id not in self.live:
             return None
         staying = routing.staying_seconds(info, span, self.rtts.get(span.peer_id, routing.DEFAULT_RTT))
-        banned = self.bans.banned(time.monotonic()) | routing.untrusted(
-            snapshot, self.config.allowed_servers, self.config.blocked_servers
-        )
-        banned |= self._silent.keys() | {span.peer_id}
+        banned = self._avoided(snapshot, (span.peer_id,))
         placed = self.placed()
         try:
             route = routing.inference_route(
@@ -330,6 +323,14 @@ class SwarmClient:
         elsewhere = routing.route_seconds(live, route, rtts=self.rtts, placed=placed)
         worth_it = staying > routing.MOVE_FACTOR * elsewhere and staying - elsewhere > routing.MOVE_MIN_GAIN
         return (staying, elsewhere) if worth_it else None
+
+    def _avoided(self, snapshot: SwarmSnapshot, exclude: Collection[str] = ()) -> set[str]:
+        """Servers no route may use now: banned, untrusted, silent, and ``exclude``."""
+        untrusted = routing.untrusted(snapshot, self.config.allowed_servers, self.config.blocked_servers)
+        return self.bans.banned(time.monotonic()) | untrusted | set(exclude) | self._silent.keys()
+
+    def _with_live_load(self, snapshot: SwarmSnapshot) -> SwarmSnapshot:
+        return routing.with_live_load(snapshot, {peer: info for peer, (_, info) in self.live.items()})
 
     def ban(self, peer_id: str) -> None:
         seconds = self.bans.ban(peer_id, time.monotonic())

@@ -128,10 +128,10 @@ class Server:
             identity.discard_file()
         handler, rebalancing = None, None
         try:
-            if self.fixed_span is None:
+            if self.fixed_span is None:  # its claim announced it JOINING
                 self.start, self.end = await self._choose_blocks(node, p2p)
-            # JOINING: servers choosing blocks now see this span taken
-            await self.announcer.announce(node, p2p, self.info)
+            else:  # JOINING: servers choosing blocks now see this span taken
+                await self.announcer.announce(node, p2p, self.info)
             span, adapters = await self._load(self.start, self.end)
             handler = self.handler = self._make_handler(span, adapters, p2p)
             service = handler if self.swarm_key is None else security.GatedService(handler, self.swarm_key)
