@@ -1,11 +1,14 @@
 """Joining the DHT, announcing servers, and reading the swarm into a ``SwarmSnapshot``.
 
 The DHT node runs inside the caller's event loop on the caller's P2P daemon (no extra process).
-One DHT key per block uid; subkey = the server's peer id; value = its ``ServerInfo``. A model index key
-lists the models served (subkey = ``prefix:peer_id``). Every record is signed by the server it names and checked
-by whoever stores or reads it (``security.PeerRecordValidator``); records that fail that or fail to decode are
-dropped, never trusted. Pure reading and writing:
-routing decisions live in ``routing.py``.
+One DHT key per model, ``servers_key(prefix)``; subkey = a server's peer id; value = its ``ServerInfo`` (its
+span and load). A read of the swarm is one lookup, whatever the number of blocks: at 40 servers of a 48-block
+model, the earlier layout (one key per block, each server's record under every block it holds) took 146 lookup
+RPCs and 3.9 MB per read. Readers fall back to those per-block keys when a model has no server record (a swarm
+of servers from before this layout). A model index key lists the models served (subkey = ``prefix:peer_id``).
+Every record is signed by the server it names and checked by whoever stores or reads it
+(``security.PeerRecordValidator``); records that fail that or fail to decode are dropped, never trusted. Pure
+reading and writing: routing decisions live in ``routing.py``.
 """
 
 from __future__ import annotations
@@ -30,9 +33,12 @@ from petals_cli.security import (
     blocks_stub,
     diagnose_refusal,
 )
-from petals_cli.wire import MODEL_INDEX_KEY, ModelIndexEntry, ServerInfo, SwarmSnapshot, block_uid
+from petals_cli.wire import MODEL_INDEX_KEY, ModelIndexEntry, ServerInfo, SwarmSnapshot, block_uid, servers_key
 
 logger = logging.getLogger(__name__)
+# DHT nodes a read of the server records visits: twice the 5 that each record is stored on (hivemind's
+# num_replicas), so that a node which missed a store, or a change among the nearest, costs no record
+READ_BEAM = 10
 
 
 async def start_dht(
@@ -79,8 +85,15 @@ async def rejoin(node: DHTNode, initial_peers: Sequence[str]) -> bool:
     return any(await asyncio.gather(*(ping(maddr) for maddr in initial_peers if "/p2p/" in maddr)))
 
 
+async def announce_server(node: DHTNode, prefix: str, peer_id: str, info: ServerInfo, *, expiration: float) -> bool:
+    """Store ``info`` as this server's one record of ``prefix`` (replacing its previous one, whatever its span);
+    True when stored."""
+    return await node.store(servers_key(prefix), info.to_wire(), get_dht_time() + expiration, subkey=peer_id)
+
+
 async def announce_blocks(node: DHTNode, prefix: str, peer_id: str, info: ServerInfo, *, expiration: float) -> bool:
-    """Store ``info`` under every block uid of its span; True when every store succeeded."""
+    """Store ``info`` under every block uid of its span, as servers did before ``announce_server`` (kept to
+    make such servers in tests); True when every store succeeded."""
     uids = [block_uid(prefix, index) for index in range(info.start_block, info.end_block)]
     results = await node.store_many(
         uids, [info.to_wire()] * len(uids), get_dht_time() + expiration, subkeys=[peer_id] * len(uids)
@@ -115,30 +128,40 @@ async def fetch_model_index(node: DHTNode) -> dict[str, ModelIndexEntry]:
 
 
 async def fetch_snapshot(node: DHTNode, prefix: str, num_blocks: int) -> SwarmSnapshot:
-    """Read every block's records; a server's newest record wins."""
-    uids = [block_uid(prefix, index) for index in range(num_blocks)]
-    found = await node.get_many(uids, sufficient_expiration_time=float("inf"))
+    """Read the model's server records (one lookup: the newest value of each record among the nodes nearest to the
+    key, which are those that store it); a model without any is read block by block (servers of the earlier layout).
+    A server's newest record wins."""
+    found = await node.get_many([servers_key(prefix)], sufficient_expiration_time=float("inf"), beam_size=READ_BEAM)
     servers: dict[str, tuple[float, ServerInfo]] = {}
-    for uid in uids:
-        entry = found.get(uid)
-        if entry is None or not isinstance(entry.value, dict):
-            continue
-        for peer_id, item in entry.value.items():
-            try:
-                info = ServerInfo.from_wire(item.value)
-            except InvalidRequestError:
-                logger.debug("dropping a malformed record of %s for %s", peer_id, uid)
-                continue
-            if not 0 <= info.start_block < info.end_block <= num_blocks:
-                continue
-            if peer_id not in servers or item.expiration_time > servers[peer_id][0]:
-                servers[peer_id] = (item.expiration_time, info)
+    _collect(found.get(servers_key(prefix)), servers, num_blocks, prefix)
+    if not servers:
+        uids = [block_uid(prefix, index) for index in range(num_blocks)]
+        found = await node.get_many(uids, sufficient_expiration_time=float("inf"))
+        for uid in uids:
+            _collect(found.get(uid), servers, num_blocks, uid)
     return SwarmSnapshot(
         prefix=prefix,
         num_blocks=num_blocks,
         servers={peer: info for peer, (_, info) in servers.items()},
         taken_at=get_dht_time(),
     )
+
+
+def _collect(entry, servers: dict[str, tuple[float, ServerInfo]], num_blocks: int, where: str) -> None:
+    """Add the server records of one DHT value (a dictionary: peer id -> record) to ``servers``, keeping each
+    server's newest; records that do not decode or name blocks outside the model are dropped."""
+    if entry is None or not isinstance(entry.value, dict):
+        return
+    for peer_id, item in entry.value.items():
+        try:
+            info = ServerInfo.from_wire(item.value)
+        except InvalidRequestError:
+            logger.debug("dropping a malformed record of %s under %s", peer_id, where)
+            continue
+        if not 0 <= info.start_block < info.end_block <= num_blocks:
+            continue
+        if peer_id not in servers or item.expiration_time > servers[peer_id][0]:
+            servers[peer_id] = (item.expiration_time, info)
 
 
 async def probe_server(

@@ -38,6 +38,12 @@ def block_uid(prefix: str, index: int) -> str:
     return f"{prefix}.{index}"
 
 
+def servers_key(prefix: str) -> str:
+    """The DHT key where every server of a model keeps its one record (subkey: its peer id). Not a block uid:
+    block indices are numbers, this suffix is not."""
+    return f"{prefix}.servers"
+
+
 class ServerState(enum.IntEnum):
     OFFLINE = 0
     JOINING = 1

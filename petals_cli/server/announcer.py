@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 
 from petals_cli.config import ServerConfig
-from petals_cli.dht import announce_blocks, announce_model, fetch_snapshot, ping_server, rejoin
+from petals_cli.dht import announce_model, announce_server, fetch_snapshot, ping_server, rejoin
 from petals_cli.server.cache import CacheBudget
 from petals_cli.wire import ModelIndexEntry, ServerInfo, ServerState
 
@@ -58,7 +58,7 @@ class Announcer:
             current = info()
         self._announced_at = asyncio.get_running_loop().time()
         self._announced_tokens_left = current.cache_tokens_left
-        ok = await announce_blocks(node, self.prefix, peer_id, current, expiration=self.expiration)
+        ok = await announce_server(node, self.prefix, peer_id, current, expiration=self.expiration)
         if current.state == ServerState.ONLINE:
             ok = await announce_model(node, self.prefix, peer_id, self.entry, expiration=self.expiration) and ok
         self._failed = not ok

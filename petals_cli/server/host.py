@@ -9,7 +9,6 @@ removes its address file and exits. Its DHT records are kept by ``announcer.py``
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import math
 import os
@@ -23,7 +22,7 @@ from hivemind.p2p import P2PDaemonError
 from petals_cli import __version__, compat, security, transport
 from petals_cli.checkpoint import resolve_model
 from petals_cli.config import ServerConfig
-from petals_cli.dht import announce_blocks, fetch_snapshot, start_dht, unreachable_servers
+from petals_cli.dht import fetch_snapshot, start_dht, unreachable_servers
 from petals_cli.errors import ConfigError, SwarmUnreachableError
 from petals_cli.families.selfcheck import check_span
 from petals_cli.server.adapters import load_adapters
@@ -348,12 +347,10 @@ class Server:
             self.moving_to = ()
             await self.announcer.announce(node, p2p, self.info)
             return
-        old = dataclasses.replace(self.info(), state=ServerState.OFFLINE, moving_to=())
         handler.replace_span(span, adapters)
         self.start, self.end, self.moving_to = new_start, new_end, ()
         self.last_move = time.monotonic()
-        await announce_blocks(node, self.prefix, p2p.peer_id.to_base58(), old, expiration=self.announcer.expiration)
-        await self.announcer.announce(node, p2p, self.info)
+        await self.announcer.announce(node, p2p, self.info)  # its one record: the new span replaces the old
 
     def _request_stop(self) -> None:
         self._stop.set()

@@ -231,15 +231,15 @@ def monitor_loop(settings: dict, read, *, timeout_periods: float) -> None:
 
 
 async def count_records(client, prefix: str, num_blocks: int) -> dict:
-    """Raw records under the model's block keys and in the model index (stale ones until they expire included),
+    """Raw records under the model's server key and in the model index (stale ones until they expire included),
     servers by announced state, servers announced online that do not answer, and the fewest live servers of a
     block."""
     from petals_cli.dht import fetch_snapshot, unreachable_servers
-    from petals_cli.wire import MODEL_INDEX_KEY, ServerState, block_uid
+    from petals_cli.wire import MODEL_INDEX_KEY, ServerState, servers_key
 
     node = client.node
-    found = await node.get_many([block_uid(prefix, index) for index in range(num_blocks)])
-    records = sum(len(entry.value) for entry in found.values() if entry is not None and isinstance(entry.value, dict))
+    found = await node.get(servers_key(prefix), latest=True)
+    records = len(found.value) if found is not None and isinstance(found.value, dict) else 0
     index = await node.get(MODEL_INDEX_KEY, latest=True)
     index_records = len(index.value) if index is not None and isinstance(index.value, dict) else 0
     snapshot = await fetch_snapshot(node, prefix, num_blocks)

@@ -20,10 +20,10 @@ from hivemind.utils import get_dht_time
 from petals_cli import security, transport
 from petals_cli.client import SwarmClient
 from petals_cli.config import ClientConfig
-from petals_cli.dht import announce_blocks, fetch_snapshot, start_dht
+from petals_cli.dht import announce_server, fetch_snapshot, start_dht
 from petals_cli.errors import PeerLimitError, SwarmKeyError
 from petals_cli.testing import make_tiny_model
-from petals_cli.wire import PROTOCOL_VERSION, ServerInfo, ServerState, SpanRequest, block_uid
+from petals_cli.wire import PROTOCOL_VERSION, ServerInfo, ServerState, SpanRequest, servers_key
 from tests.conftest import Swarm, petals_command
 from tests.swarm.checks import eventually
 from tests.swarm.raw import call_stream, forward, open_session, peer_id_of
@@ -122,8 +122,8 @@ def test_a_forged_record_for_another_servers_peer_id_is_rejected_by_readers(publ
         bare = await DHTNode.create(p2p=bare_p2p, initial_peers=swarm.initial_peers, num_workers=2)
         try:
             own = ServerInfo(ServerState.ONLINE, 0, NUM_LAYERS, "0", public_name="attacker-own")
-            assert await announce_blocks(node, "tiny-public", identity.peer_id, own, expiration=60)
-            key, expiration = block_uid("tiny-public", 0), get_dht_time() + 60
+            assert await announce_server(node, "tiny-public", identity.peer_id, own, expiration=60)
+            key, expiration = servers_key("tiny-public"), get_dht_time() + 60
             forged = ServerInfo(ServerState.OFFLINE, 0, NUM_LAYERS, "0", public_name="forged").to_wire()
             values = _forgeries(identity, key, victim, forged, expiration)
             # Straight to the server, whatever other nodes the DHT would pick as replicas.

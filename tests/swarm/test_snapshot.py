@@ -10,6 +10,7 @@ from hivemind.proto import runtime_pb2
 
 from petals_cli import AutoDistributedModelForCausalLM
 from petals_cli.testing import make_tiny_model
+from petals_cli.wire import ServerInfo, ServerState
 from tests.conftest import Swarm
 from tests.swarm.checks import eventually
 
@@ -73,5 +74,58 @@ def test_a_busy_server_still_answers_info(swarm):
         # Answered during the forward, not after it: the server went on computing after answering. A server that
         # computed on its event loop would answer only at the end (then this is a clock tick at most).
         assert cpu_seconds(last) - answered_at >= 0.05, "info was answered only once the forward had ended"
+    finally:
+        model.close()
+
+
+def test_each_server_keeps_one_record_under_its_models_server_key_and_none_per_block(swarm):
+    from petals_cli.wire import block_uid, servers_key
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(swarm.model), initial_peers=swarm.initial_peers)
+    try:
+        client, prefix = model.petals_client, model.petals_prefix
+        node = client.node
+        found = client.run(node.get(servers_key(prefix), latest=True), timeout=30)
+        records = {peer: ServerInfo.from_wire(item.value) for peer, item in found.value.items()}
+        assert {peer: (info.start_block, info.end_block) for peer, info in records.items()} == {
+            peer_of(swarm.servers[0]): (2, 4),
+            peer_of(swarm.servers[1]): (0, 2),
+        }
+        per_block = client.run(node.get_many([block_uid(prefix, index) for index in range(4)]), timeout=30)
+        assert all(entry is None for entry in per_block.values())
+    finally:
+        model.close()
+
+
+def test_a_swarm_of_servers_announcing_per_block_records_is_still_read(swarm):
+    """Servers from before the one-record layout stored their record under every block they hold; a model that has
+    no server record is read that way."""
+    from petals_cli import security, transport
+    from petals_cli.dht import announce_blocks, fetch_snapshot, start_dht
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(swarm.model), initial_peers=swarm.initial_peers)
+    client = model.petals_client
+
+    async def announce_old_style() -> str:
+        identity = security.Identity.load_or_create(None)
+        p2p = await transport.create_p2p(
+            initial_peers=swarm.initial_peers, identity_path=identity.path, fresh_identity=True
+        )
+        identity.discard_file()
+        node = await start_dht(p2p, swarm.initial_peers, client_mode=False, identity=identity)
+        try:
+            info = ServerInfo(ServerState.ONLINE, 1, 3, "0", public_name="older")
+            assert await announce_blocks(node, "tiny-older", identity.peer_id, info, expiration=60)
+            return identity.peer_id
+        finally:
+            await node.shutdown()
+            await p2p.shutdown()
+
+    try:
+        older = client.run(announce_old_style(), timeout=60)
+        snapshot = client.run(fetch_snapshot(client.node, "tiny-older", 4), timeout=30)
+        assert set(snapshot.servers) == {older}
+        assert (snapshot.servers[older].start_block, snapshot.servers[older].end_block) == (1, 3)
+        assert snapshot.servers[older].public_name == "older"
     finally:
         model.close()
