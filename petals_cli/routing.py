@@ -30,7 +30,15 @@ RULES = ("load", "idle")  # inference routing rules: by live load (the default),
 MOVE_FACTOR = 2.0  # a session leaves a server whose next step is expected to take this many times longer elsewhere
 MOVE_MIN_GAIN = 0.05  # ... and at least this many seconds longer (milliseconds are not worth rebuilding a cache)
 SPREAD = 0.25  # load rule: each server's hops cost up to this fraction more, drawn at random per decision
-LIVE_FIELDS = ("batch_size", "queue_length", "sessions", "step_seconds", "batch_capacity", "cache_tokens_left")
+LIVE_FIELDS = (
+    "batch_size",
+    "queue_length",
+    "sessions",
+    "step_seconds",
+    "batch_capacity",
+    "cache_tokens_left",
+    "your_sessions",
+)
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,12 @@ def expected_step_seconds(info: ServerInfo, blocks: int, placed: int = 0) -> flo
     return max(idle, recent) * (1 + load / max(1, info.batch_capacity))
 
 
+def at_peer_cap(info: ServerInfo, placed: int = 0) -> bool:
+    """Whether this client already holds as many sessions on the server as it lets one peer open (the server would
+    refuse one more with PeerLimitError): ``your_sessions`` as it last answered, plus ``placed`` since."""
+    return 0 < info.sessions_per_peer <= info.your_sessions + max(0, placed)
+
+
 def route_seconds(
     snapshot: SwarmSnapshot,
     route: list[RouteSpan],
@@ -199,7 +213,7 @@ def inference_route(
         return (between / 2 + compute) * spread[peer]
 
     def usable(peer: str, info: ServerInfo) -> bool:
-        return info.cache_tokens_left >= cache_tokens_needed
+        return info.cache_tokens_left >= cache_tokens_needed and not at_peer_cap(info, placed.get(peer, 0))
 
     def back_to_client(last: str) -> float:
         return client_rtt(last) / 2 if push else 0.0

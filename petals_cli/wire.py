@@ -160,6 +160,9 @@ class ServerInfo(WireRecord):
     # placement (0 / empty from older servers):
     claimed_at: float = 0.0  # DHT time at which a server placed automatically first claimed blocks (while JOINING)
     moving_to: tuple[int, ...] = ()  # (start, end) while it loads the span it is moving to; it still serves its own
+    # sessions per peer (0 from older servers): the cap, and in an rpc_info answer, how many the asking peer holds
+    sessions_per_peer: int = 0  # the most inference sessions one peer may hold open at once
+    your_sessions: int = 0  # only in an answer to the peer asking; 0 in DHT records
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ it. Large messages are decoded and checked on a thread (``transport.off_loop``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
@@ -369,4 +370,8 @@ class BlockHandler:
     # --- info -------------------------------------------------------------------------------------------
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
-        return runtime_pb2.ExpertInfo(serialized_info=msgpack.packb(self.info().to_wire(), use_bin_type=True))
+        """The server's record, fresh, with the sessions the asking peer holds here (so that a client with many
+        sessions routes its next one elsewhere before this server refuses it with PeerLimitError)."""
+        held = self.sessions.peers.open.get(context.remote_id.to_base58(), 0)
+        info = dataclasses.replace(self.info(), your_sessions=held)
+        return runtime_pb2.ExpertInfo(serialized_info=msgpack.packb(info.to_wire(), use_bin_type=True))

@@ -96,6 +96,7 @@ class Server:
             adapters=self.adapter_names,
             claimed_at=self.claimed_at,
             moving_to=self.moving_to,
+            sessions_per_peer=self.config.max_sessions_per_peer,
             **self._engine_figures(),
         )
 

@@ -181,3 +181,42 @@ def test_a_session_whose_server_gets_slow_moves_to_the_other_replica_at_a_token_
         assert moves == 1 and failovers == 0  # moved once, by choice: nothing failed
     finally:
         swarm.stop()
+
+
+def test_a_client_at_a_servers_per_peer_cap_routes_its_next_sessions_elsewhere_without_a_refusal(
+    model_path, local, tmp_path
+):
+    """Two replicas letting one peer open 2 sessions each; under the idle rule every session would go to the
+    replica announcing the higher throughput, and a third would be refused there (PeerLimitError, a failover and a
+    ban). The client counts its own sessions on each server (the server says how many in its info answers): the
+    third and fourth go to the other replica, nothing fails, every token is exact."""
+    swarm = Swarm(model=model_path, workdir=tmp_path)
+    try:
+        cap = ("--max-sessions-per-peer", "2")
+        fast = peer_of(swarm.start(f"0:{NUM_LAYERS}", *cap, paced=FAST))
+        other = peer_of(swarm.start(f"0:{NUM_LAYERS}", *cap, paced=OTHER))
+        model = connect(model_path, swarm, routing="idle")
+        sessions, outputs, routes, failovers = [], [], [], []
+        try:
+            for _ in range(4):  # each one open on its server before the next is routed, and kept open
+                session = model.inference_session(max_length=PROMPT_IDS.shape[1] + NEW_TOKENS)
+                sessions.append(session.__enter__())
+                output = model.generate(PROMPT_IDS, max_new_tokens=NEW_TOKENS, do_sample=False, session=session)
+                outputs.append(output.tolist())
+                routes.append([span.peer_id for span in session.route])
+                failovers.append(session.failovers)
+            client = model.petals_client
+            client.run(client.is_alive(fast), timeout=10)
+            held_on_fast = client.live[fast][1].your_sessions
+            failed = dict(client.bans.failures)  # a refused opening is rerouted at once, but bans the refuser
+        finally:
+            for session in sessions:
+                session.__exit__(None, None, None)
+            model.close()
+        expected = local.generate(PROMPT_IDS, max_new_tokens=NEW_TOKENS, do_sample=False).tolist()
+        assert routes == [[fast], [fast], [other], [other]], (routes, fast, other)
+        assert failovers == [0, 0, 0, 0] and failed == {}
+        assert held_on_fast == 2  # the server's own count of this client's sessions, as it answered
+        assert outputs == [expected] * 4
+    finally:
+        swarm.stop()

@@ -117,3 +117,25 @@ def test_a_session_staying_on_its_server_does_not_count_itself_twice_and_a_route
     route = [RouteSpan("a", 0, 2), RouteSpan("b", 2, 4)]
     seconds = route_seconds(snapshot, route, rtts={"a": 0.01, "b": 0.02}, placed={"b": 1})
     assert seconds == pytest.approx((0.01 + 2 / 100) + (0.02 + 2 / 50 * 2))  # b's one placed session: 1 + 1/1
+
+
+def test_a_server_where_this_client_holds_its_per_peer_cap_takes_no_more_of_its_sessions():
+    from dataclasses import replace
+
+    from petals_cli.errors import NoRouteError
+    from petals_cli.routing import at_peer_cap
+
+    fast, slow = server(rps=1000.0), server(rps=10.0)
+    capped = replace(fast, sessions_per_peer=2, your_sessions=2)
+    for rule in ("load", "idle"):
+        assert peers(inference_route(swarm(fast=fast, slow=slow), rtts=RTTS, rule=rule)) == ["fast"]
+        assert peers(inference_route(swarm(fast=capped, slow=slow), rtts=RTTS, rule=rule)) == ["slow"]
+        # sessions placed since the reading count toward the cap, as they count as load
+        one_held = replace(capped, your_sessions=1)
+        routes = [
+            inference_route(swarm(fast=one_held, slow=slow), rtts=RTTS, rule=rule, placed=p) for p in ({}, {"fast": 1})
+        ]
+        assert [peers(route) for route in routes] == [["fast"], ["slow"]]
+    assert not at_peer_cap(replace(fast, your_sessions=50))  # a server announcing no cap (an older one)
+    with pytest.raises(NoRouteError, match="full or excluded"):
+        inference_route(swarm(fast=capped), rtts=RTTS)
