@@ -144,6 +144,7 @@ async def fetch_snapshot(node: DHTNode, prefix: str, num_blocks: int) -> SwarmSn
         num_blocks=num_blocks,
         servers={peer: info for peer, (_, info) in servers.items()},
         taken_at=get_dht_time(),
+        expires={peer: expiration for peer, (expiration, _) in servers.items()},
     )
 
 

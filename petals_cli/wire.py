@@ -252,6 +252,24 @@ class SwarmSnapshot:
     num_blocks: int
     servers: dict[str, ServerInfo] = dataclasses.field(default_factory=dict)  # peer id (base58) -> its record
     taken_at: float = 0.0
+    expires: dict[str, float] = dataclasses.field(default_factory=dict)  # peer id -> DHT time its record expires
+
+    def merged_with(self, older: SwarmSnapshot | None, now: float) -> SwarmSnapshot:
+        """This read, plus the servers of an ``older`` one that this read missed and whose records had not expired
+        by ``now`` (DHT time): a record stands until it expires, and a lookup that timed out on a busy node, or
+        reached only nodes that missed some stores, takes nobody out of the swarm. Servers that left said so in a
+        newer record (OFFLINE, found by this read), and a killed one answers no ping."""
+        if older is None:
+            return self
+        kept = {
+            peer: info
+            for peer, info in older.servers.items()
+            if peer not in self.servers and older.expires.get(peer, float("-inf")) > now
+        }
+        if not kept:
+            return self
+        expires = {**{peer: older.expires[peer] for peer in kept}, **self.expires}
+        return dataclasses.replace(self, servers={**kept, **self.servers}, expires=expires)
 
     def online(self) -> dict[str, ServerInfo]:
         return {peer: info for peer, info in self.servers.items() if info.state == ServerState.ONLINE}

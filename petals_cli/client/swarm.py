@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Collection, Coroutine
 from typing import Any, TypeVar
 
+from hivemind.utils import get_dht_time
+
 from petals_cli import routing, security, transport
 from petals_cli.config import ClientConfig
 from petals_cli.dht import fetch_snapshot, probe_server, rejoin, start_dht
@@ -31,7 +33,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 START_RETRY = 1.0  # seconds between tries to join a swarm whose initial peers do not answer
 START_GRACE = 10.0  # beyond connect_timeout, for the last try to finish and say why it failed
-EMPTY_READ_GRACE = 60.0  # seconds a snapshot stands in for reads that find no server at all (see _read_snapshot)
 PLACEMENTS_KEPT = 60.0  # seconds a placement is remembered (a server unread for that long is not routed through)
 
 
@@ -155,16 +156,13 @@ class SwarmClient:
                 await asyncio.sleep(self.config.snapshot_refresh)
 
     async def _read_snapshot(self, prefix: str, num_blocks: int) -> SwarmSnapshot:
-        """Read the swarm now. A read that finds no server at all while the last one, under ``EMPTY_READ_GRACE``
-        seconds old, found some is taken for a failed read (DHT lookups timing out on an overloaded machine or
-        link) and the last snapshot is kept: its servers are pinged like any others, so dead ones are still left out.
-        (Seen in the 40-server benchmark: thousands of generations failed with "no server announces any block".)"""
-        snapshot = await fetch_snapshot(self.node, prefix, num_blocks)
-        read_at, last = self._snapshots.get(prefix, (float("-inf"), None))
-        age = time.monotonic() - read_at
-        if not snapshot.servers and last is not None and last.servers and age < EMPTY_READ_GRACE:
-            logger.debug("a read of %s found no server; keeping the snapshot of %.0fs ago", prefix, age)
-            return last
+        """Read the swarm now, keeping each server of the last snapshot that this read missed until its record
+        expires (``SwarmSnapshot.merged_with``): on an overloaded machine or link, DHT lookups time out and come
+        back with some servers or none (seen in the 40-server benchmark: hundreds of generations failed with "no
+        server announces any block" or with blocks missing). The servers kept are pinged like any others, so dead
+        ones are still left out."""
+        _, last = self._snapshots.get(prefix, (float("-inf"), None))
+        snapshot = (await fetch_snapshot(self.node, prefix, num_blocks)).merged_with(last, get_dht_time())
         self._snapshots[prefix] = (time.monotonic(), snapshot)
         return snapshot
 

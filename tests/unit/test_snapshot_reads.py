@@ -1,22 +1,45 @@
-"""A client's reads of the swarm: one that finds no server at all, soon after one that found some, is a failed read
-(DHT lookups timing out under load) and the last snapshot stands; after ``EMPTY_READ_GRACE`` an empty swarm is
-believed. The DHT is replaced by the reads it returns, in turn."""
+"""A client's reads of the swarm: a server that a read missed stays in the client's snapshot until its record
+expires (DHT lookups time out under load and come back with some servers or none); a newer record replaces an
+older one. ``SwarmSnapshot.merged_with`` alone, then through a client whose DHT is replaced by the reads it
+returns, in turn."""
 
 import asyncio
-import time
+
+from hivemind.utils import get_dht_time
 
 from petals_cli.client import swarm as client_swarm
-from petals_cli.client.swarm import EMPTY_READ_GRACE, SwarmClient
+from petals_cli.client.swarm import SwarmClient
 from petals_cli.wire import ServerInfo, ServerState, SwarmSnapshot
 
 
-def snapshot(**servers):
-    return SwarmSnapshot(prefix="m", num_blocks=4, servers=servers)
+def record(start=0, end=4, state=ServerState.ONLINE):
+    return ServerInfo(state=state, start_block=start, end_block=end, version="t")
 
 
-def test_an_empty_read_soon_after_a_full_one_keeps_the_full_one_then_an_old_one_gives_way(monkeypatch):
-    full = snapshot(a=ServerInfo(state=ServerState.ONLINE, start_block=0, end_block=4, version="t"))
-    reads = [full, snapshot(), snapshot(), snapshot(b=full.servers["a"])]
+def snapshot(expiring_at: float = 0.0, **servers):
+    return SwarmSnapshot(prefix="m", num_blocks=4, servers=servers, expires={peer: expiring_at for peer in servers})
+
+
+def test_a_missed_server_stays_until_its_record_expires_and_a_newer_record_wins():
+    older = snapshot(100.0, a=record(0, 2), b=record(2, 4))
+    partial = snapshot(150.0, a=record(0, 4))  # a moved to 0:4; b's record was not found
+    merged = partial.merged_with(older, now=90.0)
+    assert merged.servers == {"a": record(0, 4), "b": record(2, 4)} and merged.expires == {"a": 150.0, "b": 100.0}
+    assert set(partial.merged_with(older, now=100.5).servers) == {"a"}  # b's record has expired
+    assert snapshot().merged_with(older, now=90.0).servers == older.servers  # an empty read: nobody is lost
+    assert partial.merged_with(None, now=90.0) is partial
+    leaving = snapshot(160.0, b=record(2, 4, ServerState.OFFLINE))  # a server that left says so in a newer record
+    assert leaving.merged_with(older, now=90.0).servers["b"].state == ServerState.OFFLINE
+
+
+def test_a_client_keeps_servers_that_its_reads_miss_until_their_records_expire(monkeypatch):
+    now = get_dht_time()
+    reads = [
+        snapshot(now + 60, a=record(0, 2), b=record(2, 4)),
+        snapshot(),  # a lookup that timed out everywhere
+        snapshot(now + 60, a=record(0, 2)),  # one that missed b
+        snapshot(now + 70, c=record(2, 4)),
+    ]
 
     async def fetch(node, prefix, num_blocks):
         return reads.pop(0)
@@ -24,10 +47,9 @@ def test_an_empty_read_soon_after_a_full_one_keeps_the_full_one_then_an_old_one_
     monkeypatch.setattr(client_swarm, "fetch_snapshot", fetch)
     client = SwarmClient.__new__(SwarmClient)
     client.node, client._snapshots = None, {}
-    assert asyncio.run(client._read_snapshot("m", 4)) is full
-    assert asyncio.run(client._read_snapshot("m", 4)) is full  # a failed read: the last one stands
+    assert set(asyncio.run(client._read_snapshot("m", 4)).servers) == {"a", "b"}
+    assert set(asyncio.run(client._read_snapshot("m", 4)).servers) == {"a", "b"}
+    assert set(asyncio.run(client._read_snapshot("m", 4)).servers) == {"a", "b"}
     read_at, kept = client._snapshots["m"]
-    client._snapshots["m"] = (read_at - EMPTY_READ_GRACE - 1, kept)  # the last full read is now too old
-    assert asyncio.run(client._read_snapshot("m", 4)).servers == {}  # believed: nobody serves any more
-    assert set(asyncio.run(client._read_snapshot("m", 4)).servers) == {"b"}
-    assert time.monotonic() - client._snapshots["m"][0] < 1
+    client._snapshots["m"] = (read_at, snapshot(now - 1, **kept.servers))  # their records have expired meanwhile
+    assert set(asyncio.run(client._read_snapshot("m", 4)).servers) == {"c"}
