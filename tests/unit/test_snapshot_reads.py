@@ -53,3 +53,33 @@ def test_a_client_keeps_servers_that_its_reads_miss_until_their_records_expire(m
     read_at, kept = client._snapshots["m"]
     client._snapshots["m"] = (read_at, snapshot(now - 1, **kept.servers))  # their records have expired meanwhile
     assert set(asyncio.run(client._read_snapshot("m", 4)).servers) == {"c"}
+
+
+def test_sessions_asking_for_a_fresh_read_at_once_share_one_read(monkeypatch):
+    from petals_cli.config import ClientConfig
+
+    calls = []
+
+    async def fetch(node, prefix, num_blocks):
+        calls.append(prefix)
+        await asyncio.sleep(0.05)
+        return snapshot(get_dht_time() + 60, a=record(0, 4, ServerState.JOINING))  # nobody to ping
+
+    monkeypatch.setattr(client_swarm, "fetch_snapshot", fetch)
+    client = SwarmClient.__new__(SwarmClient)
+    client.node, client._snapshots, client._reading, client._refreshers = None, {}, {}, {}
+    client.config = ClientConfig(
+        initial_peers=("/ip4/127.0.0.1/tcp/1/p2p/QmcCGfYUEkD5QWVq2VQ2uVkdE6xSZ9yVxq5hTExFkZotD1",)
+    )
+
+    async def many():
+        reads = await asyncio.gather(*(client.snapshot("m", 4, max_age=0) for _ in range(25)))
+        first = len(calls)
+        await client.snapshot("m", 4, max_age=0)  # asked after that read ended: a read of its own
+        for task in client._refreshers.values():
+            task.cancel()
+        return reads, first
+
+    reads, first = asyncio.run(many())
+    assert first == 1 and len(calls) == 2
+    assert all(read is reads[0] for read in reads)
