@@ -102,6 +102,13 @@ class ServerError(PetalsError):
     exit_code = 8
 
 
+class BlocksNotHeldError(ServerError):
+    """The server does not hold the blocks asked for: it moved to others since the client read its record. Clients
+    route those blocks elsewhere (as for any ServerError; older clients read it as one)."""
+
+    hint = "the server moved to other blocks; the client routes around it"
+
+
 class SessionLengthError(PetalsError):
     """An inference session was asked to go past its max_length."""
 
@@ -156,6 +163,7 @@ WIRE_ERRORS: dict[str, type[PetalsError]] = {
         ProtocolMismatchError,
         CacheExhaustedError,
         ServerError,
+        BlocksNotHeldError,
         SessionLengthError,
         SessionExpiredError,
         PeerLimitError,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from petals_cli import compat
-from petals_cli.errors import UnsupportedModelError
+from petals_cli.errors import BlocksNotHeldError, UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ class SpanRunner(nn.Module):
         """
         from petals_cli.families.kv_cache import SpanCache, preallocate
 
-        first = start - self.start
+        first = self._relative(start, end)[0]
         cache = SpanCache(self._view(first, end - self.start).config, first=first)
         return cache if capacity is None else preallocate(cache, capacity)
 
@@ -194,7 +194,7 @@ class SpanRunner(nn.Module):
         ``prompts`` (deep prompt tuning), shaped [end - start, prefix, hidden]: before block ``start + i``,
         ``prompts[i]`` is added to the first ``prefix`` positions of every sequence in the batch.
         """
-        first, last = start - self.start, end - self.start
+        first, last = self._relative(start, end)
         view = self._view(first, last)
         kwargs = {}
         if attention_mask is not None:
@@ -237,7 +237,7 @@ class SpanRunner(nn.Module):
         ``position_ids[i]`` [b_i, 1] or None (the next position)."""
         from petals_cli.families.kv_cache import StackedCache
 
-        first, last = start - self.start, end - self.start
+        first, last = self._relative(start, end)
         view = self._view(first, last)
         lengths = [cache.get_seq_length() + 1 for cache in caches]  # after this step
         longest = max(lengths)
@@ -273,6 +273,13 @@ class SpanRunner(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _relative(self, start: int, end: int) -> tuple[int, int]:
+        """Blocks [start, end) as indices into this span's layers; blocks it does not hold are an error (a request
+        checked against the blocks a server held before it moved), never a shorter slice of the layers."""
+        if not self.start <= start < end <= self.end:
+            raise BlocksNotHeldError(f"blocks {start}:{end} are not in this server's {self.start}:{self.end}")
+        return start - self.start, end - self.start
 
     def _view(self, first: int, last: int) -> nn.Module:
         key = (first, last)

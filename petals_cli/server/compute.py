@@ -39,6 +39,9 @@ class SpanCompute:
     def run_group(self, group: list[StepJob]) -> list[torch.Tensor]:
         """The engine's compute: one step alone, or one-token steps of several sessions as one batch."""
         first = group[0]
+        if any(job.span is not None and job.span is not self.span for job in group):
+            # a step accepted before a move and computed after it: its cache belongs to the old blocks
+            raise ServerError("this server moved to other blocks; open a new session")
         with self._lora(first.adapter, first.lora):
             if len(group) == 1:
                 output = self.span(

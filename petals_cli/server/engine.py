@@ -52,6 +52,7 @@ class StepJob:
     batchable: bool = False  # a one-token step whose cache and model allow batching with others
     chunkable: bool = False  # a long step (a prompt) that may be computed in chunks, in order, through the cache
     future: asyncio.Future | None = None
+    span: Any = None  # the blocks (SpanRunner) its session was opened on: its cache belongs to them
 
     def chunks(self, size: int) -> list[StepJob]:
         """This step as consecutive steps of at most ``size`` tokens (the same session, cache and outcome)."""
@@ -68,7 +69,8 @@ class StepJob:
 
     @property
     def group_key(self) -> tuple:
-        return (self.blocks, self.adapter, self.lora)  # a client's LoRA compares by identity: one session only
+        # a client's LoRA and the span compare by identity: one session's weights; the blocks a cache belongs to
+        return (self.blocks, self.adapter, self.lora, id(self.span))
 
 
 def plan(jobs: list[StepJob], max_batch: int = MAX_BATCH) -> tuple[list[list[StepJob]], list[StepJob]]:

@@ -214,6 +214,7 @@ class BlockHandler:
             lambda: span.make_cache(request.start_block, request.end_block, capacity=request.max_length),
             lora,
         )
+        session.span = span  # a move while it was being opened leaves it on blocks no longer computed with
         session.batchable = span.can_batch(session.cache)  # standard blocks, full-attention cache
         return session
 
@@ -221,7 +222,7 @@ class BlockHandler:
         """Apply a step from the client's stream (a message) or pushed by the previous server (a checked Step);
         the answer always goes to the client, and the output on to the next server when the step says so. A
         second copy of the step applied last (both pushed and relayed) is dropped: None, no answer."""
-        if session.moved:
+        if session.moved or session.span is not self.span:
             session.broken = True
             return transport.error_response(ServerError("this server moved to other blocks; open a new session"))
         try:

@@ -50,6 +50,7 @@ class ServerSession:
     batchable: bool = False  # its cache and model let its one-token steps join batches
     last_step: Step | None = None  # the step applied last (see ``repeats``)
     lora: Any = None  # the LoRA weights its client sent when opening it (adapters.RequestLora), for every step
+    span: Any = None  # the blocks (SpanRunner) it was opened on; after a move the server computes with others
     # its client's messages and steps pushed to it; bounded, so a client that sends without waiting is held back
     inbox: asyncio.Queue = dataclasses.field(default_factory=lambda: asyncio.Queue(INBOX_SIZE))
 
@@ -80,6 +81,7 @@ class ServerSession:
             position_ids=positions,
             prompts=prompts,
             lora=self.lora,
+            span=self.span,
         )
         if prompts is None and self.batchable:
             job.batchable = tokens == 1 and self.lora is None  # one session's own weights: never in a batch

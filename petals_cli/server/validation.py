@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from petals_cli.errors import InvalidRequestError, PeerLimitError, RequestTooLargeError
+from petals_cli.errors import BlocksNotHeldError, InvalidRequestError, PeerLimitError, RequestTooLargeError
 from petals_cli.step import Step
 from petals_cli.wire import SpanRequest
 
@@ -45,8 +45,10 @@ def check_span_request(data: Any, prefix: str, held: tuple[int, int]) -> SpanReq
     if len(request.prefix) > MAX_PREFIX_LENGTH or request.prefix != prefix:
         raise InvalidRequestError(f"this server hosts {prefix!r}, not {request.prefix[:MAX_PREFIX_LENGTH]!r}")
     start, end = held
+    if not 0 <= request.start_block < request.end_block:
+        raise InvalidRequestError(f"blocks {request.start_block}:{request.end_block} are not a range of blocks")
     if not start <= request.start_block < request.end_block <= end:
-        raise InvalidRequestError(
+        raise BlocksNotHeldError(
             f"blocks {request.start_block}:{request.end_block} are not within this server's {start}:{end}"
         )
     check_lora_request(request)

@@ -53,6 +53,7 @@ REFUSALS = {
     "RequestTooLargeError",
     "SessionLengthError",
     "CacheExhaustedError",
+    "BlocksNotHeldError",  # blocks beyond the server's span: a record read before it moved, or a hostile one
     "PeerLimitError",
 }
 # The server closed the stream without answering: right only for bytes that are not a stream frame (a peer that does

@@ -233,3 +233,34 @@ def test_a_session_rewound_to_an_earlier_position_computes_exactly_what_a_fresh_
     assert torch.equal(output, expected)
     assert rewound.position == fresh.position == rewound.cache.get_seq_length() == 7
     assert float((one_batched - one_alone).abs().max()) <= 1e-5 * float(one_alone.abs().max())
+
+
+def test_a_step_of_a_session_opened_before_a_move_fails_instead_of_running_on_the_new_blocks(span, tmp_path):
+    """A server moving from blocks 1:4 to 0:3 while a session of 1:4 has a step queued: the step must not run on
+    the new span (its layers 1:3 with a cache made for 1:4, or a shorter slice of them), it fails and the client
+    opens a new session; a request for blocks the new span lacks is refused, not computed short."""
+    from petals_cli.errors import BlocksNotHeldError, ServerError
+
+    source = resolve_model(str(make_tiny_model(tmp_path / "tiny", "llama", num_layers=4)))
+    moved_to = load_span(source, read_model_config(source), 0, 3, device="cpu", dtype=torch.float32)
+    hidden = torch.randn(1, 3, span.config.hidden_size)
+    request = SpanRequest(PROTOCOL_VERSION, "m", 1, 4, max_length=16)
+    session = ServerSession("s" * 32, request, span.make_cache(1, 4, capacity=16), span=span)
+    compute = SpanCompute(span, KeptGraphs())
+
+    async def run(job):
+        return compute.run_group([job])[0]
+
+    with torch.inference_mode():
+        asyncio.run(session.apply(Step(0, hidden), run, others_open=False))
+        queued = session.job(Step(3, hidden[:, :1]), others_open=False)
+        compute.replace(moved_to)
+        with pytest.raises(ServerError, match="moved to other blocks"):
+            compute.run_group([queued])
+        with pytest.raises(BlocksNotHeldError, match="not in this server.s 0:3"):
+            moved_to(hidden, 1, 4)
+        # a session opened on the new blocks runs there
+        fresh = ServerSession("f" * 32, SpanRequest(PROTOCOL_VERSION, "m", 1, 3, max_length=16),
+                              moved_to.make_cache(1, 3, capacity=16), span=moved_to)  # fmt: skip
+        output = asyncio.run(fresh.apply(Step(0, hidden), run, others_open=False))
+    assert torch.equal(output, moved_to(hidden, 1, 3))
