@@ -83,3 +83,18 @@ def test_sessions_asking_for_a_fresh_read_at_once_share_one_read(monkeypatch):
     reads, first = asyncio.run(many())
     assert first == 1 and len(calls) == 2
     assert all(read is reads[0] for read in reads)
+
+
+def test_liveness_checks_wait_longer_when_every_round_trip_has_grown():
+    from petals_cli.config import ClientConfig
+
+    client = SwarmClient.__new__(SwarmClient)
+    client.config = ClientConfig(
+        initial_peers=("/ip4/127.0.0.1/tcp/1/p2p/QmcCGfYUEkD5QWVq2VQ2uVkdE6xSZ9yVxq5hTExFkZotD1",)
+    )
+    client.rtts = {"a": 0.002, "b": 0.003, "c": 0.02}
+    assert client.liveness_timeout("a") == client.config.liveness_timeout == 0.75  # a quiet network: the floor
+    client.rtts = {"a": 0.5, "b": 0.6, "c": 0.9}  # a saturated machine: every round trip grew
+    assert client.liveness_timeout("a") == 3 * 0.6  # the median
+    assert client.liveness_timeout("c") == 3 * 0.9  # its own, when longer
+    assert client.liveness_timeout("unknown") == 3 * 0.6
