@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from petals_cli import AutoDistributedModelForCausalLM, transport
 from petals_cli.client import SwarmClient
 from petals_cli.config import ClientConfig
-from petals_cli.errors import InvalidRequestError, ProtocolMismatchError
+from petals_cli.errors import BlocksNotHeldError, InvalidRequestError, ProtocolMismatchError
 from petals_cli.testing import make_tiny_model
 from petals_cli.wire import PROTOCOL_VERSION, ServerState, SpanRequest
 from tests.conftest import Swarm, petals_command
@@ -108,12 +108,15 @@ def test_info_rpc_and_typed_errors_for_bad_requests(sharded):
         bad_requests = [
             (SpanRequest(protocol=PROTOCOL_VERSION, **good), [torch.zeros(1, 2, 7)]),  # wrong hidden size
             (SpanRequest(protocol=PROTOCOL_VERSION, **good), [torch.zeros(1, 2, 64, dtype=torch.long)]),
-            (SpanRequest(protocol=PROTOCOL_VERSION, **{**good, "end_block": NUM_LAYERS}), [hidden]),  # not held
             (SpanRequest(protocol=PROTOCOL_VERSION, **{**good, "prefix": "other"}), [hidden]),
         ]
         for request, tensors in bad_requests:
             with pytest.raises(InvalidRequestError):
                 client.run(_raw_forward(client, peer_id, request, tensors))
+        # blocks it does not hold: a ServerError (a client's stale record of it), which clients fail over on
+        not_held = SpanRequest(protocol=PROTOCOL_VERSION, **{**good, "end_block": NUM_LAYERS})
+        with pytest.raises(BlocksNotHeldError, match=f"not within this server's 0:{late_start}"):
+            client.run(_raw_forward(client, peer_id, not_held, [hidden]))
         # The server is still healthy after all of that.
         outputs = client.run(_raw_forward(client, peer_id, SpanRequest(protocol=PROTOCOL_VERSION, **good), [hidden]))
         assert outputs[0].shape == hidden.shape
