@@ -117,12 +117,10 @@ class BlockHandler:
 
     def replace_span(self, span: SpanRunner, adapters: SpanAdapters | None = None) -> None:
         """Serve other blocks from now on (rebalancing). Open sessions end at their next step, with a
-        ServerError their clients fail over on; their caches belong to the old blocks."""
+        ServerError their clients fail over on: their caches belong to the old blocks (``session.span``)."""
         self.span = span
         self.adapters = SpanAdapters() if adapters is None else adapters
         self.compute.replace(span, self.adapters)
-        for session in self.sessions:
-            session.moved = True
 
     def _check_span_request(self, metadata: bytes) -> SpanRequest:
         request = validation.check_span_request(
@@ -222,7 +220,7 @@ class BlockHandler:
         """Apply a step from the client's stream (a message) or pushed by the previous server (a checked Step);
         the answer always goes to the client, and the output on to the next server when the step says so. A
         second copy of the step applied last (both pushed and relayed) is dropped: None, no answer."""
-        if session.moved or session.span is not self.span:
+        if session.span is not self.span:  # opened on blocks this server has moved from
             session.broken = True
             return transport.error_response(ServerError("this server moved to other blocks; open a new session"))
         try:

@@ -46,7 +46,6 @@ class ServerSession:
     position: int = 0
     attention_mask: torch.Tensor | None = None  # [batch, position], once a step has sent padding
     broken: bool = False  # a step failed half-way; the session ends after reporting it
-    moved: bool = False  # the server now holds other blocks: the session ends at its next step
     batchable: bool = False  # its cache and model let its one-token steps join batches
     last_step: Step | None = None  # the step applied last (see ``repeats``)
     lora: Any = None  # the LoRA weights its client sent when opening it (adapters.RequestLora), for every step
