@@ -6,8 +6,12 @@ address: each packet first waits in its sender's uplink (a token bucket behind a
 for the one-way delay (half the round trip), and is then written to the receiver's TUN. Impairments drop packets on
 purpose: a host may lose a share of what it sends and receives (a seeded random stream decides which), and a link
 between two hosts may be cut, or a host isolated, so that nothing passes, packets already in flight included.
-``Wan`` makes and removes the namespaces, the devices and the forwarder, and changes the delay, the bandwidth and
-the impairments while the hosts keep running.
+A host may sit behind a NAT, as behind a home router: its outbound TCP and UDP flows leave from another port of its
+own address (the router's public one), and nothing comes in except replies from the exact endpoints it sent to; a
+``cone`` NAT keeps a flow's public port whatever the destination, so hole punching between two of them succeeds,
+a ``symmetric`` one takes a new port per destination, so it fails (see ``wan_forwarder.Nat``). ``Wan`` makes and
+removes the namespaces, the devices and the forwarder, and changes the delay, the bandwidth, the impairments and the
+NATs while the hosts keep running.
 
 This module owns the network only: it knows nothing about swarms or models, and uses only the standard library,
 since its forwarder (``wan_forwarder.py``) runs as a script without importing the package. Needs root, ``ip``
@@ -28,7 +32,13 @@ import sys
 from dataclasses import dataclass, field
 
 from petals_cli.testing import wan_forwarder
-from petals_cli.testing.wan_forwarder import DEFAULT_BURST, DEFAULT_QUEUE, Impairments
+from petals_cli.testing.wan_forwarder import (
+    DEFAULT_BURST,
+    DEFAULT_NAT_TIMEOUT,
+    DEFAULT_QUEUE,
+    NAT_KINDS,
+    Impairments,
+)
 
 SUBNET = "10.77.0"
 TUNSETIFF = 0x400454CA
@@ -71,7 +81,9 @@ def _ip(*args: str) -> None:
 @dataclass
 class Wan:
     """``hosts`` namespaces named ``<prefix>-h<i>`` and their forwarder; use as a context manager (or ``start``
-    and ``close``, which is safe to call twice and after a partial start)."""
+    and ``close``, which is safe to call twice and after a partial start). ``nat`` puts hosts behind a NAT from
+    the start (``{1: "cone", 2: "symmetric"}``); its mappings expire ``nat_timeout`` seconds after their last
+    packet."""
 
     hosts: int
     mtu: int = 1500
@@ -79,8 +91,16 @@ class Wan:
     seed: int = 0  # seeds which packets the forwarder loses
     namespaces: list[str] = field(default_factory=list)
     forwarder: subprocess.Popen | None = None
+    nat: dict[int, str] = field(default_factory=dict)  # the NAT kind of each host behind one, as last sent
+    nat_timeout: float = DEFAULT_NAT_TIMEOUT
     impairments: Impairments = field(default_factory=Impairments)  # as last sent to the forwarder
     totals: dict = field(default_factory=dict)  # every packet counter of every answer so far, summed
+
+    def __post_init__(self) -> None:
+        for host, kind in self.nat.items():
+            self._check_nat(host, kind)
+        if self.nat_timeout <= 0:
+            raise ValueError(f"a NAT's mappings need a positive timeout, not {self.nat_timeout}")
 
     def namespace(self, index: int) -> str:
         return f"{self.prefix}-h{index}"
@@ -110,6 +130,8 @@ class Wan:
             for fd in fds:  # the forwarder holds its own copies now
                 os.close(fd)
         self.configure()
+        if self.nat:
+            self._send_nat()
         return self
 
     def _make_host(self, index: int) -> int:
@@ -172,6 +194,26 @@ class Wan:
         else:
             cut.discard(frozenset((first, second)))
         return self._impair()
+
+    def set_nat(self, host: int, kind: str | None) -> dict:
+        """Put ``host`` behind a NAT of ``kind`` (``"cone"`` or ``"symmetric"``), or, with None, behind none; a
+        new kind starts without mappings, so the host's open flows break."""
+        if kind is None:
+            self._check_host(host)
+            self.nat.pop(host, None)
+        else:
+            self._check_nat(host, kind)
+            self.nat[host] = kind
+        return self._send_nat()
+
+    def _check_nat(self, host: int, kind: str) -> None:
+        self._check_host(host)
+        if kind not in NAT_KINDS:
+            raise ValueError(f"a NAT is one of {', '.join(NAT_KINDS)}, not {kind!r}")
+
+    def _send_nat(self) -> dict:
+        kinds = {str(host): kind for host, kind in sorted(self.nat.items())}
+        return self._send({"nat": {"kinds": kinds, "timeout": self.nat_timeout}})
 
     def _check_host(self, host: int) -> None:
         if not 0 <= host < self.hosts:

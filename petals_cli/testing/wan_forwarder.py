@@ -2,9 +2,12 @@
 
 Each packet first waits in its sender's uplink (a token bucket behind a bounded drop-tail queue), then for the
 one-way delay (half the round trip), and is then written to the receiver's TUN; impairments drop packets on purpose
-(a host's share of losses, cut links, isolated hosts). ``Wan`` runs this file as a script (``python
-wan_forwarder.py CONFIG``) and sends it commands on its standard input, so it uses only the standard library and
-never imports the package.
+(a host's share of losses, cut links, isolated hosts). A host may sit behind a NAT (``Nat``), a home router whose
+public address is the host's own: it rewrites the TCP and UDP source port of what the host sends and the
+destination port of what comes back, and drops what arrives unasked; a packet between two NATed hosts leaves
+through the sender's NAT when it is read and enters the receiver's when it is delivered. ``Wan`` runs this file as
+a script (``python wan_forwarder.py CONFIG``) and sends it commands on its standard input, so it uses only the
+standard library and never imports the package.
 """
 
 from __future__ import annotations
@@ -108,6 +111,137 @@ class Impairments:
         )
 
 
+TCP, UDP = 6, 17
+NAT_KINDS = ("cone", "symmetric")
+DEFAULT_NAT_TIMEOUT = 120.0  # seconds a mapping lives without traffic either way
+FIRST_PUBLIC_PORT = 61000  # a NAT hands out ports from here up, then wraps round to LOWEST_PUBLIC_PORT
+LOWEST_PUBLIC_PORT = 1024
+
+
+def transport_start(packet: bytes) -> int | None:
+    """Where the TCP or UDP header of an IPv4 packet starts, or None for a fragment or a truncated packet (whose
+    ports cannot be read); the caller has checked the protocol."""
+    if packet[6] & 0x3F or packet[7]:  # more fragments follow, or this one is not the first
+        return None
+    start = (packet[0] & 0x0F) * 4
+    return start if start >= 20 and len(packet) >= start + (20 if packet[9] == TCP else 8) else None
+
+
+def adjusted_checksum(checksum: int, old: int, new: int) -> int:
+    """An Internet checksum after one 16-bit word it covers changed from ``old`` to ``new`` (RFC 1624, eqn. 3)."""
+    total = (~checksum & 0xFFFF) + (~old & 0xFFFF) + new
+    total = (total & 0xFFFF) + (total >> 16)
+    total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def with_port(packet: bytes, start: int, at: int, port: int) -> bytearray:
+    """A copy of a TCP or UDP packet whose port at ``start + at`` (0: source, 2: destination) is ``port``, its
+    checksum updated; a UDP checksum of 0 (none) stays 0."""
+    out = bytearray(packet)
+    where = start + at
+    old = (out[where] << 8) | out[where + 1]
+    out[where : where + 2] = port.to_bytes(2, "big")
+    where = start + (16 if out[9] == TCP else 6)
+    checksum = (out[where] << 8) | out[where + 1]
+    if checksum or out[9] == TCP:
+        checksum = adjusted_checksum(checksum, old, port)
+        if checksum == 0 and out[9] == UDP:  # 0 would mean "no checksum": one's complement zero has two forms
+            checksum = 0xFFFF
+        out[where : where + 2] = checksum.to_bytes(2, "big")
+    return out
+
+
+@dataclass
+class NatMapping:
+    """One public port of a NAT: the private port behind it and the remote endpoints (address, port) it was used
+    to reach, the only ones let in through it."""
+
+    protocol: int
+    private_port: int
+    public_port: int
+    key: tuple
+    used: float  # when traffic last passed either way
+    remotes: set[tuple[bytes, int]] = field(default_factory=set)
+
+
+class Nat:
+    """A home router in front of one host, on the host's own address. ``cone`` maps one public port per private
+    port and protocol whatever the destination (endpoint-independent mapping); ``symmetric`` maps a new one per
+    destination endpoint. Both filter by address and port: a packet comes in only through a mapping that sent to
+    exactly its source endpoint, so hole punching works between two cones (each sends to the endpoint that a third
+    host saw) and fails when either side is symmetric. A mapping lives ``timeout`` seconds after the last packet
+    through it, either way, and lets in every remote it reached as long; TCP FIN and RST do not end it. Only
+    unfragmented TCP and UDP are translated: other protocols (ICMP) leave untranslated and never come in, and
+    fragments are dropped. Time is an argument."""
+
+    def __init__(self, kind: str, timeout: float = DEFAULT_NAT_TIMEOUT):
+        if kind not in NAT_KINDS:
+            raise ValueError(f"a NAT is one of {NAT_KINDS}, not {kind!r}")
+        self.kind, self.timeout = kind, timeout
+        self.outbound: dict[tuple, NatMapping] = {}  # by (protocol, private port[, remote address, remote port])
+        self.inbound: dict[tuple[int, int], NatMapping] = {}  # by (protocol, public port)
+        self._cursor = FIRST_PUBLIC_PORT
+        self._next_sweep = 0.0
+
+    def send(self, packet: bytes, now: float) -> bytes | bytearray | None:
+        """``packet`` from the host as it leaves the NAT, or None if the NAT drops it."""
+        protocol = packet[9]
+        if protocol != TCP and protocol != UDP:
+            return packet
+        start = transport_start(packet)
+        if start is None:
+            return None
+        private_port = (packet[start] << 8) | packet[start + 1]
+        remote = (bytes(packet[16:20]), (packet[start + 2] << 8) | packet[start + 3])
+        key = (protocol, private_port) if self.kind == "cone" else (protocol, private_port, remote)
+        mapping = self.outbound.get(key)
+        if mapping is None or mapping.used + self.timeout < now:
+            mapping = self._map(key, protocol, private_port, now)
+            if mapping is None:
+                return None
+        mapping.used = now
+        mapping.remotes.add(remote)
+        return with_port(packet, start, 0, mapping.public_port)
+
+    def receive(self, packet: bytes, now: float) -> bytes | bytearray | None:
+        """``packet`` for the host as it passes the NAT, or None if the NAT drops it."""
+        protocol = packet[9]
+        if protocol != TCP and protocol != UDP:
+            return None
+        start = transport_start(packet)
+        if start is None:
+            return None
+        mapping = self.inbound.get((protocol, (packet[start + 2] << 8) | packet[start + 3]))
+        if mapping is None or mapping.used + self.timeout < now:
+            return None
+        if (bytes(packet[12:16]), (packet[start] << 8) | packet[start + 1]) not in mapping.remotes:
+            return None
+        mapping.used = now
+        return with_port(packet, start, 2, mapping.private_port)
+
+    def _map(self, key: tuple, protocol: int, private_port: int, now: float) -> NatMapping | None:
+        """A new mapping for ``key`` (replacing an expired one), or None when every public port is taken."""
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.timeout
+            for expired in [mapping for mapping in self.inbound.values() if mapping.used + self.timeout < now]:
+                self._forget(expired)
+        if key in self.outbound:
+            self._forget(self.outbound[key])
+        for _ in range(65536 - LOWEST_PUBLIC_PORT):
+            port = self._cursor
+            self._cursor = port + 1 if port < 65535 else LOWEST_PUBLIC_PORT
+            if port != private_port and (protocol, port) not in self.inbound:
+                mapping = NatMapping(protocol, private_port, port, key, now)
+                self.outbound[key] = self.inbound[(protocol, port)] = mapping
+                return mapping
+        return None
+
+    def _forget(self, mapping: NatMapping) -> None:
+        self.outbound.pop(mapping.key, None)
+        self.inbound.pop((mapping.protocol, mapping.public_port), None)
+
+
 @dataclass
 class ForwarderStats:
     packets: int = 0
@@ -115,6 +249,7 @@ class ForwarderStats:
     queue_drops: int = 0
     loss_drops: int = 0  # lost on purpose (``Impairments.loss``)
     partition_drops: int = 0  # dropped on a cut link or at an isolated host, in flight included
+    nat_drops: int = 0  # dropped by a host's NAT: unasked inbound packets, fragments, no public port left
     unroutable: int = 0
     write_errors: int = 0
     lateness_sum: float = 0.0
@@ -130,6 +265,7 @@ class ForwarderStats:
             "queue_drops": self.queue_drops,
             "loss_drops": self.loss_drops,
             "partition_drops": self.partition_drops,
+            "nat_drops": self.nat_drops,
             "unroutable": self.unroutable,
             "write_errors": self.write_errors,
             "late_ms_mean": round(1000 * self.lateness_sum / max(self.packets, 1), 3),
@@ -140,7 +276,7 @@ class ForwarderStats:
 
 class Forwarder:
     """Routes packets between TUN descriptors by destination address, with per-uplink bandwidth, a delay and
-    impairments (``seed`` seeds the stream that decides which packets are lost)."""
+    impairments, and NATs in front of some hosts (``seed`` seeds the stream that decides which packets are lost)."""
 
     def __init__(self, fds: list[int], addresses: list[str], seed: int = 0):
         self.fds = fds
@@ -148,6 +284,7 @@ class Forwarder:
         self.one_way = 0.0
         self.uplinks = [Uplink() for _ in fds]
         self.impairments = Impairments()
+        self.nat: dict[int, Nat] = {}  # by host, for the hosts behind one
         self.rng = random.Random(seed)
         # heap of (release at, sequence, source, target, packet)
         self.pending: list[tuple[float, int, int, int, bytes]] = []
@@ -166,12 +303,23 @@ class Forwarder:
         """Drop from now on what ``impairments`` say (replacing the previous ones); delay and bandwidth stay."""
         self.impairments = impairments
 
+    def set_nat(self, kinds: dict[int, str], timeout: float = DEFAULT_NAT_TIMEOUT) -> None:
+        """Put the hosts of ``kinds`` (and only those) behind a NAT of that kind; a host whose NAT stays the same
+        keeps its mappings, one whose NAT changes starts with none."""
+        kept = {host: nat for host, nat in self.nat.items() if kinds.get(host) == nat.kind and nat.timeout == timeout}
+        self.nat = {host: kept.get(host) or Nat(kind, timeout) for host, kind in kinds.items()}
+
     def command(self, command: dict) -> dict:
-        """Apply one control message (``{"impair": {...}}`` or configure's arguments); the counters since the last
-        one, which start again from zero."""
+        """Apply one control message (``{"impair": {...}}``, ``{"nat": {"kinds": {host: kind}, "timeout": s}}`` or
+        configure's arguments); the counters since the last one, which start again from zero."""
         report = self.stats.report()
         if "impair" in command:
             self.impair(Impairments.from_json(command["impair"]))
+            self.stats = ForwarderStats()
+        elif "nat" in command:
+            nat = command["nat"]
+            kinds = {int(host): kind for host, kind in nat.get("kinds", {}).items()}
+            self.set_nat(kinds, float(nat.get("timeout", DEFAULT_NAT_TIMEOUT)))
             self.stats = ForwarderStats()
         else:
             self.configure(**command)
@@ -179,7 +327,7 @@ class Forwarder:
 
     def take(self, source: int) -> None:
         """Read what waits on ``source``'s TUN and schedule each packet's release."""
-        fd, uplink = self.fds[source], self.uplinks[source]
+        fd, uplink, nat = self.fds[source], self.uplinks[source], self.nat.get(source)
         for _ in range(READ_BATCH):
             try:
                 packet = os.read(fd, MAX_PACKET)
@@ -189,6 +337,11 @@ class Forwarder:
             if target is None:
                 self.stats.unroutable += 1
                 continue
+            if nat is not None:  # the host's own router, before anything on the wire
+                packet = nat.send(packet, time.monotonic())
+                if packet is None:
+                    self.stats.nat_drops += 1
+                    continue
             if self.impairments.blocks(source, target):
                 self.stats.partition_drops += 1
                 continue
@@ -204,12 +357,17 @@ class Forwarder:
     def release(self) -> None:
         """Write every packet whose time has come to its target's TUN."""
         now = time.monotonic()
-        stats = self.stats
+        stats, nat = self.stats, self.nat
         while self.pending and self.pending[0][0] <= now + RELEASE_SLACK:
             due, _, source, target, packet = heapq.heappop(self.pending)
             if self.impairments.blocks(source, target):  # cut while in flight: lost on the wire
                 stats.partition_drops += 1
                 continue
+            if nat and target in nat:  # the receiver's router decides when the packet reaches it
+                packet = nat[target].receive(packet, now)
+                if packet is None:
+                    stats.nat_drops += 1
+                    continue
             try:
                 os.write(self.fds[target], packet)
             except OSError:  # the receiver's queue is full or its device is gone: the packet is lost
