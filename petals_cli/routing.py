@@ -109,21 +109,26 @@ def with_live_load(snapshot: SwarmSnapshot, live: Mapping[str, ServerInfo]) -> S
     return replace(snapshot, servers=servers)
 
 
-def expected_step_seconds(info: ServerInfo, blocks: int, placed: int = 0) -> float:
+def expected_step_seconds(info: ServerInfo, blocks: int, placed: int = 0, num_blocks: int = 0) -> float:
     """Expected seconds of one more session's one-token step through ``blocks`` blocks of this server, waiting
     included::
 
         service = max(blocks / inference_rps, step_seconds * blocks / span_length)
-        expected = service * (1 + (max(sessions, queue_length) + placed) / batch_capacity)
+        share = span_length / num_blocks   (1 without num_blocks, or for a server of the whole model)
+        expected = service * (1 + max(queue_length, (sessions + placed) * share) / batch_capacity)
 
     ``service`` is the step alone at its idle speed, or as slow as its recent steps ran under the current load
-    (a batch of several sessions costs more than one). Each open session (or waiting step, when more) takes a
-    slot of a batch: ``capacity`` sessions in a row cost one more step's time. ``placed`` counts the sessions
-    this client routed through the server since it last read that server's load. A server that announces none of
-    these figures (an older one) costs ``blocks / inference_rps`` as under the idle rule."""
+    (a batch of several sessions costs more than one). A session open here spends only part of its step cycle here
+    (the rest on the other hops of its route): about ``share`` of it, so that many of the open sessions (or the
+    steps waiting now, when more) are expected to be ahead of a new step, and each batch of ``capacity`` of them
+    costs one more step's time. ``placed`` counts the sessions this client routed through the server since it last
+    read that server's load. A server that announces none of these figures (an older one) costs
+    ``blocks / inference_rps`` as under the idle rule."""
     idle = blocks * block_seconds(info, inference=True)
-    recent = info.step_seconds * blocks / max(1, info.end_block - info.start_block)
-    load = max(info.sessions, info.queue_length) + max(0, placed)
+    span_length = max(1, info.end_block - info.start_block)
+    recent = info.step_seconds * blocks / span_length
+    share = min(1.0, span_length / num_blocks) if num_blocks > 0 else 1.0
+    load = max(info.queue_length, (info.sessions + max(0, placed)) * share)
     return max(idle, recent) * (1 + load / max(1, info.batch_capacity))
 
 
@@ -146,16 +151,18 @@ def route_seconds(
     rtts, placed = rtts or {}, placed or {}
     return sum(
         rtts.get(span.peer_id, DEFAULT_RTT)
-        + expected_step_seconds(snapshot.servers[span.peer_id], span.end - span.start, placed.get(span.peer_id, 0))
+        + expected_step_seconds(
+            snapshot.servers[span.peer_id], span.end - span.start, placed.get(span.peer_id, 0), snapshot.num_blocks
+        )
         for span in route
     )
 
 
-def staying_seconds(info: ServerInfo, span: RouteSpan, rtt: float) -> float:
+def staying_seconds(info: ServerInfo, span: RouteSpan, rtt: float, num_blocks: int = 0) -> float:
     """Expected seconds of the next step of a session already open on ``span``'s server (described by ``info``):
     that server's open sessions include this one, which ``expected_step_seconds`` would count twice."""
     mine_removed = replace(info, sessions=max(0, info.sessions - 1))
-    return rtt + expected_step_seconds(mine_removed, span.end - span.start)
+    return rtt + expected_step_seconds(mine_removed, span.end - span.start, num_blocks=num_blocks)
 
 
 def inference_route(
@@ -196,7 +203,7 @@ def inference_route(
     def compute_seconds(peer: str, info: ServerInfo, blocks: int) -> float:
         if rule == "idle":
             return blocks * block_seconds(info, inference=True)
-        return expected_step_seconds(info, blocks, placed.get(peer, 0))
+        return expected_step_seconds(info, blocks, placed.get(peer, 0), snapshot.num_blocks)
 
     def client_rtt(peer: str) -> float:
         return rtts.get(peer, DEFAULT_RTT)

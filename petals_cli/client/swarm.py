@@ -330,7 +330,8 @@ class SwarmClient:
         info = live.servers.get(span.peer_id)
         if info is None or span.peer_id not in self.live:
             return None
-        staying = routing.staying_seconds(info, span, self.rtts.get(span.peer_id, routing.DEFAULT_RTT))
+        rtt = self.rtts.get(span.peer_id, routing.DEFAULT_RTT)
+        staying = routing.staying_seconds(info, span, rtt, live.num_blocks)
         banned = self._avoided(snapshot, (span.peer_id,))
         placed = self.placed()
         try:

@@ -116,7 +116,26 @@ def test_a_session_staying_on_its_server_does_not_count_itself_twice_and_a_route
     snapshot = swarm(a=server(0, 2, rps=100.0), b=server(2, 4, rps=50.0))
     route = [RouteSpan("a", 0, 2), RouteSpan("b", 2, 4)]
     seconds = route_seconds(snapshot, route, rtts={"a": 0.01, "b": 0.02}, placed={"b": 1})
-    assert seconds == pytest.approx((0.01 + 2 / 100) + (0.02 + 2 / 50 * 2))  # b's one placed session: 1 + 1/1
+    # b's one placed session, on a server of half the model (it spends about half its cycle there): 1 + 1/2 / 1
+    assert seconds == pytest.approx((0.01 + 2 / 100) + (0.02 + 2 / 50 * 1.5))
+
+
+def test_open_sessions_weigh_by_the_share_of_the_model_the_server_holds():
+    # a server of 4 blocks of 16 with 8 sessions open: each spends about a quarter of its cycle there, so about 2 are
+    # ahead of a new step (capacity 1): 3 steps' time, not 9
+    quarter = server(0, 4, sessions=8, step=0.1, capacity=1)
+    assert expected_step_seconds(quarter, 4, num_blocks=16) == pytest.approx(0.1 * (1 + 8 / 4))
+    assert expected_step_seconds(quarter, 4) == pytest.approx(0.1 * (1 + 8))  # no model size: every session counts
+    # the steps waiting now count in full when more
+    waiting = server(0, 4, sessions=8, queue=5, step=0.1, capacity=1)
+    assert expected_step_seconds(waiting, 4, num_blocks=16) == pytest.approx(0.1 * (1 + 5))
+    # the route's choice: a fast server of a quarter of the model with 6 sessions beats an idle one 3 times slower,
+    # which it would not if all 6 sessions were counted as waiting there
+    fast, slow = server(0, 4, rps=300.0, sessions=6, step=4 / 300, capacity=2), server(0, 4, rps=100.0)
+    snapshot = SwarmSnapshot(prefix="m", num_blocks=16, servers={"fast": fast, "slow": slow})
+    assert peers(inference_route(snapshot, 0, 4, rtts=RTTS)) == ["fast"]
+    whole = SwarmSnapshot(prefix="m", num_blocks=4, servers={"fast": fast, "slow": slow})
+    assert peers(inference_route(whole, 0, 4, rtts=RTTS)) == ["slow"]
 
 
 def test_a_server_where_this_client_holds_its_per_peer_cap_takes_no_more_of_its_sessions():
