@@ -1,11 +1,12 @@
 """An emulated wide-area network on one machine: hosts in network namespaces joined by a user-space forwarder.
 
-Each host is a network namespace with loopback and one TUN device addressed ``10.77.0.(i+1)/24``. One forwarder
-process in the root namespace holds every TUN's file descriptor and moves IPv4 packets between them by destination
-address: each packet first waits in its sender's uplink (a token bucket behind a bounded drop-tail queue), then
-for the one-way delay (half the round trip), and is then written to the receiver's TUN. Impairments drop packets on
-purpose: a host may lose a share of what it sends and receives (a seeded random stream decides which), and a link
-between two hosts may be cut, or a host isolated, so that nothing passes, packets already in flight included.
+Each host is a network namespace with loopback and one TUN device addressed ``10.77.0.(i+1)/24`` (or another
+``subnet``). One forwarder process in the root namespace holds every TUN's file descriptor and moves IPv4 packets
+between them by destination address: each packet first waits in its sender's uplink (a token bucket behind a
+bounded drop-tail queue), then for the one-way delay (half the round trip), and is then written to the receiver's
+TUN. Impairments drop packets on purpose: a host may lose a share of what it sends and receives (a seeded random
+stream decides which), and a link between two hosts may be cut, or a host isolated, so that nothing passes,
+packets already in flight included.
 A host may sit behind a NAT, as behind a home router: its outbound TCP and UDP flows leave from another port of its
 own address (the router's public one), and nothing comes in except replies from the exact endpoints it sent to; a
 ``cone`` NAT keeps a flow's public port whatever the destination, so hole punching between two of them succeeds,
@@ -87,6 +88,7 @@ class Wan:
 
     hosts: int
     mtu: int = 1500
+    subnet: str = SUBNET  # the hosts' /24: libp2p treats private ranges (the default) as never publicly reachable
     prefix: str = field(default_factory=lambda: f"pwan{os.getpid()}")
     seed: int = 0  # seeds which packets the forwarder loses
     namespaces: list[str] = field(default_factory=list)
@@ -106,7 +108,7 @@ class Wan:
         return f"{self.prefix}-h{index}"
 
     def address(self, index: int) -> str:
-        return f"{SUBNET}.{index + 1}"
+        return f"{self.subnet}.{index + 1}"
 
     def exec_prefix(self, index: int) -> list[str]:
         """Prepend to a command to run it on host ``index``."""

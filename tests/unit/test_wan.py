@@ -360,8 +360,10 @@ def _connects(network: Wan, source: int, target: int, port: int) -> bool:
 
 
 @pytest.mark.skipif(wan.unavailable() is not None, reason=f"an emulated WAN {wan.unavailable()}")
-def test_a_partition_between_real_namespaces_cuts_and_heals():
-    with Wan(hosts=3, prefix=f"pwt{time.monotonic_ns() % 100000}") as network:
+@pytest.mark.parametrize("subnet", ["10.77.0", "11.77.0"])  # private, and public-looking (libp2p relays, AutoNAT)
+def test_a_partition_between_real_namespaces_cuts_and_heals(subnet):
+    with Wan(hosts=3, subnet=subnet, prefix=f"pwt{time.monotonic_ns() % 100000}") as network:
+        assert network.address(2) == f"{subnet}.3"
         listener_code = (
             "import socket, time\n"
             f"s = socket.create_server(('{network.address(1)}', 7070))\n"
