@@ -53,7 +53,7 @@ def run_bootstrap(config: BootstrapConfig, on_ready: Callable[[list[str]], None]
 
 
 async def _serve(config: BootstrapConfig, on_ready: Callable[[list[str]], None] | None) -> None:
-    from petals_cli import security, transport
+    from petals_cli import reachability, security, transport
     from petals_cli.dht import start_dht
     from petals_cli.errors import SwarmUnreachableError
 
@@ -73,6 +73,7 @@ async def _serve(config: BootstrapConfig, on_ready: Callable[[list[str]], None] 
     node = None
     try:
         node = await start_dht(p2p, (), client_mode=False, swarm_key=security.SwarmKey.from_file(config.swarm_key))
+        await reachability.serve_dial_back(p2p)  # servers joining through it find out whether they can be dialled
         maddrs = [str(addr) for addr in await p2p.get_visible_maddrs()]
         _write_address_file(config.address_file, maddrs)
         logger.info("bootstrap peer %s is up; stop it with Ctrl-C", p2p.peer_id)

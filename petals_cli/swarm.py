@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from petals_cli.errors import ModelNotServedError, SwarmUnreachableError
+from petals_cli.multiaddrs import relay_of
 from petals_cli.routing import with_live_load
 from petals_cli.textsafe import shown
 from petals_cli.wire import ModelIndexEntry, ServerInfo, ServerState, SwarmSnapshot, model_prefix_for
@@ -61,6 +62,7 @@ class ServerStatus:
     step_seconds: float = 0.0  # its recent one-token step time through its span under its load (live)
     batch_capacity: int = 0  # the most sessions one of its steps runs together (0: not announced)
     flagged: int = 0  # validly signed reports of tampering against it in this machine's evidence log
+    relays: tuple[str, ...] = ()  # behind a NAT: peer ids of the relays it announces it is dialled through
 
     @property
     def short_id(self) -> str:
@@ -68,7 +70,7 @@ class ServerStatus:
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["adapters"] = list(self.adapters)
+        out["adapters"], out["relays"] = list(self.adapters), list(self.relays)
         return out
 
 
@@ -140,10 +142,11 @@ def format_ranges(indices: tuple[int, ...] | list[int]) -> str:
     return ", ".join(f"{start}:{end}" for start, end in block_ranges(indices))
 
 
-def connection_kind(addresses: list[str] | None) -> str:
-    """Direct or relayed, from the multiaddrs of this client's connections to a peer; unknown if not connected."""
+def connection_kind(addresses: list[str] | None, relay_addresses: tuple[str, ...] = ()) -> str:
+    """Direct or relayed, from the multiaddrs of this client's connections to a peer; when not connected, relayed
+    if the peer announces relayed addresses (nobody can dial it otherwise), else unknown."""
     if not addresses:
-        return UNKNOWN
+        return UNKNOWN if not relay_addresses else RELAYED
     return RELAYED if all("/p2p-circuit" in address for address in addresses) else DIRECT
 
 
@@ -193,7 +196,7 @@ def _server_status(
         version=shown(info.version),
         protocol=info.protocol,
         adapters=tuple(shown(adapter) for adapter in info.adapters),
-        connection=connection_kind(addresses),
+        connection=connection_kind(addresses, info.relay_addresses),
         pings={shown(str(key)): float(value) for key, value in info.pings.items() if isinstance(value, (int, float))},
         rtt=rtt,
         batch_size=info.batch_size,
@@ -203,6 +206,7 @@ def _server_status(
         step_seconds=info.step_seconds,
         batch_capacity=info.batch_capacity,
         flagged=flagged,
+        relays=tuple(dict.fromkeys(shown(relay_of(address)) for address in info.relay_addresses)),
     )
 
 

@@ -352,6 +352,25 @@ def response_messages(tensors: Iterable[torch.Tensor], meta: StepResponse) -> li
     return [runtime_pb2.ExpertResponse(tensors=message.tensors, metadata=message.metadata) for message in requests]
 
 
+# what one relay grants (circuit relay v2, in hivemind's daemon): a reachable peer relays for others within these
+RELAY_LIMITS = {
+    "relayMaxReservations": 128,  # peers holding a slot on this relay at once
+    "relayMaxCircuits": 16,  # relayed connections open at once per peer
+    "relayDataLimit": 2**32,  # bytes each way on one relayed connection before the relay resets it
+    "relayTimeLimit": "30m",  # how long one relayed connection may last (a session then fails over)
+}
+
+
+class _Daemon(P2P):
+    """hivemind's P2P with daemon flags that ``P2P.create`` has no argument for (``flags``, set per subclass)."""
+
+    flags: dict = {}
+
+    @classmethod
+    def _make_process_args(cls, *args, **kwargs) -> list[str]:
+        return P2P._make_process_args(*args, **{**kwargs, **cls.flags})
+
+
 async def create_p2p(
     host: str = "127.0.0.1",
     port: int = 0,
@@ -361,25 +380,49 @@ async def create_p2p(
     identity_path: str | None = None,
     client_mode: bool = False,
     fresh_identity: bool = False,
+    relays: Sequence[str] = (),
 ) -> P2P:
-    """Start a libp2p daemon. Loopback hosts never probe the network (no NAT mapping, relays or auto-NAT)."""
-    local = _is_loopback(host)
+    """Start a libp2p daemon (see ``daemon_options``)."""
+    kwargs, flags = daemon_options(
+        host, port, initial_peers, announce_host=announce_host, client_mode=client_mode, relays=relays
+    )
+    kwargs.update(identity_path=identity_path, check_if_identity_free=not fresh_identity)
+    daemon = type("Daemon", (_Daemon,), {"flags": flags}) if flags else P2P
+    return await daemon.create(**kwargs)
+
+
+def daemon_options(
+    host: str,
+    port: int,
+    initial_peers: Sequence[str],
+    *,
+    announce_host: str | None = None,
+    client_mode: bool = False,
+    relays: Sequence[str] = (),
+) -> tuple[dict, dict]:
+    """``P2P.create``'s arguments and the daemon's extra flags. Loopback hosts never probe the network (no NAT
+    mapping, relays or auto-NAT). Other listening peers relay for others within ``RELAY_LIMITS``. With ``relays``
+    (multiaddrs of reachable peers) the peer is taken to be unreachable: it reserves a slot on those relays at once
+    (discovering relays instead waits minutes before the first reservation) and is dialled through them."""
+    local = is_loopback(host)
     kwargs = dict(
         initial_peers=list(initial_peers),
         host_maddrs=[f"/ip{_ip_version(host)}/{host}/tcp/{port}"] if not client_mode else [],
         announce_maddrs=[f"/ip{_ip_version(announce_host)}/{announce_host}/tcp/{port}"] if announce_host else None,
-        identity_path=identity_path,
-        check_if_identity_free=not fresh_identity,  # a key made just now is nobody else's: skip the slow check
         nat_port_map=not local,
         auto_nat=not local,
         use_relay=not local,
-        use_auto_relay=False,
-        dht_mode="client" if client_mode else "server",
+        use_auto_relay=bool(relays),
+        dht_mode="client" if client_mode or relays else "server",
         no_listen=client_mode,
     )
+    flags = {} if local or client_mode or relays else dict(RELAY_LIMITS)
     if local:
         kwargs["force_reachability"] = "public"
-    return await P2P.create(**kwargs)
+    elif relays:
+        kwargs.update(force_reachability="private", trusted_relays=list(relays))
+        flags.update(relayDiscovery=0, relayService=0)
+    return kwargs, flags
 
 
 def local_host_for(peers: Sequence[str]) -> str:
@@ -388,7 +431,7 @@ def local_host_for(peers: Sequence[str]) -> str:
     return "127.0.0.1" if peers and all(peer.startswith(loopback) for peer in peers) else "0.0.0.0"
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:

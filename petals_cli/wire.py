@@ -163,6 +163,8 @@ class ServerInfo(WireRecord):
     # sessions per peer (0 from older servers): the cap, and in an rpc_info answer, how many the asking peer holds
     sessions_per_peer: int = 0  # the most inference sessions one peer may hold open at once
     your_sessions: int = 0  # only in an answer to the peer asking; 0 in DHT records
+    # a server behind a NAT: the circuit addresses it is dialled through (empty when it is dialled directly)
+    relay_addresses: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,6 +67,11 @@ class Announcer:
         if not ok:
             logger.warning("some DHT records were not stored; will retry at the next announce")
 
+    def announce_soon(self) -> None:
+        """Announce at the loop's next turn rather than at the period's end (the record changed)."""
+        self._announced_at = float("-inf")
+        self.wake.set()
+
     async def until_stopped(self, node, p2p, info: Callable[[], ServerInfo], stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         while not stop.is_set():

@@ -19,12 +19,13 @@ from pathlib import Path
 
 from hivemind.p2p import P2PDaemonError
 
-from petals_cli import __version__, compat, security, transport
+from petals_cli import __version__, compat, reachability, security, transport
 from petals_cli.checkpoint import resolve_model
 from petals_cli.config import ServerConfig
 from petals_cli.dht import fetch_snapshot, start_dht, unreachable_servers
 from petals_cli.errors import ConfigError, SwarmUnreachableError
 from petals_cli.families.selfcheck import check_span
+from petals_cli.server import reach
 from petals_cli.server.adapters import load_adapters
 from petals_cli.server.announcer import PING_TIMEOUT, Announcer
 from petals_cli.server.blocks import load_span, read_model_config, resolve_dtype
@@ -78,6 +79,7 @@ class Server:
         self.announcer = Announcer(config, self.prefix, entry, self.budget, self.swarm_key, self._wake)
         self.adapter_names: tuple[str, ...] = ()
         self.handler: BlockHandler | None = None
+        self.relay_addresses: tuple[str, ...] = ()  # behind a NAT: the circuit addresses clients dial
 
     def info(self) -> ServerInfo:
         return ServerInfo(
@@ -97,6 +99,7 @@ class Server:
             claimed_at=self.claimed_at,
             moving_to=self.moving_to,
             sessions_per_peer=self.config.max_sessions_per_peer,
+            relay_addresses=self.relay_addresses,
             **self._engine_figures(),
         )
 
@@ -126,7 +129,7 @@ class Server:
             p2p, node = await self._join(identity)
         finally:
             identity.discard_file()
-        handler, rebalancing = None, None
+        handler, rebalancing, watching = None, None, None
         try:
             if self.fixed_span is None:  # its claim announced it JOINING
                 self.start, self.end = await self._choose_blocks(node, p2p)
@@ -139,26 +142,33 @@ class Server:
             await transport.BlocksService().add_p2p_handlers(p2p, wrapper=service, max_frame_bytes=frame)
             self.state = ServerState.ONLINE
             await self.announcer.announce(node, p2p, self.info)
-            maddrs = [str(addr) for addr in await p2p.get_visible_maddrs()]
+            maddrs = await reach.visible_addresses(p2p)
             self._write_address_file(maddrs)
             logger.info("serving blocks %d:%d of %s as %s", self.start, self.end, self.prefix, p2p.peer_id)
             for maddr in maddrs:
                 print(maddr, flush=True)
             if self.fixed_span is None and self.config.balance_period > 0:
                 rebalancing = asyncio.create_task(self._rebalance_forever(node, p2p, handler))
+            if self.relay_addresses:
+                watching = asyncio.create_task(reach.watch(p2p, self.relay_addresses, self._relayed_through))
             await self.announcer.until_stopped(node, p2p, self.info, self._stop)
             self.state = ServerState.OFFLINE
             await asyncio.wait_for(self.announcer.announce(node, p2p, self.info), timeout=OFFLINE_GRACE)
         except TimeoutError:
             logger.warning("could not announce OFFLINE in time; records will expire by themselves")
         finally:
-            if rebalancing is not None:
-                rebalancing.cancel()
+            for task in (rebalancing, watching):
+                if task is not None:
+                    task.cancel()
             self._remove_address_file()
             if handler is not None:
                 handler.shutdown()
             await p2p.shutdown()
         logger.info("server stopped")
+
+    def _relayed_through(self, addresses: tuple[str, ...]) -> None:
+        self.relay_addresses = addresses
+        self.announcer.announce_soon()
 
     async def _join(self, identity: security.Identity):
         """The libp2p daemon and the DHT node. While no initial peer answers (a bootstrap peer restarting, a network
@@ -182,28 +192,42 @@ class Server:
                 await asyncio.sleep(min(JOIN_RETRY, seconds_left))
 
     async def _join_once(self, identity: security.Identity):
+        p2p = await self._start_p2p(identity)
         try:
-            p2p = await transport.create_p2p(
+            check = not transport.is_loopback(self.config.host) and not self.config.announce_host
+            p2p, self.relay_addresses = await reach.reach(
+                p2p, self.config.initial_peers, lambda relays: self._start_p2p(identity, relays), check=check
+            )
+            node = await start_dht(
+                p2p,
+                self.config.initial_peers,
+                client_mode=bool(self.relay_addresses),  # nobody could dial it to ask it for records
+                swarm_key=self.swarm_key,
+                identity=identity,
+            )
+            if not self.relay_addresses:
+                await reachability.serve_dial_back(p2p)
+        except BaseException:
+            await p2p.shutdown()
+            raise
+        return p2p, node
+
+    async def _start_p2p(self, identity: security.Identity, relays: list[str] | None = None):
+        try:
+            return await transport.create_p2p(
                 self.config.host,
                 self.config.port,
                 self.config.initial_peers,
                 announce_host=self.config.announce_host or None,
                 identity_path=identity.path,
-                fresh_identity=identity.temporary,
+                fresh_identity=identity.temporary or bool(relays),  # restarted behind relays: still its own key
+                relays=relays or (),
             )
         except P2PDaemonError as exc:  # the daemon itself refuses to start when it reaches no bootstrap peer
             if "bootstrap" not in str(exc):
                 raise
             peers = " ".join(self.config.initial_peers)
             raise SwarmUnreachableError(f"cannot reach initial peers {peers} ({exc})") from exc
-        try:
-            node = await start_dht(
-                p2p, self.config.initial_peers, client_mode=False, swarm_key=self.swarm_key, identity=identity
-            )
-        except BaseException:
-            await p2p.shutdown()
-            raise
-        return p2p, node
 
     async def _choose_blocks(self, node, p2p) -> tuple[int, int]:
         length = self.placement_count or blocks_that_fit(

@@ -97,6 +97,7 @@ def test_json_schema_is_stable():
         "step_seconds",
         "batch_capacity",
         "flagged",
+        "relays",
     }
     assert model["servers"][0]["adapters"] == ["lora"] and model["servers"][0]["flagged"] == 0
 

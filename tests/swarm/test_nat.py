@@ -1,0 +1,174 @@
+"""Servers behind NATs on the emulated WAN (``testing/wan.py``): they find out by themselves that nobody can dial
+them, serve through relays (the bootstrap peers), are shown relayed, and serve exact tokens; a relay that dies
+leaves them served through the other. Every peer is a real process in its own network namespace.
+
+The hosts sit in 11.77.0.0/24, an address range libp2p takes for public: it builds relayed addresses only from
+a relay's public addresses (on a private range a server behind a NAT never gets one, as on the real internet).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from petals_cli.testing import make_tiny_model, wan
+from petals_cli.testing.swarm import petals_command
+
+PROMPT = "A server behind a router"
+SUBNET = "11.77.0"
+RTT_MS = 20.0
+START_TIMEOUT = 120.0
+HOSTS = {"relay_a": 0, "relay_b": 1, "direct": 2, "cone": 3, "symmetric": 4, "client": 5}
+SPANS = {"direct": "0:2", "cone": "2:4", "symmetric": "4:6"}
+
+pytestmark = [
+    pytest.mark.skipif(wan.unavailable() is not None, reason=f"an emulated WAN {wan.unavailable()}"),
+    pytest.mark.timeout(600),
+]
+
+
+class Peers:
+    """Processes on the WAN's hosts, each logging to a file; all killed at the end."""
+
+    def __init__(self, network: wan.Wan, workdir: Path):
+        self.wan, self.workdir = network, workdir
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, *args: str) -> Path:
+        address_file = self.workdir / f"{name}.addr"
+        command = [*self.wan.exec_prefix(HOSTS[name]), *petals_command(*args), "--address-file", str(address_file)]
+        with open(self.workdir / f"{name}.log", "wb") as log:
+            self.processes[name] = subprocess.Popen(command, stdout=log, stderr=log)
+        return address_file
+
+    def log(self, name: str) -> str:
+        return (self.workdir / f"{name}.log").read_text(errors="replace")
+
+    def wait(self, name: str, address_file: Path) -> list[str]:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (address_file.exists() and address_file.read_text().strip()):
+            assert self.processes[name].poll() is None, f"{name} exited:\n{self.log(name)[-3000:]}"
+            assert time.monotonic() < deadline, f"{name} did not start:\n{self.log(name)[-3000:]}"
+            time.sleep(0.1)
+        return address_file.read_text().split()
+
+    def run(self, *args: str, timeout: float = 180.0) -> subprocess.CompletedProcess:
+        command = [*self.wan.exec_prefix(HOSTS["client"]), *petals_command(*args)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+    def kill(self, name: str) -> None:
+        process = self.processes[name]
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+
+    def close(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("nat")
+    model = make_tiny_model(workdir / "llama", "llama", num_layers=6)
+    network = wan.Wan(len(HOSTS), subnet=SUBNET, nat={HOSTS["cone"]: "cone", HOSTS["symmetric"]: "symmetric"})
+    network.start()
+    peers = Peers(network, workdir)
+    try:
+        network.configure(rtt_ms=RTT_MS)
+        relays = []
+        for name in ("relay_a", "relay_b"):
+            address_file = peers.start(name, "swarm", "bootstrap", "--host", network.address(HOSTS[name]))
+            relays.append(address_file)
+        initial = [peers.wait(name, file)[0] for name, file in zip(("relay_a", "relay_b"), relays, strict=True)]
+        started, files = {}, {}
+        for name, span in SPANS.items():
+            started[name] = time.monotonic()
+            files[name] = peers.start(
+                name, "serve", str(model), "--blocks", span, "--host", network.address(HOSTS[name]),
+                *_initial_peers(initial),
+            )  # fmt: skip
+        addresses = {name: peers.wait(name, files[name]) for name in SPANS}
+        served_after = {name: time.monotonic() - started[name] for name in SPANS}
+        yield model, network, peers, initial, addresses, served_after
+    finally:
+        peers.close()
+        network.close()
+
+
+def _status(peers: Peers, initial: list[str], model: Path) -> dict[str, dict]:
+    result = peers.run("swarm", "status", "--model", str(model), "--json", *_initial_peers(initial))
+    assert result.returncode == 0, result.stderr[-3000:]
+    servers = json.loads(result.stdout)["models"][0]["servers"]
+    return {server["peer_id"]: server for server in servers}
+
+
+def _generate(peers: Peers, initial: list[str], model: Path) -> list[int]:
+    result = peers.run(
+        "generate", str(model), "--prompt", PROMPT, "--max-new-tokens", "12", "--json", *_initial_peers(initial)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)["token_ids"]
+
+
+def _local_greedy(model: Path) -> list[int]:
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    local = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return local.generate(input_ids, max_new_tokens=12, do_sample=False)[0, input_ids.shape[1] :].tolist()
+
+
+def _initial_peers(initial: list[str]) -> list[str]:
+    return [word for address in initial for word in ("--initial-peers", address)]
+
+
+def _peer_id(addresses: list[str]) -> str:
+    return addresses[0].rsplit("/p2p/", 1)[1]
+
+
+def test_servers_behind_nats_find_out_serve_through_relays_and_survive_a_relay_dying(setup):
+    model, network, peers, initial, addresses, served_after = setup
+    print("first served step possible after (s):", {name: round(seconds, 1) for name, seconds in served_after.items()})
+    relay_ids = [_peer_id([address]) for address in initial]
+    # each server found out by itself whether peers could dial it
+    assert "behind a NAT" not in peers.log("direct")
+    for name in ("cone", "symmetric"):
+        assert "behind a NAT or firewall (2 of 2 peers could not dial" in peers.log(name), peers.log(name)[-3000:]
+        assert all("/p2p-circuit/" in address for address in addresses[name]), addresses[name]
+    assert not any("/p2p-circuit/" in address for address in addresses["direct"])
+
+    status = _status(peers, initial, model)
+    ids = {name: _peer_id(addresses[name]) for name in SPANS}
+    assert status[ids["direct"]]["connection"] == "direct" and status[ids["direct"]]["relays"] == []
+    for name in ("cone", "symmetric"):
+        assert status[ids[name]]["connection"] == "relayed", status[ids[name]]
+        assert status[ids[name]]["state"] == "online"
+        assert set(status[ids[name]]["relays"]) <= set(relay_ids) and status[ids[name]]["relays"]
+
+    expected = _local_greedy(model)
+    assert _generate(peers, initial, model) == expected  # each span has one server: both relayed ones served
+    counters = network.configure(rtt_ms=RTT_MS)
+    assert counters["nat_drops"] > 0 or network.totals["nat_drops"] > 0  # the NATs did turn dials away
+
+    # the relay most servers use dies: they keep (or take) a slot on the other, and clients fail over to it
+    peers.kill("relay_a")
+    deadline = time.monotonic() + 60
+    while True:
+        status = _status(peers, initial[1:], model)
+        relays = {name: status.get(ids[name], {}).get("relays", []) for name in ("cone", "symmetric")}
+        if all(relays[name] and relay_ids[0] not in relays[name] for name in relays):
+            break
+        assert time.monotonic() < deadline, relays
+        time.sleep(2)
+    assert _generate(peers, initial[1:], model) == expected
+    for name in ("cone", "symmetric"):
+        assert peers.processes[name].poll() is None, peers.log(name)[-3000:]
