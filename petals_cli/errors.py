@@ -58,6 +58,13 @@ class SwarmUnreachableError(PetalsError):
     exit_code = 4
 
 
+class NotDialableError(PetalsError):
+    """A server that no peer of the swarm can dial, and that no relay took."""
+
+    hint = "forward a TCP port to this machine and pass --port PORT --announce-host PUBLIC_IP"
+    exit_code = 4
+
+
 class NoRouteError(PetalsError):
     """Some blocks of the model are held by no live server."""
 

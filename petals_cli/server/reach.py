@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from hivemind.p2p import P2P
 
 from petals_cli import multiaddrs, reachability
-from petals_cli.errors import SwarmUnreachableError
+from petals_cli.errors import NotDialableError
 
 logger = logging.getLogger(__name__)
 RELAY_TIMEOUT = 30.0  # seconds to wait for a relayed address after restarting behind relays
@@ -65,7 +65,7 @@ async def reach(
         raise
     if not relayed:
         await p2p.shutdown()
-        raise SwarmUnreachableError(
+        raise NotDialableError(
             f"this server cannot be dialled ({answered - dialled} of {answered} peers could not connect to port "
             f"{port}) and none of its initial peers granted it a relay slot in {RELAY_TIMEOUT:.0f}s",
             hint="forward a TCP port of your router to this machine and pass --port PORT --announce-host PUBLIC_IP, "

@@ -172,3 +172,25 @@ def test_servers_behind_nats_find_out_serve_through_relays_and_survive_a_relay_d
     assert _generate(peers, initial[1:], model) == expected
     for name in ("cone", "symmetric"):
         assert peers.processes[name].poll() is None, peers.log(name)[-3000:]
+
+
+def test_a_server_nobody_can_dial_and_no_relay_takes_fails_with_what_to_do(tmp_path):
+    # on a private range libp2p builds no relayed address from the bootstrap peer's: no relay can be had
+    model = make_tiny_model(tmp_path / "llama", "llama", num_layers=2)
+    with wan.Wan(2, nat={1: "cone"}) as network:
+        peers = Peers(network, tmp_path)
+        HOSTS_HERE = {"relay_a": 0, "direct": 1}  # noqa: N806 (names of the two hosts of this WAN)
+        try:
+            bootstrap = peers.start("relay_a", "swarm", "bootstrap", "--host", network.address(0))
+            initial = peers.wait("relay_a", bootstrap)[:1]
+            command = [
+                *network.exec_prefix(HOSTS_HERE["direct"]),
+                *petals_command("serve", str(model), "--blocks", "0:2", "--host", network.address(1)),
+                *_initial_peers(initial),
+            ]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+        finally:
+            peers.close()
+    assert result.returncode == 4, result.stderr[-3000:]
+    assert "this server cannot be dialled (1 of 1 peers could not connect" in result.stderr
+    assert "--announce-host" in result.stderr and "Traceback" not in result.stderr
