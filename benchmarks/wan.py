@@ -3,6 +3,7 @@
     sudo .venv/bin/python benchmarks/wan.py --preset tiny --rtts 0,50
     sudo .venv/bin/python benchmarks/wan.py --preset midsize --rtt 50 --mbit 100 --servers 3
     sudo .venv/bin/python benchmarks/wan.py --preset midsize --rtts 0,20,50,100 --json
+    sudo .venv/bin/python benchmarks/wan.py --nat none,cone,symmetric,cone+cone,symmetric+symmetric --rtts 20,50
 
 The network is ``petals_cli.testing.wan``: one namespace per host joined by a forwarder that delays every packet by
 half the round trip and limits every host's uplink. Host 0 runs the swarm's bootstrap peer, hosts 1..N one
@@ -37,6 +38,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the `petals` CLI does for its peers
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
+import wan_nat  # noqa: E402 (this folder: the --nat configurations)
 from swarm_vs_local import PRESETS  # noqa: E402 (this folder: the same models)
 
 from petals_cli.testing.wan import Wan, unavailable  # noqa: E402
@@ -77,7 +79,7 @@ class Peers:
             if time.monotonic() > deadline or process.poll() is not None:
                 raise RuntimeError(f"{address_file.stem} did not start; logs in {self.workdir}")
             time.sleep(0.1)
-        return next(address for address in address_file.read_text().split() if f"/{host}/" in address)
+        return next(address for address in address_file.read_text().split() if not host or f"/{host}/" in address)
 
     def serve(self, model: Path, name: str, span: str, place: Place, initial_peer: str) -> Path:
         return self.launch(place, name, "serve", str(model), "--blocks", span, "--initial-peers", initial_peer)
@@ -173,6 +175,9 @@ def client_main(settings: dict) -> None:
         request = json.loads(line)
         if "speculate" in request:
             print(json.dumps(compare_speculation(model, prompt, speculated, request["speculate"])), flush=True)
+            continue
+        if "connections" in request:
+            print(json.dumps({"connections": wan_nat.client_connections(model)}), flush=True)
             continue
         if "kill_after" in request:
             print(json.dumps(failover_trial(model, prompts[0], expected, request["kill_after"])), flush=True)
@@ -596,6 +601,10 @@ def parse_args() -> argparse.Namespace:
         help="with --speculative: a text whose continuation is in the prompt (on a repeating copy of the model), or "
         "the random prompt",
     )
+    parser.add_argument(
+        "--nat", help="NAT configurations, each its own swarm: none,cone,symmetric,cone+cone,... (see wan_nat.py)"
+    )
+    parser.add_argument("--punch-peers", type=int, default=0, help="with --nat: more bootstrap peers to join through")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.rtts = sorted({0.0, *(args.rtts if args.rtts is not None else [args.rtt])})
@@ -637,6 +646,11 @@ def main() -> None:
         report = dict(preset=args.preset, servers=spans, workload=args.workload, mode=args.speculative)
         report.update(draft_tokens=args.draft_tokens, new_tokens=settings["new_tokens"], mbit=args.mbit, rows=rows)
         print(json.dumps(report, indent=1) if args.json else render_speculative(report))
+        return
+    if args.nat:
+        rows = wan_nat.run_nat(args, model, spans, settings, workdir, say, sys.modules[__name__])
+        report = dict(preset=args.preset, servers=spans, mbit=args.mbit, new_tokens=args.new_tokens, rows=rows)
+        print(json.dumps(report, indent=1) if args.json else wan_nat.render(report))
         return
     if args.failover:
         trials = run_failover(args, model, spans, settings, workdir, say)
