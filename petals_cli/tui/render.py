@@ -172,7 +172,10 @@ def detail_text(row: Row | None) -> Text:
             f"{server.queue_length} waiting, recent step {step_text(server)}",
         ),
         ("adapters", ", ".join(server.adapters) or "none"),
-        ("link", server.connection),
+        (
+            "link",
+            server.connection + (f" through {', '.join(map(short_peer_id, server.relays))}" if server.relays else ""),
+        ),
         ("rtt (this client)", milliseconds(server.rtt)),
     ]
     for label, value in lines:

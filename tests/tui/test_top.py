@@ -254,3 +254,18 @@ def test_screenshot_without_a_downloads_directory_lands_in_the_current_one(tmp_p
             assert str(saved) in notes[0] and "<svg" in saved.read_text()
 
     run(scenario())
+
+
+def test_a_relayed_server_shows_its_link_and_relays():
+    async def scenario():
+        first, second = HEALTHY.models[0].servers
+        relayed = dataclasses.replace(second, connection="relayed", relays=("12D3KooWRRRRRRRRrelay999",))
+        app = SwarmTop(FakeStream(status(first, relayed)))
+        async with app.run_test(size=(140, 40)) as pilot:
+            await until(pilot, lambda: len(table_peers(app)) == 2)
+            table = app.query_one("#servers", DataTable)
+            assert "relayed" in [str(cell) for cell in table.get_row_at(1)]
+            await pilot.press("down")
+            assert "link: relayed through …relay999" in text_of(app, "#detail")
+
+    run(scenario())
