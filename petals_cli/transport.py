@@ -405,20 +405,25 @@ def daemon_options(
     (multiaddrs of reachable peers) the peer is taken to be unreachable: it reserves a slot on those relays at once
     (discovering relays instead waits minutes before the first reservation) and is dialled through them."""
     local = is_loopback(host)
+    # a client off loopback listens too, relaying for nobody: a server behind a NAT can then reach it directly
+    # (libp2p's hole punching dials the relayed peer's caller back; a peer that does not listen stays relayed)
+    listening = not client_mode or not local
     kwargs = dict(
         initial_peers=list(initial_peers),
-        host_maddrs=[f"/ip{_ip_version(host)}/{host}/tcp/{port}"] if not client_mode else [],
+        host_maddrs=[f"/ip{_ip_version(host)}/{host}/tcp/{port}"] if listening else [],
         announce_maddrs=[f"/ip{_ip_version(announce_host)}/{announce_host}/tcp/{port}"] if announce_host else None,
         nat_port_map=not local,
         auto_nat=not local,
         use_relay=not local,
         use_auto_relay=bool(relays),
         dht_mode="client" if client_mode or relays else "server",
-        no_listen=client_mode,
+        no_listen=not listening,
     )
     flags = {} if local or client_mode or relays else dict(RELAY_LIMITS)
     if local:
         kwargs["force_reachability"] = "public"
+    elif client_mode:
+        flags.update(relayService=0)
     elif relays:
         kwargs.update(force_reachability="private", trusted_relays=list(relays))
         flags.update(relayDiscovery=0, relayService=0)

@@ -71,6 +71,11 @@ def test_a_peer_behind_relays_starts_as_unreachable_on_them_and_reachable_peers_
     assert flags == {"relayDiscovery": 0, "relayService": 0}  # its slot at once; it relays for nobody
     kwargs, flags = transport.daemon_options("0.0.0.0", 0, [relay])
     assert flags == transport.RELAY_LIMITS and kwargs["use_relay"] and not kwargs["use_auto_relay"]
+    kwargs, flags = transport.daemon_options("0.0.0.0", 0, [relay], client_mode=True)
+    assert flags == {"relayService": 0} and kwargs["host_maddrs"] and not kwargs["no_listen"]  # can be dialled back
+    assert kwargs["dht_mode"] == "client"
+    kwargs, flags = transport.daemon_options("127.0.0.1", 0, [], client_mode=True)
+    assert flags == {} and kwargs["no_listen"] and kwargs["host_maddrs"] == []
     kwargs, flags = transport.daemon_options("127.0.0.1", 0, [])
     assert flags == {} and kwargs["force_reachability"] == "public" and not kwargs["use_relay"]
     command = type("Daemon", (transport._Daemon,), {"flags": {"relayDiscovery": 0}})._make_process_args
