@@ -157,7 +157,7 @@ def client_main(settings: dict) -> None:
     prompts = [torch.randint(4, vocab, shape, generator=generator) for _ in range(max(settings["sessions"]))]
     generate_at_once(model, prompts[:1], 4)
     expected = None
-    if settings.get("failover"):  # each trial's tokens are compared with local transformers'
+    if settings.get("failover") or settings.get("nat"):  # tokens are compared with local transformers'
         import logging
 
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # in the client's log
@@ -175,6 +175,9 @@ def client_main(settings: dict) -> None:
         request = json.loads(line)
         if "speculate" in request:
             print(json.dumps(compare_speculation(model, prompt, speculated, request["speculate"])), flush=True)
+            continue
+        if "identical" in request:
+            print(json.dumps({"identical": generate_tokens(model, prompts[0], len(expected)) == expected}), flush=True)
             continue
         if "connections" in request:
             print(json.dumps({"connections": wan_nat.client_connections(model)}), flush=True)

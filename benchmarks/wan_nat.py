@@ -9,8 +9,9 @@ relay), one `petals serve` per span, the client, and ``--punch-peers`` more boot
 through (libp2p starts hole punching only once four peers a server dialled saw it at one public address). Per
 configuration: seconds from `petals serve` to serving (its address file: announced online, RPCs open), from then
 to the client's first generated token (its warm-up), how the client is connected to each server when it measures
-(direct or relayed), and at each round trip the median step, its 95th percentile and the time to first token of
-one session. Hosts are in 11.77.0.0/24: libp2p builds relayed addresses only from a relay's public ones.
+(direct or relayed), whether its greedy tokens equal local transformers', and at each round trip the median step,
+its 95th percentile and the time to first token of one session. Hosts are in 11.77.0.0/24: libp2p builds relayed
+addresses only from a relay's public ones.
 
 This module owns the configurations and their table; peers, the client and the network are ``wan.py``'s.
 """
@@ -77,7 +78,7 @@ def _one_configuration(args, model, spans, settings, workdir, kinds, say, tools)
             peers.wait_address(file, "")  # any address: a relayed server's name its relay's host
             serving.append(round(time.monotonic() - started, 2))
         served = time.monotonic()
-        client = tools.Client(places[-1], {**settings, "initial_peers": initial}, workdir / "client.log")
+        client = tools.Client(places[-1], {**settings, "initial_peers": initial, "nat": True}, workdir / "client.log")
         cleanup.callback(client.close)
         first_token = round(time.monotonic() - served, 2)
         connections = client.request({"connections": True})["connections"]
@@ -87,6 +88,7 @@ def _one_configuration(args, model, spans, settings, workdir, kinds, say, tools)
                 continue
             measured[f"{rtt:g}"] = tools.measure_on(wan, client, rtt, args.mbit, 1, args)
         connections_after = client.request({"connections": True})["connections"]
+        identical = client.request({"identical": True})["identical"]
         return {
             "nat": name_of(kinds),
             "punch_peers": extra,
@@ -94,6 +96,7 @@ def _one_configuration(args, model, spans, settings, workdir, kinds, say, tools)
             "first_token_after_serving_s": first_token,
             "connections": connections,
             "connections_after": connections_after,
+            "identical": identical,
             "rtts": measured,
             "nat_drops": wan.totals.get("nat_drops", 0),
         }
@@ -118,7 +121,7 @@ def render(report: dict) -> str:
         f"{report['preset']} model, servers {' '.join(report['servers'])}, 1 session, {report['new_tokens']} new "
         f"tokens, uplinks {report['mbit']:g} Mbit/s; NAT of the first servers (the rest direct)"
     ]
-    header = ["NAT", "punch peers", "serve->serving s", "serving->1st token s", "links (start -> end)"]
+    header = ["NAT", "punch peers", "serve->serving s", "serving->1st token s", "links (start -> end)", "exact"]
     rtts = sorted({rtt for row in report["rows"] for rtt in row["rtts"]}, key=float)
     for rtt in rtts:
         header += [f"step {rtt} ms", f"p95 {rtt}", f"TTFT {rtt}"]
@@ -126,7 +129,7 @@ def render(report: dict) -> str:
     for row in report["rows"]:
         links = f"{'/'.join(row['connections'])} -> {'/'.join(row['connections_after'])}"
         cells = [row["nat"], str(row["punch_peers"]), " ".join(map(str, row["serving_s"]))]
-        cells += [str(row["first_token_after_serving_s"]), links]
+        cells += [str(row["first_token_after_serving_s"]), links, "yes" if row.get("identical") else "NO"]
         for rtt in rtts:
             figures = row["rtts"].get(rtt, {})
             cells += [str(figures.get(key, "")) for key in ("step_ms", "step_p95_ms", "ttft_ms")]
