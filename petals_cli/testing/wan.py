@@ -149,7 +149,7 @@ class Wan:
             _ip("-n", namespace, "link", "set", "lo", "up")
             _ip("-n", namespace, "addr", "add", f"{self.address(index)}/24", "dev", device)
             _ip("-n", namespace, "link", "set", "dev", device, "mtu", str(self.mtu), "up")
-            # a default route, as a machine behind a router has: libp2p finds its own addresses by it
+            # a default route, as a machine behind a router has (relays and hole punching work without one too)
             _ip("-n", namespace, "route", "add", "default", "dev", device)
         except BaseException:
             os.close(fd)
