@@ -180,7 +180,7 @@ def client_main(settings: dict) -> None:
             print(json.dumps({"identical": generate_tokens(model, prompts[0], len(expected)) == expected}), flush=True)
             continue
         if "connections" in request:
-            print(json.dumps({"connections": wan_nat.client_connections(model)}), flush=True)
+            print(json.dumps({"connections": wan_nat.client_connections(model, settings["model"])}), flush=True)
             continue
         if "kill_after" in request:
             print(json.dumps(failover_trial(model, prompts[0], expected, request["kill_after"])), flush=True)

@@ -102,18 +102,13 @@ def _one_configuration(args, model, spans, settings, workdir, kinds, say, tools)
         }
 
 
-def client_connections(model) -> list[str]:
-    """In the client process: how it is connected to each server it knows (by span order): direct or relayed."""
-    from petals_cli.swarm import connection_kind
+def client_connections(model, model_path: str) -> list[str]:
+    """In the client process: how it is connected to each server (in span order), as `swarm status` says."""
+    from petals_cli.swarm import collect_status
 
     client = model.petals_client
-    peers = client.run(client.p2p.list_peers())
-    addresses: dict[str, list[str]] = {}
-    for peer in peers:
-        addresses.setdefault(peer.peer_id.to_base58(), []).extend(str(address) for address in peer.addrs)
-    snapshot = next(iter(client._snapshots.values()))[1]  # noqa: SLF001 (the swarm it routes over)
-    ordered = sorted(snapshot.servers.items(), key=lambda item: item[1].start_block)
-    return [connection_kind(addresses.get(peer), info.relay_addresses) for peer, info in ordered]
+    status = client.run(collect_status(client, model_path), timeout=60)
+    return [server.connection for server in status.models[0].servers]
 
 
 def render(report: dict) -> str:

@@ -3,7 +3,7 @@
 ``run_bootstrap`` starts a libp2p daemon and a DHT node (server mode), reports the multiaddrs others pass to
 ``--initial-peers``, and runs until SIGINT/SIGTERM. With ``identity_path`` its peer id survives restarts
 (hivemind creates the key file when it is missing), so the address others configured stays valid.
-Network hygiene comes from ``transport.create_p2p``: a loopback host never probes the network.
+Network hygiene comes from ``daemon.create_p2p``: a loopback host never probes the network.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def run_bootstrap(config: BootstrapConfig, on_ready: Callable[[list[str]], None]
 
 
 async def _serve(config: BootstrapConfig, on_ready: Callable[[list[str]], None] | None) -> None:
-    from petals_cli import reachability, security, transport
+    from petals_cli import daemon, reachability, security
     from petals_cli.dht import start_dht
     from petals_cli.errors import SwarmUnreachableError
 
@@ -62,7 +62,7 @@ async def _serve(config: BootstrapConfig, on_ready: Callable[[list[str]], None] 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
-        p2p = await transport.create_p2p(
+        p2p = await daemon.create_p2p(
             config.host,
             config.port,
             announce_host=config.announce_host or None,

@@ -28,3 +28,9 @@ def tcp_port(addresses: Iterable[str]) -> int | None:
         if not is_relayed(address) and "tcp" in words:
             return int(words[words.index("tcp") + 1])
     return None
+
+
+def ip_of(address: str) -> str | None:
+    """The IP address of a direct ``/ip4/`` or ``/ip6/`` multiaddr (None for a relayed or DNS one)."""
+    words = address.split("/")
+    return words[2] if not is_relayed(address) and len(words) > 2 and words[1] in ("ip4", "ip6") else None

@@ -5,12 +5,12 @@ A server behind a NAT or a firewall can dial out but nobody can dial it. At star
 every bootstrap peer and reachable server serves (``serve_dial_back``). A peer dials back only the address it sees
 the request coming from (never one the asker names, so nobody can point it at a third machine), on the asker's
 port, at most once per asker every ``DIAL_BACK_PERIOD`` seconds. A server most of whose peers could not dial it
-then reserves a slot on relays (``transport.create_p2p(relays=...)``) and is reached through their circuit
+then reserves a slot on relays (``daemon.create_p2p(relays=...)``) and is reached through their circuit
 addresses, which it announces in its record (``ServerInfo.relay_addresses``, for people to read: a caller's daemon
 finds a relayed peer by its id through the relays, which know its addresses).
 
 This module owns the check; the server decides what to do with the answer (``server/host.py``),
-and the daemon's flags are ``transport``'s.
+and the daemon's flags are ``daemon``'s.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
-from petals_cli.multiaddrs import is_relayed
+from petals_cli.multiaddrs import ip_of
 
 logger = logging.getLogger(__name__)
 DIAL_BACK = "petals.dial_back"
@@ -64,13 +64,13 @@ class DialBack:
             return REACHABLE if await _accepts(host, int(text)) else UNREACHABLE
 
     async def _seen_host(self, asker: PeerID) -> str | None:
-        for peer in await self.p2p.list_peers():
-            if peer.peer_id == asker:
-                for address in map(str, peer.addrs):
-                    words = address.split("/")
-                    if not is_relayed(address) and len(words) > 2 and words[1] in ("ip4", "ip6"):
-                        return words[2]
-        return None
+        seen = [
+            ip_of(str(address))
+            for peer in await self.p2p.list_peers()
+            if peer.peer_id == asker
+            for address in peer.addrs
+        ]
+        return next((host for host in seen if host is not None), None)
 
 
 async def _accepts(host: str, port: int) -> bool:

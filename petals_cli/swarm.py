@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from petals_cli.errors import ModelNotServedError, SwarmUnreachableError
-from petals_cli.multiaddrs import relay_of
+from petals_cli.multiaddrs import is_relayed, relay_of
 from petals_cli.routing import with_live_load
 from petals_cli.textsafe import shown
 from petals_cli.wire import ModelIndexEntry, ServerInfo, ServerState, SwarmSnapshot, model_prefix_for
@@ -147,7 +147,7 @@ def connection_kind(addresses: list[str] | None, relay_addresses: tuple[str, ...
     if the peer announces relayed addresses (nobody can dial it otherwise), else unknown."""
     if not addresses:
         return UNKNOWN if not relay_addresses else RELAYED
-    return RELAYED if all("/p2p-circuit" in address for address in addresses) else DIRECT
+    return RELAYED if all(is_relayed(address) for address in addresses) else DIRECT
 
 
 def model_status(

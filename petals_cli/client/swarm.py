@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from hivemind.utils import get_dht_time
 
-from petals_cli import routing, security, transport
+from petals_cli import daemon, routing, security
 from petals_cli.config import ClientConfig
 from petals_cli.dht import fetch_snapshot, probe_server, rejoin, start_dht
 from petals_cli.errors import NoRouteError, SwarmUnreachableError
@@ -98,8 +98,8 @@ class SwarmClient:
     async def _join(self) -> None:
         self.p2p = self.node = None
         try:
-            p2p = await transport.create_p2p(
-                host=transport.local_host_for(self.config.initial_peers),
+            p2p = await daemon.create_p2p(
+                host=daemon.local_host_for(self.config.initial_peers),
                 initial_peers=self.config.initial_peers,
                 client_mode=True,
             )

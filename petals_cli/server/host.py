@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hivemind.p2p import P2PDaemonError
 
-from petals_cli import __version__, compat, reachability, security, transport
+from petals_cli import __version__, compat, daemon, reachability, security, transport
 from petals_cli.checkpoint import resolve_model
 from petals_cli.config import ServerConfig
 from petals_cli.dht import fetch_snapshot, start_dht, unreachable_servers
@@ -194,7 +194,7 @@ class Server:
     async def _join_once(self, identity: security.Identity):
         p2p = await self._start_p2p(identity)
         try:
-            check = not transport.is_loopback(self.config.host) and not self.config.announce_host
+            check = not daemon.is_loopback(self.config.host) and not self.config.announce_host
             p2p, self.relay_addresses = await reach.reach(
                 p2p, self.config.initial_peers, lambda relays: self._start_p2p(identity, relays), check=check
             )
@@ -214,7 +214,7 @@ class Server:
 
     async def _start_p2p(self, identity: security.Identity, relays: list[str] | None = None):
         try:
-            return await transport.create_p2p(
+            return await daemon.create_p2p(
                 self.config.host,
                 self.config.port,
                 self.config.initial_peers,

@@ -8,7 +8,7 @@ is one clear error saying what to do instead. Loopback swarms and servers given 
 forwarded a port) are not checked.
 
 ``watch`` keeps a relayed server's relayed addresses current (a relay that leaves takes its address with it).
-This module knows the daemon (``transport``) and the check (``reachability``); announcing is the host's.
+This module knows the check (``reachability``); the host starts the daemon (``daemon``) and announces.
 """
 
 from __future__ import annotations

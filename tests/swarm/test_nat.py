@@ -136,9 +136,9 @@ def _generate(peers: Peers, initial: list[str], model: Path, key: Path, tokens: 
 OUTSIDER = """
 import asyncio, sys
 from hivemind.proto import runtime_pb2
-from petals_cli import security, transport
+from petals_cli import daemon, security
 async def main():
-    p2p = await transport.create_p2p("0.0.0.0", initial_peers=[sys.argv[1]], client_mode=True)
+    p2p = await daemon.create_p2p("0.0.0.0", initial_peers=[sys.argv[1]], client_mode=True)
     try:
         for _ in range(10):  # a new daemon's routing table fills in its first second: "failed to find any peer"
             try:

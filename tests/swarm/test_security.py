@@ -17,7 +17,7 @@ from hivemind.p2p import P2PHandlerError
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
 
-from petals_cli import security, transport
+from petals_cli import daemon, security, transport
 from petals_cli.client import SwarmClient
 from petals_cli.config import ClientConfig
 from petals_cli.dht import announce_server, fetch_snapshot, start_dht
@@ -112,13 +112,13 @@ def test_a_forged_record_for_another_servers_peer_id_is_rejected_by_readers(publ
 
     async def attack():
         identity = security.Identity.load_or_create(None)
-        p2p = await transport.create_p2p(
+        p2p = await daemon.create_p2p(
             initial_peers=swarm.initial_peers, identity_path=identity.path, fresh_identity=True
         )
         identity.discard_file()
         node = await start_dht(p2p, swarm.initial_peers, client_mode=False, identity=identity)
         # A bare hivemind node (no validator): it stores whatever it is told, like a malicious peer would.
-        bare_p2p = await transport.create_p2p(initial_peers=swarm.initial_peers)
+        bare_p2p = await daemon.create_p2p(initial_peers=swarm.initial_peers)
         bare = await DHTNode.create(p2p=bare_p2p, initial_peers=swarm.initial_peers, num_workers=2)
         try:
             own = ServerInfo(ServerState.ONLINE, 0, NUM_LAYERS, "0", public_name="attacker-own")
@@ -189,7 +189,7 @@ def test_outsiders_cannot_join_a_private_swarm_or_call_its_servers(private, tmp_
         SwarmClient(ClientConfig(initial_peers=tuple(swarm.initial_peers), swarm_key=str(wrong)))
 
     async def call_directly():
-        p2p = await transport.create_p2p(initial_peers=swarm.initial_peers, client_mode=True)
+        p2p = await daemon.create_p2p(initial_peers=swarm.initial_peers, client_mode=True)
         try:
             answers = []
             for key in (None, security.SwarmKey.from_file(str(wrong))):

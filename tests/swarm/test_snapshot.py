@@ -100,7 +100,7 @@ def test_each_server_keeps_one_record_under_its_models_server_key_and_none_per_b
 def test_a_swarm_of_servers_announcing_per_block_records_is_still_read(swarm):
     """Servers from before the one-record layout stored their record under every block they hold; a model that has
     no server record is read that way."""
-    from petals_cli import security, transport
+    from petals_cli import daemon, security
     from petals_cli.dht import announce_blocks, fetch_snapshot, start_dht
 
     model = AutoDistributedModelForCausalLM.from_pretrained(str(swarm.model), initial_peers=swarm.initial_peers)
@@ -108,7 +108,7 @@ def test_a_swarm_of_servers_announcing_per_block_records_is_still_read(swarm):
 
     async def announce_old_style() -> str:
         identity = security.Identity.load_or_create(None)
-        p2p = await transport.create_p2p(
+        p2p = await daemon.create_p2p(
             initial_peers=swarm.initial_peers, identity_path=identity.path, fresh_identity=True
         )
         identity.discard_file()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from petals_cli import multiaddrs, reachability, transport
+from petals_cli import daemon, multiaddrs, reachability
 from petals_cli.swarm import DIRECT, RELAYED, UNKNOWN, connection_kind
 
 RELAY = "12D3KooWQFRUmmgGgujM3PCUQ8yEyD9dnCVriGzSMEDqX3aq3g8B"
@@ -22,11 +22,11 @@ def _free_port() -> int:
 
 def test_a_peer_dials_back_the_port_it_is_asked_for_on_the_askers_own_address():
     async def scenario():
-        checker, asker = await transport.create_p2p(), None
+        checker, asker = await daemon.create_p2p(), None
         try:
             await reachability.serve_dial_back(checker)
             addresses = [str(address) for address in await checker.get_visible_maddrs()]
-            asker = await transport.create_p2p(initial_peers=addresses)
+            asker = await daemon.create_p2p(initial_peers=addresses)
             listening = await asyncio.start_server(lambda reader, writer: writer.close(), "127.0.0.1", 0)
             open_port = listening.sockets[0].getsockname()[1]
             async with listening:
@@ -65,18 +65,18 @@ def test_relayed_addresses_name_their_relay_and_a_status_says_relayed():
 
 def test_a_peer_behind_relays_starts_as_unreachable_on_them_and_reachable_peers_relay_within_limits():
     relay = f"/ip4/11.77.0.1/tcp/4001/p2p/{RELAY}"
-    kwargs, flags = transport.daemon_options("0.0.0.0", 0, [relay], relays=[relay])
+    kwargs, flags = daemon.daemon_options("0.0.0.0", 0, [relay], relays=[relay])
     assert kwargs["force_reachability"] == "private" and kwargs["trusted_relays"] == [relay]
     assert kwargs["use_auto_relay"] and kwargs["dht_mode"] == "client"
     assert flags == {"relayDiscovery": 0, "relayService": 0}  # its slot at once; it relays for nobody
-    kwargs, flags = transport.daemon_options("0.0.0.0", 0, [relay])
-    assert flags == transport.RELAY_LIMITS and kwargs["use_relay"] and not kwargs["use_auto_relay"]
-    kwargs, flags = transport.daemon_options("0.0.0.0", 0, [relay], client_mode=True)
+    kwargs, flags = daemon.daemon_options("0.0.0.0", 0, [relay])
+    assert flags == daemon.RELAY_LIMITS and kwargs["use_relay"] and not kwargs["use_auto_relay"]
+    kwargs, flags = daemon.daemon_options("0.0.0.0", 0, [relay], client_mode=True)
     assert flags == {"relayService": 0} and kwargs["host_maddrs"] and not kwargs["no_listen"]  # can be dialled back
     assert kwargs["dht_mode"] == "client"
-    kwargs, flags = transport.daemon_options("127.0.0.1", 0, [], client_mode=True)
+    kwargs, flags = daemon.daemon_options("127.0.0.1", 0, [], client_mode=True)
     assert flags == {} and kwargs["no_listen"] and kwargs["host_maddrs"] == []
-    kwargs, flags = transport.daemon_options("127.0.0.1", 0, [])
+    kwargs, flags = daemon.daemon_options("127.0.0.1", 0, [])
     assert flags == {} and kwargs["force_reachability"] == "public" and not kwargs["use_relay"]
-    command = type("Daemon", (transport._Daemon,), {"flags": {"relayDiscovery": 0}})._make_process_args
+    command = type("Daemon", (daemon._Daemon,), {"flags": {"relayDiscovery": 0}})._make_process_args
     assert command("p2pd", autoRelay=True) == ["p2pd", "-autoRelay=1", "-relayDiscovery=0"]
