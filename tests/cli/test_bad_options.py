@@ -164,14 +164,14 @@ def files(tmp_path_factory):
 
 @pytest.fixture
 def tripwires(monkeypatch):
+    import petals_cli.daemon
     import petals_cli.testing.swarm
-    import petals_cli.transport
     import petals_cli.tui
 
     def tripped(*args, **kwargs):
         raise Accepted("the command went on with a bad value")
 
-    monkeypatch.setattr(petals_cli.transport, "create_p2p", tripped)
+    monkeypatch.setattr(petals_cli.daemon, "create_p2p", tripped)
     monkeypatch.setattr(petals_cli.tui, "run_top", tripped)
     monkeypatch.setattr(petals_cli.testing.swarm.Swarm, "start", tripped)
     for variable in [name for name in os.environ if name.startswith("PETALS_") and name != "PETALS_CACHE_DIR"]:
