@@ -33,14 +33,13 @@ from petals_cli.server.cache import CacheBudget
 from petals_cli.server.handler import BlockHandler
 from petals_cli.server.placement import blocks_that_fit, choose_initial_span, parse_placement
 from petals_cli.server.quant import check_quant
-from petals_cli.server.selection import block_throughputs, rebalance
+from petals_cli.server.selection import block_throughputs, confirm_move, rebalance
 from petals_cli.server.throughput import Throughput, get_throughput, throughput_key
 from petals_cli.server.validation import Limits
 from petals_cli.wire import ModelIndexEntry, ServerInfo, ServerState, model_prefix_for
 
 logger = logging.getLogger(__name__)
 OFFLINE_GRACE = 2.0  # seconds to spend announcing OFFLINE on exit
-MOVE_COOLDOWN_PERIODS = 5  # balance periods between two moves of a server, unless the second fills a gap
 JOIN_RETRY = 2.0  # seconds between tries to join a swarm whose initial peers do not answer
 
 
@@ -293,12 +292,8 @@ class Server:
         return span, adapters
 
     async def _rebalance_forever(self, node, p2p, handler: BlockHandler) -> None:
-        """Check every ``balance_period`` (jittered) whether moving would strengthen the swarm's weakest blocks.
-
-        A move that fills a gap (a block nobody else holds) is made at once. Any other move must be the decision of
-        two checks in a row (servers that just moved have announced where they went by then) and comes at least
-        ``MOVE_COOLDOWN_PERIODS`` periods after this server's last move: a swarm whose balance changes under it does
-        not send its servers back and forth."""
+        """Check every ``balance_period`` (jittered) whether moving would strengthen the swarm's weakest blocks, and
+        move when ``selection.confirm_move`` says so."""
         own = p2p.peer_id.to_base58()
         pending: tuple[int, int] | None = None
         told = None
@@ -314,16 +309,14 @@ class Server:
                     balance_quality=self.config.balance_quality,
                 )
                 if not decision.move:
-                    pending = None
                     told = self._tell_staying(decision, told)
-                    continue
-                cooled = time.monotonic() - self.last_move >= MOVE_COOLDOWN_PERIODS * self.config.balance_period
-                if decision.fills_gap or (cooled and pending == decision.new_span):
-                    pending = None
+                since = time.monotonic() - self.last_move
+                move, wanted = confirm_move(decision, pending, since, self.config.balance_period)
+                if wanted is not None and wanted != pending:
+                    logger.info("blocks %d:%d look better for the swarm; checking again before moving", *wanted)
+                pending = wanted
+                if move:
                     await self._move(node, p2p, handler, decision)
-                elif pending != decision.new_span:
-                    pending = decision.new_span
-                    logger.info("blocks %d:%d look better for the swarm; checking again before moving", *pending)
             except asyncio.CancelledError:
                 raise
             except Exception:  # a failed check is retried at the next period

@@ -14,6 +14,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import torch
 from hivemind.utils import get_dht_time
@@ -97,6 +98,10 @@ async def choose_initial_span(
     *,
     own: str,
     max_delay: float,
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    dht_time: Callable[[], float] = get_dht_time,
+    delay: float | None = None,
 ) -> tuple[int, int]:
     """Wait a random moment, read the swarm (``read_swarm`` leaves out servers that do not answer and this one),
     pick the span of ``length`` blocks it needs most and ``claim`` it (announce it JOINING with the claim's time).
@@ -105,13 +110,16 @@ async def choose_initial_span(
     waiting long enough for every joiner that read with us to have claimed too (twice our own read's time, at
     least ``CLAIM_SETTLE``), read again counting only the claims made before ours (``earlier_claims``); if the
     span we would choose now differs, claim that instead (keeping our claim's time, so the order stays put) and
-    settle again. The earliest claimant never changes its mind, the next one then settles, and so on."""
-    await asyncio.sleep(start_delay(max_delay))
+    settle again. The earliest claimant never changes its mind, the next one then settles, and so on.
+
+    ``sleep``, ``clock``, ``dht_time`` and ``delay`` (instead of ``start_delay``'s draw) are the swarm simulator's
+    (``testing/simswarm.py``), which runs this coroutine in simulated time."""
+    await sleep(start_delay(max_delay) if delay is None else delay)
     span, claimed_at = None, 0.0
     for _ in range(CLAIM_ROUNDS):
-        started = time.monotonic()
+        started = clock()
         snapshot = await read_swarm()
-        read_seconds = time.monotonic() - started
+        read_seconds = clock() - started
         if claimed_at:
             snapshot = earlier_claims(snapshot, claimed_at, own)
         chosen = choose_span(block_throughputs(snapshot), length)
@@ -119,9 +127,9 @@ async def choose_initial_span(
             break
         if span is not None:
             logger.info("blocks %d:%d were claimed first by another joining server; claiming %d:%d", *span, *chosen)
-        span, claimed_at = chosen, claimed_at or get_dht_time()
+        span, claimed_at = chosen, claimed_at or dht_time()
         await claim(span, claimed_at)
-        await asyncio.sleep(max(CLAIM_SETTLE, 2 * read_seconds))
+        await sleep(max(CLAIM_SETTLE, 2 * read_seconds))
     servers = len(snapshot.servers)
     logger.info("chose blocks %d:%d (%d other server%s hold this model)", *span, servers, "" if servers == 1 else "s")
     return span

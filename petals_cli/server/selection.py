@@ -6,6 +6,8 @@
 - ``earlier_claims``: the swarm as a joining server must see it to settle a gap that several joiners chose at once.
 - ``rebalance``: whether moving would make the swarm's weakest blocks stronger by more than a threshold, without
   leaving any block this server holds uncovered.
+- ``confirm_move``: whether a server acts on such a decision now (a gap at once; anything else twice in a row and
+  not too soon after its last move).
 
 Balance is compared block by block from the weakest up (the per-block throughputs sorted ascending, compared
 lexicographically): a swarm whose twelve weakest blocks have 3 servers each gets better when six of them get a
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from petals_cli.wire import ServerInfo, ServerState, SwarmSnapshot
 
 ACTIVE_STATES = (ServerState.ONLINE, ServerState.JOINING)
+MOVE_COOLDOWN_PERIODS = 5  # balance periods between two moves of a server, unless the second fills a gap
 COVERAGE_FLOOR = 1e-3  # an online server that announces no throughput still covers its blocks
 DEFAULT_THROUGHPUT = 1.0  # what a joining server without a figure counts for when nobody announces one
 
@@ -132,3 +135,21 @@ def rebalance(
         weakest_change=change,
         fills_gap=any(others[index] <= 0.0 for index in range(*candidate)),
     )
+
+
+def confirm_move(
+    decision: Rebalance, pending: tuple[int, int] | None, since_last_move: float, balance_period: float
+) -> tuple[bool, tuple[int, int] | None]:
+    """(move now, the span to confirm at the next check) for a server that checked ``decision``, the span it was
+    about to confirm being ``pending``, ``since_last_move`` seconds after its last move.
+
+    A move that fills a gap (a block nobody else holds) is made at once. Any other move must be the decision of
+    two checks in a row (servers that just moved have announced where they went by then) and comes at least
+    ``MOVE_COOLDOWN_PERIODS`` periods after the server's last move: a swarm whose balance changes under it does
+    not send its servers back and forth."""
+    if not decision.move:
+        return False, None
+    cooled = since_last_move >= MOVE_COOLDOWN_PERIODS * balance_period
+    if decision.fills_gap or (cooled and pending == decision.new_span):
+        return True, None
+    return False, decision.new_span

@@ -130,6 +130,7 @@ def test_only_the_inference_session_splices_a_route():
 def test_routing_is_pure():
     allowed = {
         "__future__",
+        "bisect",
         "heapq",
         "random",
         "collections.abc",

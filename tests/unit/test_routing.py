@@ -148,3 +148,38 @@ def test_an_adapter_routes_only_through_servers_that_announce_it(route_function)
         route_function(swarm, adapter="missing")
     with pytest.raises(NoRouteError, match="blocks 2:4"):
         route_function(snapshot(4, fast=fast, a=lora), adapter="other")
+
+
+def _random_swarm(rng: random.Random, servers: int, num_blocks: int) -> tuple[SwarmSnapshot, dict[str, float]]:
+    found, rtts = {}, {}
+    for number in range(servers):
+        length = rng.choice((4, 8, 16))
+        start = (0, num_blocks - length)[number] if number < 2 else rng.randrange(0, num_blocks - length + 1)
+        info = server(start, start + length, rps=rng.choice((20.0, 50.0, 200.0)))
+        found[f"peer{number:03d}"] = dataclasses.replace(info, sessions=rng.randrange(0, 6), batch_capacity=4)
+        rtts[f"peer{number:03d}"] = rng.choice((0.01, 0.05, 0.15))
+    return SwarmSnapshot("m", num_blocks, found), rtts
+
+
+@pytest.mark.parametrize("push", [False, True])
+def test_large_swarms_search_few_servers_per_block_and_lose_little(monkeypatch, push):
+    """Beyond MAX_HOLDERS servers per block the search keeps the cheapest per block and changes servers only where
+    a hop ends where a kept span starts or ends: routes nearly as cheap as the exact search's."""
+    from petals_cli import routing
+
+    ratios = []
+
+    for seed in range(8):
+        snapshot, rtts = _random_swarm(random.Random(seed), 80, 32)
+        pruned = inference_route(snapshot, rtts=rtts, push=push)
+        with monkeypatch.context() as patched:
+            patched.setattr(routing, "MAX_HOLDERS", 10_000)
+            exact = inference_route(snapshot, rtts=rtts, push=push)
+        assert [span.start for span in pruned][0] == 0 and pruned[-1].end == 32
+        assert all(a.end == b.start for a, b in zip(pruned, pruned[1:], strict=False))
+        assert len({span.peer_id for span in exact}) <= len(exact)
+        if not push:
+            ratios.append(
+                routing.route_seconds(snapshot, pruned, rtts=rtts) / routing.route_seconds(snapshot, exact, rtts=rtts)
+            )
+    assert push or (max(ratios) <= 1.05 and sum(ratios) / len(ratios) <= 1.02)
