@@ -178,25 +178,30 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _usage(pid: int) -> tuple[int, int] | None:
-    """Resident memory (KiB) and open descriptors of ``pid``, or None when it is gone."""
+def _usage(pid: int) -> tuple[int, int, float] | None:
+    """Resident memory (KiB), open descriptors and CPU seconds (user + system) of ``pid``, or None when it is gone."""
     try:
         with open(f"/proc/{pid}/status") as status:
             rss = next((int(line.split()[1]) for line in status if line.startswith("VmRSS:")), 0)
-        return rss, len(os.listdir(f"/proc/{pid}/fd"))
-    except (OSError, StopIteration):
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        return rss, len(os.listdir(f"/proc/{pid}/fd")), round(cpu, 2)
+    except (OSError, StopIteration, IndexError, ValueError):
         return None
 
 
 def sample_usage(pid: int) -> dict:
-    """Memory and descriptors of a process and of its libp2p daemon (its child), when it has one."""
+    """Memory, descriptors and CPU seconds used so far (user + system) of a process and of its libp2p daemon (its
+    child), when it has one."""
     own = _usage(pid)
     if own is None:
         return {}
-    sample = {"rss_kib": own[0], "fds": own[1]}
+    sample = {"rss_kib": own[0], "fds": own[1], "cpu_s": own[2]}
     daemons = [usage for usage in map(_usage, _children(pid)) if usage is not None]
     if daemons:
-        sample.update(p2pd_rss_kib=sum(rss for rss, _ in daemons), p2pd_fds=sum(fds for _, fds in daemons))
+        sample.update(p2pd_rss_kib=sum(usage[0] for usage in daemons), p2pd_fds=sum(usage[1] for usage in daemons),
+                      p2pd_cpu_s=round(sum(usage[2] for usage in daemons), 2))  # fmt: skip
     return sample
 
 
