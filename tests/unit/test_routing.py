@@ -182,4 +182,4 @@ def test_large_swarms_search_few_servers_per_block_and_lose_little(monkeypatch, 
             ratios.append(
                 routing.route_seconds(snapshot, pruned, rtts=rtts) / routing.route_seconds(snapshot, exact, rtts=rtts)
             )
-    assert push or (max(ratios) <= 1.05 and sum(ratios) / len(ratios) <= 1.02)
+    assert push or (max(ratios) <= 1.15 and sum(ratios) / len(ratios) <= 1.05)
