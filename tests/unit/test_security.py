@@ -73,6 +73,18 @@ def test_forged_tampered_and_unsigned_records_are_rejected(identities):
     assert not reader.validate(dataclasses.replace(good, value=b"garbage"))
 
 
+def test_a_record_checked_once_is_remembered_by_its_bytes_and_nothing_else(identities, monkeypatch):
+    owner, forger = identities
+    reader, checks = PeerRecordValidator(), []
+    check = reader._check
+    monkeypatch.setattr(reader, "_check", lambda record: checks.append(record) or check(record))
+    good = signed(owner, owner.peer_id, msgpack.packb({"state": 2}))
+    assert reader.validate(good) and reader.validate(good) and len(checks) == 1  # the second read: no RSA check
+    later = dataclasses.replace(good, expiration_time=good.expiration_time + 1)  # same signature, other bytes
+    assert not reader.validate(later) and not reader.validate(later) and len(checks) == 3  # failures re-checked
+    assert not reader.validate(dataclasses.replace(good, subkey=msgpack.packb(forger.peer_id)))
+
+
 def test_swarm_key_tokens_bind_caller_and_callee(tmp_path):
     path = tmp_path / "swarm.key"
     path.write_text(SwarmKey.generate() + "\n")
