@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
 
 import msgpack
 from hivemind.dht.node import DHTNode
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils import get_dht_time
 
@@ -88,7 +91,42 @@ async def rejoin(node: DHTNode, initial_peers: Sequence[str]) -> bool:
 async def announce_server(node: DHTNode, prefix: str, peer_id: str, info: ServerInfo, *, expiration: float) -> bool:
     """Store ``info`` as this server's one record of ``prefix`` (replacing its previous one, whatever its span);
     True when stored."""
-    return await node.store(servers_key(prefix), info.to_wire(), get_dht_time() + expiration, subkey=peer_id)
+    return await store_unread(node, servers_key(prefix), peer_id, info.to_wire(), get_dht_time() + expiration)
+
+
+async def store_unread(node: DHTNode, key: str, subkey: str, value, expiration_time: float) -> bool:
+    """Store one record (signed by ``node``'s validator) on the nodes nearest to ``key``, as ``node.store`` does, but
+    without downloading what the key holds: hivemind finds those nodes by asking for the key itself, and each node
+    that holds it answers with all of it (at 1,000 servers, about 1 MB from each of 5 nodes, 1,000 signatures to
+    check in each, for every announce of every server). Asking for the key's id with its lowest bit flipped finds
+    the same nodes (their XOR distances to both differ in that bit only, so both rank nodes alike), and no node
+    holds a value there. True when at least one node stored it (False: none answered, or each held a newer one)."""
+    key_id = DHTID.generate(source=key)
+    client_mode = getattr(node.protocol, "client_mode", False)  # nobody asks a client for records
+    found = await node.find_nearest_nodes(
+        [DHTID(key_id ^ 1)], k_nearest=2 * node.num_replicas, exclude_self=client_mode
+    )
+    serializer = node.protocol.serializer
+    record = DHTRecord(key_id.to_bytes(), serializer.dumps(subkey), serializer.dumps(value), expiration_time)
+    validator = node.protocol.record_validator
+    signed = record.value if validator is None else validator.sign_value(record)
+    candidates = list(next(iter(found.values())).items())  # nearest first
+    answered = stored = 0
+
+    async def store_at(node_id: DHTID, peer: PeerID) -> bool | None:  # None: no answer
+        if node_id == node.node_id:
+            valid = validator is None or validator.validate(dataclasses.replace(record, value=signed))
+            return valid and node.protocol.storage.store(key_id, signed, expiration_time, subkey=subkey)
+        answer = await node.protocol.call_store(peer, [key_id], [signed], expiration_time, [subkey])
+        return None if answer is None else bool(answer[0])
+
+    while candidates and answered < node.num_replicas:  # nodes that did not answer: the next nearest instead
+        wanted = node.num_replicas - answered
+        tried, candidates = candidates[:wanted], candidates[wanted:]
+        results = await asyncio.gather(*(store_at(node_id, peer) for node_id, peer in tried))
+        answered += sum(result is not None for result in results)
+        stored += sum(bool(result) for result in results)
+    return stored > 0
 
 
 async def announce_blocks(node: DHTNode, prefix: str, peer_id: str, info: ServerInfo, *, expiration: float) -> bool:
@@ -105,8 +143,8 @@ async def announce_model(
     node: DHTNode, prefix: str, peer_id: str, entry: ModelIndexEntry, *, expiration: float
 ) -> bool:
     """Each server lists its model under its own subkey ``prefix:peer_id``, which only it can sign."""
-    return await node.store(
-        MODEL_INDEX_KEY, entry.to_wire(), get_dht_time() + expiration, subkey=f"{prefix}:{peer_id}"
+    return await store_unread(
+        node, MODEL_INDEX_KEY, f"{prefix}:{peer_id}", entry.to_wire(), get_dht_time() + expiration
     )
 
 
@@ -127,11 +165,18 @@ async def fetch_model_index(node: DHTNode) -> dict[str, ModelIndexEntry]:
     return {prefix: entry for prefix, (_, entry) in models.items()}
 
 
-async def fetch_snapshot(node: DHTNode, prefix: str, num_blocks: int) -> SwarmSnapshot:
+async def fetch_snapshot(node: DHTNode, prefix: str, num_blocks: int, *, first_found: bool = False) -> SwarmSnapshot:
     """Read the model's server records (one lookup: the newest value of each record among the nodes nearest to the
     key, which are those that store it); a model without any is read block by block (servers of the earlier layout).
-    A server's newest record wins."""
-    found = await node.get_many([servers_key(prefix)], sufficient_expiration_time=float("inf"), beam_size=READ_BEAM)
+    A server's newest record wins. With ``first_found`` the lookup stops at the first node that holds records: a read
+    for advice (which servers to ping), a fraction of the bytes (every node holding the key sends all of its records:
+    about 1 MB each at 1,000 servers), that misses the servers whose last store that node missed."""
+    if first_found:  # one request at a time, nearest first: parallel ones would each bring all the records anyway
+        found = await node.get_many([servers_key(prefix)], sufficient_expiration_time=get_dht_time(), num_workers=1)
+    else:
+        found = await node.get_many(
+            [servers_key(prefix)], sufficient_expiration_time=float("inf"), beam_size=READ_BEAM
+        )
     servers: dict[str, tuple[float, ServerInfo]] = {}
     _collect(found.get(servers_key(prefix)), servers, num_blocks, prefix)
     if not servers:
