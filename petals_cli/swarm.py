@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
 from petals_cli.errors import ModelNotServedError, SwarmUnreachableError
@@ -31,6 +32,10 @@ from petals_cli.wire import ModelIndexEntry, ServerInfo, ServerState, SwarmSnaps
 SCHEMA_VERSION = 1
 DIRECT, RELAYED, UNKNOWN = "direct", "relayed", "unknown"
 UNREACHABLE = "unreachable"  # a server state that only readers assign: its records say online, it did not answer
+# A status pings its servers this many at a time, for this long in all: at 1,000 announced servers that had died,
+# pinging all at once waited for 1,000 timeouts together. Servers not asked in time show as announced (no rtt).
+STATUS_PINGS_AT_ONCE = 1024
+STATUS_PING_SECONDS = 3.0
 logger = logging.getLogger(__name__)
 
 
@@ -225,7 +230,14 @@ async def collect_status(client, model_prefix: str | None = None) -> SwarmStatus
     peers = {
         peer for snapshot in snapshots for peer, info in snapshot.servers.items() if info.state != ServerState.OFFLINE
     }
-    answered = dict(zip(peers, await asyncio.gather(*(client.is_alive(peer) for peer in peers)), strict=True))
+    answered = await ping_within(client.is_alive, peers, at_once=STATUS_PINGS_AT_ONCE, seconds=STATUS_PING_SECONDS)
+    if len(answered) < len(peers):
+        logger.info(
+            "asked %d of %d servers within %gs; the others show as announced",
+            len(answered),
+            len(peers),
+            STATUS_PING_SECONDS,
+        )
     rtts = {peer: client.rtts[peer] for peer, alive in answered.items() if alive and peer in client.rtts}
     live = {peer: client.live[peer][1] for peer, alive in answered.items() if alive and peer in client.live}
     snapshots = [with_live_load(snapshot, live) for snapshot in snapshots]  # load as the pings just read it
@@ -248,6 +260,32 @@ async def collect_status(client, model_prefix: str | None = None) -> SwarmStatus
         for snapshot in snapshots
     )
     return SwarmStatus(models=models, taken_at=time.time())
+
+
+async def ping_within(
+    ping: Callable[[str], Awaitable[bool]], peers: Collection[str], *, at_once: int, seconds: float
+) -> dict[str, bool]:
+    """``ping`` each of ``peers`` (in a random order), ``at_once`` at a time, for ``seconds`` in all: peer -> whether
+    it answered, for those whose ping ended in time (a ping cut short by the deadline leaves its peer out)."""
+    answered: dict[str, bool] = {}
+    queue = iter(random.sample(list(peers), len(peers)))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+
+    async def worker() -> None:
+        # the deadline is checked here too: a hivemind call can swallow the cancellation meant to stop its worker
+        for peer in queue:
+            if loop.time() >= deadline:
+                return
+            answered[peer] = await ping(peer)
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(min(at_once, len(peers)))]
+    if workers:
+        _, late = await asyncio.wait(workers, timeout=seconds)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+    return answered
 
 
 def read_flags(prefixes: list[str]) -> dict[str, dict[str, int]]:

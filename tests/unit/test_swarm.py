@@ -217,3 +217,26 @@ def test_an_error_a_server_relays_is_one_visible_bounded_line():
     assert isinstance(error, ServerError) and "\n" not in str(error) and "\x1b" not in str(error)
     assert str(error).startswith("boom\\x1b]8;;https://evil.example\\x07click\\nsecond line")
     assert len(str(error)) <= 1000
+
+
+def test_a_status_pings_a_bounded_number_at_once_within_one_deadline():
+    from petals_cli.swarm import ping_within
+
+    at_once, most = 4, 0
+    running: set[str] = set()
+
+    async def ping(peer: str) -> bool:
+        nonlocal most
+        running.add(peer)
+        most = max(most, len(running))
+        try:
+            await asyncio.sleep(10.0 if peer.startswith("dead") else 0.01)  # a dead server: its ping times out
+        finally:
+            running.discard(peer)
+        return True
+
+    peers = [f"live{index}" for index in range(20)] + [f"dead{index}" for index in range(3)]
+    answered = asyncio.run(asyncio.wait_for(ping_within(ping, peers, at_once=at_once, seconds=0.5), 5.0))
+    assert most <= at_once and not running  # the pings cut short by the deadline were cancelled
+    assert set(answered) == {f"live{index}" for index in range(20)}  # the dead ones: not measured, left out
+    assert asyncio.run(ping_within(ping, [], at_once=at_once, seconds=0.5)) == {}
