@@ -36,6 +36,10 @@ START_RETRY = 1.0  # seconds between tries to join a swarm whose initial peers d
 START_GRACE = 10.0  # beyond connect_timeout, for the last try to finish and say why it failed
 LIVENESS_RTT_FACTOR = 3.0  # a liveness check waits at least this many typical round trips (see liveness_timeout)
 PLACEMENTS_KEPT = 60.0  # seconds a placement is remembered (a server unread for that long is not routed through)
+# servers one refresh pings: every one of a swarm this size or smaller; of a larger one, those this client routed
+# sessions through, then those it never pinged or pinged longest ago (at 1,000 servers, pinging all of them every
+# 5 s kept 1,000 RPCs in flight for each refresh; in turns, each is pinged every len / MAX_PINGS refreshes)
+MAX_PINGS = 64
 
 
 class SwarmClient:
@@ -60,6 +64,7 @@ class SwarmClient:
         self.live: dict[str, tuple[float, ServerInfo]] = {}  # peer -> (when its info RPC was sent, what it answered)
         self._placed: dict[str, list[float]] = {}  # peer -> when this client routed a session through it (monotonic)
         self._silent: dict[str, float] = {}  # peer -> when its latest liveness check failed (unanswered since)
+        self._pinged_at: dict[str, float] = {}  # peer -> when this client last sent it a liveness check (monotonic)
         self._snapshots: dict[str, tuple[float, SwarmSnapshot]] = {}
         self._reading: dict[str, asyncio.Future] = {}  # prefix -> the read (and pings) under way
         self._refreshers: dict[str, asyncio.Task] = {}
@@ -198,7 +203,7 @@ class SwarmClient:
         return max(self.config.liveness_timeout, LIVENESS_RTT_FACTOR * typical)
 
     async def _rtt(self, peer_id: str) -> float | None:
-        sent = time.monotonic()
+        sent = self._pinged_at[peer_id] = time.monotonic()
         timeout = self.liveness_timeout(peer_id)
         probe = await probe_server(self.p2p, peer_id, self.swarm_key, timeout=timeout)
         if probe is None:
@@ -237,11 +242,12 @@ class SwarmClient:
         return True
 
     async def _ping_all(self, snapshot: SwarmSnapshot) -> None:
-        """Ping every online server of ``snapshot``; ban those that do not answer (announced, most likely dead,
-        their records not yet expired). When none of several answers, this client is the likely cause (its own
-        link down, or its process starved of CPU past the timeout: seen in the soak with 30 processes on 2 cores,
-        which banned the whole swarm at once), so nobody is banned or silenced for it."""
-        peers = list(snapshot.online())
+        """Ping the online servers of ``snapshot`` (all of them, up to ``MAX_PINGS``: see ``_to_ping``); ban those
+        that do not answer (announced, most likely dead, their records not yet expired). When none of several
+        answers, this client is the likely cause (its own link down, or its process starved of CPU past the timeout:
+        seen in the soak with 30 processes on 2 cores, which banned the whole swarm at once), so nobody is banned or
+        silenced for it."""
+        peers = self._to_ping(list(snapshot.online()))
         rtts = await asyncio.gather(*(self._rtt(peer) for peer in peers))
         if len(peers) > 1 and all(rtt is None for rtt in rtts):
             logger.debug("none of %d servers answered a liveness check; blaming this client, not them", len(peers))
@@ -249,6 +255,17 @@ class SwarmClient:
         for peer, rtt in zip(peers, rtts, strict=True):
             if not self._record(peer, rtt) and peer not in self.bans.banned(time.monotonic()):
                 self.ban(peer)
+
+    def _to_ping(self, online: list[str]) -> list[str]:
+        """Which of ``online`` one refresh pings: all of them, up to ``MAX_PINGS``; beyond, first the servers this
+        client placed sessions on lately, then those never pinged or pinged longest ago (in a random order, so
+        that clients spread their first pings over the swarm)."""
+        if len(online) <= MAX_PINGS:
+            return online
+        placed = self._placed
+        shuffled = self._rng.sample(online, len(online))
+        shuffled.sort(key=lambda peer: (peer not in placed, self._pinged_at.get(peer, float("-inf"))))
+        return shuffled[:MAX_PINGS]
 
     async def is_alive(self, peer_id: str) -> bool:
         return await self._ping(peer_id)

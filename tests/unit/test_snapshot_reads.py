@@ -98,3 +98,21 @@ def test_liveness_checks_wait_longer_when_every_round_trip_has_grown():
     assert client.liveness_timeout("a") == 3 * 0.6  # the median
     assert client.liveness_timeout("c") == 3 * 0.9  # its own, when longer
     assert client.liveness_timeout("unknown") == 3 * 0.6
+
+
+def test_a_large_swarm_is_pinged_in_turns_placed_servers_first():
+    import random
+
+    client = SwarmClient.__new__(SwarmClient)
+    client._rng, client._placed, client._pinged_at = random.Random(0), {}, {}
+    small = [f"s{index}" for index in range(client_swarm.MAX_PINGS)]
+    assert client._to_ping(small) == small  # a swarm this small: every server, every refresh
+    online = [f"p{index}" for index in range(3 * client_swarm.MAX_PINGS)]
+    client._placed = {"p150": [1.0]}
+    pinged: list[str] = []
+    for moment in range(4):
+        chosen = client._to_ping(online)
+        assert len(chosen) == client_swarm.MAX_PINGS and chosen[0] == "p150"
+        client._pinged_at.update({peer: float(moment) for peer in chosen})
+        pinged += chosen
+    assert set(pinged) == set(online)  # four refreshes reached everyone (p150 took a place in each)
