@@ -126,3 +126,43 @@ def test_one_shared_core_bounds_the_tokens():
                     client_cpu_s=0.05, server_cpu_s=0.0)  # fmt: skip
     report = summarize(Sim(base, ours(base), seed=1).run(), started=1.0)
     assert report["tokens_s"] == pytest.approx(20.0, rel=0.05)  # one core, 50 ms of client work per token
+
+
+def _info(start, end, throughput=10.0):
+    return ServerInfo(ServerState.ONLINE, start, end, "1", throughput=throughput, inference_rps=throughput)
+
+
+def test_the_original_rule_moves_when_the_swarm_would_gain_a_third_and_never_opens_a_gap():
+    import random
+
+    # blocks 4:8 held by one server, 0:4 by three: one of those three moving there raises the weakest block 10 -> 20
+    swarm = {"a": _info(0, 4), "b": _info(0, 4), "c": _info(0, 4), "d": _info(4, 8)}
+    snapshot = SwarmSnapshot("m", 8, swarm)
+    assert petals_rules.should_move(snapshot, "a", (0, 4), 10.0, random.Random(0)) == (4, 8)
+    alone = SwarmSnapshot("m", 8, {"a": _info(0, 4), "d": _info(4, 8)})
+    assert petals_rules.should_move(alone, "a", (0, 4), 10.0, random.Random(0)) is None  # 0:4 would be empty
+    even = SwarmSnapshot("m", 8, {"a": _info(0, 4), "b": _info(0, 4), "c": _info(4, 8), "d": _info(4, 8)})
+    assert petals_rules.should_move(even, "a", (0, 4), 10.0, random.Random(0)) is None
+
+
+def test_the_machine_costs_are_measured_from_the_runs_cpu_counters():
+    from pathlib import Path
+
+    from petals_cli.testing.scale import ScaleRun, ScaleSettings
+    from petals_cli.testing.sim_validate import measured
+    from petals_cli.testing.soak_records import Peer
+
+    settings = ScaleSettings(servers=3, sessions=1, clients=1, layers=4, mix=(("fast", 1),))
+    run = ScaleRun(settings, started=0.0, killed_at=240.0, ended=300.0)
+    samples = [{"at": 60.0, "cpu_s": 10.0, "p2pd_cpu_s": 1.0}, {"at": 240.0, "cpu_s": 28.0, "p2pd_cpu_s": 3.0}]
+    client = Peer("client0", "client", 0, None, Path("c.log"), 0.0, samples=samples)
+    server_samples = [{"at": 60.0, "cpu_s": 5.0}, {"at": 240.0, "cpu_s": 41.0}]
+    server = Peer("server0", "server", 0, None, Path("s.log"), 0.0, samples=server_samples)
+    run.peers = [client, server]
+    run.records = [{"kind": "generation", "times": [60.0 + 0.9 * index for index in range(200)]}]
+    run.meters = {"server0": [{"at": 60.0, "rows": 100}, {"at": 240.0, "rows": 1000}]}
+    costs = measured(run)
+    assert costs["tokens"] == 200 and costs["client_cpu_s"] == 20.0 and costs["server_cpu_s"] == 36.0
+    assert costs["client_cpu_per_token_s"] == pytest.approx(0.1) and costs["server_cpu_per_row_s"] == pytest.approx(
+        0.04
+    )
