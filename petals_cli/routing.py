@@ -126,8 +126,8 @@ def expected_step_seconds(info: ServerInfo, blocks: int, placed: int = 0, num_bl
     costs one more step's time; a step over part of the span batches with none of them (the engine batches only
     steps over the same blocks, and the others run the whole span: the swarm simulator found routes of part-span
     hops carrying 25% fewer tokens than whole-span ones at 100 servers), so each of them costs one. ``placed``
-    counts the sessions this client routed through the server since it last read that server's load. A server that announces none of these figures (an older one) costs
-    ``blocks / inference_rps`` as under the idle rule."""
+    counts the sessions this client routed through the server since it last read that server's load. A server that
+    announces none of these figures (an older one) costs ``blocks / inference_rps`` as under the idle rule."""
     idle = blocks * block_seconds(info, inference=True)
     span_length = max(1, info.end_block - info.start_block)
     recent = info.step_seconds * blocks / span_length

@@ -365,8 +365,7 @@ class SwarmClient:
         except NoRouteError:
             return None
         elsewhere = routing.route_seconds(live, route, rtts=self.rtts, placed=placed)
-        worth_it = staying > routing.MOVE_FACTOR * elsewhere and staying - elsewhere > routing.MOVE_MIN_GAIN
-        return (staying, elsewhere) if worth_it else None
+        return (staying, elsewhere) if routing.worth_moving(staying, elsewhere) else None
 
     def _avoided(self, snapshot: SwarmSnapshot, exclude: Collection[str] = ()) -> set[str]:
         """Servers no route may use now: banned, untrusted, silent, and ``exclude``."""
