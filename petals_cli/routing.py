@@ -170,6 +170,19 @@ def staying_seconds(info: ServerInfo, span: RouteSpan, rtt: float, num_blocks: i
     return rtt + expected_step_seconds(mine_removed, span.end - span.start, num_blocks=num_blocks)
 
 
+def servers_to_ping(
+    online: list[str], placed: Collection[str], pinged_at: Mapping[str, float], rng: random.Random, limit: int
+) -> list[str]:
+    """Which of ``online`` one refresh of a client pings: all of them, up to ``limit``; beyond, first the servers it
+    placed sessions on lately (``placed``), then those never pinged or pinged longest ago (``pinged_at``: when), in
+    a random order among equals so that clients spread their first pings over the swarm."""
+    if len(online) <= limit:
+        return online
+    shuffled = rng.sample(online, len(online))
+    shuffled.sort(key=lambda peer: (peer not in placed, pinged_at.get(peer, float("-inf"))))
+    return shuffled[:limit]
+
+
 def worth_moving(staying: float, elsewhere: float) -> bool:
     """Whether a session whose next step is expected to take ``staying`` seconds where it is should move to a route
     expected to take ``elsewhere``: more than ``MOVE_FACTOR`` times and ``MOVE_MIN_GAIN`` seconds faster."""

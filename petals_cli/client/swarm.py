@@ -262,10 +262,7 @@ class SwarmClient:
         that clients spread their first pings over the swarm)."""
         if len(online) <= MAX_PINGS:
             return online
-        placed = self._placed
-        shuffled = self._rng.sample(online, len(online))
-        shuffled.sort(key=lambda peer: (peer not in placed, self._pinged_at.get(peer, float("-inf"))))
-        return shuffled[:MAX_PINGS]
+        return routing.servers_to_ping(online, self._placed, self._pinged_at, self._rng, MAX_PINGS)
 
     async def is_alive(self, peer_id: str) -> bool:
         return await self._ping(peer_id)

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from petals_cli import routing
+from petals_cli.client.swarm import MAX_PINGS
 from petals_cli.errors import NoRouteError, PetalsError
 from petals_cli.routing import BanList, RouteSpan
 from petals_cli.server import placement
@@ -555,6 +556,7 @@ class SimClient:
         self.rtts: dict[str, float] = {}
         self.live: dict[str, tuple[float, ServerInfo]] = {}
         self.silent: set[str] = set()
+        self.pinged_at: dict[str, float] = {}
         self.placed: dict[str, list[float]] = {}
         self.view: SwarmSnapshot | None = None
         self.sessions = itertools.count()
@@ -573,11 +575,13 @@ class SimClient:
         self.sim.after(self.rng.expovariate(self.spec.arrivals_per_s), self._arrive)
 
     def refresh(self, again: bool = True) -> None:
-        """Read the DHT and ping every online server (live load, round trips; no answer: silent and banned)."""
+        """Read the DHT and ping its online servers as the client does (``routing.servers_to_ping``: all of them up
+        to ``MAX_PINGS``): live load and round trips; no answer: silent and banned."""
         sim = self.sim
         snapshot = sim.snapshot()
         every = sim.scenario.live_every
-        for peer in snapshot.online():
+        for peer in routing.servers_to_ping(list(snapshot.online()), self.placed, self.pinged_at, self.rng, MAX_PINGS):
+            self.pinged_at[peer] = sim.now
             server = sim.by_peer[peer]
             if server.alive:
                 rtt = sim.scenario.round_trip(self.spec.region, server.spec.region) + 2 * sim.scenario.hop_seconds
