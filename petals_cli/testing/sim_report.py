@@ -19,6 +19,7 @@ from collections import defaultdict
 from petals_cli.testing.scale_bound import PacedSpan, pipeline_bound
 from petals_cli.testing.scale_report import percentile
 from petals_cli.testing.simswarm import SimRun
+from petals_cli.verify import checks_needed
 
 WARM_SECONDS = 60.0  # at most: the warm-up left out of the window, as scale_report
 
@@ -69,6 +70,25 @@ def hole_seconds(run: SimRun, after: float = 0.0) -> tuple[float, float]:
     if began is not None and previous is not None:
         longest = max(longest, previous - began)
     return total, longest
+
+
+def liar_figures(run: SimRun) -> dict:
+    """With liars and checks: ``verify.checks_needed`` for their tamper rate (the steps by which one is caught with
+    95% probability) against what happened: of the sessions in which a liar served that many steps (or was caught
+    sooner), the fraction that caught it within them."""
+    rates = {spec.tamper for spec in run.scenario.servers if spec.tamper > 0}
+    if not rates or run.scenario.check_rate <= 0:
+        return {}
+    needed = checks_needed(run.scenario.check_rate, max(rates))
+    judged = [(served, caught) for served, caught in run.liars if served >= needed or caught is not None]
+    judged = [(served, caught) for served, caught in judged if served >= needed or caught <= needed]
+    in_time = sum(1 for _, caught in judged if caught is not None and caught <= needed)
+    return {
+        "liar_steps_needed_95": needed,
+        "liar_sessions_judged": len(judged),
+        "liar_caught_within_needed": _r(in_time / len(judged) if judged else None),
+        "liar_catches": sum(1 for _, caught in run.liars if caught is not None),
+    }
 
 
 def summarize(run: SimRun, *, started: float, killed_at: float | None = None) -> dict:
@@ -135,6 +155,7 @@ def summarize(run: SimRun, *, started: float, killed_at: float | None = None) ->
         report["tokens_s_after"] = round(
             sum(after_first <= at < end for at in times) / max(end - after_first, 1e-9), 2
         )
+    report.update(liar_figures(run))
     holes, longest = hole_seconds(run, started)
     hours = max(end - started, 1e-9) / 3600
     report["hole_s"], report["longest_hole_s"] = round(holes, 1), round(longest, 1)

@@ -68,6 +68,7 @@ class ServerSpec:
     cache_tokens: int = 16384
     load_seconds: float = 1.0  # loading its blocks (at start and when it moves)
     fixed_span: tuple[int, int] | None = None  # `--blocks START:END`: placed by hand, never moves
+    tamper: float = 0.0  # a liar: each step it computes is wrong with this probability (testing/tamper.py's)
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,7 @@ class SimRun:
     stopped: dict[str, float] = field(default_factory=dict)  # server -> when it left or crashed
     checks: int = 0
     refusals: int = 0  # sessions a server refused for want of cache room
+    liars: list[tuple[int, int | None]] = field(default_factory=list)  # per session and liar: steps served, caught at
     steps: int = 0  # steps the servers computed, and in how many calls (the rest were batched together)
     calls: int = 0
     wall_seconds: float = 0.0
@@ -648,6 +650,7 @@ class Session:
         self.position = 0
         self.steps_to_check = client.sim.policy.move_check_steps
         self.step_id = 0
+        self.liars: dict[str, tuple[int, bool]] = {}  # peer -> (steps it served this session, lied since checked)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -718,23 +721,37 @@ class Session:
             self._token(tokens, step_id)
 
     def _computed(self, index: int, tokens: int, replay_from: int | None, step_id: int) -> None:
-        server = self.sim.by_peer[self.route[index].peer_id]
-        if self.sim.scenario.check_rate > 0 and self.client.rng.random() < self.sim.scenario.check_rate:
-            self._check(self.route[index], tokens)
+        span = self.route[index]
+        server = self.sim.by_peer[span.peer_id]
+        if server.spec.tamper > 0:  # what a liar served since this session last checked it
+            served, wrong = self.liars.get(span.peer_id, (0, False))
+            self.liars[span.peer_id] = (served + 1, wrong or self.sim.rng.random() < server.spec.tamper)
+        checked = self.sim.scenario.check_rate > 0 and self.client.rng.random() < self.sim.scenario.check_rate
+        if checked and self._check(span, tokens):
+            self._failed(index, tokens, step_id)  # outvoted: banned for good, its span routed anew
+            return
         self._hop(index + 1, server.spec.region, tokens, replay_from, step_id)
 
-    def _check(self, span: RouteSpan, tokens: int) -> None:
-        """Verification: the same step re-run on another replica of the span (its load is what we count)."""
+    def _check(self, span: RouteSpan, tokens: int) -> bool:
+        """Verification: the step re-run on another replica of the span, which catches up on every step since the
+        last check (as the client's checks do): True when the server lied in any of them (it is then banned for
+        good, as a verdict does). The replica's work is the load the check adds."""
         self.sim.run_data.checks += 1
+        served, wrong = self.liars.get(span.peer_id, (0, False))
         try:
             spans = self.client.route(span.start, span.end, self.max_length, exclude=(span.peer_id,))
         except PetalsError:
-            return
+            return False
+        if wrong:
+            self.client.bans.ban_forever(span.peer_id)
+            self.sim.run_data.liars.append((served, served))
+            del self.liars[span.peer_id]
         for replica in spans:
             server = self.sim.by_peer[replica.peer_id]
             self.sim.submit(
                 server, Job(self.client.name, (replica.start, replica.end), tokens, lambda: None), lambda: None
             )
+        return wrong
 
     def _failed(self, index: int, tokens: int, step_id: int) -> None:
         if step_id != self.step_id or self.record is None:
@@ -814,6 +831,8 @@ class Session:
             return
         record, self.record = self.record, None
         record.error = error
+        self.sim.run_data.liars.extend((served, None) for served, _ in self.liars.values())
+        self.liars = {}
         self.step_id += 1
         self.sim.run_data.generations.append(record)
         for span in self.route:

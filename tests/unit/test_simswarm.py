@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from petals_cli import routing
+from petals_cli import routing, verify
 from petals_cli.testing import petals_rules
 from petals_cli.testing.paced import DeviceModel
 from petals_cli.testing.sim_policies import idle, ours, petals
@@ -166,3 +166,26 @@ def test_the_machine_costs_are_measured_from_the_runs_cpu_counters():
     assert costs["client_cpu_per_token_s"] == pytest.approx(0.1) and costs["server_cpu_per_row_s"] == pytest.approx(
         0.04
     )
+
+
+def test_a_liar_is_caught_about_as_verify_checks_needed_predicts_and_never_used_again():
+    liar = DeviceModel(overhead_ms=5.0, block_ms=2.0, token_ms=1.0, batch_capacity=4)  # the fastest: routes want it
+    servers = [
+        ServerSpec("liar", liar, 4, fixed_span=(0, 4), tamper=0.3),
+        ServerSpec("honest1", DEVICE, 4, fixed_span=(0, 4)),
+        ServerSpec("honest2", DEVICE, 4, fixed_span=(0, 4)),
+    ]
+    clients = [ClientSpec(f"c{number}", sessions=1, start_at=1.0) for number in range(40)]
+    base = scenario(servers, clients, duration=40.0, new_tokens=64, check_rate=0.2)
+    sim = Sim(base, ours(base), seed=4)
+    run = sim.run()
+    report = summarize(run, started=1.0)
+    assert report["liar_steps_needed_95"] == verify.checks_needed(0.2, 0.3)
+    assert report["liar_catches"] > 10 and report["liar_sessions_judged"] > 10
+    assert report["liar_caught_within_needed"] >= 0.9  # the 95% prediction, with room for 40-odd samples
+    liar_id = sim.servers["liar"].peer_id
+    for client in sim.clients.values():
+        if liar_id in client.bans.forever:  # a client that caught it routes no later session through it
+            caught_at = client.name
+            later = [record for record in run.generations if record.client == caught_at and record.started > 30.0]
+            assert all(liar_id not in {hop[0] for hop in record.route} for record in later)
