@@ -34,10 +34,11 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from petals_cli import routing
 from petals_cli.client.swarm import MAX_PINGS
+from petals_cli.config import ServerConfig
 from petals_cli.errors import NoRouteError, PetalsError
 from petals_cli.routing import BanList, RouteSpan
 from petals_cli.server import placement
@@ -50,6 +51,7 @@ PREFIX = "sim-model"
 VERSION = "sim"
 DETECT_SECONDS = 0.05  # beyond one round trip: how long a client takes to see that a server's stream broke
 PLACED_KEPT = 60.0  # as client/swarm.py: seconds a placement is remembered
+SESSIONS_PER_PEER = ServerConfig.max_sessions_per_peer  # `petals serve --max-sessions-per-peer`'s default
 BACKGROUND_SLICE = 0.01  # seconds of CPU per slice of background work
 
 
@@ -159,6 +161,7 @@ class SimServer:
         self.busy = False
         self.round: list[list[Job]] = []
         self.open: dict[tuple[str, int], int] = {}  # (client, session) -> cache tokens reserved
+        self.per_client: dict[str, int] = {}  # client -> its sessions open here (the server caps them)
         self.cache_left = spec.cache_tokens
         self.step_seconds = 0.0
         self.last_batch = 0
@@ -191,6 +194,7 @@ class SimServer:
             batch_capacity=self.device.batch_capacity,
             claimed_at=self.claimed_at,
             moving_to=self.moving_to,
+            sessions_per_peer=SESSIONS_PER_PEER,
         )
 
     def live(self, now: float, every: float) -> ServerInfo:
@@ -500,11 +504,17 @@ class Sim:
         if key not in server.open:
             server.open[key] = tokens
             server.cache_left -= tokens
+            server.per_client[key[0]] = server.per_client.get(key[0], 0) + 1
 
     def close_session(self, server: SimServer, key: tuple[str, int]) -> None:
         tokens = server.open.pop(key, None)
         if tokens is not None:
             server.cache_left += tokens
+            server.per_client[key[0]] -= 1
+
+    def refuses(self, server: SimServer, client: str, tokens: int) -> bool:
+        """Whether ``server`` refuses one more session of ``client``: no cache room, or the client's cap reached."""
+        return server.cache_left < tokens or server.per_client.get(client, 0) >= SESSIONS_PER_PEER
 
     def latency(self, a: str, b: str, tokens: int) -> float:
         """One way from region ``a`` to ``b`` for a step of ``tokens`` tokens."""
@@ -590,7 +600,8 @@ class SimClient:
                 self.rtts[peer] = rtt if peer not in self.rtts else 0.7 * self.rtts[peer] + 0.3 * rtt
                 self.silent.discard(peer)
                 if sim.policy.live_load:
-                    self.live[peer] = (sim.now, server.live(sim.now, every))
+                    info, yours = server.live(sim.now, every), server.per_client.get(self.name, 0)
+                    self.live[peer] = (sim.now, replace(info, your_sessions=yours) if yours else info)
             elif peer not in self.silent:
                 self.silent.add(peer)
                 self.bans.ban(peer, sim.now)
@@ -675,8 +686,9 @@ class Session:
                 return
             self.sim.after(0.5, self._route_then, start, then, waited + 0.5)
             return
-        full = [span for span in spans if self.sim.by_peer[span.peer_id].cache_left < self.max_length]
-        if full:  # the server refuses the session (no cache room): as a failed opening, banned and routed around
+        full = [span for span in spans if self.sim.refuses(self.sim.by_peer[span.peer_id], self.client.name,
+                                                             self.max_length)]  # fmt: skip
+        if full:  # the server refuses the session (cache room, its cap per peer): a failed opening, routed around
             for span in full:
                 self.client.bans.ban(span.peer_id, self.sim.now)
             self.sim.run_data.refusals += len(full)
