@@ -647,7 +647,8 @@ class SimClient:
         return spans
 
     def finish(self) -> None:
-        for session in self.active:
+        """The end of the simulation: every generation in progress is recorded as far as it got."""
+        for session in list(self.active):  # end() removes the session from the list
             session.end("")
 
 

@@ -189,3 +189,11 @@ def test_a_liar_is_caught_about_as_verify_checks_needed_predicts_and_never_used_
             caught_at = client.name
             later = [record for record in run.generations if record.client == caught_at and record.started > 30.0]
             assert all(liar_id not in {hop[0] for hop in record.route} for record in later)
+
+
+def test_generations_in_progress_at_the_end_are_all_recorded():
+    servers = [ServerSpec("a", DEVICE, 4, fixed_span=(0, 4))]
+    clients = [ClientSpec("c", sessions=6, start_at=1.0)]
+    base = scenario(servers, clients, duration=3.0, new_tokens=1000)
+    run = Sim(base, ours(base), seed=1).run()
+    assert len(run.generations) == 6 and all(record.times for record in run.generations)
