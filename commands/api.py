@@ -48,8 +48,9 @@ def api(
     wire_dtype: WireDtypeOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Serve MODEL (its blocks run in the swarm) as an OpenAI-compatible API: /v1/models, /v1/completions,
-    /v1/chat/completions and /health."""
+    """Serve MODEL as an OpenAI-compatible API, with a chat page.
+
+    Routes /v1/models, /v1/completions, /v1/chat/completions, /health; pages / (chat) and /swarm (swarm health)."""
     import ipaddress
 
     from petals_cli.config import ClientConfig

@@ -59,8 +59,9 @@ def bench(
     json_output: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Measure inference steps/s, time to first token, forward and training tokens/s (medians, min-max); with
-    --speculative, inference tokens/s and how many drafts were accepted."""
+    """Measure inference and training speed through the swarm.
+
+    Steps/s, time to first token, forward and training tokens/s (medians, min-max); --speculative: drafts accepted."""
     from petals_cli.config import BenchConfig, ClientConfig
     from petals_cli.errors import ConfigError
 

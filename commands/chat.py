@@ -54,7 +54,9 @@ def chat(
     wire_dtype: WireDtypeOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Chat with MODEL; replies stream as they are generated. Ctrl-C stops a reply, Ctrl-D leaves."""
+    """Chat with MODEL in the terminal; replies stream as generated.
+
+    Ctrl-C stops a reply, Ctrl-D leaves; /help lists the in-chat commands."""
     from petals_cli.chat import Conversation
     from petals_cli.config import ClientConfig
     from petals_cli.generation import GenerationOptions

@@ -60,7 +60,9 @@ def finetune(
     json_output: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Train prompts for MODEL on --dataset; the swarm runs the frozen blocks forward and backward."""
+    """Train soft prompts or a LoRA adapter for MODEL on a dataset.
+
+    The swarm runs the frozen blocks forward and backward; --method picks ptune, deep_ptune or lora."""
     options = {name: value for name, value in locals().items() if name not in _CLIENT_OPTIONS}  # = config fields
     from petals_cli.config import ClientConfig, FinetuneConfig
     from petals_cli.finetune import finetune as run_finetune

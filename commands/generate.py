@@ -74,8 +74,9 @@ def generate(
     json_output: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Generate a continuation of --prompt (or of every prompt in --prompts-file) with MODEL's blocks served by the
-    swarm."""
+    """Continue a prompt with MODEL, its blocks run by the swarm.
+
+    Generates a continuation of --prompt, or of every prompt in --prompts-file."""
     from petals_cli.config import ClientConfig
     from petals_cli.errors import ConfigError
 

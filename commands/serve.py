@@ -102,7 +102,9 @@ def serve(
     revision: Annotated[str | None, typer.Option(help="Hub revision of MODEL.")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Host blocks of MODEL, announce them, and serve until Ctrl-C or SIGTERM."""
+    """Host blocks of MODEL for the swarm until Ctrl-C or SIGTERM.
+
+    Loads --blocks (auto: the weakest blocks), announces them in the DHT, serves inference, forward and backward."""
     options = {name: value for name, value in locals().items() if name != "verbose"}  # parameters = config fields
     from petals_cli.config import ServerConfig
     from petals_cli.server.host import run_server

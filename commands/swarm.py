@@ -1,4 +1,5 @@
-"""`petals swarm status|top|bootstrap`: look at the swarm, watch it live, or run a DHT-only bootstrap peer."""
+"""`petals swarm status|top|web|bootstrap`: look at the swarm, watch it live in a terminal or a browser, or run a
+DHT-only bootstrap peer."""
 
 import json
 from typing import Annotated
@@ -17,7 +18,8 @@ from petals_cli.commands._options import (
 )
 
 swarm_app = typer.Typer(
-    help="Inspect the swarm, watch it live, or run a bootstrap peer for a private swarm.", no_args_is_help=True
+    help="Inspect the swarm: status, live map, web page, bootstrap peer.",
+    no_args_is_help=True,
 )
 SwarmModelOpt = Annotated[
     str | None,
@@ -51,7 +53,9 @@ def status(
     json_output: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Models served in the swarm, their block coverage, and every server (schema of --json: see README)."""
+    """Models in the swarm, their block coverage, every server.
+
+    The schema of --json is in README."""
     from petals_cli.config import ClientConfig
     from petals_cli.swarm import read_swarm_status
 
@@ -76,7 +80,9 @@ def top(
     allowed_servers: AllowedServersOpt = None,
     blocked_servers: BlockedServersOpt = None,
 ) -> None:
-    """A live map of the swarm (q quit, r refresh, s sort, / filter, ? help)."""
+    """A live map of the swarm in the terminal.
+
+    Keys: q quit, r refresh, s sort, / filter, ? help."""
     from petals_cli.config import ClientConfig
     from petals_cli.tui import run_top
 
@@ -84,6 +90,51 @@ def top(
         initial_peers=tuple(initial_peers or ()), **trust_options(swarm_key, allowed_servers, blocked_servers)
     )
     run_top(config, model_prefix=model, interval=interval)
+
+
+@swarm_app.command()
+@handle_errors
+def web(
+    model: SwarmModelOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8080,
+    interval: Annotated[float, typer.Option(min=1.0, help="Seconds between readings of the swarm.")] = 5.0,
+    initial_peers: InitialPeersOpt = None,
+    swarm_key: SwarmKeyOpt = None,
+    allowed_servers: AllowedServersOpt = None,
+    blocked_servers: BlockedServersOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """A live health page of the swarm for browsers.
+
+    Also /api/v1/state (the JSON of `swarm status --json`) and /metrics (Prometheus), read every --interval s."""
+    import ipaddress
+
+    from petals_cli.client.swarm import require_initial_peers
+    from petals_cli.config import ClientConfig
+    from petals_cli.errors import ConfigError
+    from petals_cli.swarm import StatusFeed
+
+    setup_logging(verbose)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"--host {host!r} is not an IP address") from None
+    config = ClientConfig.from_sources(
+        initial_peers=tuple(initial_peers or ()), **trust_options(swarm_key, allowed_servers, blocked_servers)
+    )
+    require_initial_peers(config)  # the page survives a swarm that stops answering, not one it never knew
+    try:
+        from petals_cli.web.app import make_health_app, serve
+        from petals_cli.web.monitor import SwarmMonitor
+    except ImportError as error:
+        raise ConfigError(
+            f"the api extra is not installed ({error.name} missing)", hint="pip install 'petals-cli[api]'"
+        ) from None
+    feed = StatusFeed(config, model_prefix=model, interval=interval)
+    app = make_health_app(SwarmMonitor(feed.read, period=interval), on_exit=feed.close)
+    typer.echo(f"swarm health on http://{host}:{port}/ (Ctrl-C stops)", err=True)
+    serve(app, host, port)
 
 
 @swarm_app.command()
@@ -103,7 +154,9 @@ def bootstrap(
     swarm_key: SwarmKeyOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Run a DHT-only peer that others join through; prints their --initial-peers line; Ctrl-C stops it."""
+    """Run a DHT-only peer that others join the swarm through.
+
+    Prints their --initial-peers line; Ctrl-C stops it."""
     from petals_cli.bootstrap import BootstrapConfig, initial_peers_line, run_bootstrap
 
     setup_logging(verbose)

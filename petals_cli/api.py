@@ -1,7 +1,9 @@
 """An OpenAI-compatible HTTP API in front of one distributed model: a swarm client that speaks HTTP.
 
 ``make_app`` takes an already opened model and tokenizer and serves ``GET /v1/models``, ``GET /health``,
-``POST /v1/completions`` and ``POST /v1/chat/completions`` (FastAPI on uvicorn). Each request generates in a worker
+``POST /v1/completions`` and ``POST /v1/chat/completions`` (FastAPI on uvicorn), and the browser pages of
+``petals_cli.web``: a chat page at ``/`` that talks to those routes, and the swarm's health page at ``/swarm``
+(read through this model's own swarm client, only while someone visits it). Each request generates in a worker
 thread of its own (``generate()`` is synchronous; the swarm client has its own event-loop thread) and is its own
 inference session, so concurrent requests batch on the servers. Streamed text travels from the worker through a
 queue to server-sent events; a client that leaves stops its generation at the next token, which closes the session
@@ -12,6 +14,7 @@ nothing about the CLI.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -36,17 +39,50 @@ from petals_cli.api_requests import (
 from petals_cli.chat import StopFlag
 from petals_cli.errors import ConfigError, PetalsError, SessionLengthError
 from petals_cli.generation import GenerationOptions, LogprobRecorder, generate
+from petals_cli.web.app import serve
+
+__all__ = ["make_app", "serve"]
 
 logger = logging.getLogger(__name__)
 DISCONNECT_POLL = 0.25  # seconds between checks that a client waiting for a whole response is still there
 CHOICE_THREADS = 16  # a request's choices generating at once (each its own session)
+SWARM_PAGE_PERIOD = 5.0  # seconds between readings of the swarm for /swarm
+SWARM_PAGE_IDLE = 300.0  # ... which stop this long after its last visit
 
 
-def make_app(model, tokenizer, *, model_name: str, api_key: str | None = None, max_concurrent: int = 8) -> FastAPI:
+def make_app(
+    model,
+    tokenizer,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    max_concurrent: int = 8,
+    swarm_period: float = SWARM_PAGE_PERIOD,
+) -> FastAPI:
     """The ASGI app serving ``model`` (a distributed model) as ``model_name``; ``api_key``: required as a bearer
-    token on /v1 routes when set; beyond ``max_concurrent`` generations at once, requests get 429."""
+    token on /v1 routes when set; beyond ``max_concurrent`` generations at once, requests get 429. The health page
+    reads the swarm every ``swarm_period`` seconds while visited."""
+    from petals_cli.swarm import StatusFeed
+    from petals_cli.web.app import add_chat_page, add_health_routes, add_static
+    from petals_cli.web.monitor import SwarmMonitor
+
     api = _Api(model, tokenizer, model_name, api_key, max_concurrent)
-    app = FastAPI(title="petals", docs_url=None, redoc_url=None, openapi_url=None)
+    client = model.petals_client
+    feed = StatusFeed(client.config, interval=swarm_period, client=client)
+    monitor = SwarmMonitor(feed.read, period=swarm_period, idle_after=SWARM_PAGE_IDLE)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            yield
+        finally:
+            await monitor.stop()
+
+    app = FastAPI(title="petals", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    add_static(app)
+    keyed = api_key is not None
+    add_chat_page(app, model_name=model_name, tokenizer=tokenizer, key_required=keyed, swarm_url="/swarm")
+    add_health_routes(app, monitor, base="/swarm", chat_url="/")
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, error: ApiError):
@@ -57,13 +93,6 @@ def make_app(model, tokenizer, *, model_name: str, api_key: str | None = None, m
     app.post("/v1/completions")(api.completions)
     app.post("/v1/chat/completions")(api.chat_completions)
     return app
-
-
-def serve(app: FastAPI, host: str, port: int) -> None:
-    """Serve ``app`` until Ctrl-C or SIGTERM."""
-    import uvicorn
-
-    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 class _Stoppable:

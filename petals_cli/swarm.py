@@ -322,7 +322,8 @@ class StatusFeed:
 
     ``stream()`` yields a status at once and then every ``interval`` seconds; each call starts a new stream
     (that is how the TUI refreshes now) over the same client. The client is created on first use, in a thread,
-    and re-created after the swarm turns out unreachable. ``close()`` releases it.
+    and re-created after the swarm turns out unreachable. ``close()`` releases it. Given an open ``client`` (one
+    that `petals api` already has), the feed reads through it and never closes or replaces it.
     """
 
     def __init__(
@@ -333,10 +334,11 @@ class StatusFeed:
         interval: float = 2.0,
         timeout: float = 30.0,
         client_factory: Callable[[Any], Any] | None = None,
+        client=None,
     ):
         self.config, self.model_prefix, self.interval, self.timeout = config, model_prefix, interval, timeout
         self._client_factory = client_factory
-        self._client = None
+        self._client, self._shared = client, client is not None
         self._lock = threading.Lock()
         self._closed = False
 
@@ -370,6 +372,8 @@ class StatusFeed:
             return self._client
 
     def _drop_client(self) -> None:
+        if self._shared:
+            return
         with self._lock:
             client, self._client = self._client, None
         if client is not None:
@@ -386,5 +390,5 @@ class StatusFeed:
         with self._lock:
             self._closed = True
             client, self._client = self._client, None
-        if client is not None:
+        if client is not None and not self._shared:
             client.close()

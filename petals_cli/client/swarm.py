@@ -42,16 +42,20 @@ PLACEMENTS_KEPT = 60.0  # seconds a placement is remembered (a server unread for
 MAX_PINGS = 64
 
 
+def require_initial_peers(config: ClientConfig) -> None:
+    if not config.initial_peers:
+        raise SwarmUnreachableError(
+            "no initial peers: this client does not know any swarm",
+            hint="pass --initial-peers MADDR (or set PETALS_INITIAL_PEERS); "
+            "start a swarm with `petals serve MODEL --new-swarm --address-file swarm.addr`",
+        )
+
+
 class SwarmClient:
     """Owns the event loop thread, the P2P daemon and the DHT node of one client process."""
 
     def __init__(self, config: ClientConfig):
-        if not config.initial_peers:
-            raise SwarmUnreachableError(
-                "no initial peers: this client does not know any swarm",
-                hint="pass --initial-peers MADDR (or set PETALS_INITIAL_PEERS); "
-                "start a swarm with `petals serve MODEL --new-swarm --address-file swarm.addr`",
-            )
+        require_initial_peers(config)
         self.config = config
         self.swarm_key = security.SwarmKey.from_file(config.swarm_key)
         self._loop = asyncio.new_event_loop()

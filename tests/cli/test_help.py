@@ -19,6 +19,7 @@ COMMANDS = [
     ["swarm"],
     ["swarm", "status"],
     ["swarm", "top"],
+    ["swarm", "web"],
     ["swarm", "bootstrap"],
 ]
 
@@ -46,6 +47,24 @@ def test_top_level_help_does_not_import_heavy_libraries():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "HEAVY []" in result.stdout
+
+
+@pytest.mark.parametrize("group", [[], ["swarm"]], ids=["petals", "swarm"])
+def test_command_lists_are_one_line_per_command_at_80_columns(group, monkeypatch, capsys):
+    """The list of commands is what a new user reads first: each description one line at 80 columns."""
+    from petals_cli.commands.main import main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr(sys, "argv", ["petals", *group, "--help"])
+    with pytest.raises(SystemExit):
+        main()
+    text = capsys.readouterr().out
+    rows = text.split("Commands")[1].splitlines()[1:]
+    rows = [row.strip("│ ") for row in rows if row.startswith("│")]
+    names = list(dict.fromkeys(c[len(group)] for c in COMMANDS if c[: len(group)] == group and len(c) > len(group)))
+    assert [row.split()[0] for row in rows] == names, text  # a wrapped description would add a row of its own
+    if not group:
+        assert "LoRA" in next(row for row in rows if row.startswith("finetune")), text
 
 
 def test_version():
