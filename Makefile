@@ -12,7 +12,7 @@ CPU_TORCH := 2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-latest test-oldest constraints check fix demo completions bench clean
+.PHONY: install test test-latest test-oldest constraints check fix demo completions bench screenshots clean
 
 install: $(STAMP)
 
@@ -64,6 +64,10 @@ fix: install
 
 demo: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
+
+# README's pictures of the web pages, taken by their browser tests (needs Debian's chromium).
+screenshots: install
+	PETALS_SCREENSHOTS=docs/screenshots $(PY) -m pytest -q -p no:cacheprovider tests/web
 
 completions: install
 	for shell in bash zsh fish; do _PETALS_COMPLETE=source_$$shell $(VENV)/bin/petals > completions/petals.$$shell; done

@@ -38,7 +38,7 @@
     box.className = `message ${role}`;
     const label = document.createElement("span");
     label.className = "role";
-    label.textContent = role === "user" ? "you" : role === "assistant" ? model : "error";
+    label.textContent = role === "user" ? "you" : role === "assistant" ? model.split("/").pop() : "error";
     const content = document.createElement("span");
     content.className = "content";
     content.textContent = text;
@@ -85,7 +85,7 @@
   async function ask(text) {
     const thread = conversation; // "New" during the reply starts another; this one's end stays with this one
     thread.push({ role: "user", content: text });
-    bubble("user", text);
+    const asked = bubble("user", text).parentElement;
     const content = bubble("assistant", "");
     content.parentElement.classList.add("streaming");
     controller = new AbortController();
@@ -146,7 +146,11 @@
     let summary = describeSpeed(tokens === null ? chunks : tokens, started, first, performance.now());
     if (stopped) summary += " · stopped";
     if (failure) {
-      if (!reply) content.parentElement.remove();
+      if (!reply) {
+        content.parentElement.remove();
+        asked.remove(); // nothing came back: the message goes back to the box, to send again
+        if (!prompt.value) prompt.value = text;
+      }
       bubble("error", failure);
       summary = `failed: ${failure}`;
     }
