@@ -2,8 +2,9 @@
 what is wrong, before anything is loaded or dialled.
 
 The commands run in this process through the real entry point (`main`), so the sweep costs seconds, not a
-process start per option. A tripwire on the first network action (starting the P2P daemon), on `swarm top`'s app
-and on `bench`'s local servers turns a bad value that slipped through into a failure here instead of a hang.
+process start per option. A tripwire on the first network action (starting the P2P daemon), on `swarm top`'s app,
+on `swarm web`'s HTTP server and on `bench`'s local servers turns a bad value that slipped through into a failure
+here instead of a hang.
 """
 
 import os
@@ -30,6 +31,7 @@ BASE = {
     "api": ("{model}", *PEERS),
     "swarm status": PEERS,
     "swarm top": PEERS,
+    "swarm web": PEERS,
     "swarm bootstrap": (),
 }
 # option -> (a bad value, a fragment of the one error line); per command where commands differ
@@ -106,6 +108,7 @@ BAD_FOR = {
         "--sessions": ("0", "--sessions"),
     },
     "swarm top": {"--interval": ("0", "--interval")},
+    "swarm web": {"--interval": ("0.5", "--interval"), "--port": ("99999", "--port")},
     "api": {"--max-concurrent": ("0", "--max-concurrent"), "--port": ("99999", "--port")},
 }
 # Options whose every value is acceptable (free text, or a name the swarm itself may or may not know).
@@ -167,12 +170,14 @@ def tripwires(monkeypatch):
     import petals_cli.daemon
     import petals_cli.testing.swarm
     import petals_cli.tui
+    import petals_cli.web.app
 
     def tripped(*args, **kwargs):
         raise Accepted("the command went on with a bad value")
 
     monkeypatch.setattr(petals_cli.daemon, "create_p2p", tripped)
     monkeypatch.setattr(petals_cli.tui, "run_top", tripped)
+    monkeypatch.setattr(petals_cli.web.app, "serve", tripped)
     monkeypatch.setattr(petals_cli.testing.swarm.Swarm, "start", tripped)
     for variable in [name for name in os.environ if name.startswith("PETALS_") and name != "PETALS_CACHE_DIR"]:
         monkeypatch.delenv(variable)

@@ -66,6 +66,12 @@ def test_no_initial_peers_explains_how_to_start_a_swarm(tmp_path, monkeypatch):
     assert_one_error_line(result, 4, "no initial peers", "--new-swarm")
 
 
+def test_swarm_web_without_initial_peers_says_so_before_serving(monkeypatch, capsys):
+    monkeypatch.delenv("PETALS_INITIAL_PEERS", raising=False)
+    result = run_here(monkeypatch, capsys, "swarm", "web", "--port", "0")
+    assert_one_error_line(result, 4, "no initial peers", "--new-swarm")
+
+
 def test_serve_rejects_bad_block_ranges_and_missing_swarm_choice(model, monkeypatch, capsys):
     assert_one_error_line(run_here(monkeypatch, capsys, "serve", model, "--blocks", "1:5", "--new-swarm"), 2, "0:2")
     assert_one_error_line(run_here(monkeypatch, capsys, "serve", model, "--blocks", "0:1"), 2, "--new-swarm")

@@ -62,7 +62,8 @@ def test_command_lists_are_one_line_per_command_at_80_columns(group, monkeypatch
     rows = text.split("Commands")[1].splitlines()[1:]
     rows = [row.strip("│ ") for row in rows if row.startswith("│")]
     names = list(dict.fromkeys(c[len(group)] for c in COMMANDS if c[: len(group)] == group and len(c) > len(group)))
-    assert sorted(row.split()[0] for row in rows) == sorted(names), text  # a wrapped description would add a row of its own
+    # a wrapped description would add a row of its own
+    assert sorted(row.split()[0] for row in rows) == sorted(names), text
     if not group:
         assert "LoRA" in next(row for row in rows if row.startswith("finetune")), text
 
