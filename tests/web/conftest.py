@@ -31,6 +31,7 @@ BROWSER_FLAGS = [
     "--no-first-run",
     "--disable-quic",
 ]
+SKIPPED = pytest.StashKey[str]()
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
@@ -61,6 +62,12 @@ def pytest_collection_modifyitems(config, items):
         return  # with PETALS_REQUIRE_BROWSER, the browser fixture fails them, loudly
     for item in mine:
         item.add_marker(pytest.mark.skip(reason=reason))
+    config.stash[SKIPPED] = f"{len(mine)} browser tests of the web pages skipped: {reason}"
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if SKIPPED in config.stash:
+        terminalreporter.write_line(config.stash[SKIPPED], yellow=True)
 
 
 @pytest.fixture(scope="session")
