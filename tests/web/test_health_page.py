@@ -151,6 +151,16 @@ def test_metrics_parse_and_count_servers_and_blocks(web):
     assert values[("petals_server_rtt_seconds_count", model)] == 3
 
 
+def test_the_page_is_gzipped_for_clients_that_accept_it(web):
+    import gzip
+    import urllib.request
+
+    request = urllib.request.Request(web.url + "/", headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.headers["Content-Encoding"] == "gzip"
+        assert "swarm health" in gzip.decompress(response.read()).decode()
+
+
 def test_killed_server_turns_the_open_page_broken_naming_its_blocks(web, swarm, page_at):
     from playwright.sync_api import expect
 
