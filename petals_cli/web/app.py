@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import re
 from importlib import resources
 
 from fastapi import FastAPI, Request
@@ -100,9 +101,8 @@ def add_chat_page(app: FastAPI, *, model_name: str, tokenizer, key_required: boo
         "key_required": "true" if key_required else "false",
         "swarm_url": swarm_url,
     }
-    body = _static_text("chat.html")
-    for key, value in values.items():
-        body = body.replace("{{" + key + "}}", html.escape(value, quote=True))
+    # one pass: a value that itself holds "{{...}}" (a chat template may) is not filled in again
+    body = re.sub(r"\{\{(\w+)\}\}", lambda match: html.escape(values[match[1]], quote=True), _static_text("chat.html"))
 
     async def chat():
         return HTMLResponse(body, headers=PAGE_HEADERS)

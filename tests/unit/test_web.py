@@ -175,3 +175,36 @@ def test_monitor_that_reads_only_while_visited_stops_and_starts_again():
 
     stopped_at = asyncio.run(scenario())
     assert len(reads) > stopped_at and reads[-1] == 11.0
+
+
+class Tokenizer:
+    def __init__(self, chat_template):
+        self.chat_template = chat_template
+
+
+@pytest.mark.parametrize("template", ["{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}", None])
+def test_chat_page_names_its_template_and_escapes_what_it_fills_in(template):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from petals_cli.web.app import add_chat_page, add_static
+
+    app = FastAPI()
+    add_static(app)
+    add_chat_page(app, model_name='org/"m"<x>', tokenizer=Tokenizer(template), key_required=True, swarm_url="/swarm")
+    with TestClient(app) as client:
+        response = client.get("/")
+        script = client.get("/static/petals/chat.js")
+        missing = client.get("/static/petals/../app.py")
+    page = Parsed(response.text)
+    assert response.status_code == 200 and "script-src 'self'" in response.headers["content-security-policy"]
+    assert ("data-model", 'org/"m"<x>') in page.attributes and ("data-key-required", "true") in page.attributes
+    assert not [key for key in ("model", "template", "key_required", "swarm_url") if f"{{{{{key}}}}}" in response.text]
+    assert "x" not in page.tags
+    text = "".join(page.text)
+    if template:
+        assert "Chat template: the model's own chat template" in text and template in text
+    else:
+        assert "plain transcript of User: and Assistant: lines" in text
+    assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+    assert missing.status_code == 404
