@@ -70,7 +70,7 @@ def pytest_terminal_summary(terminalreporter, config):
         terminalreporter.write_line(config.stash[SKIPPED], yellow=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # not longer: Playwright's sync API keeps an event loop running while it lives
 def browser():
     reason = missing()
     if reason:
