@@ -189,6 +189,54 @@ def worth_moving(staying: float, elsewhere: float) -> bool:
     return staying > MOVE_FACTOR * elsewhere and staying - elsewhere > MOVE_MIN_GAIN
 
 
+@dataclass(frozen=True)
+class Move:
+    """A faster route for one span of an open session: expected seconds of its next step where it is and there."""
+
+    route: list[RouteSpan]
+    staying: float
+    elsewhere: float
+
+
+def faster_route(
+    snapshot: SwarmSnapshot,
+    span: RouteSpan,
+    *,
+    rtts: Mapping[str, float],
+    banned: Collection[str],
+    cache_tokens_needed: int = 0,
+    adapter: str = "",
+    placed: Mapping[str, int] | None = None,
+    search: Callable[..., list[RouteSpan]] | None = None,
+) -> Move | None:
+    """The mid-session move check (the client's and the simulator's): the best route over ``span``'s blocks avoiding
+    ``banned`` (which should hold ``span``'s own server), when ``worth_moving`` from where the session is; None when
+    not, when no route exists, or when ``snapshot`` does not describe ``span``'s server. ``snapshot`` carries the live
+    load; ``placed``: as for ``inference_route``; ``search``: ``inference_route`` or a wrapper of it (the simulator
+    times its searches)."""
+    info = snapshot.servers.get(span.peer_id)
+    if info is None:
+        return None
+    staying = staying_seconds(info, span, rtts.get(span.peer_id, DEFAULT_RTT), snapshot.num_blocks)
+    if staying <= MOVE_MIN_GAIN:
+        return None  # no route could save enough: skip the search
+    try:
+        route = (search or inference_route)(
+            snapshot,
+            span.start,
+            span.end,
+            rtts=rtts,
+            banned=banned,
+            cache_tokens_needed=cache_tokens_needed,
+            adapter=adapter,
+            placed=placed,
+        )
+    except NoRouteError:
+        return None
+    elsewhere = route_seconds(snapshot, route, rtts=rtts, placed=placed)
+    return Move(route, staying, elsewhere) if worth_moving(staying, elsewhere) else None
+
+
 def inference_route(
     snapshot: SwarmSnapshot,
     start: int = 0,

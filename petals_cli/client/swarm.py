@@ -344,29 +344,18 @@ class SwarmClient:
         faster, by the servers' live load; None otherwise, when no other route exists, or when nothing is known of the
         server yet."""
         snapshot = await self.snapshot(prefix, num_blocks)
-        live = self._with_live_load(snapshot)
-        info = live.servers.get(span.peer_id)
-        if info is None or span.peer_id not in self.live:
+        if span.peer_id not in self.live:
             return None
-        rtt = self.rtts.get(span.peer_id, routing.DEFAULT_RTT)
-        staying = routing.staying_seconds(info, span, rtt, live.num_blocks)
-        banned = self._avoided(snapshot, (span.peer_id,))
-        placed = self.placed()
-        try:
-            route = routing.inference_route(
-                live,
-                span.start,
-                span.end,
-                rtts=self.rtts,
-                banned=banned,
-                cache_tokens_needed=cache_tokens_needed,
-                adapter=self.config.active_adapter,
-                placed=placed,
-            )
-        except NoRouteError:
-            return None
-        elsewhere = routing.route_seconds(live, route, rtts=self.rtts, placed=placed)
-        return (staying, elsewhere) if routing.worth_moving(staying, elsewhere) else None
+        move = routing.faster_route(
+            self._with_live_load(snapshot),
+            span,
+            rtts=self.rtts,
+            banned=self._avoided(snapshot, (span.peer_id,)),
+            cache_tokens_needed=cache_tokens_needed,
+            adapter=self.config.active_adapter,
+            placed=self.placed(),
+        )
+        return (move.staying, move.elsewhere) if move is not None else None
 
     def _avoided(self, snapshot: SwarmSnapshot, exclude: Collection[str] = ()) -> set[str]:
         """Servers no route may use now: banned, untrusted, silent, and ``exclude``."""

@@ -4,6 +4,7 @@ the product's own code (see ``simswarm``)."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from petals_cli import routing
 from petals_cli.client.swarm import MAX_PINGS
-from petals_cli.errors import NoRouteError, PetalsError
+from petals_cli.errors import PetalsError
 from petals_cli.routing import BanList, RouteSpan
 from petals_cli.testing.sim_model import DETECT_SECONDS, PLACED_KEPT, ClientSpec, Generation, Job
 from petals_cli.wire import ServerInfo, SwarmSnapshot
@@ -90,24 +91,30 @@ class SimClient:
     def avoided(self, exclude=()) -> set[str]:
         return self.bans.banned(self.sim.now) | self.silent | set(exclude)
 
-    def route(self, start: int, end: int, cache_tokens: int, exclude=()) -> list[RouteSpan]:
-        """The policy's route over [start, end), timed (the decision alone, as scale_client times it)."""
-        if self.view is None or not self.view.servers:  # nothing read yet: read now, as route() does on a miss
-            self.refresh(again=False)
+    def timed(self, search, *args, **kwargs) -> list[RouteSpan]:
+        """``search(*args, **kwargs)``, a route decision, its wall time noted (the decision alone, as scale_client
+        times it)."""
         began = time.perf_counter()
         try:
-            spans = self.sim.policy.route(
-                self.view,
-                start,
-                end,
-                rtts=self.rtts,
-                banned=self.avoided(exclude),
-                cache_tokens_needed=cache_tokens,
-                placed=self.placed_counts(),
-                rng=self.rng,
-            )
+            return search(*args, **kwargs)
         finally:
             self.sim.run_data.decisions.append(time.perf_counter() - began)
+
+    def route(self, start: int, end: int, cache_tokens: int, exclude=()) -> list[RouteSpan]:
+        """The policy's route over [start, end), timed."""
+        if self.view is None or not self.view.servers:  # nothing read yet: read now, as route() does on a miss
+            self.refresh(again=False)
+        spans = self.timed(
+            self.sim.policy.route,
+            self.view,
+            start,
+            end,
+            rtts=self.rtts,
+            banned=self.avoided(exclude),
+            cache_tokens_needed=cache_tokens,
+            placed=self.placed_counts(),
+            rng=self.rng,
+        )
         for span in spans:
             self.placed.setdefault(span.peer_id, []).append(self.sim.now)
         return spans
@@ -269,31 +276,19 @@ class Session:
         client = self.client
         view = client.view
         for index, span in enumerate(self.route):
-            info = view.servers.get(span.peer_id) if view is not None else None
-            if info is None or span.peer_id not in client.live:
+            if view is None or span.peer_id not in client.live:
                 continue
-            staying = routing.staying_seconds(info, span, client.rtts.get(span.peer_id, routing.DEFAULT_RTT),
-                                              view.num_blocks)  # fmt: skip
-            if staying <= routing.MOVE_MIN_GAIN:
-                continue
-            placed = client.placed_counts()
-            began = time.perf_counter()
-            try:
-                other = routing.inference_route(
-                    view,
-                    span.start,
-                    span.end,
-                    rtts=client.rtts,
-                    banned=client.avoided((span.peer_id,)),
-                    cache_tokens_needed=self.max_length,
-                    placed=placed,
-                )
-            except NoRouteError:
-                continue
-            finally:
-                self.sim.run_data.decisions.append(time.perf_counter() - began)
-            elsewhere = routing.route_seconds(view, other, rtts=client.rtts, placed=placed)
-            if routing.worth_moving(staying, elsewhere):
+            move = routing.faster_route(
+                view,
+                span,
+                rtts=client.rtts,
+                banned=client.avoided((span.peer_id,)),
+                cache_tokens_needed=self.max_length,
+                placed=client.placed_counts(),
+                search=functools.partial(client.timed, routing.inference_route),
+            )
+            if move is not None:
+                other = move.route
                 self.record.moves += 1
                 self.sim.close_session(self.sim.by_peer[span.peer_id], self.key)
                 for replacement in other:

@@ -10,6 +10,7 @@ from petals_cli.routing import (
     SPREAD,
     RouteSpan,
     expected_step_seconds,
+    faster_route,
     inference_route,
     route_seconds,
     staying_seconds,
@@ -158,3 +159,18 @@ def test_a_server_where_this_client_holds_its_per_peer_cap_takes_no_more_of_its_
     assert not at_peer_cap(replace(fast, your_sessions=50))  # a server announcing no cap (an older one)
     with pytest.raises(NoRouteError, match="full or excluded"):
         inference_route(swarm(fast=capped), rtts=RTTS)
+
+
+def test_the_move_check_moves_a_session_off_a_server_that_got_slow_and_only_then():
+    span = RouteSpan("busy", 0, 4)
+    snapshot = swarm(busy=server(sessions=8, step=0.5, capacity=1), idle=server(rps=100.0))
+    move = faster_route(snapshot, span, rtts=RTTS, banned={"busy"})
+    assert move is not None and [s.peer_id for s in move.route] == ["idle"]
+    assert move.staying == pytest.approx(staying_seconds(snapshot.servers["busy"], span, 0.001))
+    assert move.elsewhere == pytest.approx(route_seconds(snapshot, move.route, rtts=RTTS))
+    assert faster_route(snapshot, span, rtts=RTTS, banned={"busy", "idle"}) is None  # nowhere else to go
+    alike = swarm(busy=server(rps=8.0), idle=server(rps=8.0))  # 0.5 s a step on either: a move gains nothing
+    assert faster_route(alike, span, rtts=RTTS, banned={"busy"}) is None
+    calm = swarm(busy=server(rps=100.0), idle=server(rps=1000.0))  # 10 times faster, but 41 ms a step here
+    assert faster_route(calm, span, rtts=RTTS, banned={"busy"}) is None
+    assert faster_route(snapshot, RouteSpan("gone", 0, 4), rtts=RTTS, banned={"gone"}) is None
