@@ -80,8 +80,11 @@ def liar_figures(run: SimRun) -> dict:
     if not rates or run.scenario.check_rate <= 0:
         return {}
     needed = checks_needed(run.scenario.check_rate, max(rates))
-    judged = [(served, caught) for served, caught in run.liars if served >= needed or caught is not None]
-    judged = [(served, caught) for served, caught in judged if served >= needed or caught <= needed]
+    judged = [
+        (served, caught)
+        for served, caught in run.liars
+        if served >= needed or (caught is not None and caught <= needed)
+    ]
     in_time = sum(1 for _, caught in judged if caught is not None and caught <= needed)
     return {
         "liar_steps_needed_95": needed,
