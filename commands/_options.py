@@ -93,6 +93,29 @@ DraftModelOpt = Annotated[
 ]
 
 
+ListenHostOpt = Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")]
+ListenPortOpt = Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")]
+
+
+def check_listen_host(host: str) -> None:
+    """--host of the HTTP commands must be an IP address (a name would be looked up, and may not be this machine)."""
+    import ipaddress
+
+    from petals_cli.errors import ConfigError
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"--host {host!r} is not an IP address") from None
+
+
+def api_extra_missing(error: ImportError):
+    """The ConfigError to raise when the HTTP commands cannot import what the `api` extra installs."""
+    from petals_cli.errors import ConfigError
+
+    return ConfigError(f"the api extra is not installed ({error.name} missing)", hint="pip install 'petals-cli[api]'")
+
+
 def trust_options(swarm_key: str | None, allowed_servers: list[str] | None, blocked_servers: list[str] | None) -> dict:
     """The ClientConfig fields of the shared trust options (None and empty defer to PETALS_* variables)."""
     return {

@@ -10,12 +10,16 @@ from petals_cli.commands._options import (
     AllowedServersOpt,
     BlockedServersOpt,
     InitialPeersOpt,
+    ListenHostOpt,
+    ListenPortOpt,
     ModelArg,
     ModelPrefixOpt,
     SwarmKeyOpt,
     VerboseOpt,
     VerifyOpt,
     WireDtypeOpt,
+    api_extra_missing,
+    check_listen_host,
     trust_options,
 )
 from petals_cli.commands._progress import open_model_with_feedback, spinner
@@ -24,8 +28,8 @@ from petals_cli.commands._progress import open_model_with_feedback, spinner
 @handle_errors
 def api(
     model: ModelArg,
-    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    host: ListenHostOpt = "127.0.0.1",
+    port: ListenPortOpt = 8000,
     api_key: Annotated[
         str | None,
         typer.Option(
@@ -51,16 +55,10 @@ def api(
     """Serve MODEL as an OpenAI-compatible API, with a chat page.
 
     Routes /v1/models, /v1/completions, /v1/chat/completions, /health; pages / (chat) and /swarm (swarm health)."""
-    import ipaddress
-
     from petals_cli.config import ClientConfig
-    from petals_cli.errors import ConfigError
 
     setup_logging(verbose)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ConfigError(f"--host {host!r} is not an IP address") from None
+    check_listen_host(host)
     config = ClientConfig.from_sources(
         initial_peers=tuple(initial_peers or ()),
         model_prefix=model_prefix,
@@ -71,12 +69,10 @@ def api(
     )
     with spinner("Loading petals…"):
         try:
-            from petals_cli.api import make_app, serve
+            from petals_cli.api import make_app
+            from petals_cli.web.app import serve
         except ImportError as error:
-            raise ConfigError(
-                f"the api extra is not installed ({error.name} missing)",
-                hint="pip install 'petals-cli[api]'",
-            ) from None
+            raise api_extra_missing(error) from None
     distributed, tokenizer = open_model_with_feedback(model, config)
     try:
         app = make_app(distributed, tokenizer, model_name=model, api_key=api_key, max_concurrent=max_concurrent)

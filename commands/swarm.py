@@ -12,8 +12,12 @@ from petals_cli.commands._options import (
     BlockedServersOpt,
     InitialPeersOpt,
     JsonOpt,
+    ListenHostOpt,
+    ListenPortOpt,
     SwarmKeyOpt,
     VerboseOpt,
+    api_extra_missing,
+    check_listen_host,
     trust_options,
 )
 
@@ -96,8 +100,8 @@ def top(
 @handle_errors
 def web(
     model: SwarmModelOpt = None,
-    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8080,
+    host: ListenHostOpt = "127.0.0.1",
+    port: ListenPortOpt = 8080,
     interval: Annotated[float, typer.Option(min=1.0, help="Seconds between readings of the swarm.")] = 5.0,
     initial_peers: InitialPeersOpt = None,
     swarm_key: SwarmKeyOpt = None,
@@ -108,18 +112,12 @@ def web(
     """A live health page of the swarm for browsers.
 
     Also /api/v1/state (the JSON of `swarm status --json`) and /metrics (Prometheus), read every --interval s."""
-    import ipaddress
-
     from petals_cli.client.swarm import require_initial_peers
     from petals_cli.config import ClientConfig
-    from petals_cli.errors import ConfigError
     from petals_cli.swarm import StatusFeed
 
     setup_logging(verbose)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ConfigError(f"--host {host!r} is not an IP address") from None
+    check_listen_host(host)
     config = ClientConfig.from_sources(
         initial_peers=tuple(initial_peers or ()), **trust_options(swarm_key, allowed_servers, blocked_servers)
     )
@@ -128,10 +126,8 @@ def web(
         from petals_cli.web.app import make_health_app, serve
         from petals_cli.web.monitor import SwarmMonitor
     except ImportError as error:
-        raise ConfigError(
-            f"the api extra is not installed ({error.name} missing)", hint="pip install 'petals-cli[api]'"
-        ) from None
-    feed = StatusFeed(config, model_prefix=model, interval=interval)
+        raise api_extra_missing(error) from None
+    feed = StatusFeed(config, model_prefix=model)
     app = make_health_app(SwarmMonitor(feed.read, period=interval), on_exit=feed.close)
     typer.echo(f"swarm health on http://{host}:{port}/ (Ctrl-C stops)", err=True)
     serve(app, host, port)
@@ -205,7 +201,6 @@ def _server_cells(server) -> list[str]:
 
     from petals_cli.tui.render import FLAG_STYLE, STATE_STYLES, flag_text, step_text
 
-    dtype = server.dtype if server.quantization == "none" else f"{server.dtype}/{server.quantization}"
     pings = " ".join(f"{peer[-8:]}={_milliseconds(rtt)}" for peer, rtt in server.pings.items())
     flag = f" [{FLAG_STYLE}]{flag_text(server.flagged)}[/]" if server.flagged else ""
     return [
@@ -217,7 +212,7 @@ def _server_cells(server) -> list[str]:
         str(server.cache_tokens_left),
         f"{server.sessions}s q{server.queue_length} {step_text(server)}",  # one column: the table fits 80 wide
         f"{server.batch_size}/{server.largest_batch}",
-        escape(dtype),
+        escape(server.precision),
         escape(server.version),
         server.connection,
         _milliseconds(server.rtt),

@@ -39,9 +39,6 @@ from petals_cli.api_requests import (
 from petals_cli.chat import StopFlag
 from petals_cli.errors import ConfigError, PetalsError, SessionLengthError
 from petals_cli.generation import GenerationOptions, LogprobRecorder, generate
-from petals_cli.web.app import serve
-
-__all__ = ["make_app", "serve"]
 
 logger = logging.getLogger(__name__)
 DISCONNECT_POLL = 0.25  # seconds between checks that a client waiting for a whole response is still there
@@ -57,19 +54,17 @@ def make_app(
     model_name: str,
     api_key: str | None = None,
     max_concurrent: int = 8,
-    swarm_period: float = SWARM_PAGE_PERIOD,
 ) -> FastAPI:
     """The ASGI app serving ``model`` (a distributed model) as ``model_name``; ``api_key``: required as a bearer
-    token on /v1 routes when set; beyond ``max_concurrent`` generations at once, requests get 429. The health page
-    reads the swarm every ``swarm_period`` seconds while visited."""
+    token on /v1 routes when set; beyond ``max_concurrent`` generations at once, requests get 429."""
     from petals_cli.swarm import StatusFeed
     from petals_cli.web.app import add_chat_page, add_health_routes, add_static
     from petals_cli.web.monitor import SwarmMonitor
 
     api = _Api(model, tokenizer, model_name, api_key, max_concurrent)
     client = model.petals_client
-    feed = StatusFeed(client.config, interval=swarm_period, client=client)
-    monitor = SwarmMonitor(feed.read, period=swarm_period, idle_after=SWARM_PAGE_IDLE)
+    feed = StatusFeed(client.config, client=client)
+    monitor = SwarmMonitor(feed.read, period=SWARM_PAGE_PERIOD, idle_after=SWARM_PAGE_IDLE)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -73,6 +73,11 @@ class ServerStatus:
     def short_id(self) -> str:
         return short_peer_id(self.peer_id)
 
+    @property
+    def precision(self) -> str:
+        """Its dtype, with the quantisation when it has one: "float16" or "float16/nf4"."""
+        return self.dtype if self.quantization == "none" else f"{self.dtype}/{self.quantization}"
+
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["adapters"], out["relays"] = list(self.adapters), list(self.relays)

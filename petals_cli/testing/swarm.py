@@ -145,6 +145,12 @@ class Swarm:
         for server in started:
             self.wait_ready(server)
 
+    def __enter__(self) -> Swarm:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
     def stop(self) -> None:
         for server in self.servers:
             if server.process.poll() is None:

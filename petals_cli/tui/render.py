@@ -90,7 +90,6 @@ def server_rows(status: SwarmStatus, *, sort: str = "span", text_filter: str = "
 
 def table_cells(row: Row) -> tuple[Text, ...]:
     model, server = row
-    dtype = server.dtype if server.quantization == "none" else f"{server.dtype}/{server.quantization}"
     return (
         Text(model.prefix),
         Text(server.short_id),
@@ -102,7 +101,7 @@ def table_cells(row: Row) -> tuple[Text, ...]:
         Text(str(server.sessions)),
         Text(str(server.queue_length)),
         Text(step_text(server)),
-        Text(dtype),
+        Text(server.precision),
         Text(server.version),
         Text(server.connection),
         Text(milliseconds(server.rtt)),

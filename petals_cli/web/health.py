@@ -153,13 +153,12 @@ def _bar(model: ModelStatus, server: ServerStatus) -> str:
 
 
 def _details(server: ServerStatus) -> str:
-    dtype = server.dtype if server.quantization == "none" else f"{server.dtype}, {server.quantization}"
     lines = [
         f"peer {server.peer_id}",
         f"name {server.public_name or '-'}",
         f"blocks {server.start_block}:{server.end_block}, {server.state}",
         f"version {server.version} (protocol {server.protocol})",
-        f"dtype {dtype}",
+        f"dtype {server.precision}",
         f"throughput {server.throughput:.1f}",
         f"load {_load(server)}",
         f"cache room {server.cache_tokens_left} tokens",
@@ -195,7 +194,6 @@ def _table(model: ModelStatus) -> str:
 
 
 def _row(model: ModelStatus, server: ServerStatus) -> str:
-    dtype = server.dtype if server.quantization == "none" else f"{server.dtype}/{server.quantization}"
     flag = f' <span class="flag">{_text(flag_text(server.flagged))}</span>' if server.flagged else ""
     name = f'<span class="peer-name">{_text(server.public_name)}</span> ' if server.public_name else ""
     cells = [
@@ -205,7 +203,7 @@ def _row(model: ModelStatus, server: ServerStatus) -> str:
         f"{server.throughput:.1f}",
         _text(_load(server)),
         str(server.cache_tokens_left),
-        _text(dtype),
+        _text(server.precision),
         _text(server.version),
         _text(_link(server)),
         _text(milliseconds(server.rtt)),

@@ -141,6 +141,12 @@ class CliServer:
                     raise TimeoutError(f"{' '.join(args[:2])} did not answer:\n{self.log()}") from None
                 time.sleep(0.2)
 
+    def __enter__(self) -> CliServer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
     def get(self, path: str) -> tuple[int, str]:
         try:
             with urllib.request.urlopen(self.url + path, timeout=30) as response:

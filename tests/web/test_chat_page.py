@@ -27,26 +27,20 @@ TOKENS = 12
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     path = make_tiny_model(tmp_path_factory.mktemp("chat") / "tiny-chat", "llama", num_layers=2)
-    swarm = Swarm(model=path, workdir=tmp_path_factory.mktemp("swarm"))
-    try:
+    with Swarm(model=path, workdir=tmp_path_factory.mktemp("swarm")) as swarm:
         swarm.start("0:2")
         yield swarm
-    finally:
-        swarm.stop()
 
 
 @pytest.fixture(scope="module")
 def api(swarm, tmp_path_factory):
-    server = CliServer(
+    with CliServer(
         tmp_path_factory.mktemp("api-log"),
         *("api", swarm.model.name, "--initial-peers", *swarm.initial_peers, "--api-key", KEY),
         ready_path="/health",
         cwd=swarm.model.parent,  # the model by a short relative path: its name on the page
-    )
-    try:
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def generated(swarm, prompt: str) -> str:

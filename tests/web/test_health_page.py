@@ -26,29 +26,23 @@ HOSTILE = '<script>window.pwned=1</script><img src=x onerror="window.pwned=2"><b
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     path = make_tiny_model(tmp_path_factory.mktemp("web") / "tiny-llama", "llama", num_layers=4)
-    swarm = Swarm(model=path, workdir=tmp_path_factory.mktemp("swarm"))
-    try:
+    with Swarm(model=path, workdir=tmp_path_factory.mktemp("swarm")) as swarm:
         swarm.start("0:2", "--public-name", HOSTILE)
         for blocks, name in (("0:2", "second-head"), ("2:4", "tail")):
             swarm.start(blocks, "--public-name", name, wait=False)
         for server in swarm.servers[1:]:
             swarm.wait_ready(server)
         yield swarm
-    finally:
-        swarm.stop()
 
 
 @pytest.fixture(scope="module")
 def web(swarm, tmp_path_factory):
-    server = CliServer(
+    with CliServer(
         tmp_path_factory.mktemp("web-log"),
         *("swarm", "web", "--initial-peers", *swarm.initial_peers, "--interval", "1"),
         ready_path="/api/v1/state",
-    )
-    try:
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def healthy_page(page, web):
