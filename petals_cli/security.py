@@ -424,8 +424,9 @@ class GatedService:
 
         request = await anext(requests, None)
         if request is None:
-            return transport.error_response(InvalidRequestError("a pushed stream carried no step"))
-        return await self.rpc_push(request, context)
+            yield transport.error_response(InvalidRequestError("a pushed stream carried no step"))
+            return
+        yield await self.rpc_push(request, context)
 
     async def rpc_info(self, request, context):
         if not self._admits(context, request.uid):

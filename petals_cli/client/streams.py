@@ -379,6 +379,10 @@ async def call_unary(
     if lora is not None:
         tensors = [*tensors, *lora.weights]
     messages = transport.request_messages(tensors, transport.pack(request))
+    expected = [tensors[0].shape]
+    if method == "rpc_backward":
+        expected += [prompts.shape] if prompts is not None else []
+        expected += [weight.shape for weight in lora.weights] if lora is not None else []
 
     async def requests():
         for message in messages:
@@ -387,7 +391,7 @@ async def call_unary(
     async def call():
         responses = await getattr(conn.stub(span.peer_id), method)(requests())
         try:
-            return await transport.collect_tensors(responses)
+            return await transport.read_answer(responses, len(expected))
         except InvalidRequestError as exc:  # a cut or garbled answer: this server's fault, not our request's
             raise ServerFailure(span, f"sent a malformed answer ({exc})") from exc
 
@@ -396,10 +400,6 @@ async def call_unary(
         transport.check_response(runtime_pb2.ExpertResponse(metadata=metadata))
     except (ServerError, CacheExhaustedError) as exc:
         raise ServerFailure(span, f"{type(exc).__name__}: {exc}") from exc
-    expected = [tensors[0].shape]
-    if method == "rpc_backward":
-        expected += [prompts.shape] if prompts is not None else []
-        expected += [weight.shape for weight in lora.weights] if lora is not None else []
     if [output.shape for output in outputs] != expected:
         raise ServerFailure(span, "sent a malformed answer")
     return outputs

@@ -257,7 +257,10 @@ class BlockHandler:
                 if message.ByteSize() <= PUSH_UNARY_BYTES:  # one call on the peers' open connection
                     response = await stub.rpc_push(message)
                 else:  # a long prompt's hidden states: a stream of its own (no size cap; one more round trip)
-                    response = await stub.rpc_push_stream(_one(message))
+                    _, metadata = await transport.read_answer(await stub.rpc_push_stream(_one(message)))
+                    if not metadata:
+                        raise ConnectionError("the pushed stream closed with no answer")
+                    response = runtime_pb2.ExpertResponse(metadata=metadata)
                 transport.check_response(response)
             self._unpushable.pop(peer, None)
             return True
@@ -274,9 +277,12 @@ class BlockHandler:
 
     async def rpc_push_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
-    ) -> runtime_pb2.ExpertResponse:
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """``rpc_push`` of a step too large for a unary call: a stream of one message, read to its end (within the
-        pusher's own ``push_timeout``) before the answer, which would otherwise race the pusher's end of stream."""
+        pusher's own ``push_timeout``) before the one answer, which would otherwise race the pusher's end of stream."""
+        yield await self._push_streamed(requests, context)
+
+    async def _push_streamed(self, requests, context: P2PContext) -> runtime_pb2.ExpertResponse:
         seconds = push_timeout(self.limits.max_request_bytes)
         try:
             async with asyncio.timeout(seconds):

@@ -84,12 +84,14 @@ async def open_session(stub, prefix: str, end_block: int, max_length: int, batch
     return session
 
 
-async def call_stream(stub, method: str, messages) -> tuple[list[torch.Tensor], bytes]:
+async def call_stream(stub, method: str, messages, count: int = 1) -> tuple[list[torch.Tensor], bytes]:
+    """A forward or backward: its first ``count`` tensors and metadata, or its refusal (the client closes)."""
+
     async def requests():
         for message in messages:
             yield message
 
-    return await transport.collect_tensors(await getattr(stub, method)(requests()))
+    return await transport.read_answer(await getattr(stub, method)(requests()), count)
 
 
 async def forward(stub, prefix: str, end_block: int, hidden: torch.Tensor) -> torch.Tensor:

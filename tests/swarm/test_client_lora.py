@@ -65,7 +65,9 @@ def request(prefix: str, *, lora: bool = True, **fields) -> SpanRequest:
 
 
 async def unary(stub, method: str, tensors: list[torch.Tensor], meta: SpanRequest) -> list[torch.Tensor]:
-    outputs, metadata = await call_stream(stub, method, transport.request_messages(tensors, transport.pack(meta)))
+    count = 1 if method == "rpc_forward" else len(tensors) - 1  # a backward: the input's and each weight's gradient
+    messages = transport.request_messages(tensors, transport.pack(meta))
+    outputs, metadata = await call_stream(stub, method, messages, count)
     transport.check_response(runtime_pb2.ExpertResponse(metadata=metadata))
     return outputs
 

@@ -188,7 +188,7 @@ def test_bad_prompts_and_unknown_adapters_are_refused_with_typed_errors(setup):
             for message in transport.request_messages(tensors, transport.pack(request)):
                 yield message
 
-        outputs, metadata = await transport.collect_tensors(await client.stub(peer_id).rpc_forward(requests()))
+        outputs, metadata = await transport.read_answer(await client.stub(peer_id).rpc_forward(requests()), 1)
         transport.check_response(runtime_pb2.ExpertResponse(metadata=metadata))
         return outputs
 

@@ -60,12 +60,10 @@ REFUSALS = {
 # not speak the framing gets no answer in it). Every other request is read to its end and answered.
 NO_ANSWER = "closed without an answer"
 DEADLINE = "deadline"  # an abandoned session's honest step that passed the server's step timeout: a typed answer
-# Forward/backward calls whose stream ended with no answer at all. About one run in twenty (once in CI, once in 16
-# runs here, then none in 44 more) loses one such answer of about 300, a different request each time, and the
-# server's log shows nothing for it (no stream closed early); where between the server's handler, the two libp2p
-# daemons and the client's reader it is lost is not known. The same request is sent once more on a new stream and
-# must then be answered with a typed refusal; a second loss in one run fails the test.
-LOST: Counter[str] = Counter()
+# A forward, backward or pushed stream's answer is read and then the stream is closed by the fuzzer, as by every
+# client (transport.read_answer). While the server closed such streams itself, about one run in twenty lost one
+# answer of ~300 (libp2p's daemon reset the stream behind it; tests/swarm/test_hostile_streams.py measures it), and
+# this test sent it once more; no answer is lost now, and one that is fails the test.
 STEP_TIMEOUT = 15  # the server's, in seconds
 ATTACK_GUARD = 60  # seconds for one attack: a hang guard, four times the step timeout
 PROMPT = "Hostile peers send garbage while an honest user keeps generating the same tokens"
@@ -390,15 +388,12 @@ async def attack(client: SwarmClient, peer: str, kind: str, payload) -> list[str
             for message in payload:
                 yield message
 
-        return [_refusal(await stub.rpc_push_stream(messages()))]
+        _, metadata = await transport.read_answer(await stub.rpc_push_stream(messages()))
+        return [_refusal(runtime_pb2.ExpertResponse(metadata=metadata)) if metadata else NO_ANSWER]
     if kind == "unary":
         method, messages = payload
-        for _ in range(2):  # an answer lost between the two daemons (see LOST) is asked for once more
-            _, metadata = await call_stream(stub, method, messages)
-            if metadata:
-                return [_refusal(runtime_pb2.ExpertResponse(metadata=metadata))]
-            LOST[method] += 1
-        return [NO_ANSWER]
+        _, metadata = await call_stream(stub, method, messages)
+        return [_refusal(runtime_pb2.ExpertResponse(metadata=metadata)) if metadata else NO_ANSWER]
     session = await open_session(stub, PREFIX, NUM_LAYERS, 8)
     if kind == "abandon":  # some honest steps, then the stream is dropped without ending
         try:
@@ -425,6 +420,8 @@ async def send_frames(client: SwarmClient, peer: str, method: str, data: bytes) 
         with contextlib.suppress(ConnectionError):  # closed while the end was on its way: a reset
             while (answer := await stream.receive()) is not None:
                 answers.append(_refusal(answer))
+                if method in transport.ONE_ANSWER:  # its client closes the stream after the answer
+                    break
         return answers or [NO_ANSWER]
     finally:
         stream.close()
@@ -474,12 +471,10 @@ def test_hostile_requests_never_crash_the_server_nor_disturb_an_honest_session(t
     print(
         f"\nfuzz: {hostile} hostile requests answered with typed refusals {dict(codes)}, {abandoned} abandoned "
         f"sessions, {frames} streams of bytes that are not frames; server alive: {server.process.poll() is None}; "
-        f"honest steps exact: {honest.exact}/{honest.steps}; forward/backward answers lost and asked again: "
-        f"{sum(LOST.values())}"
+        f"honest steps exact: {honest.exact}/{honest.steps}"
     )
     assert hostile - codes[NO_ANSWER] - codes[DEADLINE] >= 1000  # answered with typed refusals
     assert codes[NO_ANSWER] <= frames
-    assert sum(LOST.values()) <= 1, f"forward/backward answers lost: {dict(LOST)}"
     assert server.process.poll() is None
     assert honest.steps >= HONEST * 12 and honest.exact == honest.steps  # every step of every honest session
     assert server_info(fuzzer, peer).largest_batch > 1  # and they were batched together

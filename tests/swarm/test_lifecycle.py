@@ -87,7 +87,7 @@ async def _raw_forward(client, peer_id, request: SpanRequest, tensors):
         for message in transport.request_messages(tensors, transport.pack(request)):
             yield message
 
-    outputs, metadata = await transport.collect_tensors(await client.stub(peer_id).rpc_forward(requests()))
+    outputs, metadata = await transport.read_answer(await client.stub(peer_id).rpc_forward(requests()), 1)
     transport.check_response(runtime_pb2.ExpertResponse(metadata=metadata))
     return outputs
 
@@ -141,7 +141,7 @@ def test_a_refusal_on_the_first_message_reaches_a_client_still_sending(sharded):
     client = SwarmClient(ClientConfig(initial_peers=tuple(swarm.initial_peers)))
     try:
         for _ in range(10):
-            _, metadata = client.run(transport.collect_tensors(client.run(client.stub(peer_id).rpc_forward(send()))))
+            _, metadata = client.run(transport.read_answer(client.run(client.stub(peer_id).rpc_forward(send())), 1))
             with pytest.raises(InvalidRequestError, match="malformed tensor"):
                 transport.check_response(runtime_pb2.ExpertResponse(metadata=metadata))
     finally:

@@ -19,7 +19,7 @@ def test_rpcs_are_registered_with_the_right_streaming_modes():
         "rpc_forward": (True, True),
         "rpc_backward": (True, True),
         "rpc_push": (False, False),
-        "rpc_push_stream": (True, False),
+        "rpc_push_stream": (True, True),  # one answer, on a stream its client closes
         "rpc_info": (False, False),
     }
 
