@@ -4,7 +4,7 @@
 pushed server to server when it can (``push``). Every span keeps the inputs it was sent, so when a server dies,
 hangs or refuses, the session routes a replacement for that span only and replays the span's history there
 (``replay``); callers see the same outputs. Every ``MOVE_CHECK_STEPS`` steps, under load-aware routing, a span whose
-server is expected to be over ``routing.MOVE_FACTOR`` times slower than another route moves there at the token
+server is expected to be over ``moves.MOVE_FACTOR`` times slower than another route moves there at the token
 boundary, its cache rebuilt the same way (``moves``). With ``--verify``, replicas check the servers (``checks``).
 
 This is the one place that changes a session's route: the other modules return what happened (``Replayed``,

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from hivemind.utils import get_dht_time
 
-from petals_cli import daemon, routing, security
+from petals_cli import daemon, moves, routing, security
 from petals_cli.config import ClientConfig
 from petals_cli.dht import fetch_snapshot, probe_server, rejoin, start_dht
 from petals_cli.errors import NoRouteError, SwarmUnreachableError
@@ -340,13 +340,13 @@ class SwarmClient:
         self, prefix: str, num_blocks: int, span: RouteSpan, *, cache_tokens_needed: int
     ) -> tuple[float, float] | None:
         """(expected seconds of a session's next step on ``span``'s server, on the best other route for those blocks)
-        when the other route is expected to be more than ``routing.MOVE_FACTOR`` times and ``MOVE_MIN_GAIN`` seconds
+        when the other route is expected to be more than ``moves.MOVE_FACTOR`` times and ``MOVE_MIN_GAIN`` seconds
         faster, by the servers' live load; None otherwise, when no other route exists, or when nothing is known of the
         server yet."""
         snapshot = await self.snapshot(prefix, num_blocks)
         if span.peer_id not in self.live:
             return None
-        move = routing.faster_route(
+        move = moves.faster_route(
             self._with_live_load(snapshot),
             span,
             rtts=self.rtts,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from petals_cli import routing
+from petals_cli import moves, routing
 from petals_cli.client.swarm import MAX_PINGS
 from petals_cli.errors import PetalsError
 from petals_cli.routing import BanList, RouteSpan
@@ -278,7 +278,7 @@ class Session:
         for index, span in enumerate(self.route):
             if view is None or span.peer_id not in client.live:
                 continue
-            move = routing.faster_route(
+            move = moves.faster_route(
                 view,
                 span,
                 rtts=client.rtts,

@@ -13,8 +13,8 @@ with the simulated time and a seeded ``random.Random`` passed in (those modules 
 
 - a session's route: the policy's route function (ours: ``routing.inference_route`` with the load rule, the
   client's placements and live load as ``routing.with_live_load`` makes them; its wall time is measured);
-- leaving a slow server mid-session: ``routing.staying_seconds``, ``inference_route``, ``route_seconds``,
-  ``worth_moving``;
+- leaving a slow server mid-session: ``moves.faster_route`` (``staying_seconds``, ``inference_route``,
+  ``route_seconds``, ``worth_moving``);
 - failed servers: ``routing.BanList``;
 - where a server joins: ``placement.choose_initial_span`` itself, run as a coroutine whose sleeps are simulated;
 - whether it moves: ``selection.rebalance`` and ``selection.confirm_move`` (or the policy's own rule);

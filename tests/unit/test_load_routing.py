@@ -6,16 +6,8 @@ from collections import Counter
 
 import pytest
 
-from petals_cli.routing import (
-    SPREAD,
-    RouteSpan,
-    expected_step_seconds,
-    faster_route,
-    inference_route,
-    route_seconds,
-    staying_seconds,
-    with_live_load,
-)
+from petals_cli.moves import faster_route, staying_seconds
+from petals_cli.routing import SPREAD, RouteSpan, expected_step_seconds, inference_route, route_seconds, with_live_load
 from petals_cli.wire import ServerInfo, ServerState, SwarmSnapshot
 
 RTTS = {peer: 0.001 for peer in ("busy", "idle", "a", "b", "c", "fast", "slow")}
